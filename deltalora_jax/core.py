@@ -1,0 +1,337 @@
+"""The pure math of a Delta-LoRA dense layer: plain functions of arrays.
+
+Nothing here imports Flax. The Linen and NNX modules own parameters and call
+these functions; any JAX code can call them directly.
+
+Notation (Flax layout, inputs multiply kernels from the left)::
+
+    x [..., in]   W [in, out]   b [out]   A [in, r]   B [r, out]   D [in, out]
+
+    y = x W + b + s (x A) B + ds (x D),     s = alpha / r
+
+where ``s`` is the LoRA ``scaling`` and ``ds`` the ``delta_scaling``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+Evaluation = Literal["auto", "merged", "factored"]
+EVALUATIONS = ("auto", "merged", "factored")
+
+
+# --------------------------------------------------------------------------
+# Validation: every hyperparameter is checked where it enters.
+# --------------------------------------------------------------------------
+
+
+def _as_float(name: str, value, *, schedule_ok: bool = False) -> float | None:
+  """``float(value)``; None for a traced value (or a schedule, when allowed).
+
+  Raises ``TypeError`` for anything that is not a real scalar.
+  """
+  if isinstance(value, jax.core.Tracer) or (schedule_ok and callable(value)):
+    return None
+  if isinstance(value, bool) or not isinstance(
+      value, (int, float, np.number, np.ndarray, jax.Array)
+  ):
+    raise TypeError(f"{name} must be a real number, got {name}={value!r}")
+  if np.ndim(value) != 0:
+    raise ValueError(f"{name} must be a scalar, got shape {np.shape(value)}")
+  return float(value)
+
+
+def check_rank(rank, in_features: int | None = None, out_features: int | None = None):
+  """Raises unless ``rank`` is an integer with ``0 < rank <= min(in, out)``.
+
+  Args:
+    rank: the LoRA rank to check.
+    in_features: input size of the layer, when known.
+    out_features: output size of the layer, when known.
+
+  Returns:
+    ``rank`` as a Python ``int``.
+
+  >>> check_rank(4, 16, 8)
+  4
+  >>> check_rank(9, 16, 8)
+  Traceback (most recent call last):
+  ValueError: rank must satisfy 0 < rank <= min(in, out) = 8, got rank=9
+  """
+  if isinstance(rank, bool) or not isinstance(rank, int | np.integer):
+    raise TypeError(f"rank must be a positive int, got rank={rank!r}")
+  sizes = [n for n in (in_features, out_features) if n is not None]
+  bound = min(sizes) if sizes else None
+  if rank <= 0 or (bound is not None and rank > bound):
+    allowed = "0 < rank" + (f" <= min(in, out) = {bound}" if bound else "")
+    raise ValueError(f"rank must satisfy {allowed}, got rank={rank}")
+  return int(rank)
+
+
+def check_delta_scaling(delta_scaling):
+  """Raises unless ``delta_scaling`` is finite and positive; returns it.
+
+  >>> check_delta_scaling(0.1)
+  0.1
+  >>> check_delta_scaling(float("nan"))
+  Traceback (most recent call last):
+  ValueError: delta_scaling must be finite and > 0, got delta_scaling=nan
+  """
+  value = _as_float("delta_scaling", delta_scaling)
+  if value is not None and not (math.isfinite(value) and value > 0):
+    raise ValueError(
+        f"delta_scaling must be finite and > 0, got delta_scaling={delta_scaling!r}"
+    )
+  return delta_scaling
+
+
+def check_momentum(momentum):
+  """Raises unless ``0 <= momentum < 1`` (NaN is refused); returns it.
+
+  A traced value (under ``optax.inject_hyperparams``) cannot be checked and
+  passes through.
+
+  >>> check_momentum(0.9)
+  0.9
+  >>> check_momentum(1.0)
+  Traceback (most recent call last):
+  ValueError: momentum must satisfy 0 <= momentum < 1, got momentum=1.0
+  """
+  value = _as_float("momentum", momentum)
+  if value is not None and not 0.0 <= value < 1.0:
+    raise ValueError(
+        f"momentum must satisfy 0 <= momentum < 1, got momentum={momentum!r}"
+    )
+  return momentum
+
+
+def check_learning_rate(learning_rate):
+  """Raises unless ``learning_rate`` is a finite number or a schedule.
+
+  >>> check_learning_rate(1e-3)
+  0.001
+  """
+  value = _as_float("learning_rate", learning_rate, schedule_ok=True)
+  if value is not None and not math.isfinite(value):
+    raise ValueError(
+        f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
+    )
+  return learning_rate
+
+
+def check_evaluation(evaluation):
+  """Raises unless ``evaluation`` is one of ``'auto'``, ``'merged'``, ``'factored'``."""
+  if evaluation not in EVALUATIONS:
+    raise ValueError(f"evaluation must be one of {EVALUATIONS}, got evaluation={evaluation!r}")
+  return evaluation
+
+
+def lora_scaling(alpha: float | None, rank: int) -> float:
+  """The LoRA scaling ``s = alpha / rank``; ``alpha`` unset or ``<= 0`` means ``rank``.
+
+  Args:
+    alpha: the LoRA alpha, or None.
+    rank: the LoRA rank.
+
+  Returns:
+    ``alpha / rank`` as a Python float (1.0 when alpha defaults to rank).
+
+  >>> lora_scaling(None, 8), lora_scaling(16, 8), lora_scaling(-1, 8)
+  (1.0, 2.0, 1.0)
+  """
+  check_rank(rank)
+  if alpha is None:
+    return 1.0
+  value = _as_float("alpha", alpha)
+  if value is None or not math.isfinite(value):
+    raise ValueError(f"alpha must be a finite number or None, got alpha={alpha!r}")
+  return 1.0 if value <= 0 else value / rank
+
+
+# --------------------------------------------------------------------------
+# Initialisation.
+# --------------------------------------------------------------------------
+
+
+def lora_a_init(rank: int):
+  """The seed's initializer for ``A``: N(0, 1/rank), as a JAX initializer.
+
+  >>> a = lora_a_init(4)(jax.random.key(0), (16, 4))
+  >>> a.shape
+  (16, 4)
+  """
+  return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(check_rank(rank)))
+
+
+# --------------------------------------------------------------------------
+# Forward.
+# --------------------------------------------------------------------------
+
+
+def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+  """``x @ kernel`` over the last axis of ``x``, any leading axes kept."""
+  return jax.lax.dot_general(
+      x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision
+  )
+
+
+def merged_kernel(
+    kernel: jax.Array,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    delta: jax.Array | None,
+    *,
+    scaling: float,
+    delta_scaling: float,
+    precision=None,
+) -> jax.Array:
+  """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
+
+  Args:
+    kernel: base kernel ``W [in, out]``.
+    lora_a: ``A [in, r]``.
+    lora_b: ``B [r, out]``.
+    delta: ``D [in, out]``, or None when the layer has no delta (paper rule).
+    scaling: LoRA scaling ``s = alpha / r``.
+    delta_scaling: scaling ``ds`` of the delta term.
+    precision: precision of the ``A B`` product.
+
+  Returns:
+    ``[in, out]`` array in the kernel's dtype.
+
+  >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.eye(2)
+  >>> merged_kernel(w, a, b, d, scaling=2.0, delta_scaling=0.5)
+  Array([[3.5, 2. ],
+         [2. , 3.5]], dtype=float32)
+  """
+  out = kernel + (scaling * dense(lora_a, lora_b, precision)).astype(kernel.dtype)
+  if delta is not None:
+    out = out + (delta_scaling * delta).astype(kernel.dtype)
+  return out
+
+
+def choose_evaluation(
+    evaluation: Evaluation, rows: int, rank: int, *, has_delta: bool, base_trainable: bool
+) -> Literal["merged", "factored"]:
+  """Picks the cheaper way to evaluate the layer, or honours a forced choice.
+
+  One merged kernel costs ``r in out`` flops to form, and its weight gradient
+  ``x^T g`` costs ``2 rows in out``. That gradient is needed anyway when ``D``
+  exists or the base is trained, so then merging wins as soon as the number
+  of rows exceeds the rank. Otherwise (plain LoRA, the paper's rule) the
+  separate low-rank products avoid the full weight gradient altogether.
+
+  >>> choose_evaluation("auto", 512, 8, has_delta=True, base_trainable=False)
+  'merged'
+  >>> choose_evaluation("auto", 512, 8, has_delta=False, base_trainable=False)
+  'factored'
+  """
+  check_evaluation(evaluation)
+  if evaluation != "auto":
+    return evaluation
+  full_gradient_needed = has_delta or base_trainable
+  return "merged" if full_gradient_needed and rows > rank else "factored"
+
+
+def delta_lora_dense(
+    x: jax.Array,
+    kernel: jax.Array,
+    bias: jax.Array | None,
+    lora_a: jax.Array,
+    lora_b: jax.Array,
+    delta: jax.Array | None,
+    *,
+    scaling: float,
+    delta_scaling: float,
+    freeze_base: bool = True,
+    evaluation: Evaluation = "auto",
+    dtype=None,
+    precision=None,
+) -> jax.Array:
+  """The Delta-LoRA dense layer: ``x W + b + s (x A) B + ds (x D)``.
+
+  With ``freeze_base`` the base kernel and bias are wrapped in
+  ``stop_gradient``: they get a zero gradient and XLA computes none for them.
+  The merged and factored evaluations give the same numbers (up to rounding)
+  and the same gradients; see :func:`choose_evaluation`.
+
+  Args:
+    x: input ``[..., in]``.
+    kernel: ``W [in, out]``.
+    bias: ``b [out]`` or None.
+    lora_a: ``A [in, r]``.
+    lora_b: ``B [r, out]``.
+    delta: ``D [in, out]`` or None (no delta term).
+    scaling: LoRA scaling ``s``.
+    delta_scaling: delta scaling ``ds``.
+    freeze_base: stop the gradient of ``kernel`` and ``bias``.
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
+    dtype: computation dtype; None keeps the inputs' promoted dtype. A merged
+      kernel is formed in the parameters' dtype, then cast.
+    precision: ``jax.lax.Precision`` of the matrix products.
+
+  Returns:
+    ``[..., out]`` array.
+
+  >>> x = jnp.ones((3, 2))
+  >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.zeros((1, 2)), jnp.zeros((2, 2))
+  >>> delta_lora_dense(x, w, None, a, b, d, scaling=1.0, delta_scaling=0.1).shape
+  (3, 2)
+  """
+  if x.shape[-1] != kernel.shape[0]:
+    raise ValueError(
+        f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), "
+        f"got x.shape={x.shape}"
+    )
+  if freeze_base:
+    kernel = jax.lax.stop_gradient(kernel)
+    bias = None if bias is None else jax.lax.stop_gradient(bias)
+  dtype = dtype or jnp.promote_types(x.dtype, kernel.dtype)
+  rows = math.prod(x.shape[:-1])
+  how = choose_evaluation(
+      evaluation,
+      rows,
+      lora_a.shape[-1],
+      has_delta=delta is not None,
+      base_trainable=not freeze_base,
+  )
+  x = x.astype(dtype)
+  if how == "merged":
+    full = merged_kernel(
+        kernel,
+        lora_a,
+        lora_b,
+        delta,
+        scaling=scaling,
+        delta_scaling=delta_scaling,
+        precision=precision,
+    )
+    y = dense(x, full.astype(dtype), precision)
+  else:
+    y = dense(x, kernel.astype(dtype), precision)
+    low = dense(dense(x, lora_a.astype(dtype), precision), lora_b.astype(dtype), precision)
+    y = y + scaling * low
+    if delta is not None:
+      y = y + delta_scaling * dense(x, delta.astype(dtype), precision)
+  if bias is not None:
+    y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
+  return y
+
+
+def lora_product_norm(lora_a: jax.Array, lora_b: jax.Array, scaling: float) -> jax.Array:
+  """Frobenius norm of ``s A B`` without forming the ``[in, out]`` product.
+
+  Uses ``||A B||_F^2 = sum((A^T A) * (B B^T))``, two ``r x r`` matrices.
+
+  >>> a, b = jnp.ones((3, 1)), jnp.ones((1, 4))
+  >>> float(lora_product_norm(a, b, 2.0))  # ||2 * ones(3, 4)||_F = 2 sqrt(12)
+  6.928...
+  """
+  gram_a = lora_a.T @ lora_a
+  gram_b = lora_b @ lora_b.T
+  return jnp.abs(scaling) * jnp.sqrt(jnp.maximum(jnp.sum(gram_a * gram_b), 0.0))
