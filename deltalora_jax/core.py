@@ -180,6 +180,38 @@ def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   )
 
 
+def check_layer_shapes(kernel, bias, lora_a, lora_b, delta) -> None:
+  """Raises ``ValueError`` unless the arrays of one layer have consistent shapes.
+
+  ``kernel [in, out]``, ``bias [out]`` or None, ``lora_a [in, r]``,
+  ``lora_b [r, out]``, ``delta [in, out]`` or None. Checked here because a
+  wrong ``D`` or ``B`` would otherwise broadcast silently.
+
+  >>> check_layer_shapes(jnp.ones((3, 4)), None, jnp.ones((3, 2)), jnp.ones((2, 4)), None)
+  >>> check_layer_shapes(jnp.ones((3, 4)), None, jnp.ones((3, 2)), jnp.ones((2, 4)),
+  ...                    jnp.ones((3, 1)))
+  Traceback (most recent call last):
+  ValueError: delta must have shape (3, 4) (the kernel's), got delta.shape=(3, 1)
+  """
+  if jnp.ndim(kernel) != 2:
+    raise ValueError(f"kernel must be 2-D [in, out], got kernel.shape={jnp.shape(kernel)}")
+  (in_features, out_features), rank = jnp.shape(kernel), jnp.shape(lora_a)[-1:]
+  expected = {
+      "bias": (out_features,),
+      "lora_a": (in_features, *rank),
+      "lora_b": (*rank, out_features),
+      "delta": (in_features, out_features),
+  }
+  given = {"bias": bias, "lora_a": lora_a, "lora_b": lora_b, "delta": delta}
+  notes = {"bias": "[out]", "lora_a": "[in, r]", "lora_b": "[r, out]", "delta": "the kernel's"}
+  for name, value in given.items():
+    if value is not None and jnp.shape(value) != expected[name]:
+      raise ValueError(
+          f"{name} must have shape {expected[name]} ({notes[name]}), "
+          f"got {name}.shape={jnp.shape(value)}"
+      )
+
+
 def merged_kernel(
     kernel: jax.Array,
     lora_a: jax.Array,
@@ -209,6 +241,7 @@ def merged_kernel(
   Array([[3.5, 2. ],
          [2. , 3.5]], dtype=float32)
   """
+  check_layer_shapes(kernel, None, lora_a, lora_b, delta)
   out = kernel + (scaling * dense(lora_a, lora_b, precision)).astype(kernel.dtype)
   if delta is not None:
     out = out + (delta_scaling * delta).astype(kernel.dtype)
@@ -283,7 +316,8 @@ def delta_lora_dense(
   >>> delta_lora_dense(x, w, None, a, b, d, scaling=1.0, delta_scaling=0.1).shape
   (3, 2)
   """
-  if x.shape[-1] != kernel.shape[0]:
+  check_layer_shapes(kernel, bias, lora_a, lora_b, delta)
+  if x.ndim == 0 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
         f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), "
         f"got x.shape={x.shape}"
@@ -292,6 +326,12 @@ def delta_lora_dense(
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
   dtype = dtype or jnp.promote_types(x.dtype, kernel.dtype)
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+        f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
+        f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
+        f"kernel.dtype={kernel.dtype}"
+    )
   rows = math.prod(x.shape[:-1])
   how = choose_evaluation(
       evaluation,
