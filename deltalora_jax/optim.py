@@ -71,10 +71,15 @@ def scale_by_delta_momentum(
 
   def update_fn(updates, state, params=None, **extra_args):
     del params, extra_args
-    velocity = optax.tree.update_moment(updates, state.velocity, momentum, order=1)
-    velocity = optax.tree.cast(velocity, velocity_dtype)
+
+    def ema(g, v):  # in the velocity's dtype, which may be wider than g's
+      mu = jnp.asarray(momentum).astype(v.dtype)
+      return mu * v + (1 - mu) * g.astype(v.dtype)
+
+    velocity = jax.tree.map(ema, updates, state.velocity)
+    updates = jax.tree.map(lambda v, g: v.astype(g.dtype), velocity, updates)
     count = optax.safe_increment(state.count)
-    return velocity, ScaleByDeltaMomentumState(count=count, velocity=velocity)
+    return updates, ScaleByDeltaMomentumState(count=count, velocity=velocity)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
 
@@ -119,6 +124,10 @@ def delta_momentum(
 
 
 def _key_name(entry) -> str | None:
+  # An NNX Variable is a pytree node whose child is its ``.value``: the
+  # variable's name is the key above it, so that attribute step is skipped.
+  if isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
+    return None
   for attr in ("key", "name"):
     if hasattr(entry, attr):
       return str(getattr(entry, attr))
