@@ -16,9 +16,10 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import traverse_util
+from flax import nnx, traverse_util
 
 from deltalora_jax import core, optim
+from deltalora_jax import nnx as nnx_front
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense
 
 Path = tuple[str, ...]
@@ -73,6 +74,24 @@ def adapted_layers(model: nn.Module, *args, **kwargs) -> dict[Path, DeltaLoRADen
   return found
 
 
+def _resolve(variables, layers, opt_state=None):
+  """``(variables, layers, opt_state)``; an NNX model stands for all three.
+
+  An NNX model's adapters are read into the Linen layout by
+  :func:`deltalora_jax.nnx.linen_view`, so one implementation serves both APIs.
+  """
+  if isinstance(variables, nnx.Module):
+    if layers is not None:
+      raise TypeError("layers must be None for an NNX model (its layers are found in it)")
+    return nnx_front.linen_view(variables, opt_state)
+  if layers is None:
+    raise TypeError(
+        "layers is required with a Linen variables tree: pass {path: DeltaLoRADense}, "
+        f"e.g. adapted_layers(model, x); got variables of type {type(variables).__name__}"
+    )
+  return variables, layers, opt_state
+
+
 def _flat(tree: Mapping, collection: str) -> dict[Path, Any]:
   if collection not in tree:
     raise ValueError(
@@ -112,8 +131,10 @@ def _layer_delta(variables: Mapping, path: Path, layer: DeltaLoRADense):
   return _layer_params(_flat(variables, DELTA_COLLECTION), path, "delta")
 
 
-def parameter_counts(variables: Mapping, layers: Layers) -> dict[str, int]:
+def parameter_counts(variables: Mapping, layers: Layers | None = None) -> dict[str, int]:
   """Trainable parameter count of each adapted layer, and their ``'total'``.
+
+  ``variables`` may be an NNX model instead, with ``layers`` left out.
 
   Per layer: ``r (in + out) + in out``, plus ``in out + out`` for a base that
   is not frozen (``in out`` without bias).
@@ -125,6 +146,7 @@ def parameter_counts(variables: Mapping, layers: Layers) -> dict[str, int]:
     >>> parameter_counts(variables, {(): layer})  # 2 * (4 + 3) + 4 * 3
     {'': 26, 'total': 26}
   """
+  variables, layers, _ = _resolve(variables, layers)
   counts = {
       layer_name(path): sum(math.prod(a.shape) for a in _layer_arrays(variables, path, layer).values())
       for path, layer in layers.items()
@@ -204,8 +226,11 @@ def current_delta(variables: Mapping, path: Path = ()) -> jax.Array:
   return jnp.array(_layer_params(_flat(variables, DELTA_COLLECTION), path, "delta"), copy=True)
 
 
-def merge(variables: Mapping, layers: Layers) -> dict:
+def merge(variables: Mapping, layers: Layers | None = None) -> dict:
   """Variables for the same model written with ``nn.Dense`` in place of each adapter.
+
+  Given an NNX model instead (and no ``layers``), returns a merged copy whose
+  adapters are plain ``nnx.Linear`` (:func:`deltalora_jax.nnx.merged_model`).
 
   Each adapted layer's ``kernel`` becomes ``W + s A B + ds D``; its bias is
   unchanged; ``lora_a``, ``lora_b`` and the ``'delta'`` collection are
@@ -223,6 +248,10 @@ def merge(variables: Mapping, layers: Layers) -> dict:
     >>> bool(jnp.allclose(nn.Dense(3).apply(merged, x), layer.apply(variables, x)))
     True
   """
+  if isinstance(variables, nnx.Module):
+    _resolve(variables, layers)
+    return nnx_front.merged_model(variables)
+  _resolve(variables, layers)
   params = _flat(variables, "params")
   for path, layer in layers.items():
     kernel = _layer_params(params, path, "kernel")
@@ -275,8 +304,11 @@ def _norm(x) -> float:
   return float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)))
 
 
-def diagnostics(variables: Mapping, layers: Layers, opt_state: Any = None) -> dict:
+def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any = None) -> dict:
   """Figures for each adapted layer and in total (the seed's diagnostics).
+
+  ``variables`` may be an NNX model instead, with ``layers`` left out and
+  ``opt_state`` an ``nnx.Optimizer`` (or its ``opt_state``).
 
   Per layer: ``type``, ``in_features``, ``out_features``, ``rank``,
   ``scaling``, ``delta_scaling``, ``freeze_base``, ``parameter_count``, and
@@ -292,6 +324,7 @@ def diagnostics(variables: Mapping, layers: Layers, opt_state: Any = None) -> di
     >>> diagnostics(variables, {(): layer})["layers"][""]["delta_norm"]
     0.0
   """
+  variables, layers, opt_state = _resolve(variables, layers, opt_state)
   counts = parameter_counts(variables, layers)
   params = _flat(variables, "params")
   velocities = None

@@ -1,0 +1,427 @@
+"""Flax NNX front end: :class:`DeltaLoRALinear`, a drop-in for ``nnx.Linear``.
+
+The layer owns its parameters as NNX Variables and calls
+:func:`deltalora_jax.core.delta_lora_dense` for the math, the same function
+as the Linen :class:`~deltalora_jax.DeltaLoRADense`. Its state keeps the names
+of ``nnx.Linear`` (``kernel``, ``bias``); the LoRA factors are
+``nnx.LoRAParam`` and ``D`` is a :class:`DeltaParam`, so that
+``nnx.Optimizer(model, tx, wrt=nnx.Any(nnx.LoRAParam, DeltaParam))`` and
+``nnx.state(model, DeltaParam)`` select exactly the trainable parts.
+
+The helpers at the end give whole-model utilities an NNX model: where its
+adapters are (:func:`adapters`), a Linen-style view of their arrays
+(:func:`linen_view`, used by :mod:`deltalora_jax.tree`), and the merged model
+(:func:`merged_model`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+from flax.nnx.nn import dtypes as nnx_dtypes
+
+from deltalora_jax import core, optim
+
+Path = tuple[str, ...]
+DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
+ZEROS_INIT = nnx.initializers.zeros_init()
+
+
+class DeltaParam(nnx.Param):
+  """The Variable type of the delta matrix ``D [in, out]`` of a :class:`DeltaLoRALinear`.
+
+  A subclass of ``nnx.Param`` (``D`` is trained), distinct from
+  ``nnx.LoRAParam`` (the factors) so that filters can tell them apart.
+  """
+
+
+def _check_features(name: str, value) -> int:
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+  return value
+
+
+def _check_bool(name: str, value) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+  return value
+
+
+def _constant(array):
+  """An initializer that returns ``array`` (the weights of an existing layer)."""
+  return lambda key, shape, dtype: array
+
+
+class DeltaLoRALinear(nnx.Module):
+  r"""A linear layer adapted with LoRA and a full-size delta matrix (NNX).
+
+  .. math::
+
+    y = x W + b + s\,(x A) B + ds\,(x D), \qquad s = \alpha / r
+
+  The same layer as the Linen :class:`~deltalora_jax.DeltaLoRADense` (both
+  call :func:`deltalora_jax.core.delta_lora_dense`). State: ``kernel [in,
+  out]`` and ``bias [out]`` as in ``nnx.Linear`` (``nnx.Param``), ``lora_a
+  [in, r]`` and ``lora_b [r, out]`` (``nnx.LoRAParam``), ``delta [in, out]``
+  (:class:`DeltaParam`). At construction ``B = 0`` and ``D = 0``: the output
+  equals the base layer's exactly. Build it from sizes, or around a
+  pretrained ``nnx.Linear`` with :meth:`from_linear`; :meth:`to_linear`
+  gives back a plain ``nnx.Linear`` with the merged kernel.
+
+  Args:
+    in_features: number of input features.
+    out_features: number of output features.
+    rank: LoRA rank ``r``, ``0 < r <= min(in, out)``.
+    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    delta_scaling: ``ds``, finite and ``> 0``.
+    freeze_base: the base kernel and bias get no gradient (XLA computes none).
+    use_bias: whether the base layer has a bias.
+    dtype: computation dtype (None: inferred from inputs and parameters).
+    param_dtype: dtype of all parameters, ``D`` included.
+    precision: precision of the matrix products.
+    kernel_init: initializer of the base kernel.
+    bias_init: initializer of the base bias.
+    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
+    lora_b_init: initializer of ``B`` (zeros).
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``
+      (:func:`deltalora_jax.core.choose_evaluation`); same numbers either way.
+    use_delta: create ``D``; ``False`` gives plain LoRA (no :class:`DeltaParam`).
+    rngs: the ``nnx.Rngs`` that draws the kernel and ``A``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from flax import nnx
+    >>> layer = DeltaLoRALinear(8, 4, rank=2, rngs=nnx.Rngs(0))
+    >>> layer(jnp.ones((3, 8))).shape
+    (3, 4)
+    >>> sorted(nnx.to_pure_dict(nnx.state(layer)))
+    ['bias', 'delta', 'kernel', 'lora_a', 'lora_b']
+    >>> jax.tree.map(jnp.shape, nnx.to_pure_dict(nnx.state(layer, DeltaParam)))
+    {'delta': (8, 4)}
+  """
+
+  def __init__(
+    self,
+    in_features: int,
+    out_features: int,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    delta_scaling: float = 0.1,
+    freeze_base: bool = True,
+    use_bias: bool = True,
+    dtype: Any = None,
+    param_dtype: Any = jnp.float32,
+    precision: Any = None,
+    kernel_init: Any = DEFAULT_KERNEL_INIT,
+    bias_init: Any = ZEROS_INIT,
+    lora_a_init: Any = None,
+    lora_b_init: Any = ZEROS_INIT,
+    evaluation: core.Evaluation = "auto",
+    use_delta: bool = True,
+    rngs: nnx.Rngs,
+  ):
+    self.in_features = _check_features("in_features", in_features)
+    self.out_features = _check_features("out_features", out_features)
+    self.rank = core.check_rank(rank, in_features, out_features)
+    core.lora_scaling(alpha, rank)
+    self.alpha = None if alpha is None else float(alpha)
+    self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
+    self.evaluation = core.check_evaluation(evaluation)
+    self.freeze_base = _check_bool("freeze_base", freeze_base)
+    self.use_bias = _check_bool("use_bias", use_bias)
+    self.use_delta = _check_bool("use_delta", use_delta)
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
+    self.dtype = dtype
+    self.param_dtype = param_dtype
+    self.precision = precision
+
+    shape = (in_features, out_features)
+    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
+    self.bias: nnx.Param | None = nnx.data(None)
+    if use_bias:
+      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    a_init = lora_a_init or core.lora_a_init(rank)
+    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), param_dtype))
+    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (rank, out_features), param_dtype))
+    self.delta: DeltaParam | None = nnx.data(None)
+    if use_delta:
+      self.delta = DeltaParam(jnp.zeros(shape, param_dtype))
+
+  @classmethod
+  def from_linear(cls, linear: nnx.Linear, *, rank: int, rngs: nnx.Rngs, **kwargs):
+    """An adapter around a pretrained ``nnx.Linear``, keeping its kernel and bias.
+
+    The kernel and bias Variables are copied with their metadata (sharding
+    annotations included); their arrays are shared, not duplicated. The
+    layer's ``dtype``, ``precision`` and ``use_bias`` are kept; ``D`` and the
+    factors take the kernel's dtype.
+
+    Args:
+      linear: the ``nnx.Linear`` to adapt; ``linear`` itself is not modified.
+      rank: LoRA rank ``r``.
+      rngs: the ``nnx.Rngs`` that draws ``A``.
+      **kwargs: the LoRA arguments of :class:`DeltaLoRALinear` (``alpha``,
+        ``delta_scaling``, ``freeze_base``, ``lora_a_init``, ``lora_b_init``,
+        ``evaluation``, ``use_delta``).
+
+    Returns:
+      A new :class:`DeltaLoRALinear` whose output equals ``linear``'s.
+
+    Raises:
+      TypeError: when ``linear`` is not an ``nnx.Linear``, or computes with a
+        custom ``dot_general``, ``promote_dtype`` or ``preferred_element_type``
+        (the adapter would silently compute something else), or ``kwargs``
+        names a base-layer argument.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> linear = nnx.Linear(4, 3, rngs=nnx.Rngs(0))
+      >>> layer = DeltaLoRALinear.from_linear(linear, rank=2, rngs=nnx.Rngs(1))
+      >>> x = jnp.ones((2, 4))
+      >>> bool(jnp.array_equal(layer(x), linear(x)))
+      True
+    """
+    check_linear(linear)
+    base_args = {"use_bias", "dtype", "param_dtype", "precision", "kernel_init", "bias_init"}
+    if clash := sorted(base_args & set(kwargs)):
+      raise TypeError(f"from_linear takes the base layer's settings from linear, got {clash}")
+    kernel = linear.kernel[...]
+    bias = None if linear.bias is None else linear.bias[...]
+    layer = cls(
+      linear.in_features,
+      linear.out_features,
+      rank=rank,
+      use_bias=bias is not None,
+      dtype=linear.dtype,
+      param_dtype=kernel.dtype,
+      precision=linear.precision,
+      kernel_init=_constant(kernel),
+      bias_init=_constant(bias),
+      rngs=rngs,
+      **kwargs,
+    )
+    layer.kernel = linear.kernel.copy()
+    if bias is not None:
+      layer.bias = linear.bias.copy()
+    return layer
+
+  @property
+  def scaling(self) -> float:
+    """The LoRA scaling ``s = alpha / rank``."""
+    return core.lora_scaling(self.alpha, self.rank)
+
+  def __call__(self, inputs: jax.Array) -> jax.Array:
+    return core.delta_lora_dense(
+      inputs,
+      self.kernel[...],
+      None if self.bias is None else self.bias[...],
+      self.lora_a[...],
+      self.lora_b[...],
+      None if self.delta is None else self.delta[...],
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      evaluation=self.evaluation,
+      dtype=self.dtype,
+      precision=self.precision,
+    )
+
+  def to_linear(self) -> nnx.Linear:
+    """A plain ``nnx.Linear`` with kernel ``W + s A B + ds D`` and the same bias.
+
+    The merged kernel is computed at ``Precision.HIGHEST``. The kernel and
+    bias keep their Variable type and metadata. This layer is not modified.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from flax import nnx
+      >>> layer = DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+      >>> linear = layer.to_linear()
+      >>> type(linear).__name__, linear.kernel.shape
+      ('Linear', (4, 3))
+    """
+    merged = core.merged_kernel(
+      self.kernel[...],
+      self.lora_a[...],
+      self.lora_b[...],
+      None if self.delta is None else self.delta[...],
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      precision=jax.lax.Precision.HIGHEST,
+    )
+    bias = None if self.bias is None else self.bias[...]
+    linear = nnx.Linear(
+      self.in_features,
+      self.out_features,
+      use_bias=self.use_bias,
+      dtype=self.dtype,
+      param_dtype=merged.dtype,
+      precision=self.precision,
+      kernel_init=_constant(merged),
+      bias_init=_constant(bias),
+      rngs=nnx.Rngs(0),  # unused: the initializers return the merged weights
+    )
+    linear.kernel = self.kernel.copy(merged)
+    if self.bias is not None:
+      linear.bias = self.bias.copy()
+    return linear
+
+
+def check_linear(linear) -> nnx.Linear:
+  """Raises unless ``linear`` is an ``nnx.Linear`` whose math the adapter reproduces.
+
+  Returns:
+    ``linear``.
+  """
+  if not isinstance(linear, nnx.Linear) or isinstance(linear, nnx.LoRALinear):
+    raise TypeError(f"linear must be an nnx.Linear, got {type(linear).__name__}")
+  custom = [
+    name
+    for name, value, default in (
+      ("dot_general", linear.dot_general, jax.lax.dot_general),
+      ("promote_dtype", linear.promote_dtype, nnx_dtypes.promote_dtype),
+      ("preferred_element_type", linear.preferred_element_type, None),
+    )
+    if value is not default
+  ]
+  if custom:
+    raise TypeError(
+      f"linear must compute with the default dot_general, promote_dtype and "
+      f"preferred_element_type to be adapted, got custom {custom}"
+    )
+  return linear
+
+
+# --------------------------------------------------------------------------
+# Whole-model helpers (used by deltalora_jax.tree and deltalora_jax.adapt).
+# --------------------------------------------------------------------------
+
+
+def path_name(path) -> str:
+  """``'blocks/0/attn/q'`` for the NNX path ``('blocks', 0, 'attn', 'q')``."""
+  return "/".join(map(str, path))
+
+
+def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear]]:
+  """Every :class:`DeltaLoRALinear` of an NNX model, with its path, sorted by path.
+
+  Example:
+    >>> from flax import nnx
+    >>> layer = DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+    >>> [path for path, _ in adapters(layer)]
+    [()]
+  """
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+  for path, module in nnx.iter_modules(model):
+    if isinstance(module, DeltaLoRALinear):
+      yield path, module
+
+
+def child(parent, key):
+  """The child of an NNX node under one path entry (attribute or item)."""
+  if isinstance(key, str) and not isinstance(parent, nnx.Dict) and hasattr(parent, key):
+    return getattr(parent, key)
+  return parent[key]
+
+
+def replace_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
+  """Puts ``module`` at ``path`` of ``model``, in place (``path`` not empty)."""
+  parent = model
+  for key in path[:-1]:
+    parent = child(parent, key)
+  key = path[-1]
+  if isinstance(key, str) and not isinstance(parent, nnx.Dict) and hasattr(parent, key):
+    setattr(parent, key, module)
+  else:
+    parent[key] = module
+
+
+def linen_view(model: nnx.Module, opt_state: Any = None):
+  """The adapters of an NNX model as a Linen variables tree, layers mapping and opt state.
+
+  Lets :mod:`deltalora_jax.tree` count, flatten and diagnose an NNX model
+  with the code it uses for Linen. Only adapted layers appear.
+
+  Args:
+    model: an NNX model holding :class:`DeltaLoRALinear` layers.
+    opt_state: None, an ``nnx.Optimizer`` or its ``opt_state``.
+
+  Returns:
+    ``(variables, layers, opt_state)``: ``{'params': ..., 'delta': ...}``
+    at the layers' paths (as strings), ``{path: layer}``, and None or a
+    :class:`~deltalora_jax.ScaleByDeltaMomentumState` whose velocity is laid
+    out like ``variables``.
+
+  Raises:
+    ValueError: when the model holds no :class:`DeltaLoRALinear`.
+  """
+  params, delta, layers = {}, {}, {}
+  for path, layer in adapters(model):
+    key = tuple(map(str, path))
+    layers[key] = layer
+    params[key] = {
+      name: getattr(layer, name)[...]
+      for name in ("kernel", "bias", "lora_a", "lora_b")
+      if getattr(layer, name) is not None
+    }
+    if layer.delta is not None:
+      delta[key] = {"delta": layer.delta[...]}
+  if not layers:
+    raise ValueError(f"model {type(model).__name__} has no DeltaLoRALinear layer")
+  variables = {"params": _nest(params), "delta": _nest(delta)}
+  if opt_state is None:
+    return variables, layers, None
+  if isinstance(opt_state, nnx.Optimizer):
+    opt_state = opt_state.opt_state
+  velocities = {}
+  leaves = jax.tree_util.tree_flatten_with_path(
+    optim.velocity(opt_state), is_leaf=lambda x: isinstance(x, nnx.Variable)
+  )[0]
+  for entry_path, leaf in leaves:
+    names = optim._path_names(entry_path)
+    value = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+    if names and names[-1] == optim.DELTA and isinstance(value, jax.Array):
+      velocities[names[:-1]] = {"delta": value}
+  state = optim.ScaleByDeltaMomentumState(
+    count=jnp.zeros([], jnp.int32), velocity={"delta": _nest(velocities)}
+  )
+  return variables, layers, state
+
+
+def _nest(flat: dict[Path, dict]) -> dict:
+  out: dict = {}
+  for path, leaves in flat.items():
+    node = out
+    for key in path:
+      node = node.setdefault(key, {})
+    node.update(leaves)
+  return out
+
+
+def merged_model(model: nnx.Module) -> nnx.Module:
+  """A copy of ``model`` with every :class:`DeltaLoRALinear` merged into an ``nnx.Linear``.
+
+  The copy (``nnx.clone``) shares the arrays of the layers that are not
+  adapted; ``model`` itself is not modified. A model that is a single
+  adapter gives a single ``nnx.Linear``.
+
+  Raises:
+    ValueError: when the model holds no :class:`DeltaLoRALinear`.
+  """
+  found = list(adapters(model))
+  if not found:
+    raise ValueError(f"model {type(model).__name__} has no DeltaLoRALinear layer")
+  if found[0][0] == ():
+    return found[0][1].to_linear()
+  merged = nnx.clone(model)
+  for path, layer in list(adapters(merged)):
+    replace_module(merged, path, layer.to_linear())
+  return merged
