@@ -73,8 +73,8 @@ def scale_by_delta_momentum(
     del params, extra_args
 
     def ema(g, v):  # in the velocity's dtype, which may be wider than g's
-      mu = jnp.asarray(momentum).astype(v.dtype)
-      return mu * v + (1 - mu) * g.astype(v.dtype)
+      mu, one_minus_mu = (jnp.asarray(c).astype(v.dtype) for c in (momentum, 1 - momentum))
+      return mu * v + one_minus_mu * g.astype(v.dtype)
 
     velocity = jax.tree.map(ema, updates, state.velocity)
     updates = jax.tree.map(lambda v, g: v.astype(g.dtype), velocity, updates)
@@ -272,6 +272,13 @@ def velocity(opt_state) -> Any:
   """The velocity tree held in an optimizer state (any nesting of wrappers).
 
   Leaves that are not delta leaves are ``optax.MaskedNode``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> tx = delta_momentum(0.1, momentum=0.5)
+    >>> _, state = tx.update(jnp.array([2.0]), tx.init(jnp.zeros(1)))
+    >>> velocity(state)  # (1 - 0.5) * 2
+    Array([1.], dtype=float32)
 
   Raises:
     ValueError: when the state holds no velocity.
