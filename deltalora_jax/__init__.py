@@ -5,6 +5,8 @@ The public names are re-exported here; the modules are:
 * :mod:`deltalora_jax.core`: the pure math (forward, merge, checks), no Flax;
 * :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense`, the Linen layer;
 * :mod:`deltalora_jax.optim`: the optax transformations of the delta rule;
+* :mod:`deltalora_jax.paper`: :func:`paper_delta_lora`, the published rule
+  (Zi et al., 2023);
 * :mod:`deltalora_jax.tree`: whole-model utilities (count, flatten, merge,
   reset, diagnostics, load pretrained weights).
 """
@@ -20,6 +22,7 @@ from deltalora_jax.optim import (
     scale_by_delta_momentum,
     velocity,
 )
+from deltalora_jax.paper import PaperDeltaLoRAState, paper_delta_lora
 from deltalora_jax.tree import (
     adapted_layers,
     current_delta,
@@ -36,6 +39,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DeltaLoRADense",
+    "PaperDeltaLoRAState",
     "ScaleByDeltaMomentumState",
     "adapted_layers",
     "current_delta",
@@ -49,6 +53,7 @@ __all__ = [
     "lora_scaling",
     "merge",
     "merged_kernel",
+    "paper_delta_lora",
     "parameter_counts",
     "reset",
     "reset_velocity",
