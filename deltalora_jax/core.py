@@ -38,7 +38,7 @@ def _as_float(name: str, value, *, schedule_ok: bool = False) -> float | None:
   if isinstance(value, jax.core.Tracer) or (schedule_ok and callable(value)):
     return None
   if isinstance(value, bool) or not isinstance(
-      value, (int, float, np.number, np.ndarray, jax.Array)
+    value, (int, float, np.number, np.ndarray, jax.Array)
   ):
     raise TypeError(f"{name} must be a real number, got {name}={value!r}")
   if np.ndim(value) != 0:
@@ -84,9 +84,7 @@ def check_delta_scaling(delta_scaling):
   """
   value = _as_float("delta_scaling", delta_scaling)
   if value is not None and not (math.isfinite(value) and value > 0):
-    raise ValueError(
-        f"delta_scaling must be finite and > 0, got delta_scaling={delta_scaling!r}"
-    )
+    raise ValueError(f"delta_scaling must be finite and > 0, got delta_scaling={delta_scaling!r}")
   return delta_scaling
 
 
@@ -104,9 +102,7 @@ def check_momentum(momentum):
   """
   value = _as_float("momentum", momentum)
   if value is not None and not 0.0 <= value < 1.0:
-    raise ValueError(
-        f"momentum must satisfy 0 <= momentum < 1, got momentum={momentum!r}"
-    )
+    raise ValueError(f"momentum must satisfy 0 <= momentum < 1, got momentum={momentum!r}")
   return momentum
 
 
@@ -119,7 +115,7 @@ def check_learning_rate(learning_rate):
   value = _as_float("learning_rate", learning_rate, schedule_ok=True)
   if value is not None and not math.isfinite(value):
     raise ValueError(
-        f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
+      f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
     )
   return learning_rate
 
@@ -175,9 +171,7 @@ def lora_a_init(rank: int):
 
 def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   """``x @ kernel`` over the last axis of ``x``, any leading axes kept."""
-  return jax.lax.dot_general(
-      x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision
-  )
+  return jax.lax.dot_general(x, kernel, (((x.ndim - 1,), (0,)), ((), ())), precision=precision)
 
 
 def check_layer_shapes(kernel, bias, lora_a, lora_b, delta) -> None:
@@ -197,30 +191,30 @@ def check_layer_shapes(kernel, bias, lora_a, lora_b, delta) -> None:
     raise ValueError(f"kernel must be 2-D [in, out], got kernel.shape={jnp.shape(kernel)}")
   (in_features, out_features), rank = jnp.shape(kernel), jnp.shape(lora_a)[-1:]
   expected = {
-      "bias": (out_features,),
-      "lora_a": (in_features, *rank),
-      "lora_b": (*rank, out_features),
-      "delta": (in_features, out_features),
+    "bias": (out_features,),
+    "lora_a": (in_features, *rank),
+    "lora_b": (*rank, out_features),
+    "delta": (in_features, out_features),
   }
   given = {"bias": bias, "lora_a": lora_a, "lora_b": lora_b, "delta": delta}
   notes = {"bias": "[out]", "lora_a": "[in, r]", "lora_b": "[r, out]", "delta": "the kernel's"}
   for name, value in given.items():
     if value is not None and jnp.shape(value) != expected[name]:
       raise ValueError(
-          f"{name} must have shape {expected[name]} ({notes[name]}), "
-          f"got {name}.shape={jnp.shape(value)}"
+        f"{name} must have shape {expected[name]} ({notes[name]}), "
+        f"got {name}.shape={jnp.shape(value)}"
       )
 
 
 def merged_kernel(
-    kernel: jax.Array,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    delta: jax.Array | None,
-    *,
-    scaling: float,
-    delta_scaling: float,
-    precision=None,
+  kernel: jax.Array,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  delta: jax.Array | None,
+  *,
+  scaling: float,
+  delta_scaling: float,
+  precision=None,
 ) -> jax.Array:
   """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
 
@@ -249,7 +243,7 @@ def merged_kernel(
 
 
 def choose_evaluation(
-    evaluation: Evaluation, rows: int, rank: int, *, has_delta: bool, base_trainable: bool
+  evaluation: Evaluation, rows: int, rank: int, *, has_delta: bool, base_trainable: bool
 ) -> Literal["merged", "factored"]:
   """Picks the cheaper way to evaluate the layer, or honours a forced choice.
 
@@ -272,19 +266,19 @@ def choose_evaluation(
 
 
 def delta_lora_dense(
-    x: jax.Array,
-    kernel: jax.Array,
-    bias: jax.Array | None,
-    lora_a: jax.Array,
-    lora_b: jax.Array,
-    delta: jax.Array | None,
-    *,
-    scaling: float,
-    delta_scaling: float,
-    freeze_base: bool = True,
-    evaluation: Evaluation = "auto",
-    dtype=None,
-    precision=None,
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  delta: jax.Array | None,
+  *,
+  scaling: float,
+  delta_scaling: float,
+  freeze_base: bool = True,
+  evaluation: Evaluation = "auto",
+  dtype=None,
+  precision=None,
 ) -> jax.Array:
   """The Delta-LoRA dense layer: ``x W + b + s (x A) B + ds (x D)``.
 
@@ -319,8 +313,7 @@ def delta_lora_dense(
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta)
   if x.ndim == 0 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
-        f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), "
-        f"got x.shape={x.shape}"
+      f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), got x.shape={x.shape}"
     )
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
@@ -328,28 +321,28 @@ def delta_lora_dense(
   dtype = dtype or jnp.promote_types(x.dtype, kernel.dtype)
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
-        f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
-        f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
-        f"kernel.dtype={kernel.dtype}"
+      f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
+      f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
+      f"kernel.dtype={kernel.dtype}"
     )
   rows = math.prod(x.shape[:-1])
   how = choose_evaluation(
-      evaluation,
-      rows,
-      lora_a.shape[-1],
-      has_delta=delta is not None,
-      base_trainable=not freeze_base,
+    evaluation,
+    rows,
+    lora_a.shape[-1],
+    has_delta=delta is not None,
+    base_trainable=not freeze_base,
   )
   x = x.astype(dtype)
   if how == "merged":
     full = merged_kernel(
-        kernel,
-        lora_a,
-        lora_b,
-        delta,
-        scaling=scaling,
-        delta_scaling=delta_scaling,
-        precision=precision,
+      kernel,
+      lora_a,
+      lora_b,
+      delta,
+      scaling=scaling,
+      delta_scaling=delta_scaling,
+      precision=precision,
     )
     y = dense(x, full.astype(dtype), precision)
   else:

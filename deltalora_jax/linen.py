@@ -52,8 +52,10 @@ class DeltaLoRADense(nn.Module):
     >>> import jax, jax.numpy as jnp
     >>> layer = DeltaLoRADense(features=4, rank=2)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((3, 8)))
-    >>> jax.tree.map(jnp.shape, variables)
-    {'delta': {'delta': (8, 4)}, 'params': {'bias': (4,), 'kernel': (8, 4), 'lora_a': (8, 2), 'lora_b': (2, 4)}}
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'bias': (4,), 'kernel': (8, 4), 'lora_a': (8, 2), 'lora_b': (2, 4)}
+    >>> variables["delta"]["delta"].shape
+    (8, 4)
   """
 
   features: int
@@ -96,26 +98,26 @@ class DeltaLoRADense(nn.Module):
       expected = self.get_variable("params", "kernel").shape[0]
       if in_features != expected:
         raise ValueError(
-            f"inputs must have {expected} features in their last axis (the kernel "
-            f"is {expected}x{self.features}), got inputs.shape={jnp.shape(inputs)}"
+          f"inputs must have {expected} features in their last axis (the kernel "
+          f"is {expected}x{self.features}), got inputs.shape={jnp.shape(inputs)}"
         )
     core.check_rank(self.rank, in_features, self.features)
     if (
-        self.use_delta
-        and not self.is_initializing()
-        and not self.has_variable(DELTA_COLLECTION, "delta")
+      self.use_delta
+      and not self.is_initializing()
+      and not self.has_variable(DELTA_COLLECTION, "delta")
     ):
       raise ValueError(
-          f"{self.__class__.__name__} at {'/'.join(self.path) or '<root>'} needs the "
-          f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
-          "model.init(...), not only variables['params']"
+        f"{self.__class__.__name__} at {'/'.join(self.path) or '<root>'} needs the "
+        f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
+        "model.init(...), not only variables['params']"
       )
     shape = (in_features, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     bias = (
-        self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-        if self.use_bias
-        else None
+      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
+      if self.use_bias
+      else None
     )
     a_init = self.lora_a_init or core.lora_a_init(self.rank)
     lora_a = self.param("lora_a", a_init, (in_features, self.rank), self.param_dtype)
@@ -124,16 +126,16 @@ class DeltaLoRADense(nn.Module):
     if self.use_delta:
       delta = self.variable(DELTA_COLLECTION, "delta", jnp.zeros, shape, self.param_dtype).value
     return core.delta_lora_dense(
-        inputs,
-        kernel,
-        bias,
-        lora_a,
-        lora_b,
-        delta,
-        scaling=self.scaling,
-        delta_scaling=self.delta_scaling,
-        freeze_base=self.freeze_base,
-        evaluation=self.evaluation,
-        dtype=self.dtype,
-        precision=self.precision,
+      inputs,
+      kernel,
+      bias,
+      lora_a,
+      lora_b,
+      delta,
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      evaluation=self.evaluation,
+      dtype=self.dtype,
+      precision=self.precision,
     )

@@ -33,7 +33,7 @@ class ScaleByDeltaMomentumState(NamedTuple):
 
 
 def scale_by_delta_momentum(
-    momentum: float = 0.9, velocity_dtype: Any = None
+  momentum: float = 0.9, velocity_dtype: Any = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""EMA velocity of the gradient: the direction of the Delta-LoRA rule.
 
@@ -65,8 +65,8 @@ def scale_by_delta_momentum(
 
   def init_fn(params):
     return ScaleByDeltaMomentumState(
-        count=jnp.zeros([], jnp.int32),
-        velocity=optax.tree.zeros_like(params, dtype=velocity_dtype),
+      count=jnp.zeros([], jnp.int32),
+      velocity=optax.tree.zeros_like(params, dtype=velocity_dtype),
     )
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -85,9 +85,9 @@ def scale_by_delta_momentum(
 
 
 def delta_momentum(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    velocity_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float = 0.9,
+  velocity_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The seed's delta rule: EMA velocity, then a step against it.
 
@@ -118,8 +118,8 @@ def delta_momentum(
   """
   core.check_learning_rate(learning_rate)
   return optax.chain(
-      scale_by_delta_momentum(momentum, velocity_dtype),
-      optax.scale_by_learning_rate(learning_rate),
+    scale_by_delta_momentum(momentum, velocity_dtype),
+    optax.scale_by_learning_rate(learning_rate),
   )
 
 
@@ -181,19 +181,19 @@ def _check_has_delta(labels, variables) -> None:
     return
   found = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
   raise ValueError(
-      "delta_lora needs the variables tree with the 'delta' collection (leaves "
-      f"named 'delta'), e.g. model.init(...) whole; got a tree with keys {found}"
+    "delta_lora needs the variables tree with the 'delta' collection (leaves "
+    f"named 'delta'), e.g. model.init(...) whole; got a tree with keys {found}"
   )
 
 
 def delta_lora(
-    learning_rate: optax.ScalarOrSchedule,
-    momentum: float = 0.9,
-    *,
-    lora_optimizer: optax.GradientTransformation | None = None,
-    base_optimizer: optax.GradientTransformation | None = None,
-    other_optimizer: optax.GradientTransformation | None = None,
-    velocity_dtype: Any = None,
+  learning_rate: optax.ScalarOrSchedule,
+  momentum: float = 0.9,
+  *,
+  lora_optimizer: optax.GradientTransformation | None = None,
+  base_optimizer: optax.GradientTransformation | None = None,
+  other_optimizer: optax.GradientTransformation | None = None,
+  velocity_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Delta-LoRA optimizer for a whole variables tree.
 
@@ -245,20 +245,20 @@ def delta_lora(
   core.check_learning_rate(learning_rate)
   core.check_momentum(momentum)
   for name, tx in (
-      ("lora_optimizer", lora_optimizer),
-      ("base_optimizer", base_optimizer),
-      ("other_optimizer", other_optimizer),
+    ("lora_optimizer", lora_optimizer),
+    ("base_optimizer", base_optimizer),
+    ("other_optimizer", other_optimizer),
   ):
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
       raise TypeError(f"{name} must be an optax.GradientTransformation or None, got {tx!r}")
   inner = optax.multi_transform(
-      {
-          DELTA: delta_momentum(learning_rate, momentum, velocity_dtype),
-          LORA: lora_optimizer or optax.sgd(learning_rate),
-          BASE: base_optimizer or optax.set_to_zero(),
-          OTHER: other_optimizer or optax.set_to_zero(),
-      },
-      leaf_labels,
+    {
+      DELTA: delta_momentum(learning_rate, momentum, velocity_dtype),
+      LORA: lora_optimizer or optax.sgd(learning_rate),
+      BASE: base_optimizer or optax.set_to_zero(),
+      OTHER: other_optimizer or optax.set_to_zero(),
+    },
+    leaf_labels,
   )
 
   def init_fn(params):
@@ -286,8 +286,7 @@ def velocity(opt_state) -> Any:
   found = optax.tree_utils.tree_get_all_with_path(opt_state, "velocity")
   if not found:
     raise ValueError(
-        "opt_state holds no velocity: expected the state of delta_lora or "
-        "delta_momentum"
+      "opt_state holds no velocity: expected the state of delta_lora or delta_momentum"
     )
   if len(found) > 1:
     raise ValueError(f"opt_state holds {len(found)} velocities; expected one")

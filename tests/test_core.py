@@ -14,13 +14,13 @@ S, DS = 1.5, 0.3
 def _arrays(dtype, seed=0):
   rng = np.random.default_rng(seed)
   shapes = {
-      "x": (2, 3, IN),  # two leading axes
-      "kernel": (IN, OUT),
-      "bias": (OUT,),
-      "lora_a": (IN, R),
-      "lora_b": (R, OUT),
-      "delta": (IN, OUT),
-      "g": (2, 3, OUT),
+    "x": (2, 3, IN),  # two leading axes
+    "kernel": (IN, OUT),
+    "bias": (OUT,),
+    "lora_a": (IN, R),
+    "lora_b": (R, OUT),
+    "delta": (IN, OUT),
+    "g": (2, 3, OUT),
   }
   return {k: jnp.asarray(rng.standard_normal(s), dtype) for k, s in shapes.items()}
 
@@ -31,12 +31,12 @@ def _closed_form_gradients(a):
   g = np.asarray(a["g"]).reshape(-1, OUT)
   w, la, lb, d = (np.asarray(a[k]) for k in ("kernel", "lora_a", "lora_b", "delta"))
   return {
-      "x": (g @ w.T + S * g @ lb.T @ la.T + DS * g @ d.T).reshape(a["x"].shape),
-      "kernel": x.T @ g,
-      "bias": g.sum(0),
-      "lora_a": S * x.T @ (g @ lb.T),
-      "lora_b": S * (x @ la).T @ g,
-      "delta": DS * x.T @ g,
+    "x": (g @ w.T + S * g @ lb.T @ la.T + DS * g @ d.T).reshape(a["x"].shape),
+    "kernel": x.T @ g,
+    "bias": g.sum(0),
+    "lora_a": S * x.T @ (g @ lb.T),
+    "lora_b": S * (x @ la).T @ g,
+    "delta": DS * x.T @ g,
   }
 
 
@@ -47,7 +47,7 @@ def _gradients(a, *, freeze_base, evaluation):
   def loss(*args):
     kw = dict(zip(NAMES, args, strict=True))
     y = core.delta_lora_dense(
-        **kw, scaling=S, delta_scaling=DS, freeze_base=freeze_base, evaluation=evaluation
+      **kw, scaling=S, delta_scaling=DS, freeze_base=freeze_base, evaluation=evaluation
     )
     return jnp.sum(y * a["g"])
 
@@ -73,11 +73,13 @@ def test_gradients_equal_closed_forms_float64(evaluation, freeze_base):
 def test_forward_equals_reference_formula_float64():
   with jax.enable_x64(True):
     a = _arrays(jnp.float64, seed=1)
-    x, w, b, la, lb, d = (np.asarray(a[k]) for k in ("x", "kernel", "bias", "lora_a", "lora_b", "delta"))
+    x, w, b, la, lb, d = (
+      np.asarray(a[k]) for k in ("x", "kernel", "bias", "lora_a", "lora_b", "delta")
+    )
     want = x @ w + b + S * (x @ la) @ lb + DS * (x @ d)
     for evaluation in ("merged", "factored"):
       got = core.delta_lora_dense(
-          *(a[k] for k in NAMES), scaling=S, delta_scaling=DS, evaluation=evaluation
+        *(a[k] for k in NAMES), scaling=S, delta_scaling=DS, evaluation=evaluation
       )
       np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
 
@@ -107,52 +109,48 @@ def test_lora_a_init_has_variance_one_over_rank():
 
 
 @pytest.mark.parametrize(
-    ("rows", "has_delta", "base_trainable", "want"),
-    [
-        (512, True, False, "merged"),
-        (2, True, False, "factored"),  # rows <= rank: two thin products are cheaper
-        (512, False, False, "factored"),  # plain LoRA: no full weight gradient at all
-        (512, False, True, "merged"),
-    ],
+  ("rows", "has_delta", "base_trainable", "want"),
+  [
+    (512, True, False, "merged"),
+    (2, True, False, "factored"),  # rows <= rank: two thin products are cheaper
+    (512, False, False, "factored"),  # plain LoRA: no full weight gradient at all
+    (512, False, True, "merged"),
+  ],
 )
 def test_choose_evaluation(rows, has_delta, base_trainable, want):
-  got = core.choose_evaluation(
-      "auto", rows, 4, has_delta=has_delta, base_trainable=base_trainable
-  )
+  got = core.choose_evaluation("auto", rows, 4, has_delta=has_delta, base_trainable=base_trainable)
   assert got == want
   assert core.choose_evaluation("factored", rows, 4, has_delta=True, base_trainable=True) == (
-      "factored"
+    "factored"
   )
 
 
 def test_wrong_input_features_is_an_error_naming_shapes():
   a = _arrays(jnp.float32)
   with pytest.raises(ValueError, match=r"x must have 5 input features.*x.shape=\(2, 3\)"):
-    core.delta_lora_dense(
-        jnp.ones((2, 3)), *(a[k] for k in NAMES[1:]), scaling=S, delta_scaling=DS
-    )
+    core.delta_lora_dense(jnp.ones((2, 3)), *(a[k] for k in NAMES[1:]), scaling=S, delta_scaling=DS)
 
 
 @pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        (lambda: core.check_rank(0), ValueError, r"0 < rank, got rank=0"),
-        (lambda: core.check_rank(5, 4, 8), ValueError, r"<= min\(in, out\) = 4, got rank=5"),
-        (lambda: core.check_rank(2.0), TypeError, r"rank must be a positive int, got rank=2.0"),
-        (lambda: core.check_rank(True), TypeError, r"rank=True"),
-        (lambda: core.check_delta_scaling(0.0), ValueError, r"delta_scaling=0.0"),
-        (lambda: core.check_delta_scaling(-1), ValueError, r"> 0, got delta_scaling=-1"),
-        (lambda: core.check_delta_scaling(float("inf")), ValueError, r"delta_scaling=inf"),
-        (lambda: core.check_delta_scaling(float("nan")), ValueError, r"delta_scaling=nan"),
-        (lambda: core.check_delta_scaling("0.1"), TypeError, r"delta_scaling='0.1'"),
-        (lambda: core.check_momentum(1.0), ValueError, r"0 <= momentum < 1, got momentum=1.0"),
-        (lambda: core.check_momentum(-0.1), ValueError, r"momentum=-0.1"),
-        (lambda: core.check_momentum(float("nan")), ValueError, r"momentum=nan"),
-        (lambda: core.check_momentum(np.ones(2) * 0.5), ValueError, r"momentum must be a scalar"),
-        (lambda: core.check_learning_rate(float("nan")), ValueError, r"learning_rate=nan"),
-        (lambda: core.lora_scaling(float("nan"), 4), ValueError, r"alpha=nan"),
-        (lambda: core.check_evaluation("fast"), ValueError, r"evaluation='fast'"),
-    ],
+  ("call", "error", "match"),
+  [
+    (lambda: core.check_rank(0), ValueError, r"0 < rank, got rank=0"),
+    (lambda: core.check_rank(5, 4, 8), ValueError, r"<= min\(in, out\) = 4, got rank=5"),
+    (lambda: core.check_rank(2.0), TypeError, r"rank must be a positive int, got rank=2.0"),
+    (lambda: core.check_rank(True), TypeError, r"rank=True"),
+    (lambda: core.check_delta_scaling(0.0), ValueError, r"delta_scaling=0.0"),
+    (lambda: core.check_delta_scaling(-1), ValueError, r"> 0, got delta_scaling=-1"),
+    (lambda: core.check_delta_scaling(float("inf")), ValueError, r"delta_scaling=inf"),
+    (lambda: core.check_delta_scaling(float("nan")), ValueError, r"delta_scaling=nan"),
+    (lambda: core.check_delta_scaling("0.1"), TypeError, r"delta_scaling='0.1'"),
+    (lambda: core.check_momentum(1.0), ValueError, r"0 <= momentum < 1, got momentum=1.0"),
+    (lambda: core.check_momentum(-0.1), ValueError, r"momentum=-0.1"),
+    (lambda: core.check_momentum(float("nan")), ValueError, r"momentum=nan"),
+    (lambda: core.check_momentum(np.ones(2) * 0.5), ValueError, r"momentum must be a scalar"),
+    (lambda: core.check_learning_rate(float("nan")), ValueError, r"learning_rate=nan"),
+    (lambda: core.lora_scaling(float("nan"), 4), ValueError, r"alpha=nan"),
+    (lambda: core.check_evaluation("fast"), ValueError, r"evaluation='fast'"),
+  ],
 )
 def test_bad_hyperparameters_raise_naming_argument_and_value(call, error, match):
   with pytest.raises(error, match=match):

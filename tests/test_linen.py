@@ -39,8 +39,8 @@ def test_merged_and_factored_evaluations_agree():
   variables = dl.DeltaLoRADense(OUT, rank=R).init(jax.random.key(2), X)
   variables = jax.tree.map(lambda v: v + 0.1 * jnp.ones_like(v), variables)
   y = {
-      e: dl.DeltaLoRADense(OUT, rank=R, evaluation=e).apply(variables, X)
-      for e in ("merged", "factored")
+    e: dl.DeltaLoRADense(OUT, rank=R, evaluation=e).apply(variables, X)
+    for e in ("merged", "factored")
   }
   np.testing.assert_allclose(y["merged"], y["factored"], rtol=1e-5, atol=1e-5)
 
@@ -49,7 +49,7 @@ def test_merged_and_factored_evaluations_agree():
 def test_module_gradients_equal_closed_forms_float64(freeze_base):
   with jax.enable_x64(True):
     layer = dl.DeltaLoRADense(
-        OUT, rank=R, alpha=3.0, delta_scaling=0.2, freeze_base=freeze_base, param_dtype=jnp.float64
+      OUT, rank=R, alpha=3.0, delta_scaling=0.2, freeze_base=freeze_base, param_dtype=jnp.float64
     )
     x = jnp.asarray(X, jnp.float64)
     variables = layer.init(jax.random.key(3), x)
@@ -112,18 +112,18 @@ def test_rank_above_input_size_raises_at_first_call():
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "error", "match"),
-    [
-        ({"rank": 0}, ValueError, r"got rank=0"),
-        ({"rank": OUT + 1}, ValueError, rf"min\(in, out\) = {OUT}, got rank={OUT + 1}"),
-        ({"rank": 2.5}, TypeError, r"rank=2.5"),
-        ({"rank": R, "delta_scaling": 0.0}, ValueError, r"delta_scaling=0.0"),
-        ({"rank": R, "delta_scaling": float("nan")}, ValueError, r"delta_scaling=nan"),
-        ({"rank": R, "delta_scaling": float("-inf")}, ValueError, r"delta_scaling=-inf"),
-        ({"rank": R, "alpha": float("nan")}, ValueError, r"alpha=nan"),
-        ({"rank": R, "freeze_base": 1}, TypeError, r"freeze_base=1"),
-        ({"rank": R, "evaluation": "fast"}, ValueError, r"evaluation='fast'"),
-    ],
+  ("kwargs", "error", "match"),
+  [
+    ({"rank": 0}, ValueError, r"got rank=0"),
+    ({"rank": OUT + 1}, ValueError, rf"min\(in, out\) = {OUT}, got rank={OUT + 1}"),
+    ({"rank": 2.5}, TypeError, r"rank=2.5"),
+    ({"rank": R, "delta_scaling": 0.0}, ValueError, r"delta_scaling=0.0"),
+    ({"rank": R, "delta_scaling": float("nan")}, ValueError, r"delta_scaling=nan"),
+    ({"rank": R, "delta_scaling": float("-inf")}, ValueError, r"delta_scaling=-inf"),
+    ({"rank": R, "alpha": float("nan")}, ValueError, r"alpha=nan"),
+    ({"rank": R, "freeze_base": 1}, TypeError, r"freeze_base=1"),
+    ({"rank": R, "evaluation": "fast"}, ValueError, r"evaluation='fast'"),
+  ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
   with pytest.raises(error, match=match):

@@ -86,10 +86,10 @@ def _reference_run(params, delta, *, freeze_base, use_bias):
     y = x @ p["kernel"] + b + s * (x @ p["lora_a"]) @ p["lora_b"] + DS * x @ d
     g = (y - t) / N  # d/dy of 0.5 * mean_rows ||y - t||^2
     grads = {
-        "kernel": x.T @ g,
-        "bias": g.sum(0),
-        "lora_a": s * x.T @ (g @ p["lora_b"].T),
-        "lora_b": s * (x @ p["lora_a"]).T @ g,
+      "kernel": x.T @ g,
+      "bias": g.sum(0),
+      "lora_a": s * x.T @ (g @ p["lora_b"].T),
+      "lora_b": s * (x @ p["lora_a"]).T @ g,
     }
     grad_d = DS * x.T @ g
     for k in ("lora_a", "lora_b") + (() if freeze_base else ("kernel", "bias")):
@@ -106,8 +106,13 @@ def _reference_run(params, delta, *, freeze_base, use_bias):
 @functools.cache
 def _jitted_run(freeze_base, use_bias, dtype):
   layer = dl.DeltaLoRADense(
-      OUT, rank=R, alpha=ALPHA, delta_scaling=DS, freeze_base=freeze_base,
-      use_bias=use_bias, param_dtype=dtype,
+    OUT,
+    rank=R,
+    alpha=ALPHA,
+    delta_scaling=DS,
+    freeze_base=freeze_base,
+    use_bias=use_bias,
+    param_dtype=dtype,
   )
   tx = dl.delta_lora(LR, MU, base_optimizer=None if freeze_base else optax.sgd(LR))
 
@@ -136,14 +141,15 @@ def test_twenty_steps_equal_float64_reference(dtype, freeze_base, use_bias):
     rng = np.random.default_rng(7)
     variables["params"]["lora_b"] = jnp.asarray(rng.standard_normal((R, OUT)) * 0.3, dtype)
     variables["delta"]["delta"] = jnp.asarray(rng.standard_normal((IN, OUT)) * 0.3, dtype)
-    history = _reference_run(variables["params"], variables["delta"]["delta"],
-                             freeze_base=freeze_base, use_bias=use_bias)
+    history = _reference_run(
+      variables["params"], variables["delta"]["delta"], freeze_base=freeze_base, use_bias=use_bias
+    )
     opt_state = tx.init(variables)
     # float32 accumulates rounding over 20 steps; float64 must agree to ~1e-12.
     tol = {"rtol": 1e-10, "atol": 1e-12} if dtype == jnp.float64 else {"rtol": 2e-4, "atol": 2e-5}
     for i, (params, delta, velocity) in enumerate(history):
       variables, opt_state = step(
-          variables, opt_state, jnp.asarray(x_all[i], dtype), jnp.asarray(t_all[i], dtype)
+        variables, opt_state, jnp.asarray(x_all[i], dtype), jnp.asarray(t_all[i], dtype)
       )
       for name, want in params.items():
         np.testing.assert_allclose(variables["params"][name], want, **tol, err_msg=f"{name}@{i}")
@@ -188,9 +194,9 @@ def _make_step(tx):
 def _expected_after_one_step(grads, lr=LR, factor=1.0):
   v0 = _variables()["params"]
   return {
-      "lora_a": v0["lora_a"] - lr * factor * grads["params"]["lora_a"],
-      "lora_b": v0["lora_b"] - lr * factor * grads["params"]["lora_b"],
-      "delta": -lr * (1 - MU) * factor * grads["delta"]["delta"],
+    "lora_a": v0["lora_a"] - lr * factor * grads["params"]["lora_a"],
+    "lora_b": v0["lora_b"] - lr * factor * grads["params"]["lora_b"],
+    "delta": -lr * (1 - MU) * factor * grads["delta"]["delta"],
   }
 
 
@@ -276,26 +282,26 @@ def test_lora_optimizer_is_used_for_factors_only():
 
 def test_leaf_labels_route_base_other_lora_and_delta():
   tree = {
-      "params": {
-          "adapted": {"kernel": 0, "bias": 0, "lora_a": 0, "lora_b": 0},
-          "head": {"kernel": 0, "bias": 0},
-      },
-      "delta": {"adapted": {"delta": 0}},
+    "params": {
+      "adapted": {"kernel": 0, "bias": 0, "lora_a": 0, "lora_b": 0},
+      "head": {"kernel": 0, "bias": 0},
+    },
+    "delta": {"adapted": {"delta": 0}},
   }
   labels = dl.leaf_labels(tree)
   assert labels == {
-      "params": {
-          "adapted": {"kernel": "base", "bias": "base", "lora_a": "lora", "lora_b": "lora"},
-          "head": {"kernel": "other", "bias": "other"},
-      },
-      "delta": {"adapted": {"delta": "delta"}},
+    "params": {
+      "adapted": {"kernel": "base", "bias": "base", "lora_a": "lora", "lora_b": "lora"},
+      "head": {"kernel": "other", "bias": "other"},
+    },
+    "delta": {"adapted": {"delta": "delta"}},
   }
 
 
 def test_head_is_frozen_unless_other_optimizer_given():
   tree = {
-      "params": {"head": {"kernel": jnp.ones(2)}},
-      "delta": {"a": {"delta": jnp.zeros(2)}},
+    "params": {"head": {"kernel": jnp.ones(2)}},
+    "delta": {"a": {"delta": jnp.zeros(2)}},
   }
   grads = jax.tree.map(jnp.ones_like, tree)
   for other, want in ((None, 1.0), (optax.sgd(0.5), 0.5)):
@@ -316,20 +322,20 @@ def test_reset_velocity_zeroes_only_velocity():
 
 
 @pytest.mark.parametrize(
-    ("call", "error", "match"),
-    [
-        (lambda: dl.delta_lora(LR, momentum=1.0), ValueError, r"momentum=1.0"),
-        (lambda: dl.delta_lora(LR, momentum=float("nan")), ValueError, r"momentum=nan"),
-        (lambda: dl.delta_lora(float("inf")), ValueError, r"learning_rate=inf"),
-        (lambda: dl.delta_momentum(LR, momentum=-0.5), ValueError, r"momentum=-0.5"),
-        (lambda: dl.delta_lora(LR, lora_optimizer="adam"), TypeError, r"lora_optimizer"),
-        (
-            lambda: dl.delta_lora(LR).init({"params": _variables()["params"]}),
-            ValueError,
-            r"needs the variables tree with the 'delta' collection.*\['params'\]",
-        ),
-        (lambda: dl.velocity(optax.sgd(LR).init(jnp.zeros(1))), ValueError, r"no velocity"),
-    ],
+  ("call", "error", "match"),
+  [
+    (lambda: dl.delta_lora(LR, momentum=1.0), ValueError, r"momentum=1.0"),
+    (lambda: dl.delta_lora(LR, momentum=float("nan")), ValueError, r"momentum=nan"),
+    (lambda: dl.delta_lora(float("inf")), ValueError, r"learning_rate=inf"),
+    (lambda: dl.delta_momentum(LR, momentum=-0.5), ValueError, r"momentum=-0.5"),
+    (lambda: dl.delta_lora(LR, lora_optimizer="adam"), TypeError, r"lora_optimizer"),
+    (
+      lambda: dl.delta_lora(LR).init({"params": _variables()["params"]}),
+      ValueError,
+      r"needs the variables tree with the 'delta' collection.*\['params'\]",
+    ),
+    (lambda: dl.velocity(optax.sgd(LR).init(jnp.zeros(1))), ValueError, r"no velocity"),
+  ],
 )
 def test_bad_optimizer_arguments_raise_early(call, error, match):
   with pytest.raises(error, match=match):

@@ -70,7 +70,7 @@ def trained(request):
 
 
 def test_adapted_layers_are_found_by_path(trained):
-  model_cls, model, variables, _ = trained
+  model_cls, model, _variables, _ = trained
   layers = dl.adapted_layers(model, X)
   if model_cls is MLP:
     assert list(layers) == [("hidden_0",), ("hidden_1",), ("hidden_2",)]
@@ -86,7 +86,9 @@ def test_merge_gives_the_plain_model_with_the_same_outputs(trained):
   plain = model_cls()
   # The merged tree has exactly the plain model's structure and shapes.
   chex.assert_trees_all_equal_shapes_and_dtypes(merged, plain.init(jax.random.key(1), X))
-  np.testing.assert_allclose(plain.apply(merged, X), model.apply(variables, X), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(
+    plain.apply(merged, X), model.apply(variables, X), rtol=1e-5, atol=1e-5
+  )
 
 
 def test_merge_kernel_is_w_plus_s_ab_plus_ds_d(trained):
@@ -104,8 +106,11 @@ def test_parameter_counts_per_layer_and_total(trained):
   counts = dl.parameter_counts(variables, dl.adapted_layers(model, X))
   per_layer = lambda i, o: R * (i + o) + i * o  # noqa: E731
   if model_cls is MLP:
-    want = {"hidden_0": per_layer(WIDTH, WIDTH), "hidden_1": per_layer(WIDTH, WIDTH),
-            "hidden_2": per_layer(WIDTH, WIDTH)}
+    want = {
+      "hidden_0": per_layer(WIDTH, WIDTH),
+      "hidden_1": per_layer(WIDTH, WIDTH),
+      "hidden_2": per_layer(WIDTH, WIDTH),
+    }
   else:
     want = {n: per_layer(WIDTH, WIDTH) for n in ("query", "key", "value", "out")}
     want["mlp_in"] = per_layer(WIDTH, 2 * WIDTH)
@@ -131,18 +136,22 @@ def test_diagnostics_report_norms_per_layer_and_total(trained):
   entry = report["layers"][name]
   p, d = variables["params"][name], variables["delta"][name]["delta"]
   np.testing.assert_allclose(entry["delta_norm"], np.linalg.norm(d), rtol=1e-5)
-  np.testing.assert_allclose(entry["lora_norm"], np.linalg.norm(2.0 * p["lora_a"] @ p["lora_b"]),
-                             rtol=1e-4)
+  np.testing.assert_allclose(
+    entry["lora_norm"], np.linalg.norm(2.0 * p["lora_a"] @ p["lora_b"]), rtol=1e-4
+  )
   v = dl.velocity(opt_state)["delta"][name]["delta"]
   np.testing.assert_allclose(entry["velocity_norm"], np.linalg.norm(v), rtol=1e-5)
   assert entry["velocity_norm"] > 0 and entry["lora_norm"] > 0
   assert (entry["type"], entry["rank"], entry["scaling"], entry["delta_scaling"]) == (
-      "DeltaLoRADense", R, 2.0, 0.5
+    "DeltaLoRADense",
+    R,
+    2.0,
+    0.5,
   )
   total = report["total"]
   assert total["layers"] == len(layers)
   np.testing.assert_allclose(
-      total["delta_norm"], np.sqrt(sum(e["delta_norm"] ** 2 for e in report["layers"].values()))
+    total["delta_norm"], np.sqrt(sum(e["delta_norm"] ** 2 for e in report["layers"].values()))
   )
 
 
@@ -157,8 +166,8 @@ def test_reset_zeroes_delta_and_velocity_and_nothing_else(trained):
   assert any(np.any(leaf != 0) for leaf in jax.tree.leaves(variables["delta"]))  # not a no-op
   # The optimizer's other state (counts) is kept.
   chex.assert_trees_all_equal(
-      optax.tree_utils.tree_get_all_with_path(new_state, "count"),
-      optax.tree_utils.tree_get_all_with_path(opt_state, "count"),
+    optax.tree_utils.tree_get_all_with_path(new_state, "count"),
+    optax.tree_utils.tree_get_all_with_path(opt_state, "count"),
   )
 
 
@@ -169,8 +178,12 @@ def test_flat_vector_round_trip_and_seed_order():
   vector = dl.flatten_parameters(variables, layers)
   p = variables["params"]
   # The seed's order: kernel, bias, A, B, D, each row-major.
-  want = np.concatenate([np.ravel(a) for a in (p["kernel"], p["bias"], p["lora_a"], p["lora_b"],
-                                               variables["delta"]["delta"])])
+  want = np.concatenate(
+    [
+      np.ravel(a)
+      for a in (p["kernel"], p["bias"], p["lora_a"], p["lora_b"], variables["delta"]["delta"])
+    ]
+  )
   np.testing.assert_array_equal(vector, want)
   new = dl.unflatten_parameters(variables, layers, jnp.arange(vector.size, dtype=jnp.float32))
   np.testing.assert_array_equal(new["params"]["kernel"], np.arange(12).reshape(4, 3))
@@ -197,7 +210,7 @@ def test_wrong_flat_vector_length_names_both_lengths():
 
 
 def test_current_delta_is_a_copy():
-  model, variables, _ = _trained(MLP)
+  _model, variables, _ = _trained(MLP)
   d = dl.current_delta(variables, ("hidden_0",))
   np.testing.assert_array_equal(d, variables["delta"]["hidden_0"]["delta"])
   assert d.shape == (WIDTH, WIDTH)
@@ -215,13 +228,16 @@ def test_merge_refuses_a_base_that_is_not_dense():
 
 
 def test_load_base_loads_pretrained_dense_weights():
-  model, variables, _ = _trained(MLP)
+  _model, variables, _ = _trained(MLP)
   pretrained = MLP().init(jax.random.key(42), X)
   loaded = dl.load_base(variables, pretrained)
   for name in ("hidden_0", "head"):
-    np.testing.assert_array_equal(loaded["params"][name]["kernel"], pretrained["params"][name]["kernel"])
-  np.testing.assert_array_equal(loaded["params"]["hidden_0"]["lora_a"],
-                                variables["params"]["hidden_0"]["lora_a"])
+    np.testing.assert_array_equal(
+      loaded["params"][name]["kernel"], pretrained["params"][name]["kernel"]
+    )
+  np.testing.assert_array_equal(
+    loaded["params"]["hidden_0"]["lora_a"], variables["params"]["hidden_0"]["lora_a"]
+  )
   chex.assert_trees_all_equal(loaded["delta"], variables["delta"])
 
 
@@ -233,7 +249,9 @@ def test_load_base_refuses_mismatches_and_leaves_input_unchanged():
   with pytest.raises(ValueError, match=r"hidden_1/kernel.*shape \(8, 8\).*got shape \(8, 9\)"):
     dl.load_base(variables, pretrained)
   del pretrained["params"]["head"]
-  with pytest.raises(ValueError, match=r"missing from base_variables: \['head/bias', 'head/kernel'\]"):
+  with pytest.raises(
+    ValueError, match=r"missing from base_variables: \['head/bias', 'head/kernel'\]"
+  ):
     dl.load_base(variables, pretrained)
   chex.assert_trees_all_equal(jax.tree.map(np.array, variables), before)
 
