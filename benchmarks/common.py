@@ -11,7 +11,7 @@ layer under test. A variant is a pair (layer, optimizer):
 * ``seed``: this library's seed rule, ``DeltaLoRADense`` +
   :func:`deltalora_jax.delta_lora` (evaluation ``'auto'``);
 * ``seed_bf16``: the same with bfloat16 compute, float32 parameters, ``D``
-  and velocity;
+  and velocity (the ``_bf16`` suffix works on every variant);
 * ``naive``: the seed rule written here as three separate products
   ``x W + s (x A) B + ds (x D)`` (:class:`NaiveDeltaLoRADense`), the
   reference a direct port would give;
@@ -78,6 +78,7 @@ class NaiveDeltaLoRADense(nn.Module):
   features: int
   rank: int
   delta_scaling: float = DELTA_SCALING
+  dtype: Any = None
 
   @nn.compact
   def __call__(self, x):
@@ -90,23 +91,38 @@ class NaiveDeltaLoRADense(nn.Module):
     bb = self.param("lora_b", nn.initializers.zeros_init(), (self.rank, self.features))
     d = self.variable("delta", "delta", jnp.zeros, shape, jnp.float32).value
     w, b = jax.lax.stop_gradient(w), jax.lax.stop_gradient(b)
+    if self.dtype is not None:
+      x, w, b, a, bb, d = (t.astype(self.dtype) for t in (x, w, b, a, bb, d))
     return jnp.dot(x, w) + b + jnp.dot(jnp.dot(x, a), bb) + self.delta_scaling * jnp.dot(x, d)
 
 
+def _parse(variant: str) -> tuple[str, Any]:
+  """``'seed_bf16'`` -> ``('seed', bfloat16)``; a name without suffix computes in float32."""
+  if variant.endswith("_bf16"):
+    return variant.removesuffix("_bf16"), jnp.bfloat16
+  return variant, None
+
+
 def make_dense(variant: str, rank: int) -> Callable[..., nn.Module]:
-  """``(features, name) -> module``: the dense layer a variant trains."""
-  if variant in ("full_sgdm", "full_adamw"):
-    return lambda features, name: nn.Dense(features, name=name)
-  if variant == "naive":
-    return lambda features, name: NaiveDeltaLoRADense(features, rank, name=name)
-  use_delta = variant in ("seed", "seed_bf16")
-  dtype = jnp.bfloat16 if variant.endswith("bf16") else None
+  """``(features, name) -> module``: the dense layer a variant trains.
+
+  A ``_bf16`` suffix on any variant computes in bfloat16, parameters (and
+  ``D``, velocity) staying in float32.
+  """
+  base, dtype = _parse(variant)
+  if base in ("full_sgdm", "full_adamw"):
+    return lambda features, name: nn.Dense(features, dtype=dtype, name=name)
+  if base == "naive":
+    return lambda features, name: NaiveDeltaLoRADense(features, rank, dtype=dtype, name=name)
+  if base not in ("lora_adamw", "seed", "paper"):
+    raise ValueError(f"variant must be one of {ALL_VARIANTS}, got variant={variant!r}")
   return lambda features, name: dl.DeltaLoRADense(
     features,
     rank=rank,
     delta_scaling=DELTA_SCALING,
-    use_delta=use_delta,
+    use_delta=base == "seed",
     dtype=dtype,
+    name=name,
   )
 
 
@@ -189,9 +205,10 @@ class Config:
     return dataclasses.asdict(self)
 
 
-def make_optimizer(variant: str, variables) -> optax.GradientTransformation:
+def make_optimizer(variant: str) -> optax.GradientTransformation:
   """The optimizer of a variant (the same learning rate for all)."""
   lr = LEARNING_RATE
+  variant, _ = _parse(variant)
   if variant == "full_sgdm":
     return optax.sgd(lr, momentum=MOMENTUM)
   if variant == "full_adamw":
@@ -201,7 +218,7 @@ def make_optimizer(variant: str, variables) -> optax.GradientTransformation:
       {"lora": optax.adamw(lr), "base": optax.set_to_zero(), "other": optax.adamw(lr)},
       dl.leaf_labels,
     )
-  if variant in ("seed", "seed_bf16", "naive"):
+  if variant in ("seed", "naive"):
     return dl.delta_lora(
       lr,
       MOMENTUM,
@@ -302,7 +319,7 @@ def prepare(cfg: Config, variant: str, seed: int = 0) -> Prepared:
   x = jax.random.normal(kx, cfg.input_shape(), jnp.float32)
   y = jax.random.normal(ky, cfg.input_shape(), jnp.float32)
   variables = module.init(kp, x)
-  tx = make_optimizer(variant, variables)
+  tx = make_optimizer(variant)
   opt_state = tx.init(variables)
   traces = [0]
   step = make_step(module, tx, traces)
