@@ -4,15 +4,35 @@ The public names are re-exported here; the modules are:
 
 * :mod:`deltalora_jax.core`: the pure math (forward, merge, checks), no Flax;
 * :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense`, the Linen layer;
+* :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear`, the NNX layer, and :class:`DeltaParam`;
+* :mod:`deltalora_jax.adapt`: adapt an existing Linen or NNX model by target,
+  merge and unload, export and re-attach the adapter;
 * :mod:`deltalora_jax.optim`: the optax transformations of the delta rule;
 * :mod:`deltalora_jax.paper`: :func:`paper_delta_lora`, the published rule
   (Zi et al., 2023);
+* :mod:`deltalora_jax.sharding`: partition rules and shardings for a device mesh;
+* :mod:`deltalora_jax.checkpoint`: checkpoints of the whole training state (orbax);
 * :mod:`deltalora_jax.tree`: whole-model utilities (count, flatten, merge,
   reset, diagnostics, load pretrained weights).
 """
 
+from deltalora_jax.adapt import (
+    DeltaLoRAModel,
+    adapt_linen,
+    adapt_nnx,
+    attach_adapter_linen,
+    attach_adapter_nnx,
+    export_adapter,
+    merge_and_unload,
+)
+from deltalora_jax.checkpoint import (
+    CheckpointMismatchError,
+    TrainingCheckpointer,
+    layer_hyperparameters,
+)
 from deltalora_jax.core import delta_lora_dense, lora_scaling, merged_kernel
 from deltalora_jax.linen import DeltaLoRADense
+from deltalora_jax.nnx import DeltaLoRALinear, DeltaParam
 from deltalora_jax.optim import (
     ScaleByDeltaMomentumState,
     delta_lora,
@@ -23,6 +43,15 @@ from deltalora_jax.optim import (
     velocity,
 )
 from deltalora_jax.paper import PaperDeltaLoRAState, paper_delta_lora
+from deltalora_jax.sharding import (
+    batch_sharding,
+    bytes_per_device,
+    follow_shardings,
+    make_mesh,
+    optimizer_shardings,
+    partition_specs,
+    variable_shardings,
+)
 from deltalora_jax.tree import (
     adapted_layers,
     current_delta,
@@ -38,26 +67,45 @@ from deltalora_jax.tree import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CheckpointMismatchError",
     "DeltaLoRADense",
+    "DeltaLoRALinear",
+    "DeltaLoRAModel",
+    "DeltaParam",
     "PaperDeltaLoRAState",
     "ScaleByDeltaMomentumState",
+    "TrainingCheckpointer",
+    "adapt_linen",
+    "adapt_nnx",
     "adapted_layers",
+    "attach_adapter_linen",
+    "attach_adapter_nnx",
+    "batch_sharding",
+    "bytes_per_device",
     "current_delta",
     "delta_lora",
     "delta_lora_dense",
     "delta_momentum",
     "diagnostics",
+    "export_adapter",
     "flatten_parameters",
+    "follow_shardings",
+    "layer_hyperparameters",
     "leaf_labels",
     "load_base",
     "lora_scaling",
+    "make_mesh",
     "merge",
+    "merge_and_unload",
     "merged_kernel",
+    "optimizer_shardings",
     "paper_delta_lora",
     "parameter_counts",
+    "partition_specs",
     "reset",
     "reset_velocity",
     "scale_by_delta_momentum",
     "unflatten_parameters",
+    "variable_shardings",
     "velocity",
 ]

@@ -387,7 +387,7 @@ def linen_view(model: nnx.Module, opt_state: Any = None):
   )[0]
   for entry_path, leaf in leaves:
     names = optim._path_names(entry_path)
-    value = leaf[...] if isinstance(leaf, nnx.Variable) else leaf
+    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     if names and names[-1] == optim.DELTA and isinstance(value, jax.Array):
       velocities[names[:-1]] = {"delta": value}
   state = optim.ScaleByDeltaMomentumState(
