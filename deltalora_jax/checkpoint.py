@@ -1,0 +1,372 @@
+"""Checkpoints of a whole training state, with orbax-checkpoint.
+
+A *training state* is any pytree of arrays: the variables (LoRA factors,
+``D``, the base), the optimizer state (the velocity and the step counts
+included), PRNG keys (typed keys from ``jax.random.key`` are stored as their
+key data and come back typed), the data position, the step. Beside it a
+checkpoint holds two JSON items: the *layout* (path, shape and dtype of every
+leaf) and the *hyperparameters* (of the layers, see
+:func:`layer_hyperparameters`, and of the optimizer, as the caller gives them).
+
+Guarantees:
+
+* **Atomic.** orbax writes a step into a temporary directory and renames it
+  when complete; a process killed while saving leaves the previous steps
+  readable, and the unfinished one is ignored (and cleaned up on the next start).
+* **Checked before loading.** :meth:`TrainingCheckpointer.restore` compares the
+  checkpoint's layout and hyperparameters with the caller's before reading any
+  array, and refuses a mismatch with :class:`CheckpointMismatchError` naming
+  each difference. Nothing of the caller's is modified: restoring returns new arrays.
+* **Sharded.** Arrays are restored straight into the shardings of the ``like``
+  tree (another mesh than at saving time is fine).
+* **No pickle.** Arrays are read by tensorstore, metadata as JSON.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+from deltalora_jax.sharding import leaf_path
+
+STATE = "state"
+LAYOUT = "layout"
+HYPERPARAMETERS = "hyperparameters"
+LAYER_FIELDS = (
+  "features",
+  "rank",
+  "alpha",
+  "delta_scaling",
+  "freeze_base",
+  "use_bias",
+  "use_delta",
+  "dtype",
+  "param_dtype",
+  "precision",
+  "evaluation",
+)
+_MAX_LISTED = 20
+
+
+class CheckpointMismatchError(ValueError):
+  """A checkpoint whose layout or hyperparameters differ from the caller's."""
+
+
+def _is_key(leaf) -> bool:
+  dtype = getattr(leaf, "dtype", None)
+  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _json_value(value, where: str):
+  """``value`` as plain JSON data (dicts, lists, str, float, int, bool, None)."""
+  if value is None or isinstance(value, bool | int | float | str):
+    return value
+  if isinstance(value, np.generic) or (
+    isinstance(value, np.ndarray | jax.Array) and not value.shape
+  ):
+    return np.asarray(value).item()
+  if isinstance(value, Mapping):
+    return {str(k): _json_value(v, f"{where}/{k}") for k, v in value.items()}
+  if isinstance(value, list | tuple):
+    return [_json_value(v, f"{where}/{i}") for i, v in enumerate(value)]
+  if isinstance(value, np.dtype) or (isinstance(value, type) and issubclass(value, np.generic)):
+    return np.dtype(value).name
+  raise TypeError(
+    f"hyperparameters must hold only JSON data (numbers, str, bool, None, lists, dicts) "
+    f"or dtypes, got {type(value).__name__} at {where!r}"
+  )
+
+
+def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
+  """The JSON hyperparameters of each adapted layer, by ``'/'``-joined path.
+
+  For each layer: ``features``, ``rank``, ``alpha``, ``delta_scaling``,
+  ``freeze_base``, ``use_bias``, ``use_delta``, ``dtype``, ``param_dtype``,
+  ``precision`` (as a string) and ``evaluation``. Initializers are not saved.
+
+  Args:
+    layers: ``{path: DeltaLoRADense}``, e.g. from :func:`deltalora_jax.adapted_layers`.
+
+  Returns:
+    ``{'hidden': {'features': 8, 'rank': 2, ...}, ...}``; the root layer is ``''``.
+
+  Example:
+    >>> import deltalora_jax as dl
+    >>> hp = layer_hyperparameters({(): dl.DeltaLoRADense(features=8, rank=2)})
+    >>> hp[""]["rank"], hp[""]["delta_scaling"], hp[""]["param_dtype"]
+    (2, 0.1, 'float32')
+  """
+  result = {}
+  for path, layer in layers.items():
+    name = "/".join(path)
+    entry = {}
+    for field in LAYER_FIELDS:
+      value = getattr(layer, field)
+      if field in ("dtype", "param_dtype"):
+        value = None if value is None else np.dtype(value).name
+      elif field == "precision":
+        value = None if value is None else str(value)
+      entry[field] = _json_value(value, f"{name}/{field}")
+    result[name] = entry
+  return result
+
+
+def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
+  flat = {}
+  for key, value in tree.items():
+    path = f"{prefix}/{key}" if prefix else str(key)
+    if isinstance(value, Mapping) and value:
+      flat.update(_flat(value, path))
+    else:
+      flat[path] = value
+  return flat
+
+
+def _layout(tree) -> dict[str, dict[str, Any]]:
+  """Path, shape, dtype (and PRNG implementation) of every leaf."""
+  layout = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    if isinstance(leaf, bool | int | float):
+      leaf = jax.numpy.asarray(leaf)
+    entry = {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
+    if _is_key(leaf) and isinstance(leaf, jax.Array):
+      entry["key_impl"] = str(jax.random.key_impl(leaf))
+    layout[leaf_path(path)] = entry
+  return layout
+
+
+def _describe(entry) -> str:
+  return f"shape {tuple(entry['shape'])} {entry['dtype']}"
+
+
+def _layout_problems(saved: Mapping, given: Mapping) -> list[str]:
+  problems = []
+  for path in sorted(set(saved) | set(given)):
+    if path not in given:
+      problems.append(f"{path!r} is in the checkpoint ({_describe(saved[path])}), not in like")
+    elif path not in saved:
+      problems.append(f"{path!r} is in like ({_describe(given[path])}), not in the checkpoint")
+    elif (saved[path]["shape"], saved[path]["dtype"]) != (
+      given[path]["shape"],
+      given[path]["dtype"],
+    ):
+      problems.append(
+        f"{path!r}: checkpoint {_describe(saved[path])}, like {_describe(given[path])}"
+      )
+  return problems
+
+
+def _same(a, b) -> bool:
+  """Equality of JSON values; numbers compare by value (NaN equals NaN), bools only to bools."""
+  if isinstance(a, bool) or isinstance(b, bool):
+    return type(a) is type(b) and a == b
+  if isinstance(a, int | float) and isinstance(b, int | float):
+    return a == b or (math.isnan(a) and math.isnan(b))
+  return type(a) is type(b) and a == b
+
+
+def _hyperparameter_problems(saved: Mapping, given: Mapping) -> list[str]:
+  saved, given = _flat(saved), _flat(given)
+  problems = []
+  for path in sorted(set(saved) | set(given)):
+    if path not in given:
+      problems.append(f"hyperparameter {path!r}: checkpoint {saved[path]!r}, not given")
+    elif path not in saved:
+      problems.append(f"hyperparameter {path!r}: given {given[path]!r}, not in the checkpoint")
+    elif not _same(saved[path], given[path]):
+      problems.append(f"hyperparameter {path!r}: checkpoint {saved[path]!r}, given {given[path]!r}")
+  return problems
+
+
+def _savable(path, leaf):
+  if _is_key(leaf):
+    return jax.random.key_data(leaf)
+  if isinstance(leaf, bool | int | float):
+    return jax.numpy.asarray(leaf)
+  if isinstance(leaf, np.ndarray | jax.Array):
+    return leaf
+  raise TypeError(
+    f"state must hold only arrays, PRNG keys and numbers, got {type(leaf).__name__} "
+    f"at {leaf_path(path)!r}"
+  )
+
+
+def _abstract(leaf, default_sharding):
+  """The ``ShapeDtypeStruct`` an array of the saved state is restored into."""
+  if isinstance(leaf, bool | int | float):
+    leaf = jax.numpy.asarray(leaf)
+  sharding = getattr(leaf, "sharding", None) or default_sharding
+  if _is_key(leaf):
+    data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
+    return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
+  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+
+
+class TrainingCheckpointer:
+  """Saves and restores whole training states in a directory, one sub-directory per step.
+
+  A thin layer over :class:`orbax.checkpoint.CheckpointManager` that adds the
+  layout and hyperparameter checks and the PRNG key handling.
+
+  Args:
+    directory: where the steps are written (created if missing).
+    max_to_keep: how many of the newest steps to keep; None keeps all.
+    async_save: write in a background thread (orbax's default); :meth:`save`
+      returns once the arrays are copied to host memory. Call
+      :meth:`wait_until_finished` (or :meth:`close`) before relying on a step.
+
+  Example:
+    >>> import tempfile, jax, jax.numpy as jnp
+    >>> state = {"delta": jnp.ones((2, 3)), "rng": jax.random.key(0), "step": 1}
+    >>> with TrainingCheckpointer(tempfile.mkdtemp()) as checkpoints:
+    ...   checkpoints.save(1, state, hyperparameters={"momentum": 0.9})
+    ...   checkpoints.wait_until_finished()
+    ...   restored = checkpoints.restore(state, hyperparameters={"momentum": 0.9})
+    True
+    >>> restored["delta"].shape, restored["rng"].dtype, int(restored["step"])
+    ((2, 3), key<fry>, 1)
+  """
+
+  def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
+    if max_to_keep is not None and (
+      isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+    ):
+      raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+    self.directory = directory
+    options = ocp.CheckpointManagerOptions(
+      max_to_keep=max_to_keep,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+    )
+    self._manager = ocp.CheckpointManager(
+      directory,
+      options=options,
+      item_handlers={
+        STATE: ocp.StandardCheckpointHandler(),
+        LAYOUT: ocp.JsonCheckpointHandler(),
+        HYPERPARAMETERS: ocp.JsonCheckpointHandler(),
+      },
+    )
+
+  def save(self, step: int, state, *, hyperparameters: Mapping | None = None) -> bool:
+    """Saves ``state`` (and ``hyperparameters``) as ``step``.
+
+    Args:
+      step: the step number, a non-negative int not saved before.
+      state: a pytree of arrays, PRNG keys and numbers.
+      hyperparameters: JSON data (nested dicts), e.g.
+        ``{"layers": layer_hyperparameters(layers), "optimizer": {...}}``.
+
+    Returns:
+      True (orbax's answer to whether the step was saved).
+    """
+    if isinstance(step, bool) or not isinstance(step, int | np.integer) or step < 0:
+      raise ValueError(f"step must be a non-negative int, got step={step!r}")
+    hyperparameters = _json_value(dict(hyperparameters or {}), "hyperparameters")
+    savable = jax.tree_util.tree_map_with_path(_savable, state)
+    return self._manager.save(
+      int(step),
+      args=ocp.args.Composite(
+        **{
+          STATE: ocp.args.StandardSave(savable),
+          LAYOUT: ocp.args.JsonSave(_layout(state)),
+          HYPERPARAMETERS: ocp.args.JsonSave(hyperparameters),
+        }
+      ),
+    )
+
+  def _step(self, step: int | None) -> int:
+    steps = self.all_steps()
+    if step is None:
+      if not steps:
+        raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+      return steps[-1]
+    if step not in steps:
+      raise FileNotFoundError(
+        f"step must be one of the finished steps {steps} in {self.directory}, got step={step}"
+      )
+    return step
+
+  def _metadata(self, step: int) -> tuple[dict, dict]:
+    items = self._manager.restore(
+      step,
+      args=ocp.args.Composite(
+        **{LAYOUT: ocp.args.JsonRestore(), HYPERPARAMETERS: ocp.args.JsonRestore()}
+      ),
+    )
+    return dict(items[LAYOUT]), dict(items[HYPERPARAMETERS])
+
+  def hyperparameters(self, step: int | None = None) -> dict:
+    """The hyperparameters saved with ``step`` (default: the latest step)."""
+    return self._metadata(self._step(step))[1]
+
+  def restore(self, like, *, hyperparameters: Mapping | None = None, step: int | None = None):
+    """The state saved as ``step``, in the structure and shardings of ``like``.
+
+    Args:
+      like: a state of the same structure, shapes and dtypes (arrays or
+        ``jax.ShapeDtypeStruct`` with a sharding); each array is restored
+        with its leaf's sharding. It is not modified.
+      hyperparameters: the caller's hyperparameters; when given they must
+        equal the saved ones. None skips the check.
+      step: the step to restore; None means the latest finished one.
+
+    Returns:
+      A new state with the structure of ``like``.
+
+    Raises:
+      FileNotFoundError: there is no finished checkpoint, or not ``step``.
+      CheckpointMismatchError: a path, shape, dtype or hyperparameter differs;
+        the message lists them. Raised before any array is read.
+    """
+    step = self._step(step)
+    saved_layout, saved_hyperparameters = self._metadata(step)
+    problems = _layout_problems(saved_layout, _layout(like))
+    if hyperparameters is not None:
+      given = _json_value(dict(hyperparameters), "hyperparameters")
+      problems += _hyperparameter_problems(saved_hyperparameters, given)
+    if problems:
+      listed = "; ".join(problems[:_MAX_LISTED])
+      more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
+      raise CheckpointMismatchError(
+        f"checkpoint step {step} in {self.directory} does not match: {listed}{more}"
+      )
+    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree.map(lambda leaf: _abstract(leaf, default), like)
+    restored = self._manager.restore(
+      step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
+    )[STATE]
+
+    def back(path, leaf, value):
+      if _is_key(leaf):
+        return jax.random.wrap_key_data(value, impl=saved_layout[leaf_path(path)]["key_impl"])
+      return value
+
+    return jax.tree_util.tree_map_with_path(back, like, restored)
+
+  def latest_step(self) -> int | None:
+    """The newest finished step, or None."""
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    """The finished steps, oldest first (an interrupted save is not listed)."""
+    return sorted(self._manager.all_steps())
+
+  def wait_until_finished(self) -> None:
+    """Blocks until a background save has finished."""
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    """Waits for a background save, then releases orbax's resources."""
+    self._manager.close()
+
+  def __enter__(self) -> TrainingCheckpointer:
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    self.close()
