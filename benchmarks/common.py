@@ -528,6 +528,7 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
+  import matplotlib.ticker
 
   panels = [
     (m, s, x)
@@ -567,6 +568,10 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
       ax = axes[row, col]
       ax.set_xscale("log", base=2)
       ax.set_yscale("log")
+      plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
+      ax.xaxis.set_major_formatter(plain)
+      ax.yaxis.set_major_formatter(plain)
+      ax.yaxis.set_minor_formatter(plain)
       ax.set_xlabel(key)
       ax.set_ylabel(label)
       ax.grid(True, which="both", alpha=0.3)
