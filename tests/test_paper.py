@@ -6,6 +6,9 @@ at alpha * (1 + lambda) under Adam, the wrappers, and the absence of a base
 kernel gradient in the compiled step.
 """
 
+import pathlib
+import re
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -307,9 +310,10 @@ def test_tracks_plain_lora_with_alpha_times_one_plus_lambda():
   """Under Adam with a small eps, the rule at K = 0 is plain LoRA at alpha (1 + lambda).
 
   From B = 0 the forward weight is W_0 + (1 + lambda) s A_t B_t, and Adam ignores the
-  constant factor (1 + lambda) in the factors' gradients. Measured: the outputs agree
-  to a relative 1e-5 after 25 steps (tolerance 1e-4), the factors to 1e-4 (tolerance 1e-3);
-  plain LoRA at the unscaled alpha differs by about 30 % (asserted > 1 %).
+  constant factor (1 + lambda) in the factors' gradients. Measured after 25 AdamW
+  steps (eps 1e-12): outputs agree to 2e-7 and factors to 7e-7 of their largest
+  magnitude (tolerance 1e-5 for both); plain LoRA at the unscaled alpha differs by 57 %
+  (asserted > 1 %).
   """
   adam = optax.adamw(1e-2, eps=1e-12)
   scaled = MLP(alpha_factor=1.0 + LAMBDA)
@@ -326,14 +330,14 @@ def test_tracks_plain_lora_with_alpha_times_one_plus_lambda():
       v, state = step(v, state)
     final[key] = (model.apply(v, X), v)
   y, scale = final["scaled"][0], float(jnp.abs(final["scaled"][0]).max())
-  np.testing.assert_allclose(final["paper"][0], y, rtol=0, atol=1e-4 * scale)
+  np.testing.assert_allclose(final["paper"][0], y, rtol=0, atol=1e-5 * scale)
   for name in ("hidden", "out"):
     for leaf in ("lora_a", "lora_b"):
       np.testing.assert_allclose(
         final["paper"][1]["params"][name][leaf],
         final["scaled"][1]["params"][name][leaf],
         rtol=0,
-        atol=1e-3 * float(jnp.abs(final["scaled"][1]["params"][name][leaf]).max()),
+        atol=1e-5 * float(jnp.abs(final["scaled"][1]["params"][name][leaf]).max()),
       )
   assert float(jnp.abs(final["unscaled"][0] - y).max()) > 1e-2 * scale
 
@@ -372,22 +376,16 @@ def test_inject_hyperparams_lambda_and_start_step_are_traceable():
 
 
 def test_numeric_scaling_and_learning_rate_can_be_injected():
-  layer = dl.DeltaLoRADense(4, rank=2, alpha=6.0, use_delta=False)
-  variables = layer.init(jax.random.key(0), X)
-  variables = {"params": {**variables["params"], "lora_b": jnp.ones((2, 4))}}
-  tx = optax.inject_hyperparams(dl.paper_delta_lora)(
-    learning_rate=1e-2, scaling=layer.scaling, start_step=0
-  )
-  state = tx.init(variables)
-  grads = jax.grad(lambda v: jnp.sum(layer.apply(v, X) ** 2))(variables)
-  with jax.numpy_dtype_promotion("standard"):
-    updates, _ = jax.jit(tx.update)(grads, state, variables)
-  new = optax.apply_updates(variables, updates)
-  p, q = variables["params"], new["params"]
-  want = (
-    LAMBDA * 3.0 * (np.asarray(q["lora_a"]) @ q["lora_b"] - np.asarray(p["lora_a"]) @ p["lora_b"])
-  )
-  np.testing.assert_allclose(q["kernel"] - p["kernel"], want, rtol=0, atol=1e-6)
+  """One number is the scaling of every layer; injected, it is a traced hyperparameter."""
+  tx = optax.inject_hyperparams(dl.paper_delta_lora)(learning_rate=1e-2, scaling=3.0, start_step=0)
+  state = tx.init(VARIABLES)
+  assert set(state.hyperparams) == {"learning_rate", "scaling", "lambda_", "start_step"}
+  updates, _ = jit_update(tx, standard=True)(GRAD(VARIABLES), state, VARIABLES)
+  new = optax.apply_updates(VARIABLES, updates)
+  for name in ("hidden", "out"):
+    change = np.asarray(layer_arrays(new, name)[0], np.float64) - layer_arrays(VARIABLES, name)[0]
+    want = LAMBDA * 3.0 * (product(new, name) - product(VARIABLES, name))
+    np.testing.assert_allclose(change, want, rtol=0, atol=1e-6)
 
 
 def test_inside_chain_with_gradient_clipping():
@@ -646,3 +644,30 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
   arguments = {"learning_rate": 1e-3, "scaling": 1.0, **kwargs}
   with pytest.raises(error, match=match):
     dl.paper_delta_lora(**arguments)
+
+
+# --------------------------------------------------------------------------
+# The README's example.
+# --------------------------------------------------------------------------
+
+
+def test_readme_which_rule_example_runs_and_moves_the_base():
+  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = text.split("## Which rule?", 1)[1].split("\n## ", 1)[0]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  namespace = {}
+  with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as a user runs it
+    exec(compile(code, "README-which-rule", "exec"), namespace)
+  model, x, y = namespace["model"], namespace["x"], namespace["y"]
+  start = model.init(jax.random.key(1), x)
+  first = float(jnp.mean((model.apply(start, x) - y) ** 2))
+  assert float(namespace["loss"]) < 0.5 * first
+  for path, layer in namespace["layers"].items():
+    p = namespace["variables"]["params"][path[0]]
+    assert not np.array_equal(p["kernel"], start["params"][path[0]]["kernel"])
+    np.testing.assert_allclose(
+      namespace["merged"]["params"][path[0]]["kernel"],
+      p["kernel"] + layer.scaling * (np.asarray(p["lora_a"], np.float64) @ p["lora_b"]),
+      rtol=0,
+      atol=1e-5,
+    )
