@@ -7,6 +7,8 @@ and exported / re-attached. The trained state is shared by module fixtures.
 
 import json
 import math
+import pathlib
+import re
 
 import flax.linen as nn
 import jax
@@ -430,3 +432,38 @@ def test_attach_refuses_a_mismatched_base(linen_base):
     dl.attach_adapter_nnx(nnx_base(), adapter)
   with pytest.raises(ValueError, match="has no kernel"):
     dl.attach_adapter_linen(*linen_base, adapter)
+
+
+# ------------------------------------------------------------------- README
+
+README = pathlib.Path(__file__).parents[1] / "README.md"
+
+
+def run_readme_section(heading):
+  section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  namespace = {}
+  exec(compile(code, heading, "exec"), namespace)
+  return namespace
+
+
+def test_readme_linen_section_runs(capsys):
+  ns = run_readme_section("## Adapting an existing Linen model")
+  assert "hidden" in capsys.readouterr().out
+  model, x, y = ns["model"], ns["x"], ns["y"]
+  base_loss = jnp.mean((model.apply(ns["pretrained"], x) - y) ** 2)
+  assert float(ns["loss"]) < float(base_loss)
+  trained = ns["adapted"].apply(ns["variables"], x)
+  assert relative_error(model.apply(ns["merged"], x), trained) < 1e-5
+  np.testing.assert_array_equal(ns["again"].apply(ns["restored"], x), trained)
+
+
+def test_readme_nnx_section_runs(capsys):
+  ns = run_readme_section("## Adapting an existing NNX model")
+  assert "hidden" in capsys.readouterr().out
+  x, y = ns["x"], ns["y"]
+  base_loss = jnp.mean((ns["MLP"](nnx.Rngs(1))(x) - y) ** 2)
+  assert float(ns["loss"]) < float(base_loss)
+  trained = ns["model"](x)
+  assert relative_error(ns["merged"](x), trained) < 1e-5
+  np.testing.assert_array_equal(ns["fresh"](x), trained)
