@@ -757,6 +757,21 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> dict:
     ValueError: for a path that is not in the model, a layer already
       adapted, or a shape that differs.
     TypeError: for a path whose module is not an ``nnx.Linear``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> class MLP(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.up = nnx.Linear(4, 8, rngs=rngs)
+    >>> model = MLP(nnx.Rngs(0))
+    >>> _ = adapt_nnx(model, rank=2, rngs=nnx.Rngs(1))
+    >>> model.up.lora_b[...] = jnp.ones((2, 8))  # as if trained
+    >>> fresh = MLP(nnx.Rngs(0))  # the same pretrained base
+    >>> _ = attach_adapter_nnx(fresh, export_adapter(model))
+    >>> x = jnp.ones((1, 4))
+    >>> bool(jnp.array_equal(fresh.up(x), model.up(x)))
+    True
   """
   config, weights = _check_adapter(adapter)
   modules = _nnx_modules(model)
@@ -807,6 +822,20 @@ def attach_adapter_linen(
   Raises:
     ValueError: for a path without a kernel, a layer already adapted, or a
       shape that differs.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> class MLP(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(8, name="up")(x)
+    >>> x = jnp.ones((1, 4))
+    >>> pretrained = MLP().init(jax.random.key(0), x)
+    >>> adapted, variables = adapt_linen(MLP(), pretrained, x, rank=2, key=jax.random.key(1))
+    >>> adapter = export_adapter(variables, adapted)
+    >>> again, restored = attach_adapter_linen(MLP(), pretrained, adapter)
+    >>> bool(jnp.array_equal(again.apply(restored, x), adapted.apply(variables, x)))
+    True
   """
   config, weights = _check_adapter(adapter)
   base, existing, params, variables = _linen_parts(model, variables)
