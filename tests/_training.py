@@ -9,7 +9,6 @@ once the arrays are written, and hangs there, before the commit, until killed.
 
 from __future__ import annotations
 
-import functools
 import sys
 import time
 
@@ -69,8 +68,7 @@ def batch(position):
   return x, y
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def init_state(seed: int = 0) -> dict:
+def fresh_state(seed) -> dict:
   """Variables, optimizer state, PRNG key, data position and step of a fresh run."""
   init_key, rng = jax.random.split(jax.random.key(seed))
   variables = MODEL.init(init_key, SAMPLE)
@@ -81,6 +79,14 @@ def init_state(seed: int = 0) -> dict:
     "data_position": jnp.zeros([], jnp.int32),
     "step": jnp.zeros([], jnp.int32),
   }
+
+
+_FRESH_STATE = jax.jit(fresh_state)
+
+
+def init_state(seed: int = 0) -> dict:
+  """:func:`fresh_state`, compiled once for every seed."""
+  return _FRESH_STATE(jnp.int32(seed))
 
 
 def loss_fn(variables, x, y):

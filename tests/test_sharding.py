@@ -75,8 +75,8 @@ def test_optimizer_state_follows_the_variables(shardings):
 
 def test_sharded_run_equals_single_device_run(mesh, shardings):
   single = training.train(training.init_state(), STEPS)
-  init = jax.jit(training.init_state.__wrapped__, static_argnums=0, out_shardings=shardings)
-  state = init(0)
+  init = jax.jit(training.fresh_state, out_shardings=shardings)
+  state = init(jnp.int32(0))
   step = sharded_step(mesh, shardings)
   batch = dl.batch_sharding(mesh)
   for _ in range(STEPS):
