@@ -336,7 +336,7 @@ class TrainingCheckpointer:
       raise CheckpointMismatchError(
         f"checkpoint step {step} in {self.directory} does not match: {listed}{more}"
       )
-    default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     target = jax.tree.map(lambda leaf: _abstract(leaf, default), like)
     restored = self._manager.restore(
       step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
