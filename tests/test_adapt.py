@@ -253,6 +253,25 @@ def test_linen_errors(linen_base):
     adapt(model, base, targets=3)
 
 
+class LinenWithDropout(nn.Module):
+  @nn.compact
+  def __call__(self, x, *, train: bool):
+    x = nn.Dropout(0.5, deterministic=not train)(nn.Dense(4, name="hidden")(x))
+    return nn.Dense(1, name="out")(x)
+
+
+def test_linen_trace_takes_call_keyword_arguments():
+  model, x = LinenWithDropout(), jnp.ones((2, 3))
+  base = model.init(jax.random.key(0), x, train=False)
+  adapted, variables = dl.adapt_linen(
+    model, base, x, rank=1, key=jax.random.key(1), call_kwargs={"train": True}
+  )
+  assert sorted(adapted.layers) == [("hidden",), ("out",)]
+  np.testing.assert_allclose(
+    adapted.apply(variables, x, train=False), model.apply(base, x, train=False), atol=1e-6
+  )
+
+
 def test_linen_adapting_more_layers_of_an_adapted_model(linen_base):
   model, base = linen_base
   first, variables = dl.adapt_linen(
@@ -388,6 +407,19 @@ def test_nnx_per_target_options_and_exclusions():
   assert sorted(adapters) == ["blocks/0/attn/q", "blocks/0/up", "blocks/1/attn/q"]
   assert (adapters["blocks/1/attn/q"].rank, adapters["blocks/1/attn/q"].delta_scaling) == (4, 0.5)
   assert (adapters["blocks/0/up"].rank, adapters["blocks/0/up"].delta_scaling) == (2, 0.1)
+
+
+def test_nnx_export_of_a_trained_base_carries_the_base_weights():
+  model = nnx_base()
+  dl.adapt_nnx(model, ["head"], rank=1, freeze_base=False, rngs=nnx.Rngs(1))
+  model.head.kernel[...] = model.head.kernel[...] + 1.0  # as if trained
+  adapter = dl.export_adapter(model)
+  assert sorted(adapter["weights"]["head"]) == ["bias", "delta", "kernel", "lora_a", "lora_b"]
+  assert adapter["config"]["head"]["freeze_base"] is False
+  fresh = nnx_base()
+  dl.attach_adapter_nnx(fresh, adapter)
+  assert fresh.head.freeze_base is False
+  np.testing.assert_array_equal(fresh.head.kernel[...], model.head.kernel[...])
 
 
 def test_nnx_all_dense_layers_by_default():

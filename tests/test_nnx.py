@@ -47,6 +47,9 @@ def test_state_keeps_linear_names_and_separates_the_trainable_types():
   assert sorted(nnx.to_pure_dict(nnx.state(layer, DeltaParam))) == ["delta"]
   frozen = nnx.state(layer, nnx.Not(TRAINABLE))
   assert sorted(nnx.to_pure_dict(frozen)) == ["bias", "kernel"]
+  _, trainable, rest = nnx.split(layer, TRAINABLE, ...)
+  assert sorted(nnx.to_pure_dict(trainable)) == ["delta", "lora_a", "lora_b"]
+  assert sorted(nnx.to_pure_dict(rest)) == ["bias", "kernel"]
   # B = 0 and D = 0 at construction: the layer is its base
   np.testing.assert_array_equal(layer.lora_b[...], 0.0)
   np.testing.assert_array_equal(layer.delta[...], 0.0)
