@@ -192,6 +192,15 @@ def follow_shardings(tree, variables, shardings) -> Any:
 
   Returns:
     A tree of ``NamedSharding`` with the structure of ``tree``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> variables = {"delta": {"delta": jnp.zeros((8, 4))}}
+    >>> shardings = variable_shardings(variables, make_mesh(fsdp=2))
+    >>> ema = {"ema": variables, "count": jnp.zeros([], jnp.int32)}  # any state holding a copy
+    >>> followed = follow_shardings(ema, variables, shardings)
+    >>> followed["ema"]["delta"]["delta"].spec, followed["count"].spec
+    (P('fsdp', None), P())
   """
   variable_leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
   sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
