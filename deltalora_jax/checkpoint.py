@@ -38,6 +38,8 @@ STATE = "state"
 LAYOUT = "layout"
 HYPERPARAMETERS = "hyperparameters"
 LAYER_FIELDS = (
+  "in_features",
+  "out_features",
   "features",
   "rank",
   "alpha",
@@ -85,12 +87,14 @@ def _json_value(value, where: str):
 def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
   """The JSON hyperparameters of each adapted layer, by ``'/'``-joined path.
 
-  For each layer: ``features``, ``rank``, ``alpha``, ``delta_scaling``,
-  ``freeze_base``, ``use_bias``, ``use_delta``, ``dtype``, ``param_dtype``,
-  ``precision`` (as a string) and ``evaluation``. Initializers are not saved.
+  For each layer, those of these fields it has: ``features`` (Linen) or
+  ``in_features`` and ``out_features`` (NNX), ``rank``, ``alpha``,
+  ``delta_scaling``, ``freeze_base``, ``use_bias``, ``use_delta``, ``dtype``,
+  ``param_dtype``, ``precision`` (as a string) and ``evaluation``.
+  Initializers are not saved.
 
   Args:
-    layers: ``{path: DeltaLoRADense}``, e.g. from :func:`deltalora_jax.adapted_layers`.
+    layers: ``{path: layer}``, e.g. from :func:`deltalora_jax.adapted_layers`.
 
   Returns:
     ``{'hidden': {'features': 8, 'rank': 2, ...}, ...}``; the root layer is ``''``.
@@ -105,7 +109,7 @@ def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
   for path, layer in layers.items():
     name = "/".join(path)
     entry = {}
-    for field in LAYER_FIELDS:
+    for field in (f for f in LAYER_FIELDS if hasattr(layer, f)):
       value = getattr(layer, field)
       if field in ("dtype", "param_dtype"):
         value = None if value is None else np.dtype(value).name
