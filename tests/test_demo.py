@@ -204,29 +204,38 @@ def test_sentences_with_the_same_meaning_are_closer():
   assert same.min() > 0.5
 
 
-def test_adapted_encoder_starts_equal_to_the_plain_one():
+def test_merged_model_equals_the_adapted_one_and_ignores_padding():
   ids = jnp.array([[2, 5, 6, 3, 0]], jnp.int32)
   mask = jnp.array([[1, 1, 1, 1, 0]], jnp.int32)
+  tiny = train.Pretrained(TINY, None, weights.convert(tiny_checkpoint(TINY), TINY))
   plain = bert.SentimentClassifier(TINY)
   adapted = bert.SentimentClassifier(TINY, bert.Adapter(rank=2, targets=bert.ROLES))
-  variables = adapted.init(jax.random.key(0), ids, mask)
+  variables = train.initial_variables(adapted, tiny, jax.random.key(0), (ids, mask))
+  np.testing.assert_array_equal(
+    variables["params"]["encoder"]["layer_1"]["query"]["kernel"],
+    tiny.variables["params"]["layer_1"]["query"]["kernel"],
+  )
+  # Move B and D off zero, so that every adapter changes the output.
+  rng = np.random.default_rng(0)
+
+  def perturb(path, x):
+    if path[-1].key not in ("lora_b", "delta"):
+      return x
+    return x + jnp.asarray(0.3 * rng.standard_normal(x.shape), x.dtype)
+
+  variables = jax.tree_util.tree_map_with_path(perturb, variables)
   layers = dl.adapted_layers(adapted, ids, mask)
   assert len(layers) == TINY.num_layers * 6 + 1
-  np.testing.assert_allclose(
-    plain.apply(dl.merge(variables, layers), ids, mask),
-    adapted.apply(variables, ids, mask),
-    rtol=1e-6,
-    atol=1e-6,
-  )
+  apply, plain_apply = jax.jit(adapted.apply), jax.jit(plain.apply)
+  out = apply(variables, ids, mask)
+  merged = plain_apply(dl.merge(variables, layers), ids, mask)
+  np.testing.assert_allclose(merged, out, rtol=1e-5, atol=1e-5)
+  base = {"params": {"encoder": tiny.variables["params"], "head": variables["params"]["head"]}}
+  assert np.max(np.abs(plain_apply(base, ids, mask) - out)) > 1e-2  # the check can fail
   # A padded token does not change the output.
   longer_ids = jnp.concatenate([ids, jnp.full((1, 2), 9, jnp.int32)], axis=1)
   longer_mask = jnp.concatenate([mask, jnp.zeros((1, 2), jnp.int32)], axis=1)
-  np.testing.assert_allclose(
-    adapted.apply(variables, longer_ids, longer_mask),
-    adapted.apply(variables, ids, mask),
-    rtol=1e-5,
-    atol=1e-6,
-  )
+  np.testing.assert_allclose(apply(variables, longer_ids, longer_mask), out, rtol=1e-5, atol=1e-6)
 
 
 # ------------------------------------------------------------------------ data
@@ -268,10 +277,9 @@ def test_real_corpus():
 @pytest.fixture(scope="module")
 def pretrained():
   if HAS_MODEL:
-    return train.load_pretrained(max_length=16)
-  ids = jnp.zeros((1, 4), jnp.int32)
-  variables = bert.BertEncoder(TINY).init(jax.random.key(1), ids, ids)
-  return train.Pretrained(TINY, tiny_tokenizer(16), variables, name="tiny random encoder")
+    return train.load_pretrained(max_length=8)
+  variables = weights.convert(tiny_checkpoint(TINY, seed=1), TINY)
+  return train.Pretrained(TINY, tiny_tokenizer(8), variables, name="tiny random encoder")
 
 
 @pytest.fixture(scope="module")
@@ -285,10 +293,11 @@ def results(pretrained, corpus, tmp_path_factory):
   options = train.Options(
     methods=tuple(train.METHODS),
     steps=3,
-    batch_size=4,
-    max_length=16,
+    batch_size=2,
+    max_length=8,
     rank=2,
     eval_size=8,
+    paper_start_step=1,
     progress=False,
   )
   train_rows, test_rows = corpus
@@ -309,7 +318,7 @@ def test_pipeline_runs_every_method_and_reports(results, pretrained):
   total = sum(math.prod(np.shape(x)) for x in jax.tree.leaves(pretrained.variables)) + head
   assert rows["frozen"]["trainable_params"] == rows["frozen"]["stored_params"] == head
   assert rows["full"]["trainable_params"] == total
-  for name in ("lora", "delta-lora"):
+  for name in ("lora", "delta-lora", "paper"):
     row = rows[name]
     assert row["trainable_params"] == row["adapted_layer_params"] + head
     assert row["merge_check"]["identical"], row["merge_check"]
@@ -318,8 +327,13 @@ def test_pipeline_runs_every_method_and_reports(results, pretrained):
   h, r, n = pretrained.config.hidden_size, 2, 4 * pretrained.config.num_layers
   assert rows["lora"]["adapted_layer_params"] == n * r * 2 * h
   assert rows["delta-lora"]["adapted_layer_params"] == n * (r * 2 * h + h * h)
+  assert rows["paper"]["adapted_layer_params"] == rows["lora"]["adapted_layer_params"]
   assert rows["delta-lora"]["delta_norm"] > 0
-  assert rows["lora"]["delta_norm"] == 0
+  assert rows["lora"]["delta_norm"] == rows["paper"]["delta_norm"] == 0
+  # LoRA stores its factors and the head; the paper's rule moves the adapted
+  # kernels too (from step paper_start_step on).
+  assert rows["lora"]["stored_params"] == rows["lora"]["trainable_params"]
+  assert rows["paper"]["stored_params"] == rows["lora"]["stored_params"] + n * h * h
   for row in rows.values():
     assert len(row["losses"]) == 3 and np.all(np.isfinite(row["losses"]))
     assert 0 <= row["test_accuracy"] <= 1

@@ -67,7 +67,7 @@ def parser() -> argparse.ArgumentParser:
   p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
   p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens (%(default)s)")
   p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (%(default)s)")
-  p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: 2 * rank)")
+  p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
   p.add_argument("--seed", type=int, default=defaults.seed, help="(%(default)s)")
   p.add_argument(
     "--eval-size",

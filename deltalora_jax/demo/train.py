@@ -50,7 +50,7 @@ class Options:
     batch_size: tweets per step.
     max_length: tokens per tweet (cut and padded).
     rank: LoRA rank of the adapted layers.
-    alpha: LoRA alpha (None: ``2 * rank``).
+    alpha: LoRA alpha (None: ``rank``, so ``s = 1``).
     delta_scaling: ``ds`` of the seed's Delta-LoRA.
     targets: roles of the adapted dense layers (attention projections).
     seed: seed of initialisation and batch order (the train/test split is fixed).
@@ -60,10 +60,13 @@ class Options:
     delta_lr: learning rate ``eta`` of the delta rule.
     momentum: ``mu`` of the delta rule's velocity.
     full_lr: AdamW learning rate of the encoder in full fine-tuning.
+    paper_lambda: ``lambda`` of the paper's rule.
+    paper_start_step: ``K`` of the paper's rule (the paper's 500 is longer than
+      the demo's run).
     progress: show a progress bar.
   """
 
-  methods: tuple[str, ...] = ("frozen", "lora", "delta-lora", "full")
+  methods: tuple[str, ...] = ("frozen", "lora", "delta-lora", "paper", "full")
   steps: int = 80
   batch_size: int = 16
   max_length: int = 40
@@ -78,6 +81,8 @@ class Options:
   delta_lr: float = 10.0
   momentum: float = 0.9
   full_lr: float = 1e-4
+  paper_lambda: float = 2.0
+  paper_start_step: int = 20
   progress: bool = True
 
   def __post_init__(self):
@@ -93,9 +98,8 @@ class Options:
 
   def adapter(self, **kwargs) -> Adapter:
     """The :class:`Adapter` of these options, with ``kwargs`` overriding."""
-    alpha = 2.0 * self.rank if self.alpha is None else self.alpha
     settings = dict(
-      rank=self.rank, alpha=alpha, delta_scaling=self.delta_scaling, targets=self.targets
+      rank=self.rank, alpha=self.alpha, delta_scaling=self.delta_scaling, targets=self.targets
     )
     return Adapter(**(settings | kwargs))
 
@@ -157,16 +161,31 @@ def _adamw(learning_rate: float) -> optax.GradientTransformation:
   return optax.adamw(learning_rate, weight_decay=0.01)
 
 
-def _delta_lora_optimizer(options: Options) -> optax.GradientTransformation:
-  # The head and the encoder: the encoder's tree goes whole to delta_lora,
-  # which routes D, the LoRA factors and the frozen rest itself.
-  encoder = dl.delta_lora(
-    options.delta_lr, options.momentum, lora_optimizer=_adamw(options.lora_lr)
-  )
+def head_and_encoder(
+  options: Options, encoder: optax.GradientTransformation
+) -> optax.GradientTransformation:
+  """AdamW on the head; ``encoder`` on the whole rest, which it routes itself."""
   return optax.multi_transform(
     {HEAD: _adamw(options.head_lr), "encoder": encoder},
     lambda tree: jax.tree.map(lambda l: HEAD if l == HEAD else "encoder", labels(tree)),
   )
+
+
+def _delta_lora_optimizer(options: Options) -> optax.GradientTransformation:
+  lora = _adamw(options.lora_lr)
+  rule = dl.delta_lora(options.delta_lr, options.momentum, lora_optimizer=lora)
+  return head_and_encoder(options, rule)
+
+
+def _paper_optimizer(options: Options) -> optax.GradientTransformation:
+  adapter = options.adapter(use_delta=False)
+  rule = dl.paper_delta_lora(
+    scaling=dl.core.lora_scaling(adapter.alpha, adapter.rank),
+    lambda_=options.paper_lambda,
+    start_step=options.paper_start_step,
+    lora_optimizer=_adamw(options.lora_lr),
+  )
+  return head_and_encoder(options, rule)
 
 
 register(
@@ -194,6 +213,15 @@ register(
     adapter=lambda o: o.adapter(use_delta=True),
     optimizer=_delta_lora_optimizer,
     trainable=frozenset({HEAD, dl.optim.LORA, dl.optim.DELTA}),
+  )
+)
+register(
+  Method(
+    "paper",
+    "Delta-LoRA of Zi et al. (2023): LoRA (AdamW), W follows lambda s (A B change)",
+    adapter=lambda o: o.adapter(use_delta=False),
+    optimizer=_paper_optimizer,
+    trainable=frozenset({HEAD, dl.optim.LORA}),
   )
 )
 register(
