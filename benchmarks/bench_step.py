@@ -13,8 +13,9 @@ Sweeps (MLP of 4 layers; transformer block of 6 projections, sequence 128):
 * transformer against width: 256, 512, 1024 at rank 8, 512 rows.
 
 Writes ``<out>/bench_step.json`` (every figure, versions, machine),
-``<out>/bench_step.png`` (step time and memory against width, rank and rows)
-and prints a table and the issue's targets.
+``<out>/bench_step.png`` (step time and memory against width, rank and rows),
+``<out>/bench_step.md`` (the README's tables) and prints a table and the
+issue's targets.
 """
 
 from __future__ import annotations
@@ -82,11 +83,13 @@ def main(argv=None) -> int:
     targets,
     {"arguments": vars(args), "wall_s": time.perf_counter() - start},
   )
+  points = [("mlp", 1024, 8, 512), ("transformer", 1024, 8, 512), ("mlp", 256, 8, 256)]
+  (out / f"{args.name}.md").write_text(common.markdown(records, targets, points))
   try:
     common.plot(records, str(out / f"{args.name}.png"))
   except ImportError:
     print("matplotlib is missing (pip install -e '.[bench]'): no plot")
-  print(f"\nwrote {out / args.name}.json and .png in {time.perf_counter() - start:.0f} s")
+  print(f"\nwrote {out / args.name}.json, .md and .png in {time.perf_counter() - start:.0f} s")
   return 0
 
 

@@ -545,10 +545,16 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
   fig, axes = plt.subplots(2, len(panels), figsize=(4.2 * len(panels), 7), squeeze=False)
   variants = list(dict.fromkeys(r["variant"] for r in records))
   for col, (model, sweep, key) in enumerate(panels):
+    # The points of a panel: the sweep's own, and any other point of the
+    # model with the same fixed figures (the width sweep's point at the rank
+    # sweep's width, say).
+    first = next(r for r in records if r["model"] == model and r["sweep"] == sweep)
+    fixed = {k: first[k] for k in ("width", "rank", "rows") if k != key}
     for variant in variants:
       pts = sorted(
           (r[key], r) for r in records
-          if r["model"] == model and r["sweep"] == sweep and r["variant"] == variant
+          if r["model"] == model and r["variant"] == variant
+          and all(r[k] == v for k, v in fixed.items())
       )  # fmt: skip
       if not pts:
         continue
@@ -559,8 +565,6 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
       line = axes[0, col].plot(xs, med, marker="o", label=variant)[0]
       axes[0, col].fill_between(xs, lo, hi, color=line.get_color(), alpha=0.2)
       axes[1, col].plot(xs, [p[1]["memory"]["total"] / 1e6 for p in pts], marker="o")
-    first = next(r for r in records if r["model"] == model and r["sweep"] == sweep)
-    fixed = {k: first[k] for k in ("width", "rank", "rows") if k != key}
     axes[0, col].set_title(
       f"{model}: against {key}\n" + ", ".join(f"{k}={v}" for k, v in fixed.items())
     )
@@ -570,8 +574,9 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
       ax.set_yscale("log")
       plain = matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}")
       ax.xaxis.set_major_formatter(plain)
+      ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
       ax.yaxis.set_major_formatter(plain)
-      ax.yaxis.set_minor_formatter(plain)
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
       ax.set_xlabel(key)
       ax.set_ylabel(label)
       ax.grid(True, which="both", alpha=0.3)
@@ -580,3 +585,61 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
   fig.savefig(path, dpi=110)
   plt.close(fig)
+
+
+def markdown(records: list[dict[str, Any]], targets: list[dict[str, Any]], points) -> str:
+  """Markdown tables for the README: every variant at ``points``, then the targets.
+
+  Args:
+    records: the measurements.
+    targets: :func:`check_targets` of them.
+    points: ``(model, width, rank, rows)`` tuples to show in full.
+
+  Returns:
+    The tables as one string.
+  """
+  key = lambda r: (r["model"], r["width"], r["rank"], r["rows"])  # noqa: E731
+  by = {}
+  for r in records:
+    by.setdefault(key(r), {})[r["variant"]] = r
+  out = []
+  for point in points:
+    group = by.get(tuple(point))
+    if not group:
+      continue
+    sgdm, adamw = group.get("full_sgdm"), group.get("full_adamw")
+    out += [
+      f"{point[0]}, width {point[1]}, rank {point[2]}, {point[3]} rows:",
+      "",
+      "| variant | GFLOP | x full SGD-m | memory MB | x full AdamW | step ms, median [p25, p75] "
+      "| x full SGD-m |",
+      "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, r in group.items():
+      fl = f"{r['flops'] / sgdm['flops']:.3f}" if sgdm else ""
+      mem = f"{r['memory']['total'] / adamw['memory']['total']:.3f}" if adamw else ""
+      tm = f"{r['step_s_median'] / sgdm['step_s_median']:.2f}" if sgdm else ""
+      out.append(
+        f"| `{name}` | {r['flops'] / 1e9:.2f} | {fl} | {r['memory']['total'] / 1e6:.1f} | {mem} "
+        f"| {1e3 * r['step_s_median']:.1f} [{1e3 * r['step_s_p25']:.1f}, "
+        f"{1e3 * r['step_s_p75']:.1f}] | {tm} |"
+      )
+    out.append("")
+  names = [t for t in TARGETS]
+  out += [
+    "| model | width | rank | rows | "
+    + " | ".join(f"{n} (<= {TARGETS[n][3]})" for n in names)
+    + " |",
+    "|---|---:|---:|---:|" + "---:|" * len(names),
+  ]
+  rows: dict[tuple, dict[str, dict]] = {}
+  for t in targets:
+    if t["target"] in TARGETS:
+      rows.setdefault((t["model"], t["width"], t["rank"], t["rows"]), {})[t["target"]] = t
+  for (model, width, rank, n), group in rows.items():
+    cells = [
+      f"{group[t]['ratio']:.3f}" + ("" if group[t]["holds"] else " ✗") if t in group else ""
+      for t in names
+    ]
+    out.append(f"| {model} | {width} | {rank} | {n} | " + " | ".join(cells) + " |")
+  return "\n".join(out) + "\n"
