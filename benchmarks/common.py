@@ -58,8 +58,8 @@ def has_paper_rule() -> bool:
 
 
 def available_variants(names: Sequence[str] = ALL_VARIANTS) -> tuple[str, ...]:
-  """``names`` less ``'paper'`` when the library does not have it."""
-  return tuple(n for n in names if n != "paper" or has_paper_rule())
+  """``names`` less the ``'paper'`` variants when the library does not have them."""
+  return tuple(n for n in names if not n.startswith("paper") or has_paper_rule())
 
 
 # --------------------------------------------------------------------------
