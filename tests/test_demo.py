@@ -11,6 +11,8 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import pathlib
+import re
 
 import jax
 import jax.numpy as jnp
@@ -352,23 +354,18 @@ def test_every_method_sees_the_same_batches():
   assert sorted(first.ravel()[:10]) == list(range(10))  # one epoch before repeating
 
 
-def test_a_method_registers_in_a_few_lines():
-  import optax
-
-  method = train.register(
-    train.Method(
-      "lora-sgd",
-      "LoRA with SGD",
-      adapter=lambda o: o.adapter(use_delta=False),
-      optimizer=lambda o: train.routed(head=optax.sgd(0.1), lora=optax.sgd(0.1)),
-      trainable=frozenset({"head", "lora"}),
-    )
-  )
+def test_the_readme_registers_a_method_in_a_few_lines():
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = readme.split("\n## Demo\n", 1)[1].split("\n## ", 1)[0]
+  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
   try:
-    assert train.Options(methods=("lora-sgd",)).methods == ("lora-sgd",)
+    exec(compile(code, "README.md: Demo", "exec"), {})
+    method = train.METHODS["lora-sgd"]
+    options = train.Options(methods=("lora-sgd",), rank=2)
+    assert method.adapter(options) == bert.Adapter(rank=2, use_delta=False)
     assert "lora-sgd" in cli.parser().format_help()
   finally:
-    del train.METHODS[method.name]
+    train.METHODS.pop("lora-sgd", None)
   with pytest.raises(ValueError, match="methods must be among"):
     train.Options(methods=("lora-sgd",))
 

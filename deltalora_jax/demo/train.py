@@ -67,7 +67,7 @@ class Options:
   """
 
   methods: tuple[str, ...] = ("frozen", "lora", "delta-lora", "paper", "full")
-  steps: int = 80
+  steps: int = 64
   batch_size: int = 16
   max_length: int = 40
   rank: int = 8
@@ -77,7 +77,7 @@ class Options:
   seed: int = 0
   eval_size: int = 512
   head_lr: float = 3e-3
-  lora_lr: float = 1e-3
+  lora_lr: float = 3e-4
   delta_lr: float = 10.0
   momentum: float = 0.9
   full_lr: float = 1e-4
