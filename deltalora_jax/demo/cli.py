@@ -46,6 +46,16 @@ def missing_requirements() -> str | None:
   return None
 
 
+def _method_names(text: str) -> tuple[str, ...]:
+  from deltalora_jax.demo.train import METHODS
+
+  names = tuple(m.strip() for m in text.split(",") if m.strip())
+  unknown = [m for m in names if m not in METHODS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}, got {text!r}")
+  return names
+
+
 def parser() -> argparse.ArgumentParser:
   """The arguments of ``demo``; defaults from :class:`~deltalora_jax.demo.train.Options`."""
   from deltalora_jax.demo.train import METHODS, Options
@@ -60,8 +70,9 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--methods",
-    default=",".join(defaults.methods),
-    help=f"comma-separated, among {', '.join(METHODS)} (default: %(default)s)",
+    type=_method_names,
+    default=defaults.methods,
+    help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
   )
   p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
   p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
@@ -94,16 +105,16 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
   """Runs the demo; returns the exit status (0 when every check passed)."""
+  args = parser().parse_args(argv)
   problem = missing_requirements()
   if problem is not None:
     print(f"deltalora_jax demo: {problem}", file=sys.stderr)
     return 2
   from deltalora_jax.demo import data, train
 
-  args = parser().parse_args(argv)
   try:
     options = train.Options(
-      methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+      methods=args.methods,
       steps=args.steps,
       batch_size=args.batch_size,
       max_length=args.max_length,
