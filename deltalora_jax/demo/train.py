@@ -19,6 +19,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import pathlib
 import platform
 import sys
@@ -448,7 +449,7 @@ def environment() -> dict:
     "optax": optax.__version__,
     "deltalora_jax": dl.__version__,
     "device": str(jax.devices()[0].device_kind),
-    "cpu_count": __import__("os").cpu_count(),
+    "cpu_count": os.cpu_count(),
     "platform": platform.platform(),
   }
 
