@@ -74,7 +74,10 @@ def jax_variant(method: str, pretrained: dict, ids, mask, targets):
   labels = dl.leaf_labels(variables)
   flat = traverse_util.flatten_dict(variables)
   flat_labels = traverse_util.flatten_dict(labels)
-  is_trainable = lambda k: method == "full" or flat_labels[k] != "base"  # noqa: E731
+  # LoRA and the seed's rule train the factors, D and the head; the rest is frozen.
+  is_trainable = lambda k: (  # noqa: E731
+      method == "full" or flat_labels[k] in ("lora", "delta") or "head" in k
+  )
   # B = 0 would make the gradient of A zero on both sides and the check blind to it.
   rng = np.random.default_rng(1)
   flat = {
@@ -198,7 +201,7 @@ def check_same_math(method, jax_parts, torch_model, batch, torch_batch) -> dict:
     g = grads["params"]["encoder"]["layer_0"]["query"]
     pairs["layer_0/query/kernel"] = (g["kernel"], query.weight.grad.T)
   torch_model.zero_grad(set_to_none=True)
-  report = {"loss": abs(float(loss) - float(torch_loss))}
+  report = {"loss": abs(float(loss) - torch_loss.item())}
   for name, (a, b) in pairs.items():
     a, b = np.asarray(a), b.detach().numpy()
     report[name] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
