@@ -65,9 +65,7 @@ def jax_variant(method: str, pretrained: dict, ids, mask, targets):
   """
   adapter = None
   if method != "full":
-    adapter = Adapter(
-        rank=RANK, alpha=ALPHA, targets=TARGETS, use_delta=method == "delta-lora"
-    )
+    adapter = Adapter(rank=RANK, alpha=ALPHA, targets=TARGETS, use_delta=method == "delta-lora")
   model = SentimentClassifier(BertConfig(), adapter, num_classes=CLASSES)
   variables = jax.jit(model.init)(jax.random.key(0), ids, mask)
   variables = dl.load_base(variables, {"params": {**variables["params"], "encoder": pretrained}})
@@ -76,13 +74,13 @@ def jax_variant(method: str, pretrained: dict, ids, mask, targets):
   flat_labels = traverse_util.flatten_dict(labels)
   # LoRA and the seed's rule train the factors, D and the head; the rest is frozen.
   is_trainable = lambda k: (  # noqa: E731
-      method == "full" or flat_labels[k] in ("lora", "delta") or "head" in k
+    method == "full" or flat_labels[k] in ("lora", "delta") or "head" in k
   )
   # B = 0 would make the gradient of A zero on both sides and the check blind to it.
   rng = np.random.default_rng(1)
   flat = {
-      k: jnp.asarray(0.01 * rng.standard_normal(v.shape), v.dtype) if k[-1] == "lora_b" else v
-      for k, v in flat.items()
+    k: jnp.asarray(0.01 * rng.standard_normal(v.shape), v.dtype) if k[-1] == "lora_b" else v
+    for k, v in flat.items()
   }
   trainable = traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_trainable(k)})
   frozen = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_trainable(k)})
@@ -137,15 +135,15 @@ def torch_variant(method: str, jax_trainable: dict):
       return self.head((hidden * m).sum(1) / m.sum(1).clamp(min=1.0))
 
   encoder = BertModel.from_pretrained(
-      str(weights.model_dir()),
-      attn_implementation="sdpa",
-      hidden_dropout_prob=0.0,
-      attention_probs_dropout_prob=0.0,
-      add_pooling_layer=False,
+    str(weights.model_dir()),
+    attn_implementation="sdpa",
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    add_pooling_layer=False,
   )
   if method == "lora":
     config = LoraConfig(
-        r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0, bias="none"
+      r=RANK, lora_alpha=ALPHA, target_modules=list(TARGETS), lora_dropout=0.0, bias="none"
     )
     encoder = get_peft_model(encoder, config)
   model = Classifier(encoder)
@@ -162,7 +160,9 @@ def torch_variant(method: str, jax_trainable: dict):
           module.lora_B["default"].weight.copy_(torch.from_numpy(np.asarray(p["lora_b"]).T.copy()))
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
-  optimizer = torch.optim.AdamW(params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WEIGHT_DECAY)
+  optimizer = torch.optim.AdamW(
+    params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WEIGHT_DECAY
+  )
 
   def step(ids, mask, targets):
     logits = model(ids, mask)
@@ -230,9 +230,9 @@ def main() -> None:
   targets = rng.integers(0, CLASSES, args.batch).astype(np.int32)
   batch = tuple(jnp.asarray(a) for a in (ids, mask, targets))
   torch_batch = (
-      torch.from_numpy(ids.astype(np.int64)),
-      torch.from_numpy(mask.astype(np.int64)),
-      torch.from_numpy(targets.astype(np.int64)),
+    torch.from_numpy(ids.astype(np.int64)),
+    torch.from_numpy(mask.astype(np.int64)),
+    torch.from_numpy(targets.astype(np.int64)),
   )
   pretrained = weights.load_encoder()["params"]
 
@@ -247,13 +247,15 @@ def main() -> None:
     state = {"trainable": trainable, "opt": tx.init(trainable)}
 
     def run(state=state, step=step, frozen=frozen):
-      state["trainable"], state["opt"], loss = step(state["trainable"], state["opt"], frozen, *batch)
+      state["trainable"], state["opt"], loss = step(
+        state["trainable"], state["opt"], frozen, *batch
+      )
       return float(loss)
 
     runners[f"jax-{method}"] = run
 
   times = {name: [] for name in runners}
-  for name, run in runners.items():
+  for run in runners.values():
     for _ in range(args.warmup):
       run()
   for _ in range(args.rounds):
@@ -265,14 +267,14 @@ def main() -> None:
 
   medians = {name: statistics.median(t) * 1e3 for name, t in times.items()}
   spread = {
-      name: [float(np.percentile(t, 25) * 1e3), float(np.percentile(t, 75) * 1e3)]
-      for name, t in times.items()
+    name: [float(np.percentile(t, 25) * 1e3), float(np.percentile(t, 75) * 1e3)]
+    for name, t in times.items()
   }
   ratios = {
-      "jax-lora / peft-lora": medians["jax-lora"] / medians["peft-lora"],
-      "jax-full / peft-full": medians["jax-full"] / medians["peft-full"],
-      "jax-delta-lora / peft-full": medians["jax-delta-lora"] / medians["peft-full"],
-      "jax-delta-lora / peft-lora": medians["jax-delta-lora"] / medians["peft-lora"],
+    "jax-lora / peft-lora": medians["jax-lora"] / medians["peft-lora"],
+    "jax-full / peft-full": medians["jax-full"] / medians["peft-full"],
+    "jax-delta-lora / peft-full": medians["jax-delta-lora"] / medians["peft-full"],
+    "jax-delta-lora / peft-lora": medians["jax-delta-lora"] / medians["peft-lora"],
   }
   print(f"{'variant':<18}{'median ms':>12}{'p25-p75 ms':>18}")
   for name in runners:
@@ -281,25 +283,25 @@ def main() -> None:
     print(f"{name:<28}{value:>6.2f}")
   print("agreement (max relative gradient difference):", json.dumps(checks))
   result = {
-      "settings": vars(args) | {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR},
-      "median_ms": medians,
-      "p25_p75_ms": spread,
-      "ratios": ratios,
-      "agreement": checks,
-      "versions": {
-          "jax": jax.__version__,
-          "flax": flax.__version__,
-          "optax": optax.__version__,
-          "torch": torch.__version__,
-          "peft": __import__("peft").__version__,
-          "transformers": __import__("transformers").__version__,
-      },
-      "machine": {
-          "platform": platform.platform(),
-          "processor": platform.processor(),
-          "cpus": os.cpu_count(),
-          "torch_threads": torch.get_num_threads(),
-      },
+    "settings": vars(args) | {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR},
+    "median_ms": medians,
+    "p25_p75_ms": spread,
+    "ratios": ratios,
+    "agreement": checks,
+    "versions": {
+      "jax": jax.__version__,
+      "flax": flax.__version__,
+      "optax": optax.__version__,
+      "torch": torch.__version__,
+      "peft": __import__("peft").__version__,
+      "transformers": __import__("transformers").__version__,
+    },
+    "machine": {
+      "platform": platform.platform(),
+      "processor": platform.processor(),
+      "cpus": os.cpu_count(),
+      "torch_threads": torch.get_num_threads(),
+    },
   }
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)

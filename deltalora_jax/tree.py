@@ -86,8 +86,8 @@ def _resolve(variables, layers, opt_state=None):
     return nnx_front.linen_view(variables, opt_state)
   if layers is None:
     raise TypeError(
-        "layers is required with a Linen variables tree: pass {path: DeltaLoRADense}, "
-        f"e.g. adapted_layers(model, x); got variables of type {type(variables).__name__}"
+      "layers is required with a Linen variables tree: pass {path: DeltaLoRADense}, "
+      f"e.g. adapted_layers(model, x); got variables of type {type(variables).__name__}"
     )
   return variables, layers, opt_state
 
@@ -95,7 +95,7 @@ def _resolve(variables, layers, opt_state=None):
 def _flat(tree: Mapping, collection: str) -> dict[Path, Any]:
   if collection not in tree:
     raise ValueError(
-        f"variables must hold the {collection!r} collection, got collections {list(tree)}"
+      f"variables must hold the {collection!r} collection, got collections {list(tree)}"
     )
   return traverse_util.flatten_dict(tree[collection])
 
@@ -104,7 +104,7 @@ def _layer_params(params_flat, path: Path, name: str):
   key = (*path, name)
   if key not in params_flat:
     raise ValueError(
-        f"variables have no {'/'.join(key)!r}: is layers[{path!r}] a layer of this model?"
+      f"variables have no {'/'.join(key)!r}: is layers[{path!r}] a layer of this model?"
     )
   return params_flat[key]
 
@@ -148,8 +148,10 @@ def parameter_counts(variables: Mapping, layers: Layers | None = None) -> dict[s
   """
   variables, layers, _ = _resolve(variables, layers)
   counts = {
-      layer_name(path): sum(math.prod(a.shape) for a in _layer_arrays(variables, path, layer).values())
-      for path, layer in layers.items()
+    layer_name(path): sum(
+      math.prod(a.shape) for a in _layer_arrays(variables, path, layer).values()
+    )
+    for path, layer in layers.items()
   }
   counts["total"] = sum(counts.values())
   return counts
@@ -171,9 +173,9 @@ def flatten_parameters(tree: Mapping, layers: Layers) -> jax.Array:
     (26,)
   """
   parts = [
-      jnp.ravel(a)
-      for path, layer in layers.items()
-      for a in _layer_arrays(tree, path, layer).values()
+    jnp.ravel(a)
+    for path, layer in layers.items()
+    for a in _layer_arrays(tree, path, layer).values()
   ]
   return jnp.concatenate(parts)
 
@@ -198,8 +200,8 @@ def unflatten_parameters(tree: Mapping, layers: Layers, vector: jax.Array) -> di
   shape = jnp.shape(vector)
   if len(shape) != 1 or shape[0] != expected:
     raise ValueError(
-        f"vector must be 1-D with {expected} values (the trainable parameters of "
-        f"{len(layers)} layer(s)), got shape {shape}"
+      f"vector must be 1-D with {expected} values (the trainable parameters of "
+      f"{len(layers)} layer(s)), got shape {shape}"
     )
   flat = {c: traverse_util.flatten_dict(v) for c, v in tree.items()}
   offset = 0
@@ -257,17 +259,17 @@ def merge(variables: Mapping, layers: Layers | None = None) -> dict:
     kernel = _layer_params(params, path, "kernel")
     if not isinstance(layer, DeltaLoRADense) or jnp.ndim(kernel) != 2:
       raise TypeError(
-          f"merge needs a dense base (kernel [in, out]) at {layer_name(path)!r}, got "
-          f"{type(layer).__name__} with kernel shape {jnp.shape(kernel)}"
+        f"merge needs a dense base (kernel [in, out]) at {layer_name(path)!r}, got "
+        f"{type(layer).__name__} with kernel shape {jnp.shape(kernel)}"
       )
     params[(*path, "kernel")] = core.merged_kernel(
-        kernel,
-        params.pop((*path, "lora_a")),
-        params.pop((*path, "lora_b")),
-        _layer_delta(variables, path, layer),
-        scaling=layer.scaling,
-        delta_scaling=layer.delta_scaling,
-        precision=jax.lax.Precision.HIGHEST,
+      kernel,
+      params.pop((*path, "lora_a")),
+      params.pop((*path, "lora_b")),
+      _layer_delta(variables, path, layer),
+      scaling=layer.scaling,
+      delta_scaling=layer.delta_scaling,
+      precision=jax.lax.Precision.HIGHEST,
     )
   merged = {c: v for c, v in variables.items() if c not in ("params", DELTA_COLLECTION)}
   merged["params"] = traverse_util.unflatten_dict(params)
@@ -335,22 +337,22 @@ def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any
     kernel = _layer_params(params, path, "kernel")
     delta = _layer_delta(variables, path, layer)
     entry = {
-        "type": type(layer).__name__,
-        "in_features": int(kernel.shape[0]),
-        "out_features": int(kernel.shape[1]),
-        "rank": layer.rank,
-        "scaling": layer.scaling,
-        "delta_scaling": float(layer.delta_scaling),
-        "freeze_base": layer.freeze_base,
-        "parameter_count": counts[layer_name(path)],
-        "delta_norm": 0.0 if delta is None else _norm(delta),
-        "lora_norm": float(
-            core.lora_product_norm(
-                _layer_params(params, path, "lora_a"),
-                _layer_params(params, path, "lora_b"),
-                layer.scaling,
-            )
-        ),
+      "type": type(layer).__name__,
+      "in_features": int(kernel.shape[0]),
+      "out_features": int(kernel.shape[1]),
+      "rank": layer.rank,
+      "scaling": layer.scaling,
+      "delta_scaling": float(layer.delta_scaling),
+      "freeze_base": layer.freeze_base,
+      "parameter_count": counts[layer_name(path)],
+      "delta_norm": 0.0 if delta is None else _norm(delta),
+      "lora_norm": float(
+        core.lora_product_norm(
+          _layer_params(params, path, "lora_a"),
+          _layer_params(params, path, "lora_b"),
+          layer.scaling,
+        )
+      ),
     }
     if velocities is not None and layer.use_delta:
       entry["velocity_norm"] = _norm(_layer_params(velocities, path, "delta"))
@@ -390,15 +392,15 @@ def load_base(variables: Mapping, base_variables: Mapping) -> dict:
   extra = sorted("/".join(k) for k in set(pretrained) - set(params))
   if missing or extra:
     raise ValueError(
-        "base_variables['params'] must match the adapted model's base parameters; "
-        f"missing from base_variables: {missing}, unknown in the model: {extra}"
+      "base_variables['params'] must match the adapted model's base parameters; "
+      f"missing from base_variables: {missing}, unknown in the model: {extra}"
     )
   for key, value in pretrained.items():
     old = params[key]
     if jnp.shape(value) != jnp.shape(old) or jnp.result_type(value) != old.dtype:
       raise ValueError(
-          f"base_variables['params'][{'/'.join(key)!r}] must have shape {old.shape} and "
-          f"dtype {old.dtype}, got shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
+        f"base_variables['params'][{'/'.join(key)!r}] must have shape {old.shape} and "
+        f"dtype {old.dtype}, got shape {jnp.shape(value)} and dtype {jnp.result_type(value)}"
       )
     params[key] = jnp.asarray(value)
   new = dict(variables)
