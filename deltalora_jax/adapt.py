@@ -583,9 +583,10 @@ def adapt_linen(
     dtype = params[(*path, "kernel")].dtype
     layer = DeltaLoRADense(**layer_options, param_dtype=dtype, parent=None)  # checks options
     a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as DeltaLoRADense does
+    key_a, key_b = jax.random.split(subkey)  # one key per parameter
     new[path] = {
-      "lora_a": a_init(subkey, (in_features, layer.rank), dtype),
-      "lora_b": layer.lora_b_init(subkey, (layer.rank, dense.features), dtype),
+      "lora_a": a_init(key_a, (in_features, layer.rank), dtype),
+      "lora_b": layer.lora_b_init(key_b, (layer.rank, dense.features), dtype),
     }
     if layer.use_delta:
       new[path]["delta"] = jnp.zeros((in_features, dense.features), dtype)

@@ -46,6 +46,22 @@ def _as_float(name: str, value, *, schedule_ok: bool = False) -> float | None:
   return float(value)
 
 
+def check_features(name: str, value) -> int:
+  """Raises unless ``value`` (a layer size called ``name``) is a positive int; returns it.
+
+  >>> check_features("features", 4)
+  4
+  >>> check_features("features", 4.0)
+  Traceback (most recent call last):
+  TypeError: features must be a positive int, got features=4.0
+  """
+  if isinstance(value, bool) or not isinstance(value, int | np.integer):
+    raise TypeError(f"{name} must be a positive int, got {name}={value!r}")
+  if value <= 0:
+    raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+  return int(value)
+
+
 def check_rank(rank, in_features: int | None = None, out_features: int | None = None):
   """Raises unless ``rank`` is an integer with ``0 < rank <= min(in, out)``.
 

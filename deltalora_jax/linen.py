@@ -75,8 +75,7 @@ class DeltaLoRADense(nn.Module):
   use_delta: bool = True
 
   def __post_init__(self):
-    if isinstance(self.features, bool) or not isinstance(self.features, int) or self.features <= 0:
-      raise ValueError(f"features must be a positive int, got features={self.features!r}")
+    core.check_features("features", self.features)
     core.check_rank(self.rank, out_features=self.features)
     core.lora_scaling(self.alpha, self.rank)
     core.check_delta_scaling(self.delta_scaling)

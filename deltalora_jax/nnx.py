@@ -39,12 +39,6 @@ class DeltaParam(nnx.Param):
   """
 
 
-def _check_features(name: str, value) -> int:
-  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-  return value
-
-
 def _check_bool(name: str, value) -> bool:
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool, got {name}={value!r}")
@@ -125,8 +119,8 @@ class DeltaLoRALinear(nnx.Module):
     use_delta: bool = True,
     rngs: nnx.Rngs,
   ):
-    self.in_features = _check_features("in_features", in_features)
-    self.out_features = _check_features("out_features", out_features)
+    self.in_features = core.check_features("in_features", in_features)
+    self.out_features = core.check_features("out_features", out_features)
     self.rank = core.check_rank(rank, in_features, out_features)
     core.lora_scaling(alpha, rank)
     self.alpha = None if alpha is None else float(alpha)
@@ -386,7 +380,7 @@ def linen_view(model: nnx.Module, opt_state: Any = None):
     optim.velocity(opt_state), is_leaf=lambda x: isinstance(x, nnx.Variable)
   )[0]
   for entry_path, leaf in leaves:
-    names = optim._path_names(entry_path)
+    names = optim.path_names(entry_path)
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     if names and names[-1] == optim.DELTA and isinstance(value, jax.Array):
       velocities[names[:-1]] = {"delta": value}

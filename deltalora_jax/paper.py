@@ -134,7 +134,7 @@ def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   groups: dict[tuple[str, ...], dict[str, int]] = {}
   for i, (path, _) in enumerate(flat):
-    names = optim._path_names(path)
+    names = optim.path_names(path)
     if names and names[-1] == optim.DELTA:
       raise ValueError(
         "paper_delta_lora is the rule without D: build the layers with "

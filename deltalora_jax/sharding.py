@@ -30,6 +30,8 @@ import jax
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from deltalora_jax import optim
+
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
@@ -81,8 +83,12 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
 
 
 def leaf_path(path) -> str:
-  """The ``'/'``-joined names of a key path: ``'params/dense/kernel'``."""
-  return "/".join(jax.tree_util.keystr((key,), simple=True) for key in path)
+  """The ``'/'``-joined names of a key path: ``'params/dense/kernel'``.
+
+  NNX's ``.value`` step is left out (:func:`deltalora_jax.optim.path_names`),
+  so the same rules match a Linen variables dict and an NNX state.
+  """
+  return "/".join(optim.path_names(path))
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -172,10 +178,6 @@ def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None) -> Any:
   )
 
 
-def _names(path) -> tuple[str, ...]:
-  return tuple(jax.tree_util.keystr((key,), simple=True) for key in path)
-
-
 def follow_shardings(tree, variables, shardings) -> Any:
   """Shardings for ``tree`` (an optimizer state) that follow the variables' shardings.
 
@@ -211,13 +213,13 @@ def follow_shardings(tree, variables, shardings) -> Any:
     )
   replicated = NamedSharding(sharding_leaves[0].mesh, PartitionSpec())
   by_path = {
-    _names(path): (jax.numpy.shape(leaf), sharding)
+    optim.path_names(path): (jax.numpy.shape(leaf), sharding)
     for (path, leaf), sharding in zip(variable_leaves, sharding_leaves, strict=True)
   }
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
   def follow(path, leaf):
-    names = _names(path)
+    names = optim.path_names(path)
     for length in lengths:
       match = by_path.get(names[-length:]) if length <= len(names) else None
       if match is not None and match[0] == jax.numpy.shape(leaf):

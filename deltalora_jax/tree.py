@@ -5,6 +5,10 @@ layers are and how each is configured; :func:`adapted_layers` builds it by
 tracing the model once (no computation). A single layer is the model whose
 only adapted layer sits at the root path ``()``, so every function here works
 for one layer and for a whole model alike.
+
+An NNX model (with ``layers`` left out) is accepted by :func:`parameter_counts`,
+:func:`diagnostics` and :func:`merge`; the other functions take Linen variables
+and raise ``TypeError`` for anything else.
 """
 
 from __future__ import annotations
@@ -92,7 +96,16 @@ def _resolve(variables, layers, opt_state=None):
   return variables, layers, opt_state
 
 
+def _check_mapping(tree) -> None:
+  if not isinstance(tree, Mapping):
+    raise TypeError(
+      "variables must be a Linen variables dict {collection: tree}; this function does "
+      f"not take an NNX model yet, got {type(tree).__name__}"
+    )
+
+
 def _flat(tree: Mapping, collection: str) -> dict[Path, Any]:
+  _check_mapping(tree)
   if collection not in tree:
     raise ValueError(
       f"variables must hold the {collection!r} collection, got collections {list(tree)}"
@@ -294,6 +307,7 @@ def reset(variables: Mapping, opt_state: Any = None) -> tuple[dict, Any]:
     >>> reset(variables)[0]["delta"]["delta"]
     Array([0., 0.], dtype=float32)
   """
+  _check_mapping(variables)
   variables = dict(variables)
   if DELTA_COLLECTION in variables:
     variables[DELTA_COLLECTION] = jax.tree.map(jnp.zeros_like, variables[DELTA_COLLECTION])

@@ -133,3 +133,6 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 def test_bad_features_raise_at_construction():
   with pytest.raises(ValueError, match=r"features=0"):
     dl.DeltaLoRADense(0, rank=1)
+  with pytest.raises(TypeError, match=r"features must be a positive int, got features=4.0"):
+    dl.DeltaLoRADense(4.0, rank=1)
+  assert dl.DeltaLoRADense(np.int64(4), rank=1).features == 4  # NumPy ints are ints

@@ -285,6 +285,7 @@ def test_leaf_labels_route_base_other_lora_and_delta():
     "params": {
       "adapted": {"kernel": 0, "bias": 0, "lora_a": 0, "lora_b": 0},
       "head": {"kernel": 0, "bias": 0},
+      "gate": {"delta": 0},  # a user's parameter that happens to be called delta
     },
     "delta": {"adapted": {"delta": 0}},
   }
@@ -293,6 +294,7 @@ def test_leaf_labels_route_base_other_lora_and_delta():
     "params": {
       "adapted": {"kernel": "base", "bias": "base", "lora_a": "lora", "lora_b": "lora"},
       "head": {"kernel": "other", "bias": "other"},
+      "gate": {"delta": "other"},
     },
     "delta": {"adapted": {"delta": "delta"}},
   }

@@ -59,6 +59,17 @@ def test_default_rules_split_the_large_matrices_over_fsdp(shardings):
     assert variables["delta"][layer]["delta"].spec == P("fsdp", None)
 
 
+def test_default_rules_match_an_nnx_state_too(mesh):
+  # NNX paths hold a '.value' step inside each Variable; the rules must not see it.
+  from flax import nnx
+
+  layer = dl.DeltaLoRALinear(8, 8, rank=4, rngs=nnx.Rngs(0))
+  specs = dl.partition_specs(nnx.state(layer), mesh)
+  assert specs["kernel"].get_value() == P("fsdp", None)
+  assert specs["delta"].get_value() == P("fsdp", None)
+  assert specs["lora_b"].get_value() == P(None, "fsdp")
+
+
 def test_optimizer_state_follows_the_variables(shardings):
   variables, opt_state = shardings["variables"], shardings["opt_state"]
   velocity = dl.velocity(opt_state)["delta"]

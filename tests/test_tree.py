@@ -259,3 +259,13 @@ def test_load_base_refuses_mismatches_and_leaves_input_unchanged():
 def test_adapted_layers_of_a_model_without_adapters_is_an_error():
   with pytest.raises(ValueError, match=r"MLP has no DeltaLoRADense"):
     dl.adapted_layers(MLP(), X)
+
+
+def test_functions_without_nnx_support_say_so():
+  from flax import nnx
+
+  model = dl.DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match=r"Linen variables dict .* got DeltaLoRALinear"):
+    dl.reset(model)
+  with pytest.raises(TypeError, match=r"Linen variables dict"):
+    dl.current_delta(model)
