@@ -323,8 +323,7 @@ def adapt_nnx(
     name: DeltaLoRALinear.from_linear(modules[name][1], rngs=rngs, **per_layer[name])
     for name in chosen
   }
-  for name, layer in new.items():
-    nnx_front.replace_module(model, modules[name][0], layer)
+  nnx_front.replace_modules(model, {modules[name][0]: layer for name, layer in new.items()})
   report = _report(model, None, chosen)
   if verbose:
     print(format_report(report))
@@ -798,8 +797,7 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> dict:
     for key, value in arrays.items():
       getattr(layer, key)[...] = value.astype(getattr(layer, key)[...].dtype)
     new[name] = layer
-  for name, layer in new.items():
-    nnx_front.replace_module(model, modules[name][0], layer)
+  nnx_front.replace_modules(model, {modules[name][0]: layer for name, layer in new.items()})
   return _report(model, None, list(new))
 
 

@@ -338,6 +338,28 @@ def replace_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
     parent[key] = module
 
 
+def replace_modules(model: nnx.Module, replacements: dict[tuple, nnx.Module]) -> None:
+  """Puts each module of ``{path: module}`` into ``model``: all of them or, on error, none.
+
+  A container that refuses assignment (a tuple, say) raises after some
+  modules may already be in place: those are put back before the error
+  propagates, so the model is left as it was.
+  """
+  done = []
+  try:
+    for path, module in replacements.items():
+      parent = model
+      for key in path[:-1]:
+        parent = child(parent, key)
+      old = child(parent, path[-1])
+      replace_module(model, path, module)
+      done.append((path, old))
+  except Exception:
+    for path, old in reversed(done):
+      replace_module(model, path, old)
+    raise
+
+
 def linen_view(model: nnx.Module, opt_state: Any = None):
   """The adapters of an NNX model as a Linen variables tree, layers mapping and opt state.
 

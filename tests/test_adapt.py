@@ -499,3 +499,18 @@ def test_readme_nnx_section_runs(capsys):
   trained = ns["model"](x)
   assert relative_error(ns["merged"](x), trained) < 1e-5
   np.testing.assert_array_equal(ns["fresh"](x), trained)
+
+
+def test_adapt_nnx_leaves_the_model_unchanged_when_a_replacement_fails():
+  # A Linear inside a tuple cannot be replaced; the List entries adapted before
+  # it must be put back, so that the model is left as it was.
+  class Model(nnx.Module):
+    def __init__(self, rngs):
+      self.blocks = nnx.List([nnx.Linear(4, 4, rngs=rngs) for _ in range(2)])
+      self.frozen = nnx.data((nnx.Linear(4, 4, rngs=rngs),))
+
+  model = Model(nnx.Rngs(0))
+  before = [type(b) for b in model.blocks]
+  with pytest.raises(TypeError):
+    dl.adapt_nnx(model, None, rank=2, rngs=nnx.Rngs(1))
+  assert [type(b) for b in model.blocks] == before == [nnx.Linear, nnx.Linear]
