@@ -5,7 +5,9 @@ Both sides build MiniLM-L6 from the same ``model.safetensors`` (the
 with AdamW (same learning rate, betas, epsilon and weight decay), dropout off,
 on the same batch. The script first checks that both compute the same loss and
 gradients, then times the variants interleaved, round after round, and prints
-and saves the medians and ratios.
+and saves the medians and ratios. Last, it times the dense matrix products of
+the step alone on both sides (:func:`time_products`): on a CPU they are most of
+the step, and their speed bounds the ratios.
 
 Variants (``jax-*`` is this library, ``peft-*`` PyTorch):
 
@@ -176,6 +178,124 @@ def torch_variant(method: str, jax_trainable: dict):
 
 
 # --------------------------------------------------------------------------
+# The matrix products alone: what bounds the step on a CPU.
+# --------------------------------------------------------------------------
+
+
+def layer_products(rows: int, hidden: int = 384, inner: int = 1536):
+  """``(role, products per layer, m, k, n)`` of one MiniLM layer's dense products.
+
+  ``rows`` tokens; q, k, v, o are ``[384, 384]``, the feed-forward
+  384 -> 1536 -> 384. The input gradient of a layer with kernel ``[in, out]``
+  is ``[rows, out] x [out, in]``, its weight gradient ``[in, rows] x [rows,
+  out]``. LoRA's thin products and the head are left out (under 1% of the
+  flops).
+  """
+  return [
+    ("forward", 4, rows, hidden, hidden),
+    ("forward", 1, rows, hidden, inner),
+    ("forward", 1, rows, inner, hidden),
+    ("input gradient", 4, rows, hidden, hidden),
+    ("input gradient", 1, rows, inner, hidden),
+    ("input gradient", 1, rows, hidden, inner),
+    ("weight gradient", 4, hidden, rows, hidden),
+    ("weight gradient", 1, hidden, rows, inner),
+    ("weight gradient", 1, inner, rows, hidden),
+  ]
+
+
+def _jax_product(role: str, m: int, k: int, n: int, rng):
+  """The product as XLA sees it in the step (Flax kernels are [in, out])."""
+  lhs_shape, rhs_shape, dims = {
+    "forward": ((m, k), (k, n), ((1,), (0,))),  # x W
+    "input gradient": ((m, k), (n, k), ((1,), (1,))),  # g W^T
+    "weight gradient": ((k, m), (k, n), ((0,), (0,))),  # x^T g
+  }[role]
+  lhs = jnp.asarray(rng.standard_normal(lhs_shape), jnp.float32)
+  rhs = jnp.asarray(rng.standard_normal(rhs_shape), jnp.float32)
+  f = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
+  return lambda: jax.block_until_ready(f(lhs, rhs))
+
+
+def _torch_product(role: str, m: int, k: int, n: int, rng):
+  """The product as PyTorch runs it in the step (``nn.Linear`` weights are [out, in])."""
+  import torch
+
+  def t(shape):
+    return torch.from_numpy(rng.standard_normal(shape).astype(np.float32))
+
+  if role == "forward":  # F.linear(x, W): x [m, k], W [n, k]
+    x, w = t((m, k)), t((n, k))
+    return lambda: torch.nn.functional.linear(x, w)
+  if role == "input gradient":  # g W: g [m, k], W [k, n]
+    g, w = t((m, k)), t((k, n))
+    return lambda: g @ w
+  g, x = t((k, n)), t((k, m))  # weight gradient g^T x: [n, k] x [k, m]
+  return lambda: g.T @ x
+
+
+def time_products(rows: int, rounds: int = 3, repeats: int = 10) -> dict:
+  """Median time of each product on both sides, and per-step totals.
+
+  Each side runs all its products as one block, then the other side (rounds
+  alternate): timed one by one, a PyTorch product leaves its OpenMP threads
+  spinning while the next XLA product runs and slows it by up to 1.7 times.
+  """
+  rng = np.random.default_rng(0)
+  products = layer_products(rows)
+  runs = {
+    "jax": [_jax_product(role, m, k, n, rng) for role, _, m, k, n in products],
+    "torch": [_torch_product(role, m, k, n, rng) for role, _, m, k, n in products],
+  }
+  times = {side: [[] for _ in products] for side in runs}
+  for _ in range(rounds):
+    for side, side_runs in runs.items():
+      time.sleep(0.5)  # let the other library's worker threads go idle
+      for run, t in zip(side_runs, times[side], strict=True):
+        run()
+        for _ in range(repeats):
+          start = time.perf_counter()
+          run()
+          t.append(time.perf_counter() - start)
+  table = []
+  for i, (role, count, m, k, n) in enumerate(products):
+    flops = 2 * m * k * n
+    row = {"role": role, "per_layer": count, "m": m, "k": k, "n": n, "flops": flops}
+    for side in runs:
+      median = statistics.median(times[side][i])
+      row[f"{side}_ms"] = median * 1e3
+      row[f"{side}_gflops_per_s"] = flops / median / 1e9
+    table.append(row)
+  layers = BertConfig().num_layers
+  roles = {"lora": ("forward", "input gradient"), "full": tuple({r["role"] for r in table})}
+  per_step = {
+    side: {
+      method: layers * sum(r["per_layer"] * r[f"{side}_ms"] for r in table if r["role"] in use)
+      for method, use in roles.items()
+    }
+    for side in ("jax", "torch")
+  }
+  return {"products": table, "products_per_step_ms": per_step}
+
+
+def print_products(result: dict) -> None:
+  header = f"{'jax ms':>8}{'GF/s':>7}{'torch ms':>10}{'GF/s':>7}"
+  print(f"\n{'product (rows x inner x cols)':<40}{header}")
+  for r in result["products"]:
+    name = f"{r['role']} {r['m']}x{r['k']}x{r['n']}"
+    print(
+      f"{name:<40}{r['jax_ms']:>8.2f}{r['jax_gflops_per_s']:>7.0f}"
+      f"{r['torch_ms']:>10.2f}{r['torch_gflops_per_s']:>7.0f}"
+    )
+  per_step = result["products_per_step_ms"]
+  for method in ("lora", "full"):
+    print(
+      f"dense products of a {method} step: jax {per_step['jax'][method]:.0f} ms, "
+      f"torch {per_step['torch'][method]:.0f} ms"
+    )
+
+
+# --------------------------------------------------------------------------
 # Checks and timing.
 # --------------------------------------------------------------------------
 
@@ -282,12 +402,15 @@ def main() -> None:
   for name, value in ratios.items():
     print(f"{name:<28}{value:>6.2f}")
   print("agreement (max relative gradient difference):", json.dumps(checks))
+  products = time_products(args.batch * args.length)
+  print_products(products)
   result = {
     "settings": vars(args) | {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR},
     "median_ms": medians,
     "p25_p75_ms": spread,
     "ratios": ratios,
     "agreement": checks,
+    **products,
     "versions": {
       "jax": jax.__version__,
       "flax": flax.__version__,

@@ -17,6 +17,7 @@ Layout of the parameters (``params``), per layer ``layer_{i}``::
 from __future__ import annotations
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -122,6 +123,25 @@ def _dense(adapter: Adapter | None, role: str, features: int) -> nn.Module:
   return adapter.dense(role, features, role)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  r"""BERT's exact GELU, :math:`x \Phi(x) = x (1 + \operatorname{erf}(x / \sqrt 2)) / 2`.
+
+  The same function as ``jax.nn.gelu(x, approximate=False)`` and written as
+  PyTorch writes it. ``jax.nn.gelu`` goes through ``erfc``, which XLA's CPU
+  backend evaluates about 3 times slower than ``erf`` (1.7 against 0.6 ms
+  for a ``[1024, 1536]`` forward pass); in the MiniLM training step this form
+  saved 30 to 37 ms a step (``benchmarks/README.md``). The two differ by at
+  most 1e-6 (for very negative ``x``, where both are within 1e-6 of 0).
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> x = jnp.linspace(-6.0, 6.0, 101)
+    >>> bool(jnp.max(jnp.abs(gelu(x) - jax.nn.gelu(x, approximate=False))) < 1e-6)
+    True
+  """
+  return x * (0.5 + 0.5 * jax.lax.erf(x * (1 / math.sqrt(2))))
+
+
 class BertLayer(nn.Module):
   """One post-LayerNorm transformer layer of BERT."""
 
@@ -143,7 +163,7 @@ class BertLayer(nn.Module):
     attended = jnp.reshape(attended, (batch, length, c.hidden_size))
     attended = _dense(self.adapter, "attention_output", c.hidden_size)(attended)
     hidden = nn.LayerNorm(epsilon=c.layer_norm_eps, name="attention_norm")(hidden + attended)
-    inner = nn.gelu(_dense(self.adapter, "intermediate", c.intermediate_size)(hidden), False)
+    inner = gelu(_dense(self.adapter, "intermediate", c.intermediate_size)(hidden))
     out = _dense(self.adapter, "output", c.hidden_size)(inner)
     return nn.LayerNorm(epsilon=c.layer_norm_eps, name="output_norm")(hidden + out)
 
