@@ -107,6 +107,17 @@ def _encoder_shapes(config):
 # ---------------------------------------------------------------------- loader
 
 
+def test_gelu_is_the_exact_gelu_in_value_and_gradient():
+  # The demo writes GELU through erf (faster on XLA's CPU backend than
+  # jax.nn.gelu's erfc); it must stay the same function, derivative included.
+  x = jnp.linspace(-8.0, 8.0, 2001)
+  np.testing.assert_allclose(bert.gelu(x), jax.nn.gelu(x, approximate=False), rtol=1e-6, atol=1e-6)
+  grad = jax.vmap(jax.grad(bert.gelu))(x)
+  expected = jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x)
+  np.testing.assert_allclose(grad, expected, rtol=1e-6, atol=1e-6)
+  assert not np.allclose(bert.gelu(x), jax.nn.gelu(x, approximate=True), atol=1e-5)
+
+
 def test_loader_uses_every_tensor_with_its_shape(tmp_path):
   tensors = tiny_checkpoint(TINY)
   path = tmp_path / "model.safetensors"
