@@ -50,6 +50,17 @@ LR, WEIGHT_DECAY, EPS = 1e-4, 0.01, 1e-8
 CLASSES = 3
 
 
+def make_batch(batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """``(ids, mask, targets)`` int32 arrays: random tokens, half the rows padded."""
+  rng = np.random.default_rng(0)
+  ids = rng.integers(1000, 30000, (batch, length)).astype(np.int32)
+  ids[:, 0] = 101  # [CLS]
+  mask = np.ones_like(ids)
+  mask[: batch // 2, length * 3 // 4 :] = 0  # some padding, as in real batches
+  targets = rng.integers(0, CLASSES, batch).astype(np.int32)
+  return ids, mask, targets
+
+
 # --------------------------------------------------------------------------
 # deltalora_jax side.
 # --------------------------------------------------------------------------
@@ -342,12 +353,7 @@ def main() -> None:
 
   import torch
 
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1000, 30000, (args.batch, args.length)).astype(np.int32)
-  ids[:, 0] = 101  # [CLS]
-  mask = np.ones_like(ids)
-  mask[: args.batch // 2, args.length * 3 // 4 :] = 0  # some padding, as in real batches
-  targets = rng.integers(0, CLASSES, args.batch).astype(np.int32)
+  ids, mask, targets = make_batch(args.batch, args.length)
   batch = tuple(jnp.asarray(a) for a in (ids, mask, targets))
   torch_batch = (
     torch.from_numpy(ids.astype(np.int64)),

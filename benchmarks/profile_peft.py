@@ -35,7 +35,6 @@ if __package__ in (None, ""):
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.profiler import ProfileData
 
 from benchmarks import bench_peft
@@ -114,12 +113,7 @@ def main(argv=None) -> None:
   parser.add_argument("--top", type=int, default=0, help="also list the costliest operations")
   args = parser.parse_args(argv)
 
-  rng = np.random.default_rng(0)
-  ids = rng.integers(1000, 30000, (32, 32)).astype(np.int32)
-  mask = np.ones_like(ids)
-  mask[:16, 24:] = 0
-  targets = rng.integers(0, bench_peft.CLASSES, 32).astype(np.int32)
-  batch = tuple(jnp.asarray(a) for a in (ids, mask, targets))
+  batch = tuple(jnp.asarray(a) for a in bench_peft.make_batch(32, 32))
   pretrained = weights.load_encoder()["params"]
   for method in args.methods:
     _, trainable, frozen, tx, step, _ = bench_peft.jax_variant(method, pretrained, *batch)
