@@ -193,15 +193,17 @@ def torch_variant(method: str, jax_trainable: dict):
 # --------------------------------------------------------------------------
 
 
-def layer_products(rows: int, hidden: int = 384, inner: int = 1536):
-  """``(role, products per layer, m, k, n)`` of one MiniLM layer's dense products.
+def layer_products(rows: int, config: BertConfig | None = None):
+  """``(role, products per layer, m, k, n)`` of one encoder layer's dense products.
 
-  ``rows`` tokens; q, k, v, o are ``[384, 384]``, the feed-forward
-  384 -> 1536 -> 384. The input gradient of a layer with kernel ``[in, out]``
-  is ``[rows, out] x [out, in]``, its weight gradient ``[in, rows] x [rows,
-  out]``. LoRA's thin products and the head are left out (under 1% of the
-  flops).
+  An ``[m, k] x [k, n]`` product for ``rows`` tokens (``config``: MiniLM-L6
+  by default, whose q, k, v, o are ``[384, 384]`` and feed-forward 384 -> 1536
+  -> 384). The input gradient of a layer with kernel ``[in, out]`` is ``[rows,
+  out] x [out, in]``, its weight gradient ``[in, rows] x [rows, out]``. LoRA's
+  thin products and the head are left out (under 1% of the flops).
   """
+  config = config or BertConfig()
+  hidden, inner = config.hidden_size, config.intermediate_size
   return [
     ("forward", 4, rows, hidden, hidden),
     ("forward", 1, rows, hidden, inner),
@@ -278,7 +280,10 @@ def time_products(rows: int, rounds: int = 3, repeats: int = 10) -> dict:
       row[f"{side}_gflops_per_s"] = flops / median / 1e9
     table.append(row)
   layers = BertConfig().num_layers
-  roles = {"lora": ("forward", "input gradient"), "full": tuple({r["role"] for r in table})}
+  roles = {
+    "lora": ("forward", "input gradient"),  # a frozen layer needs no weight gradient
+    "full": ("forward", "input gradient", "weight gradient"),
+  }
   per_step = {
     side: {
       method: layers * sum(r["per_layer"] * r[f"{side}_ms"] for r in table if r["role"] in use)
@@ -291,7 +296,7 @@ def time_products(rows: int, rounds: int = 3, repeats: int = 10) -> dict:
 
 def print_products(result: dict) -> None:
   header = f"{'jax ms':>8}{'GF/s':>7}{'torch ms':>10}{'GF/s':>7}"
-  print(f"\n{'product (rows x inner x cols)':<40}{header}")
+  print(f"\n{'product (m x k x n)':<40}{header}")
   for r in result["products"]:
     name = f"{r['role']} {r['m']}x{r['k']}x{r['n']}"
     print(
