@@ -21,6 +21,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from deltalora_jax import projections
+from deltalora_jax.projections import dense  # noqa: F401  (re-exported: core.dense)
+
 Evaluation = Literal["auto", "merged", "factored"]
 EVALUATIONS = ("auto", "merged", "factored")
 
@@ -185,26 +188,33 @@ def lora_a_init(rank: int):
 # --------------------------------------------------------------------------
 
 
-def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
-  """``x @ kernel`` over the last axis of ``x``, any leading axes kept.
+def widest_dtype(*dtypes, at_least=None) -> np.dtype:
+  """The dtype every one of ``dtypes`` (and ``at_least``) promotes to, whatever the promotion mode.
 
-  The leading axes are flattened into one before the product (a free
-  reshape): the gradients then contract one axis, not several, which XLA's
-  CPU backend runs up to 3 times faster for the thin low-rank products.
+  >>> widest_dtype(jnp.bfloat16, jnp.float32), widest_dtype(jnp.bfloat16, at_least=jnp.float32)
+  (dtype('float32'), dtype('float32'))
   """
-  if x.ndim == 2:
-    return jax.lax.dot_general(x, kernel, (((1,), (0,)), ((), ())), precision=precision)
-  rows = jnp.reshape(x, (-1, x.shape[-1]))
-  y = jax.lax.dot_general(rows, kernel, (((1,), (0,)), ((), ())), precision=precision)
-  return jnp.reshape(y, (*x.shape[:-1], kernel.shape[-1]))
+  dtypes = [d for d in (*dtypes, at_least) if d is not None]
+  with jax.numpy_dtype_promotion("standard"):
+    return np.dtype(jnp.result_type(*dtypes))
 
 
-def check_layer_shapes(kernel, bias, lora_a, lora_b, delta) -> None:
+def _projection(projection, kernel) -> projections.Projection:
+  """``projection``, or the dense one (``kernel [in, out]``) when None."""
+  if projection is not None:
+    return projection
+  if jnp.ndim(kernel) != 2:
+    raise ValueError(f"kernel must be 2-D [in, out], got kernel.shape={jnp.shape(kernel)}")
+  return projections.GeneralDense(features=(int(jnp.shape(kernel)[1]),))
+
+
+def check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection=None) -> None:
   """Raises ``ValueError`` unless the arrays of one layer have consistent shapes.
 
-  ``kernel [in, out]``, ``bias [out]`` or None, ``lora_a [in, r]``,
-  ``lora_b [r, out]``, ``delta [in, out]`` or None. Checked here because a
-  wrong ``D`` or ``B`` would otherwise broadcast silently.
+  ``D`` has the kernel's shape, ``A`` and ``B`` the shapes of
+  ``projection.factor_shapes`` (dense: ``lora_a [in, r]``, ``lora_b [r,
+  out]``), the bias ``projection.bias_shape``. Checked here because a wrong
+  ``D`` or ``B`` would otherwise broadcast silently.
 
   >>> check_layer_shapes(jnp.ones((3, 4)), None, jnp.ones((3, 2)), jnp.ones((2, 4)), None)
   >>> check_layer_shapes(jnp.ones((3, 4)), None, jnp.ones((3, 2)), jnp.ones((2, 4)),
@@ -212,21 +222,24 @@ def check_layer_shapes(kernel, bias, lora_a, lora_b, delta) -> None:
   Traceback (most recent call last):
   ValueError: delta must have shape (3, 4) (the kernel's), got delta.shape=(3, 1)
   """
-  if jnp.ndim(kernel) != 2:
-    raise ValueError(f"kernel must be 2-D [in, out], got kernel.shape={jnp.shape(kernel)}")
-  (in_features, out_features), rank = jnp.shape(kernel), jnp.shape(lora_a)[-1:]
+  projection = _projection(projection, kernel)
+  shape = tuple(jnp.shape(kernel))
+  rank = jnp.shape(lora_a)[-1] if jnp.ndim(lora_a) else 0
+  a_shape, b_shape = projection.factor_shapes(shape, rank)
   expected = {
-    "bias": (out_features,),
-    "lora_a": (in_features, *rank),
-    "lora_b": (*rank, out_features),
-    "delta": (in_features, out_features),
+    "bias": tuple(projection.bias_shape(shape)),
+    "lora_a": a_shape,
+    "lora_b": b_shape,
+    "delta": shape,
   }
   given = {"bias": bias, "lora_a": lora_a, "lora_b": lora_b, "delta": delta}
-  notes = {"bias": "[out]", "lora_a": "[in, r]", "lora_b": "[r, out]", "delta": "the kernel's"}
+  notes = {"bias": "the bias", "lora_a": "A", "lora_b": "B", "delta": "the kernel's"}
+  if isinstance(projection, projections.GeneralDense) and len(shape) == 2:
+    notes.update(bias="[out]", lora_a="[in, r]", lora_b="[r, out]")
   for name, value in given.items():
-    if value is not None and jnp.shape(value) != expected[name]:
+    if value is not None and tuple(jnp.shape(value)) != tuple(expected[name]):
       raise ValueError(
-        f"{name} must have shape {expected[name]} ({notes[name]}), "
+        f"{name} must have shape {tuple(expected[name])} ({notes[name]}), "
         f"got {name}.shape={jnp.shape(value)}"
       )
 
@@ -240,30 +253,41 @@ def merged_kernel(
   scaling: float,
   delta_scaling: float,
   precision=None,
+  projection: projections.Projection | None = None,
 ) -> jax.Array:
   """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
 
+  Formed in at least float32 (the widest of float32 and the inputs' dtypes),
+  so that a small ``D`` or ``A B`` is not rounded away against a bfloat16
+  ``W``; cast the result to the dtype you compute or store in.
+
   Args:
-    kernel: base kernel ``W [in, out]``.
-    lora_a: ``A [in, r]``.
-    lora_b: ``B [r, out]``.
-    delta: ``D [in, out]``, or None when the layer has no delta (paper rule).
+    kernel: base kernel ``W`` (``[in, out]`` for a dense layer).
+    lora_a: ``A`` (``[in, r]``).
+    lora_b: ``B`` (``[r, out]``).
+    delta: ``D`` (the kernel's shape), or None when the layer has no delta.
     scaling: LoRA scaling ``s = alpha / r``.
     delta_scaling: scaling ``ds`` of the delta term.
     precision: precision of the ``A B`` product.
+    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+      a dense layer with a 2-D kernel.
 
   Returns:
-    ``[in, out]`` array in the kernel's dtype.
+    An array of the kernel's shape, in float32 or wider.
 
   >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.eye(2)
   >>> merged_kernel(w, a, b, d, scaling=2.0, delta_scaling=0.5)
   Array([[3.5, 2. ],
          [2. , 3.5]], dtype=float32)
   """
-  check_layer_shapes(kernel, None, lora_a, lora_b, delta)
-  out = kernel + (scaling * dense(lora_a, lora_b, precision)).astype(kernel.dtype)
+  projection = _projection(projection, kernel)
+  check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
+  parts = (kernel, lora_a, lora_b) + (() if delta is None else (delta,))
+  wide = widest_dtype(*(p.dtype for p in parts), at_least=jnp.float32)
+  low = projection.lora_kernel(lora_a.astype(wide), lora_b.astype(wide), precision)
+  out = kernel.astype(wide) + jnp.asarray(scaling, wide) * low
   if delta is not None:
-    out = out + (delta_scaling * delta).astype(kernel.dtype)
+    out = out + jnp.asarray(delta_scaling, wide) * delta.astype(wide)
   return out
 
 
@@ -290,6 +314,112 @@ def choose_evaluation(
   return "merged" if full_gradient_needed and rows > rank else "factored"
 
 
+def delta_lora_apply(
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  delta: jax.Array | None,
+  *,
+  projection: projections.Projection,
+  scaling: float,
+  delta_scaling: float,
+  freeze_base: bool = True,
+  evaluation: Evaluation = "auto",
+  dtype=None,
+  precision=None,
+) -> jax.Array:
+  """A Delta-LoRA layer of any kind: ``P(x, W) + b + s P_B(P_A(x, A), B) + ds P(x, D)``.
+
+  ``P`` is the base layer's product (``projection.apply``: a dense,
+  dense-general, einsum or convolution product), linear in the kernel, so
+  the merged evaluation ``P(x, W + s A B + ds D) + b`` gives the same
+  numbers and gradients (up to rounding); see :func:`choose_evaluation`.
+
+  With ``freeze_base`` the base kernel and bias are wrapped in
+  ``stop_gradient``: they get a zero gradient and XLA computes none for them.
+
+  The computation dtype is ``dtype``, or else the widest dtype of ``x``, the
+  kernel, the factors and ``D`` (float32 factors beside a bfloat16 kernel
+  compute in float32). The merged kernel is formed in at least float32,
+  then cast to the computation dtype.
+
+  Args:
+    x: input, with the axes ``projection`` expects.
+    kernel: ``W``.
+    bias: ``b`` (``projection.bias_shape``) or None.
+    lora_a: ``A``, shaped by ``projection.factor_shapes``.
+    lora_b: ``B``, shaped by ``projection.factor_shapes``.
+    delta: ``D`` (the kernel's shape) or None (no delta term).
+    projection: the layer kind (:mod:`deltalora_jax.projections`).
+    scaling: LoRA scaling ``s``.
+    delta_scaling: delta scaling ``ds``.
+    freeze_base: stop the gradient of ``kernel`` and ``bias``.
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
+    dtype: computation dtype; None infers it as above.
+    precision: ``jax.lax.Precision`` of the products.
+
+  Returns:
+    The layer's output.
+
+  >>> from deltalora_jax.projections import Conv
+  >>> kind = Conv(features=4, kernel_size=(3,))
+  >>> w, a, b = jnp.ones((3, 2, 4)), jnp.ones((3, 2, 1)), jnp.zeros((1, 4))
+  >>> delta_lora_apply(jnp.ones((5, 7, 2)), w, None, a, b, jnp.zeros_like(w),
+  ...                  projection=kind, scaling=1.0, delta_scaling=0.1).shape
+  (5, 7, 4)
+  """
+  check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
+  if not isinstance(projection, projections.Einsum):
+    expected = projection.kernel_shape(jnp.shape(x)) if jnp.ndim(x) else None
+    if expected != tuple(jnp.shape(kernel)):
+      raise ValueError(
+        f"x must fit the kernel {tuple(jnp.shape(kernel))} of this {projection.name} layer "
+        f"(which expects a kernel {expected} for this input), got x.shape={jnp.shape(x)}"
+      )
+  if freeze_base:
+    kernel = jax.lax.stop_gradient(kernel)
+    bias = None if bias is None else jax.lax.stop_gradient(bias)
+  parts = [x, kernel, lora_a, lora_b] + ([] if delta is None else [delta])
+  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in parts))
+  if not jnp.issubdtype(dtype, jnp.inexact):
+    raise TypeError(
+      f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
+      f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
+      f"kernel.dtype={kernel.dtype}"
+    )
+  how = choose_evaluation(
+    evaluation,
+    projection.rows(jnp.shape(x)),
+    lora_a.shape[-1],
+    has_delta=delta is not None,
+    base_trainable=not freeze_base,
+  )
+  x = x.astype(dtype)
+  if how == "merged":
+    full = merged_kernel(
+      kernel,
+      lora_a,
+      lora_b,
+      delta,
+      scaling=scaling,
+      delta_scaling=delta_scaling,
+      precision=precision,
+      projection=projection,
+    )
+    y = projection.apply(x, full.astype(dtype), precision)
+  else:
+    y = projection.apply(x, kernel.astype(dtype), precision)
+    hidden = projection.lora_in(x, lora_a.astype(dtype), precision)
+    y = y + jnp.asarray(scaling, dtype) * projection.lora_out(hidden, lora_b.astype(dtype), precision)
+    if delta is not None:
+      y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(x, delta.astype(dtype), precision)
+  if bias is not None:
+    y = projection.add_bias(y, bias.astype(dtype))
+  return y
+
+
 def delta_lora_dense(
   x: jax.Array,
   kernel: jax.Array,
@@ -307,89 +437,55 @@ def delta_lora_dense(
 ) -> jax.Array:
   """The Delta-LoRA dense layer: ``x W + b + s (x A) B + ds (x D)``.
 
-  With ``freeze_base`` the base kernel and bias are wrapped in
-  ``stop_gradient``: they get a zero gradient and XLA computes none for them.
-  The merged and factored evaluations give the same numbers (up to rounding)
-  and the same gradients; see :func:`choose_evaluation`.
-
-  Args:
-    x: input ``[..., in]``.
-    kernel: ``W [in, out]``.
-    bias: ``b [out]`` or None.
-    lora_a: ``A [in, r]``.
-    lora_b: ``B [r, out]``.
-    delta: ``D [in, out]`` or None (no delta term).
-    scaling: LoRA scaling ``s``.
-    delta_scaling: delta scaling ``ds``.
-    freeze_base: stop the gradient of ``kernel`` and ``bias``.
-    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
-    dtype: computation dtype; None keeps the inputs' promoted dtype. A merged
-      kernel is formed in the parameters' dtype, then cast.
-    precision: ``jax.lax.Precision`` of the matrix products.
-
-  Returns:
-    ``[..., out]`` array.
+  :func:`delta_lora_apply` for a dense kernel ``W [in, out]``, ``A [in, r]``,
+  ``B [r, out]``, ``D [in, out]`` and ``b [out]`` (see it for the arguments
+  and the computation dtype).
 
   >>> x = jnp.ones((3, 2))
   >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.zeros((1, 2)), jnp.zeros((2, 2))
   >>> delta_lora_dense(x, w, None, a, b, d, scaling=1.0, delta_scaling=0.1).shape
   (3, 2)
   """
-  check_layer_shapes(kernel, bias, lora_a, lora_b, delta)
+  projection = _projection(None, kernel)
   if x.ndim == 0 or x.shape[-1] != kernel.shape[0]:
     raise ValueError(
       f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), got x.shape={x.shape}"
     )
-  if freeze_base:
-    kernel = jax.lax.stop_gradient(kernel)
-    bias = None if bias is None else jax.lax.stop_gradient(bias)
-  dtype = dtype or jnp.promote_types(x.dtype, kernel.dtype)
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-      f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
-      f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
-      f"kernel.dtype={kernel.dtype}"
-    )
-  rows = math.prod(x.shape[:-1])
-  how = choose_evaluation(
-    evaluation,
-    rows,
-    lora_a.shape[-1],
-    has_delta=delta is not None,
-    base_trainable=not freeze_base,
+  return delta_lora_apply(
+    x,
+    kernel,
+    bias,
+    lora_a,
+    lora_b,
+    delta,
+    projection=projection,
+    scaling=scaling,
+    delta_scaling=delta_scaling,
+    freeze_base=freeze_base,
+    evaluation=evaluation,
+    dtype=dtype,
+    precision=precision,
   )
-  x = x.astype(dtype)
-  if how == "merged":
-    full = merged_kernel(
-      kernel,
-      lora_a,
-      lora_b,
-      delta,
-      scaling=scaling,
-      delta_scaling=delta_scaling,
-      precision=precision,
-    )
-    y = dense(x, full.astype(dtype), precision)
-  else:
-    y = dense(x, kernel.astype(dtype), precision)
-    low = dense(dense(x, lora_a.astype(dtype), precision), lora_b.astype(dtype), precision)
-    y = y + scaling * low
-    if delta is not None:
-      y = y + delta_scaling * dense(x, delta.astype(dtype), precision)
-  if bias is not None:
-    y = y + jnp.reshape(bias.astype(dtype), (1,) * (y.ndim - 1) + (-1,))
-  return y
 
 
-def lora_product_norm(lora_a: jax.Array, lora_b: jax.Array, scaling: float) -> jax.Array:
-  """Frobenius norm of ``s A B`` without forming the ``[in, out]`` product.
+def lora_product_norm(
+  lora_a: jax.Array, lora_b: jax.Array, scaling: float, projection=None
+) -> jax.Array:
+  """Frobenius norm of ``s A B`` without forming the full-size product.
 
-  Uses ``||A B||_F^2 = sum((A^T A) * (B B^T))``, two ``r x r`` matrices.
+  Uses ``||A B||_F^2 = sum((A^T A) * (B B^T))``, two ``r x r`` matrices, for
+  factors ``A [..., r]`` and ``B [r, ...]``; an einsum kind with batch axes
+  forms the product instead.
 
   >>> a, b = jnp.ones((3, 1)), jnp.ones((1, 4))
   >>> float(lora_product_norm(a, b, 2.0))  # ||2 * ones(3, 4)||_F = 2 sqrt(12)
   6.928...
   """
-  gram_a = lora_a.T @ lora_a
-  gram_b = lora_b @ lora_b.T
+  if projection is not None and projection.rank_axis_of_b() != 0:
+    full = projection.lora_kernel(lora_a, lora_b)
+    return jnp.abs(scaling) * jnp.linalg.norm(jnp.ravel(full))
+  a = jnp.reshape(lora_a, (-1, lora_a.shape[-1]))
+  b = jnp.reshape(lora_b, (lora_b.shape[0], -1))
+  gram_a = a.T @ a
+  gram_b = b @ b.T
   return jnp.abs(scaling) * jnp.sqrt(jnp.maximum(jnp.sum(gram_a * gram_b), 0.0))

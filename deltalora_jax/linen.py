@@ -2,15 +2,75 @@
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from deltalora_jax import core
+from deltalora_jax import core, projections
 
 DELTA_COLLECTION = "delta"
+
+
+def adapter_dtype(adapter_dtype, param_dtype):
+  """The dtype of ``A``, ``B`` and ``D``: ``adapter_dtype``, or at least float32.
+
+  By default the factors and ``D`` are float32 (float64 beside a float64
+  kernel) whatever the kernel's dtype: a bfloat16 ``D`` would round away
+  the small steps the delta rule takes.
+
+  >>> adapter_dtype(None, jnp.bfloat16), adapter_dtype(jnp.bfloat16, jnp.bfloat16)
+  (dtype('float32'), dtype(bfloat16))
+  """
+  if adapter_dtype is not None:
+    return jnp.dtype(adapter_dtype)
+  return core.widest_dtype(param_dtype, at_least=jnp.float32)
+
+
+def _check_bools(module) -> None:
+  for name in ("freeze_base", "use_bias", "use_delta"):
+    if not isinstance(getattr(module, name), bool):
+      raise TypeError(f"{name} must be a bool, got {name}={getattr(module, name)!r}")
+
+
+def _check_options(module) -> None:
+  """The LoRA options every adapted Linen layer checks at construction."""
+  core.lora_scaling(module.alpha, module.rank)
+  core.check_delta_scaling(module.delta_scaling)
+  core.check_evaluation(module.evaluation)
+  _check_bools(module)
+
+
+def _adapter_variables(module: nn.Module, kind, shape) -> tuple:
+  """Creates (or reads) ``lora_a``, ``lora_b`` and ``D`` of ``module`` for a kernel ``shape``."""
+  core.check_rank(module.rank)
+  bound = kind.rank_bound(shape)
+  if module.rank > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
+      f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
+    )
+  if (
+    module.use_delta
+    and not module.is_initializing()
+    and not module.has_variable(DELTA_COLLECTION, "delta")
+  ):
+    raise ValueError(
+      f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
+      f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
+      "model.init(...), not only variables['params']"
+    )
+  dtype = adapter_dtype(module.adapter_dtype, module.param_dtype)
+  a_shape, b_shape = kind.factor_shapes(shape, module.rank)
+  a_init = module.lora_a_init or core.lora_a_init(module.rank)
+  lora_a = module.param("lora_a", a_init, a_shape, dtype)
+  lora_b = module.param("lora_b", module.lora_b_init, b_shape, dtype)
+  delta = None
+  if module.use_delta:
+    delta = module.variable(DELTA_COLLECTION, "delta", jnp.zeros, shape, dtype).value
+  return lora_a, lora_b, delta
 
 
 class DeltaLoRADense(nn.Module):
@@ -36,7 +96,9 @@ class DeltaLoRADense(nn.Module):
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     use_bias: whether the base layer has a bias.
     dtype: computation dtype (None: inferred from inputs and parameters).
-    param_dtype: dtype of all parameters, ``D`` included.
+    param_dtype: dtype of the base kernel and bias.
+    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
+      kernel's dtype when that is wider (:func:`adapter_dtype`).
     precision: precision of the matrix products.
     kernel_init: initializer of the base kernel.
     bias_init: initializer of the base bias.
@@ -73,17 +135,18 @@ class DeltaLoRADense(nn.Module):
   lora_b_init: Any = nn.initializers.zeros_init()
   evaluation: core.Evaluation = "auto"
   use_delta: bool = True
+  adapter_dtype: Any = None
 
   def __post_init__(self):
     core.check_features("features", self.features)
     core.check_rank(self.rank, out_features=self.features)
-    core.lora_scaling(self.alpha, self.rank)
-    core.check_delta_scaling(self.delta_scaling)
-    core.check_evaluation(self.evaluation)
-    for name in ("freeze_base", "use_bias", "use_delta"):
-      if not isinstance(getattr(self, name), bool):
-        raise TypeError(f"{name} must be a bool, got {name}={getattr(self, name)!r}")
+    _check_options(self)
     super().__post_init__()
+
+  @property
+  def projection(self) -> projections.GeneralDense:
+    """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
+    return projections.GeneralDense(features=(self.features,))
 
   @property
   def scaling(self) -> float:
@@ -101,16 +164,6 @@ class DeltaLoRADense(nn.Module):
           f"is {expected}x{self.features}), got inputs.shape={jnp.shape(inputs)}"
         )
     core.check_rank(self.rank, in_features, self.features)
-    if (
-      self.use_delta
-      and not self.is_initializing()
-      and not self.has_variable(DELTA_COLLECTION, "delta")
-    ):
-      raise ValueError(
-        f"{self.__class__.__name__} at {'/'.join(self.path) or '<root>'} needs the "
-        f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
-        "model.init(...), not only variables['params']"
-      )
     shape = (in_features, self.features)
     kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
     bias = (
@@ -118,12 +171,7 @@ class DeltaLoRADense(nn.Module):
       if self.use_bias
       else None
     )
-    a_init = self.lora_a_init or core.lora_a_init(self.rank)
-    lora_a = self.param("lora_a", a_init, (in_features, self.rank), self.param_dtype)
-    lora_b = self.param("lora_b", self.lora_b_init, (self.rank, self.features), self.param_dtype)
-    delta = None
-    if self.use_delta:
-      delta = self.variable(DELTA_COLLECTION, "delta", jnp.zeros, shape, self.param_dtype).value
+    lora_a, lora_b, delta = _adapter_variables(self, self.projection, shape)
     return core.delta_lora_dense(
       inputs,
       kernel,
@@ -131,6 +179,143 @@ class DeltaLoRADense(nn.Module):
       lora_a,
       lora_b,
       delta,
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      evaluation=self.evaluation,
+      dtype=self.dtype,
+      precision=self.precision,
+    )
+
+
+def _flat_init(init, n_out: int):
+  """``nn.DenseGeneral``'s initialisation: ``init`` on the ``[in, out]`` matrix, reshaped."""
+
+  def wrapped(key, shape, dtype=jnp.float32):
+    n_in = len(shape) - n_out
+    flat = (math.prod(shape[n_in:]),)
+    if n_in:
+      flat = (math.prod(shape[:n_in]), *flat)
+    return jnp.reshape(init(key, flat, dtype), shape)
+
+  return wrapped
+
+
+class DeltaLoRAGeneral(nn.Module):
+  r"""Delta-LoRA on any projection layer: dense-general, einsum or convolution (Linen).
+
+  .. math::
+
+    y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
+
+  ``P`` is the base layer's product, described by ``projection``
+  (:mod:`deltalora_jax.projections`): :class:`~deltalora_jax.projections.GeneralDense`
+  for ``nn.DenseGeneral``, :class:`~deltalora_jax.projections.Einsum` for
+  ``nn.Einsum``, :class:`~deltalora_jax.projections.Conv` for ``nn.Conv``.
+  ``kernel`` and ``bias`` keep the base layer's names, shapes and layout
+  (``D`` has exactly the kernel's shape); ``lora_a`` and ``lora_b`` are in
+  ``params``, ``D`` in the ``'delta'`` collection, as in
+  :class:`DeltaLoRADense`. :func:`deltalora_jax.adapt_linen` builds these
+  for a model's own ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Conv``
+  layers; the arguments below are those of :class:`DeltaLoRADense`.
+
+  Attributes:
+    projection: the base layer's product (a frozen dataclass).
+    rank: LoRA rank ``r``, at most the kernel's matrix rank bound.
+    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
+    delta_scaling: ``ds``, finite and ``> 0``.
+    freeze_base: the base kernel and bias get no gradient.
+    use_bias: whether the base layer has a bias.
+    dtype: computation dtype (None: inferred).
+    param_dtype: dtype of the base kernel and bias.
+    adapter_dtype: dtype of ``A``, ``B``, ``D`` (None: at least float32).
+    precision: precision of the products.
+    kernel_init: initializer of the base kernel (on the ``[in, out]`` matrix
+      for a dense-general kernel, as ``nn.DenseGeneral`` does).
+    bias_init: initializer of the base bias.
+    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
+    lora_b_init: initializer of ``B`` (zeros).
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
+    use_delta: create ``D``; False gives plain LoRA.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> from deltalora_jax.projections import Conv
+    >>> layer = DeltaLoRAGeneral(Conv(features=4, kernel_size=(3, 3)), rank=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 8, 8, 3)))
+    >>> jax.tree.map(jnp.shape, variables["params"])
+    {'bias': (4,), 'kernel': (3, 3, 3, 4), 'lora_a': (3, 3, 3, 2), 'lora_b': (2, 4)}
+    >>> variables["delta"]["delta"].shape
+    (3, 3, 3, 4)
+  """
+
+  projection: Any
+  rank: int
+  alpha: float | None = None
+  delta_scaling: float = 0.1
+  freeze_base: bool = True
+  use_bias: bool = True
+  dtype: Any = None
+  param_dtype: Any = jnp.float32
+  precision: Any = None
+  kernel_init: Any = nn.initializers.lecun_normal()
+  bias_init: Any = nn.initializers.zeros_init()
+  lora_a_init: Any = None
+  lora_b_init: Any = nn.initializers.zeros_init()
+  evaluation: core.Evaluation = "auto"
+  use_delta: bool = True
+  adapter_dtype: Any = None
+
+  def __post_init__(self):
+    if not isinstance(self.projection, projections.Projection):
+      raise TypeError(
+        "projection must be a GeneralDense, Einsum or Conv of deltalora_jax.projections, "
+        f"got projection={self.projection!r}"
+      )
+    core.check_rank(self.rank)
+    _check_options(self)
+    super().__post_init__()
+
+  @property
+  def scaling(self) -> float:
+    """The LoRA scaling ``s = alpha / rank``."""
+    return core.lora_scaling(self.alpha, self.rank)
+
+  @nn.compact
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+    kind = self.projection
+    if einsum_str is not None and (
+      not isinstance(kind, projections.Einsum) or einsum_str.replace(" ", "") != kind.equation
+    ):
+      raise ValueError(
+        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
+        f"{getattr(kind, 'equation', None)!r}"
+      )
+    shape = kind.kernel_shape(jnp.shape(inputs))
+    if self.has_variable("params", "kernel"):
+      stored = self.get_variable("params", "kernel").shape
+      if tuple(stored) != tuple(shape):
+        raise ValueError(
+          f"inputs of shape {jnp.shape(inputs)} need a kernel {shape} at "
+          f"{'/'.join(self.path) or '<root>'}, but its kernel is {tuple(stored)}"
+        )
+    kernel_init, bias_init = self.kernel_init, self.bias_init
+    if isinstance(kind, projections.GeneralDense):
+      kernel_init = _flat_init(kernel_init, len(kind.features))
+      bias_init = _flat_init(bias_init, len(kind.features))
+    kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
+    bias = None
+    if self.use_bias:
+      bias = self.param("bias", bias_init, kind.bias_shape(shape), self.param_dtype)
+    lora_a, lora_b, delta = _adapter_variables(self, kind, shape)
+    return core.delta_lora_apply(
+      inputs,
+      kernel,
+      bias,
+      lora_a,
+      lora_b,
+      delta,
+      projection=kind,
       scaling=self.scaling,
       delta_scaling=self.delta_scaling,
       freeze_base=self.freeze_base,

@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from deltalora_jax import core, optim
+from deltalora_jax import core, optim, projections
+from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
 Path = tuple[str, ...]
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
@@ -75,7 +76,9 @@ class DeltaLoRALinear(nnx.Module):
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     use_bias: whether the base layer has a bias.
     dtype: computation dtype (None: inferred from inputs and parameters).
-    param_dtype: dtype of all parameters, ``D`` included.
+    param_dtype: dtype of the base kernel and bias.
+    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
+      kernel's dtype when that is wider.
     precision: precision of the matrix products.
     kernel_init: initializer of the base kernel.
     bias_init: initializer of the base bias.
@@ -117,6 +120,7 @@ class DeltaLoRALinear(nnx.Module):
     lora_b_init: Any = ZEROS_INIT,
     evaluation: core.Evaluation = "auto",
     use_delta: bool = True,
+    adapter_dtype: Any = None,
     rngs: nnx.Rngs,
   ):
     self.in_features = core.check_features("in_features", in_features)
@@ -140,12 +144,14 @@ class DeltaLoRALinear(nnx.Module):
     self.bias: nnx.Param | None = nnx.data(None)
     if use_bias:
       self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
+    dtype_a = _adapter_dtype(adapter_dtype, param_dtype)
+    self.adapter_dtype = adapter_dtype
     a_init = lora_a_init or core.lora_a_init(rank)
-    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), param_dtype))
-    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (rank, out_features), param_dtype))
+    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), dtype_a))
+    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (rank, out_features), dtype_a))
     self.delta: DeltaParam | None = nnx.data(None)
     if use_delta:
-      self.delta = DeltaParam(jnp.zeros(shape, param_dtype))
+      self.delta = DeltaParam(jnp.zeros(shape, dtype_a))
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, *, rank: int, rngs: nnx.Rngs, **kwargs):
@@ -154,7 +160,7 @@ class DeltaLoRALinear(nnx.Module):
     The kernel and bias Variables are copied with their metadata (sharding
     annotations included); their arrays are shared, not duplicated. The
     layer's ``dtype``, ``precision`` and ``use_bias`` are kept; ``D`` and the
-    factors take the kernel's dtype.
+    factors are float32 (or ``adapter_dtype``) whatever the kernel's dtype.
 
     Args:
       linear: the ``nnx.Linear`` to adapt; ``linear`` itself is not modified.
@@ -162,7 +168,7 @@ class DeltaLoRALinear(nnx.Module):
       rngs: the ``nnx.Rngs`` that draws ``A``.
       **kwargs: the LoRA arguments of :class:`DeltaLoRALinear` (``alpha``,
         ``delta_scaling``, ``freeze_base``, ``lora_a_init``, ``lora_b_init``,
-        ``evaluation``, ``use_delta``).
+        ``evaluation``, ``use_delta``, ``adapter_dtype``).
 
     Returns:
       A new :class:`DeltaLoRALinear` whose output equals ``linear``'s.
@@ -211,6 +217,11 @@ class DeltaLoRALinear(nnx.Module):
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
 
+  @property
+  def projection(self) -> projections.GeneralDense:
+    """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
+    return projections.GeneralDense(features=(self.out_features,))
+
   def __call__(self, inputs: jax.Array) -> jax.Array:
     return core.delta_lora_dense(
       inputs,
@@ -230,8 +241,10 @@ class DeltaLoRALinear(nnx.Module):
   def to_linear(self) -> nnx.Linear:
     """A plain ``nnx.Linear`` with kernel ``W + s A B + ds D`` and the same bias.
 
-    The merged kernel is computed at ``Precision.HIGHEST``. The kernel and
-    bias keep their Variable type and metadata. This layer is not modified.
+    The merged kernel is computed at ``Precision.HIGHEST`` in at least
+    float32, then stored in the kernel's dtype (a bfloat16 kernel rounds the
+    adapter's contribution). The kernel and bias keep their Variable type and
+    metadata. This layer is not modified.
 
     Example:
       >>> import jax.numpy as jnp
@@ -249,7 +262,7 @@ class DeltaLoRALinear(nnx.Module):
       scaling=self.scaling,
       delta_scaling=self.delta_scaling,
       precision=jax.lax.Precision.HIGHEST,
-    )
+    ).astype(self.kernel.dtype)
     bias = None if self.bias is None else self.bias[...]
     linear = nnx.Linear(
       self.in_features,
@@ -291,6 +304,236 @@ def check_linear(linear) -> nnx.Linear:
       f"preferred_element_type to be adapted, got custom {custom}"
     )
   return linear
+
+
+def projection_of(module) -> projections.Projection:
+  """The product of an NNX projection layer, or a ``TypeError`` saying why it cannot be adapted.
+
+  ``nnx.Linear``, ``nnx.LinearGeneral`` (no ``batch_axis``), ``nnx.Einsum``
+  and ``nnx.Conv`` (``feature_group_count=1``, no ``mask``), and their
+  subclasses, computing with their default product and dtype promotion.
+
+  Example:
+    >>> from flax import nnx
+    >>> projection_of(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)))
+    GeneralDense(features=(2, 4), axis=(-1,))
+  """
+  name = type(module).__name__
+  if isinstance(module, nnx.LoRALinear | DeltaLoRALinear | DeltaLoRALinearGeneral):
+    raise TypeError(f"{name} is already adapted")
+  defaults = [("promote_dtype", nnx_dtypes.promote_dtype), ("preferred_element_type", None)]
+  if isinstance(module, nnx.Linear):
+    kind = projections.GeneralDense(features=(module.out_features,))
+    defaults.append(("dot_general", jax.lax.dot_general))
+  elif isinstance(module, nnx.LinearGeneral):
+    if module.batch_axis:
+      raise TypeError(
+        f"{name} with batch_axis={dict(module.batch_axis)} cannot be adapted: only "
+        "LinearGeneral without batch axes"
+      )
+    kind = projections.GeneralDense(features=module.out_features, axis=module.axis)
+    defaults += [("dot_general", None), ("dot_general_cls", None)]
+  elif isinstance(module, nnx.Einsum):
+    if module.einsum_str is None:
+      raise TypeError(f"{name} without an einsum_str at construction cannot be adapted")
+    kind = projections.Einsum(module.einsum_str, module.kernel_shape)
+    defaults.append(("einsum_op", jnp.einsum))
+  elif isinstance(module, nnx.Conv):
+    if module.feature_group_count != 1:
+      raise TypeError(
+        f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
+        "only feature_group_count=1"
+      )
+    if module.mask is not None:
+      raise TypeError(f"{name} with a mask cannot be adapted")
+    kind = projections.Conv(
+      features=module.out_features,
+      kernel_size=module.kernel_size,
+      strides=module.strides,
+      padding=module.padding,
+      input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation,
+    )
+    defaults.append(("conv_general_dilated", jax.lax.conv_general_dilated))
+  else:
+    raise TypeError(
+      f"{name} cannot be adapted: the supported kinds are nnx.Linear, nnx.LinearGeneral, "
+      "nnx.Einsum and nnx.Conv (and their subclasses)"
+    )
+  custom = [
+    field
+    for field, default in defaults
+    if getattr(module, field, default) is not default
+    and not (field == "dot_general" and getattr(module, field) is jax.lax.dot_general)
+  ]
+  if custom:
+    raise TypeError(
+      f"{name} computes with a custom {custom}: an adapter would compute something else"
+    )
+  return kind
+
+
+class DeltaLoRALinearGeneral(nnx.Module):
+  r"""Delta-LoRA on any NNX projection layer: ``LinearGeneral``, ``Einsum`` or ``Conv``.
+
+  .. math::
+
+    y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
+
+  Built around an existing layer (``base``, which is not modified): its
+  ``kernel`` and ``bias`` Variables are kept under the same names, shapes
+  and metadata (their arrays are shared); ``lora_a`` and ``lora_b`` are
+  ``nnx.LoRAParam``, ``D`` (exactly the kernel's shape) a :class:`DeltaParam`.
+  ``P`` is the base's product (:func:`projection_of`); the factors' layout
+  is that of :mod:`deltalora_jax.projections`. A layer created by
+  ``nnx.vmap`` (a stack, kernel ``[L, ...]``) gets stacked factors and
+  ``D``; apply it inside ``nnx.scan`` as the base was.
+  :meth:`to_module` gives back the base's own class with the merged kernel.
+
+  Args:
+    base: the layer to adapt (see :func:`projection_of` for the kinds).
+    rank: LoRA rank ``r``.
+    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
+    delta_scaling: ``ds``, finite and ``> 0``.
+    freeze_base: the base kernel and bias get no gradient.
+    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
+    lora_b_init: initializer of ``B`` (zeros).
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
+    use_delta: create ``D``; False gives plain LoRA.
+    adapter_dtype: dtype of ``A``, ``B``, ``D`` (None: at least float32).
+    rngs: draws ``A``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> conv = nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+    >>> layer = DeltaLoRALinearGeneral(conv, rank=2, rngs=nnx.Rngs(1))
+    >>> layer.lora_a.shape, layer.lora_b.shape, layer.delta.shape
+    ((3, 3, 3, 2), (2, 4), (3, 3, 3, 4))
+    >>> x = jnp.ones((1, 8, 8, 3))
+    >>> bool(jnp.allclose(layer(x), conv(x), atol=1e-6))
+    True
+  """
+
+  def __init__(
+    self,
+    base: nnx.Module,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    delta_scaling: float = 0.1,
+    freeze_base: bool = True,
+    lora_a_init: Any = None,
+    lora_b_init: Any = ZEROS_INIT,
+    evaluation: core.Evaluation = "auto",
+    use_delta: bool = True,
+    adapter_dtype: Any = None,
+    rngs: nnx.Rngs,
+  ):
+    self.projection = projection_of(base)
+    self.rank = core.check_rank(rank)
+    core.lora_scaling(alpha, rank)
+    self.alpha = None if alpha is None else float(alpha)
+    self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
+    self.evaluation = core.check_evaluation(evaluation)
+    self.freeze_base = _check_bool("freeze_base", freeze_base)
+    self.use_delta = _check_bool("use_delta", use_delta)
+    if not isinstance(rngs, nnx.Rngs):
+      raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
+    self.use_bias = base.bias is not None
+    self.dtype = base.dtype
+    self.precision = base.precision
+    self.adapter_dtype = adapter_dtype
+    self.base_graphdef = nnx.graphdef(base)
+    self.kernel = base.kernel.copy()
+    self.bias: nnx.Param | None = nnx.data(None)
+    if self.use_bias:
+      self.bias = base.bias.copy()
+    shape = tuple(self.kernel.shape)
+    self.stack = len(shape) - _kernel_ndim(self.projection, base)
+    layer_shape = shape[self.stack :]
+    bound = self.projection.rank_bound(layer_shape)
+    if rank > bound:
+      raise ValueError(
+        f"rank must satisfy 0 < rank <= {bound} for the kernel {layer_shape} of a "
+        f"{type(base).__name__}, got rank={rank}"
+      )
+    dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
+    a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
+    stacked = shape[: self.stack]
+    a_init = lora_a_init or core.lora_a_init(rank)
+    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, *a_shape), dtype))
+    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (*stacked, *b_shape), dtype))
+    self.delta: DeltaParam | None = nnx.data(None)
+    if use_delta:
+      self.delta = DeltaParam(jnp.zeros(shape, dtype))
+
+  @property
+  def scaling(self) -> float:
+    """The LoRA scaling ``s = alpha / rank``."""
+    return core.lora_scaling(self.alpha, self.rank)
+
+  def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+    kind = self.projection
+    if einsum_str is not None and einsum_str.replace(" ", "") != getattr(kind, "equation", None):
+      raise ValueError(
+        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
+        f"{getattr(kind, 'equation', None)!r}"
+      )
+    return core.delta_lora_apply(
+      inputs,
+      self.kernel[...],
+      None if self.bias is None else self.bias[...],
+      self.lora_a[...],
+      self.lora_b[...],
+      None if self.delta is None else self.delta[...],
+      projection=kind,
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      evaluation=self.evaluation,
+      dtype=self.dtype,
+      precision=self.precision,
+    )
+
+  def merged_kernel(self) -> jax.Array:
+    """``W + s A B + ds D`` in the kernel's layout and dtype (per layer of a stack)."""
+    merge = lambda w, a, b, d: core.merged_kernel(  # noqa: E731
+      w,
+      a,
+      b,
+      d,
+      scaling=self.scaling,
+      delta_scaling=self.delta_scaling,
+      precision=jax.lax.Precision.HIGHEST,
+      projection=self.projection,
+    )
+    for _ in range(self.stack):
+      merge = jax.vmap(merge)
+    delta = None if self.delta is None else self.delta[...]
+    merged = merge(self.kernel[...], self.lora_a[...], self.lora_b[...], delta)
+    return merged.astype(self.kernel.dtype)
+
+  def to_module(self) -> nnx.Module:
+    """The base layer's own class with kernel ``W + s A B + ds D`` and the same bias.
+
+    Same Variable names, shapes, dtype and metadata as the base; a bfloat16
+    kernel rounds the adapter's contribution. This layer is not modified.
+    """
+    state = {"kernel": self.kernel.copy(self.merged_kernel())}
+    if self.bias is not None:
+      state["bias"] = self.bias.copy()
+    return nnx.merge(self.base_graphdef, nnx.State(state))
+
+
+def _kernel_ndim(kind: projections.Projection, base) -> int:
+  """The rank of one layer's kernel (a stacked kernel has more axes)."""
+  if isinstance(kind, projections.Einsum):
+    return len(kind.shape)
+  if isinstance(kind, projections.Conv):
+    return len(kind.kernel_size) + 2
+  in_axes = base.in_features if isinstance(base, nnx.LinearGeneral) else (base.in_features,)
+  return len(in_axes) + len(kind.features)
 
 
 # --------------------------------------------------------------------------
