@@ -38,18 +38,31 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import unfreeze
 
-from deltalora_jax import core, tree
+from deltalora_jax import core, projections, tree
+from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense
-from deltalora_jax.nnx import DeltaLoRALinear
+from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
 Path = tuple[str, ...]
 #: Per-layer options that ``overrides`` may set.
 LORA_OPTIONS = frozenset(
-  {"rank", "alpha", "delta_scaling", "freeze_base", "use_delta", "evaluation", "lora_a_init"}
+  {
+    "rank",
+    "alpha",
+    "delta_scaling",
+    "freeze_base",
+    "use_delta",
+    "evaluation",
+    "lora_a_init",
+    "adapter_dtype",
+  }
 )
 _EXPORTED_OPTIONS = ("rank", "alpha", "delta_scaling", "freeze_base", "use_delta", "evaluation")
-_ADAPTER_WEIGHTS = ("lora_a", "lora_b", "delta", "kernel", "bias")
+#: What ``targets`` may choose, in the words of the error messages.
+ADAPTABLE = (
+  "a layer that can be adapted (Dense, DenseGeneral/LinearGeneral, Einsum, Conv, or a subclass)"
+)
 
 
 # --------------------------------------------------------------------------
@@ -90,8 +103,9 @@ def select_targets(
   Args:
     modules: ``{path name: kind}`` of every module but the root, where kind
       is ``dense`` (can be adapted), ``adapted`` (already adapted), or the
-      module's type name.
-    targets: regular expression, list of names, or None (every dense layer).
+      module's type name (with the reason it cannot be adapted, if any).
+    targets: regular expression, list of names, or None (every layer that
+      can be adapted).
     exclude: regular expression, list of names, or None.
     dense: the kind of the dense layers, as ``modules`` spells it.
     adapted: the kind of the already adapted layers.
@@ -101,8 +115,10 @@ def select_targets(
 
   Raises:
     ValueError: when nothing is chosen, a listed name matches no module, or
-      a chosen layer is already adapted; the message lists the dense layers.
-    TypeError: when a chosen module is not a dense layer.
+      a chosen layer is already adapted; the message lists the layers that
+      can be adapted.
+    TypeError: when a chosen module cannot be adapted (the message names
+      its type and the supported kinds).
 
   Example:
     >>> modules = {"attn": "Attention", "attn/q": "dense", "mlp": "dense"}
@@ -113,7 +129,7 @@ def select_targets(
   exclude = _check_spec("exclude", exclude)
   dense_names = [n for n, kind in modules.items() if kind == dense]
   adapted_names = [n for n, kind in modules.items() if kind == adapted]
-  known = f"the dense layers are {dense_names}, the adapted ones {adapted_names}"
+  known = f"the layers that can be adapted are {dense_names}, the adapted ones {adapted_names}"
   if isinstance(targets, tuple):
     unknown = [s for s in targets if not any(_matches((s,), n) for n in modules)]
     if unknown:
@@ -134,8 +150,8 @@ def select_targets(
   wrong = [f"{n!r} is a {modules[n]}" for n in chosen if modules[n] != dense]
   if wrong:
     raise TypeError(
-      f"targets={targets!r} must choose dense layers only, but {', '.join(wrong)}, not a "
-      f"dense layer; {known}"
+      f"targets={targets!r} must choose layers that can be adapted, but {', '.join(wrong)}, "
+      f"not {ADAPTABLE}; {known}"
     )
   return chosen
 
@@ -170,24 +186,14 @@ def _layer_options(chosen: Sequence[str], options: dict, overrides) -> dict[str,
 
 
 def _report(variables, layers, names: Sequence[str]) -> dict:
-  """What was adapted: type, shapes, rank, scalings and trainable count of ``names``."""
-  variables, layers, _ = tree._resolve(variables, layers)
-  counts = tree.parameter_counts(variables, layers)
-  params = traverse_util.flatten_dict(unfreeze(variables["params"]))
-  entries = {}
-  for path, layer in layers.items():
-    name = tree.layer_name(path)
-    if name in names:
-      n_in, n_out = params[(*path, "kernel")].shape
-      entries[name] = {
-        "type": type(layer).__name__,
-        "in_features": int(n_in),
-        "out_features": int(n_out),
-        "rank": layer.rank,
-        "scaling": layer.scaling,
-        "delta_scaling": float(layer.delta_scaling),
-        "parameter_count": counts[name],
-      }
+  """What was adapted: the :func:`deltalora_jax.diagnostics` figures of ``names``, norms left out."""
+  figures = tree.diagnostics(variables, layers)["layers"]
+  keep = ("type", "kernel_shape", "in_features", "out_features", "rank", "scaling")
+  entries = {
+    name: {k: e[k] for k in (*keep, "delta_scaling", "parameter_count")}
+    for name, e in figures.items()
+    if name in names
+  }
   total = {
     "layers": len(entries),
     "parameter_count": sum(e["parameter_count"] for e in entries.values()),
@@ -199,7 +205,7 @@ def format_report(report: Mapping) -> str:
   """A table of a report of :func:`adapt_nnx` or :func:`adapt_linen` (or :func:`diagnostics`).
 
   Example:
-    >>> report = {"layers": {"attn/q": {"in_features": 8, "out_features": 8, "rank": 2,
+    >>> report = {"layers": {"attn/q": {"kernel_shape": [8, 8], "rank": 2,
     ...           "parameter_count": 96}}, "total": {"layers": 1, "parameter_count": 96}}
     >>> print(format_report(report))
     layer   shape  rank  trainable
@@ -209,7 +215,7 @@ def format_report(report: Mapping) -> str:
   rows = [("layer", "shape", "rank", "trainable")]
   for name, e in report["layers"].items():
     rows.append(
-      (name, f"{e['in_features']}x{e['out_features']}", str(e["rank"]), f"{e['parameter_count']:,}")
+      (name, "x".join(map(str, e["kernel_shape"])), str(e["rank"]), f"{e['parameter_count']:,}")
     )
   rows.append(("total", "", "", f"{report['total']['parameter_count']:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
@@ -225,20 +231,32 @@ def format_report(report: Mapping) -> str:
 
 
 def _nnx_kind(module) -> str:
-  if isinstance(module, DeltaLoRALinear | nnx.LoRALinear):
+  if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral | nnx.LoRALinear):
     return "adapted"
-  if isinstance(module, nnx.Linear):
-    return "dense"
-  return type(module).__name__
+  try:
+    nnx_front.projection_of(module)
+  except TypeError as error:
+    kinds = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+    reason = f" ({error})" if isinstance(module, kinds) else ""
+    return type(module).__name__ + reason
+  return "dense"
+
+
+def _nnx_adapter(module, options: dict, rngs: nnx.Rngs):
+  """The adapter of an NNX layer: :class:`DeltaLoRALinear` for one ``nnx.Linear``, else general."""
+  if isinstance(module, nnx.Linear) and module.kernel.ndim == 2:
+    return DeltaLoRALinear.from_linear(module, rngs=rngs, **options)
+  return DeltaLoRALinearGeneral(module, rngs=rngs, **options)
 
 
 def _nnx_modules(model) -> dict[str, tuple[tuple, nnx.Module]]:
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-  if isinstance(model, nnx.Linear | DeltaLoRALinear):
+  if _nnx_kind(model) != type(model).__name__:
     raise TypeError(
       f"model must hold the layers to adapt, got a single {type(model).__name__}: use "
-      "DeltaLoRALinear.from_linear(linear, rank=..., rngs=...) for one layer"
+      "DeltaLoRALinear.from_linear(linear, rank=..., rngs=...) or "
+      "DeltaLoRALinearGeneral(layer, rank=..., rngs=...) for one layer"
     )
   return {nnx_front.path_name(p): (p, m) for p, m in nnx.iter_modules(model) if p}
 
@@ -254,23 +272,29 @@ def adapt_nnx(
   use_delta: bool = True,
   evaluation: core.Evaluation = "auto",
   lora_a_init: Any = None,
+  adapter_dtype: Any = None,
   exclude: str | Sequence[str] | None = None,
   overrides: Mapping[str, Mapping[str, Any]] | None = None,
   rngs: nnx.Rngs,
   verbose: bool = False,
 ) -> dict:
-  """Adapts the chosen ``nnx.Linear`` layers of an NNX model, in place.
+  """Adapts the chosen projection layers of an NNX model, in place.
 
-  Each chosen layer is replaced by :meth:`DeltaLoRALinear.from_linear
-  <deltalora_jax.nnx.DeltaLoRALinear.from_linear>` of it: same kernel and
-  bias, ``B = D = 0``, so the model's output is unchanged until training.
-  All layers are checked and built before any is replaced: on an error the
+  The layers that can be adapted are ``nnx.Linear``, ``nnx.LinearGeneral``
+  (the projections of ``nnx.MultiHeadAttention``), ``nnx.Einsum`` and
+  ``nnx.Conv``, their subclasses, and stacks of them created with
+  ``nnx.vmap`` (applied with ``nnx.scan``). An ``nnx.Linear`` is replaced by
+  :meth:`DeltaLoRALinear.from_linear
+  <deltalora_jax.nnx.DeltaLoRALinear.from_linear>` of it, the others by
+  :class:`~deltalora_jax.nnx.DeltaLoRALinearGeneral`: same kernel and bias,
+  ``B = D = 0``, so the model's output is unchanged until training. All
+  layers are checked and built before any is replaced: on an error the
   model is left as it was.
 
   Args:
-    model: any ``nnx.Module`` tree holding ``nnx.Linear`` layers.
+    model: any ``nnx.Module`` tree holding such layers.
     targets: regular expression on the layer path (``re.fullmatch``), list
-      of layer names, or None for every ``nnx.Linear``.
+      of layer names, or None for every layer that can be adapted.
     rank: LoRA rank of every chosen layer.
     alpha: LoRA alpha (None: ``alpha = rank``).
     delta_scaling: ``ds`` of the delta term.
@@ -278,6 +302,8 @@ def adapt_nnx(
     use_delta: create ``D`` (False: plain LoRA).
     evaluation: see :func:`deltalora_jax.core.choose_evaluation`.
     lora_a_init: initializer of ``A`` (None: ``N(0, 1/rank)``).
+    adapter_dtype: dtype of ``A``, ``B`` and ``D`` (None: float32, or the
+      kernel's dtype when wider).
     exclude: layers to leave out, in the same forms as ``targets``.
     overrides: ``{regex: {option: value}}``, per-layer values of the options
       above (``rank``, ``alpha``, ...); the first regex that matches a
@@ -291,9 +317,10 @@ def adapt_nnx(
     parameter count of each (the figures of :func:`deltalora_jax.diagnostics`).
 
   Raises:
-    ValueError: when the targets choose nothing (the message lists the dense
-      layers), or a chosen layer is already adapted.
-    TypeError: when a chosen module is not an ``nnx.Linear``.
+    ValueError: when the targets choose nothing (the message lists the
+      layers that can be adapted), or a chosen layer is already adapted.
+    TypeError: when a chosen module cannot be adapted (its type and the
+      supported kinds are named).
 
   Example:
     >>> from flax import nnx
@@ -317,12 +344,10 @@ def adapt_nnx(
     "use_delta": use_delta,
     "evaluation": evaluation,
     "lora_a_init": lora_a_init,
+    "adapter_dtype": adapter_dtype,
   }
   per_layer = _layer_options(chosen, options, overrides)
-  new = {
-    name: DeltaLoRALinear.from_linear(modules[name][1], rngs=rngs, **per_layer[name])
-    for name in chosen
-  }
+  new = {name: _nnx_adapter(modules[name][1], per_layer[name], rngs) for name in chosen}
   nnx_front.replace_modules(model, {modules[name][0]: layer for name, layer in new.items()})
   report = _report(model, None, chosen)
   if verbose:
@@ -336,12 +361,13 @@ def adapt_nnx(
 
 
 class DeltaLoRAModel(nn.Module):
-  """An existing Linen model whose chosen ``nn.Dense`` layers run as :class:`DeltaLoRADense`.
+  """An existing Linen model whose chosen projection layers run with Delta-LoRA.
 
   The model's source is not edited: while the model runs, an interceptor
   (``flax.linen.intercept_methods``) replaces the call of each chosen
-  ``nn.Dense`` by a :class:`~deltalora_jax.DeltaLoRADense` on the same scope,
-  so ``lora_a``/``lora_b`` sit beside ``kernel``/``bias`` in ``params`` and
+  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` or ``nn.Conv`` by a
+  :class:`~deltalora_jax.DeltaLoRAGeneral` on the same scope, so
+  ``lora_a``/``lora_b`` sit beside ``kernel``/``bias`` in ``params`` and
   ``D`` at the same path in the ``'delta'`` collection, and the wrapper adds
   no level to the variables (``nn.share_scope``). Build it with
   :func:`adapt_linen` or :func:`attach_adapter_linen`.
@@ -349,9 +375,10 @@ class DeltaLoRAModel(nn.Module):
   Attributes:
     model: the original Linen model.
     adapters: ``((path, ((option, value), ...)), ...)``: each adapted
-      layer's path and the :class:`DeltaLoRADense` arguments that are not
-      taken from the ``nn.Dense`` itself (``features``, ``use_bias``, rank,
-      alpha, ...). Hashable, as a Linen attribute must be.
+      layer's path and the :class:`~deltalora_jax.DeltaLoRAGeneral`
+      arguments that are not taken from the base layer itself (its
+      ``projection``, ``use_bias``, rank, alpha, ...). Hashable, as a Linen
+      attribute must be.
   """
 
   model: nn.Module
@@ -361,9 +388,9 @@ class DeltaLoRAModel(nn.Module):
     nn.share_scope(self, self.model)
 
   @property
-  def layers(self) -> dict[Path, DeltaLoRADense]:
-    """``{path: DeltaLoRADense}``, the layers mapping of :mod:`deltalora_jax.tree`."""
-    return {path: DeltaLoRADense(**dict(options), parent=None) for path, options in self.adapters}
+  def layers(self) -> dict[Path, DeltaLoRAGeneral]:
+    """``{path: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
+    return {path: DeltaLoRAGeneral(**dict(options), parent=None) for path, options in self.adapters}
 
   def __call__(self, *args, **kwargs):
     configs = dict(self.adapters)
@@ -375,20 +402,20 @@ class DeltaLoRAModel(nn.Module):
       if context.method_name != "__call__" or path[: len(prefix)] != prefix:
         return next_fun(*call_args, **call_kwargs)
       options = configs.get(path[len(prefix) :])
-      if options is None or isinstance(module, DeltaLoRADense):
+      if options is None or isinstance(module, DeltaLoRAGeneral):
         return next_fun(*call_args, **call_kwargs)
-      if type(module) is not nn.Dense:
-        raise TypeError(
-          f"the adapter at {'/'.join(path)!r} needs an nn.Dense there, got {type(module).__name__}"
-        )
+      name = "/".join(path)
+      try:
+        kind = linen_front.projection_of(module, call_kwargs.get("einsum_str"))
+      except TypeError as error:
+        raise TypeError(f"the adapter at {name!r} cannot run on this layer: {error}") from None
       options = dict(options)
-      if (module.features, module.use_bias) != (options["features"], options["use_bias"]):
+      if (kind, module.use_bias) != (options["projection"], options["use_bias"]):
         raise ValueError(
-          f"the nn.Dense at {'/'.join(path)!r} has features={module.features}, "
-          f"use_bias={module.use_bias}; its adapter was made for features="
-          f"{options['features']}, use_bias={options['use_bias']}"
+          f"the {type(module).__name__} at {name!r} is {kind} with use_bias={module.use_bias}; "
+          f"its adapter was made for {options['projection']} with use_bias={options['use_bias']}"
         )
-      layer = DeltaLoRADense(
+      layer = DeltaLoRAGeneral(
         **options,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
@@ -403,27 +430,16 @@ class DeltaLoRAModel(nn.Module):
       return self.model(*args, **kwargs)
 
 
-def _check_dense(name: str, module: nn.Dense) -> None:
-  custom = [
-    field
-    for field, default in (
-      ("dot_general", None),
-      ("dot_general_cls", None),
-      ("promote_dtype", nn.Dense.promote_dtype),
-    )
-    if getattr(module, field) is not default
-  ]
-  if custom:
-    raise TypeError(
-      f"the nn.Dense at {name!r} computes with a custom {custom}: an adapter would compute "
-      "something else; only nn.Dense with the default product can be adapted"
-    )
+_LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 
 
 def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, dict]:
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
-  Runs under ``jax.eval_shape``: nothing is computed.
+  Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
+  adapted, with its ``module`` and ``projection``; ``'adapted'``; or its type
+  name, with the reason when it is a projection layer that cannot be
+  adapted). Runs under ``jax.eval_shape``: nothing is computed.
   """
   found: dict[str, dict] = {}
 
@@ -431,16 +447,15 @@ def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, 
     module = context.module
     if module.path:
       entry = found.setdefault("/".join(module.path), {"kind": type(module).__name__})
-      if entry["kind"] == "adapted":
-        pass
-      elif isinstance(module, DeltaLoRADense):
+      if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
         entry["kind"] = "adapted"
-      elif (
-        type(module) is nn.Dense
-        and context.method_name == "__call__"
-        and entry["kind"] != "adapted"
-      ):
-        entry.update(kind="dense", module=module, in_features=int(jnp.shape(args[0])[-1]))
+      elif entry["kind"] != "adapted" and context.method_name == "__call__":
+        try:
+          kind = linen_front.projection_of(module, kwargs.get("einsum_str"))
+          entry.update(kind="dense", module=module, projection=kind)
+        except TypeError as error:
+          if isinstance(module, _LINEN_KINDS):
+            entry["kind"] = f"{type(module).__name__} ({error})"
     return next_fun(*args, **kwargs)
 
   def run(variables):
@@ -497,13 +512,19 @@ def adapt_linen(
   use_delta: bool = True,
   evaluation: core.Evaluation = "auto",
   lora_a_init: Any = None,
+  adapter_dtype: Any = None,
   exclude: str | Sequence[str] | None = None,
   overrides: Mapping[str, Mapping[str, Any]] | None = None,
   key: jax.Array,
   call_kwargs: Mapping[str, Any] | None = None,
   verbose: bool = False,
 ) -> tuple[DeltaLoRAModel, dict]:
-  """Adapts the chosen ``nn.Dense`` layers of an existing Linen model and its variables.
+  """Adapts the chosen projection layers of an existing Linen model and its variables.
+
+  The layers that can be adapted are ``nn.Dense``, ``nn.DenseGeneral`` (the
+  projections of ``nn.MultiHeadDotProductAttention``), ``nn.Einsum`` and
+  ``nn.Conv``, and their subclasses, also inside ``nn.scan`` / ``nn.vmap``
+  stacks (the adapter arrays then get the stack's leading axes).
 
   The model is traced once on ``inputs`` (``jax.eval_shape``: no compute) to
   find its modules; targets are matched as in :func:`adapt_nnx`. The model
@@ -517,7 +538,8 @@ def adapt_linen(
     model: the Linen model (or a :class:`DeltaLoRAModel`, to adapt more layers).
     variables: its pretrained variables, ``{'params': ..., ...}``.
     *inputs: sample inputs of ``model.apply(variables, *inputs)``.
-    targets: regular expression, list of names, or None (every ``nn.Dense``).
+    targets: regular expression, list of names, or None (every layer that
+      can be adapted).
     rank: LoRA rank.
     alpha: LoRA alpha (None: ``alpha = rank``).
     delta_scaling: ``ds`` of the delta term.
@@ -525,6 +547,8 @@ def adapt_linen(
     use_delta: create ``D`` (False: plain LoRA).
     evaluation: see :func:`deltalora_jax.core.choose_evaluation`.
     lora_a_init: initializer of ``A`` (None: ``N(0, 1/rank)``).
+    adapter_dtype: dtype of ``A``, ``B`` and ``D`` (None: float32, or the
+      kernel's dtype when wider).
     exclude: layers to leave out.
     overrides: ``{regex: {option: value}}`` per-layer options, as in :func:`adapt_nnx`.
     key: PRNG key that draws the ``A`` factors.
@@ -537,8 +561,9 @@ def adapt_linen(
 
   Raises:
     ValueError: when the targets choose nothing (the message lists the
-      ``nn.Dense`` layers), or a chosen layer is already adapted.
-    TypeError: when a chosen module is not an ``nn.Dense``.
+      layers that can be adapted), or a chosen layer is already adapted.
+    TypeError: when a chosen module cannot be adapted (its type and the
+      supported kinds are named).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -570,25 +595,16 @@ def adapt_linen(
     "use_delta": use_delta,
     "evaluation": evaluation,
     "lora_a_init": lora_a_init,
+    "adapter_dtype": adapter_dtype,
   }
   per_layer = _layer_options(chosen, options, overrides)
   adapters, new = dict(existing), {}
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
-    dense, in_features = found[name]["module"], found[name]["in_features"]
-    _check_dense(name, dense)
+    module, kind = found[name]["module"], found[name]["projection"]
     path = tuple(name.split("/"))
-    layer_options = {"features": dense.features, "use_bias": dense.use_bias, **per_layer[name]}
-    core.check_rank(per_layer[name]["rank"], in_features, dense.features)
-    dtype = params[(*path, "kernel")].dtype
-    layer = DeltaLoRADense(**layer_options, param_dtype=dtype, parent=None)  # checks options
-    a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as DeltaLoRADense does
-    key_a, key_b = jax.random.split(subkey)  # one key per parameter
-    new[path] = {
-      "lora_a": a_init(key_a, (in_features, layer.rank), dtype),
-      "lora_b": layer.lora_b_init(key_b, (layer.rank, dense.features), dtype),
-    }
-    if layer.use_delta:
-      new[path]["delta"] = jnp.zeros((in_features, dense.features), dtype)
+    layer_options = {"projection": kind, "use_bias": module.use_bias, **per_layer[name]}
+    layer = DeltaLoRAGeneral(**layer_options, parent=None)  # checks the options
+    new[path] = _new_adapter(name, layer, params[(*path, "kernel")], subkey)
     adapters[path] = tuple(sorted(layer_options.items()))
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = _with_adapters(variables, params, new)
@@ -596,6 +612,40 @@ def adapt_linen(
   if verbose:
     print(format_report(report))
   return adapted, variables
+
+
+def _layer_shape(name: str, kind: projections.Projection, kernel_shape) -> tuple[tuple, tuple]:
+  """``(stack axes, one layer's kernel shape)`` of a kernel: ``nn.scan`` stacks lead."""
+  stack = len(kernel_shape) - kind.kernel_ndim
+  if stack < 0:
+    raise ValueError(
+      f"the kernel at {name!r} has shape {tuple(kernel_shape)}; a {kind.name} layer needs "
+      f"{kind.kernel_ndim} axes"
+    )
+  return tuple(kernel_shape[:stack]), tuple(kernel_shape[stack:])
+
+
+def _new_adapter(name: str, layer: DeltaLoRAGeneral, kernel, key) -> dict[str, jax.Array]:
+  """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
+  kind = layer.projection
+  stack, shape = _layer_shape(name, kind, jnp.shape(kernel))
+  bound = kind.rank_bound(shape)
+  if layer.rank > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} at {name!r}, "
+      f"got rank={layer.rank}"
+    )
+  dtype = linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype)
+  a_shape, b_shape = kind.factor_shapes(shape, layer.rank)
+  a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as the layer does
+  key_a, key_b = jax.random.split(key)  # one key per parameter
+  arrays = {
+    "lora_a": a_init(key_a, (*stack, *a_shape), dtype),
+    "lora_b": layer.lora_b_init(key_b, (*stack, *b_shape), dtype),
+  }
+  if layer.use_delta:
+    arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
+  return arrays
 
 
 # --------------------------------------------------------------------------
@@ -649,9 +699,11 @@ def export_adapter(variables, layers=None) -> dict:
 
   Returns:
     ``{'config': {name: {...}}, 'weights': {name: {...}}}`` keyed by layer
-    path ``'a/b/c'``. The config of each layer (``in_features``,
-    ``out_features``, ``use_bias`` and the LoRA options) holds only Python
-    numbers, bools, strings and None (JSON-ready); the weights are
+    path ``'a/b/c'``. The config of each layer (``projection``, the layer
+    kind as :func:`deltalora_jax.projections.to_json` writes it,
+    ``kernel_shape`` with any stack axes, ``use_bias`` and the LoRA options)
+    holds only Python numbers, bools, strings, lists and None (JSON-ready);
+    the weights are
     ``lora_a``, ``lora_b``, ``delta`` (unless ``use_delta=False``), and the
     base ``kernel``/``bias`` only for a layer trained with
     ``freeze_base=False``. Arrays are shared, not copied.
@@ -677,8 +729,8 @@ def export_adapter(variables, layers=None) -> dict:
     name = tree.layer_name(path)
     kernel = params[(*path, "kernel")]
     config[name] = {
-      "in_features": int(kernel.shape[0]),
-      "out_features": int(kernel.shape[1]),
+      "projection": projections.to_json(layer.projection),
+      "kernel_shape": [int(n) for n in kernel.shape],
       "use_bias": bool(layer.use_bias),
       "rank": int(layer.rank),
       "alpha": None if layer.alpha is None else float(layer.alpha),
@@ -713,20 +765,30 @@ def _check_adapter(adapter) -> tuple[dict, dict]:
   return dict(config), dict(weights)
 
 
-def _expected_shapes(cfg: Mapping) -> dict[str, tuple[int, ...]]:
-  n_in, n_out, rank = cfg["in_features"], cfg["out_features"], cfg["rank"]
-  shapes = {"lora_a": (n_in, rank), "lora_b": (rank, n_out)}
+def _config_kind(name: str, cfg: Mapping) -> tuple[projections.Projection, tuple, tuple]:
+  """``(projection, stack axes, one layer's kernel shape)`` of an adapter's layer config."""
+  missing = {"projection", "kernel_shape", "use_bias", *_EXPORTED_OPTIONS} - set(cfg)
+  if missing:
+    raise ValueError(f"adapter config of {name!r} lacks {sorted(missing)}")
+  kind = projections.from_json(dict(cfg["projection"]))
+  return kind, *_layer_shape(name, kind, tuple(cfg["kernel_shape"]))
+
+
+def _expected_shapes(name: str, cfg: Mapping) -> dict[str, tuple[int, ...]]:
+  kind, stack, shape = _config_kind(name, cfg)
+  a_shape, b_shape = kind.factor_shapes(shape, cfg["rank"])
+  shapes = {"lora_a": (*stack, *a_shape), "lora_b": (*stack, *b_shape)}
   if cfg["use_delta"]:
-    shapes["delta"] = (n_in, n_out)
+    shapes["delta"] = (*stack, *shape)
   if not cfg["freeze_base"]:
-    shapes["kernel"] = (n_in, n_out)
+    shapes["kernel"] = (*stack, *shape)
     if cfg["use_bias"]:
-      shapes["bias"] = (n_out,)
+      shapes["bias"] = (*stack, *kind.bias_shape(shape))
   return shapes
 
 
 def _check_weights(name: str, cfg: Mapping, arrays: Mapping) -> dict[str, jax.Array]:
-  expected = _expected_shapes(cfg)
+  expected = _expected_shapes(name, cfg)
   if set(arrays) != set(expected):
     raise ValueError(
       f"adapter weights of {name!r} must be {sorted(expected)}, got {sorted(arrays)}"
@@ -776,24 +838,28 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> dict:
   config, weights = _check_adapter(adapter)
   modules = _nnx_modules(model)
   kinds = {name: _nnx_kind(m) for name, (_, m) in modules.items()}
-  dense = [n for n, kind in kinds.items() if kind == "dense"]
+  adaptable = [n for n, kind in kinds.items() if kind == "dense"]
   new = {}
   for name, cfg in config.items():
     if name not in kinds:
-      raise ValueError(f"adapter layer {name!r} is not in the model; its dense layers: {dense}")
+      raise ValueError(
+        f"adapter layer {name!r} is not in the model; the layers that can be adapted: {adaptable}"
+      )
     if kinds[name] == "adapted":
       raise ValueError(f"layer {name!r} is already adapted")
     if kinds[name] != "dense":
-      raise TypeError(f"adapter layer {name!r} is a {kinds[name]} in the model, not an nnx.Linear")
-    linear = modules[name][1]
-    if (linear.in_features, linear.out_features) != (cfg["in_features"], cfg["out_features"]):
+      raise TypeError(f"adapter layer {name!r} is a {kinds[name]} in the model, not {ADAPTABLE}")
+    module = modules[name][1]
+    kind = _config_kind(name, cfg)[0]
+    given = (nnx_front.projection_of(module), tuple(module.kernel.shape))
+    if given != (kind, tuple(cfg["kernel_shape"])):
       raise ValueError(
-        f"the nnx.Linear at {name!r} is {linear.in_features}x{linear.out_features}; the "
-        f"adapter was trained for {cfg['in_features']}x{cfg['out_features']}"
+        f"the {type(module).__name__} at {name!r} is {given[0]} with kernel {given[1]}; the "
+        f"adapter was trained for {kind} with kernel {tuple(cfg['kernel_shape'])}"
       )
     arrays = _check_weights(name, cfg, weights[name])
     options = {k: cfg[k] for k in _EXPORTED_OPTIONS}
-    layer = DeltaLoRALinear.from_linear(linear, rngs=nnx.Rngs(0), **options)
+    layer = _nnx_adapter(module, options, nnx.Rngs(0))
     for key, value in arrays.items():
       getattr(layer, key)[...] = value.astype(getattr(layer, key)[...].dtype)
     new[name] = layer
@@ -838,7 +904,7 @@ def attach_adapter_linen(
   """
   config, weights = _check_adapter(adapter)
   base, existing, params, variables = _linen_parts(model, variables)
-  kernels = sorted("/".join(k[:-1]) for k, v in params.items() if k[-1] == "kernel")
+  kernels = sorted("/".join(k[:-1]) for k in params if k[-1] == "kernel")
   adapters, new = dict(existing), {}
   for name, cfg in config.items():
     path = tuple(name.split("/"))
@@ -850,16 +916,20 @@ def attach_adapter_linen(
       )
     if path in existing or (*path, "lora_a") in params:
       raise ValueError(f"layer {name!r} is already adapted")
-    if tuple(kernel.shape) != (cfg["in_features"], cfg["out_features"]):
+    if tuple(kernel.shape) != tuple(cfg["kernel_shape"]):
       raise ValueError(
         f"the kernel at {name!r} has shape {kernel.shape}; the adapter was trained for "
-        f"{(cfg['in_features'], cfg['out_features'])}"
+        f"{tuple(cfg['kernel_shape'])}"
       )
     arrays = _check_weights(name, cfg, weights[name])
-    new[path] = {key: value.astype(kernel.dtype) for key, value in arrays.items()}
-    options = {"features": cfg["out_features"], "use_bias": cfg["use_bias"]}
+    dtype = linen_front.adapter_dtype(None, kernel.dtype)
+    new[path] = {
+      key: value.astype(kernel.dtype if key in ("kernel", "bias") else dtype)
+      for key, value in arrays.items()
+    }
+    options = {"projection": _config_kind(name, cfg)[0], "use_bias": cfg["use_bias"]}
     options.update({k: cfg[k] for k in _EXPORTED_OPTIONS})
-    DeltaLoRADense(**options, parent=None)  # checks the options
+    DeltaLoRAGeneral(**options, parent=None)  # checks the options
     adapters[path] = tuple(sorted(options.items()))
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   return adapted, _with_adapters(variables, params, new)

@@ -14,6 +14,7 @@ where ``s`` is the LoRA ``scaling`` and ``ds`` the ``delta_scaling``.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -281,6 +282,18 @@ def merged_kernel(
          [2. , 3.5]], dtype=float32)
   """
   projection = _projection(projection, kernel)
+  stack = jnp.ndim(kernel) - projection.kernel_ndim
+  if stack > 0:  # a stack of layers (nn.scan, nnx.vmap): merge each
+    merge = functools.partial(
+      merged_kernel,
+      scaling=scaling,
+      delta_scaling=delta_scaling,
+      precision=precision,
+      projection=projection,
+    )
+    for _ in range(stack):
+      merge = jax.vmap(merge)
+    return merge(kernel, lora_a, lora_b, delta)
   check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
   parts = (kernel, lora_a, lora_b) + (() if delta is None else (delta,))
   wide = widest_dtype(*(p.dtype for p in parts), at_least=jnp.float32)

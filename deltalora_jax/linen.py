@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 import flax.linen as nn
+from flax.linen import dtypes as linen_dtypes
 import jax
 import jax.numpy as jnp
 
@@ -186,6 +187,72 @@ class DeltaLoRADense(nn.Module):
       dtype=self.dtype,
       precision=self.precision,
     )
+
+
+def projection_of(module: nn.Module, einsum_str: str | None = None) -> projections.Projection:
+  """The product of a Linen projection layer, or a ``TypeError`` saying why it cannot be adapted.
+
+  ``nn.Dense``, ``nn.DenseGeneral`` (no ``batch_dims``), ``nn.Einsum`` and
+  ``nn.Conv`` (``feature_group_count=1``, no ``mask``), and their
+  subclasses, computing with their default product and dtype promotion.
+  ``einsum_str`` is the one given at call time to an ``nn.Einsum``.
+
+  Example:
+    >>> projection_of(nn.Conv(features=4, kernel_size=3))
+    Conv(features=4, kernel_size=(3,), strides=(1,), padding='SAME', input_dilation=(1,), kernel_dilation=(1,))
+  """
+  name = type(module).__name__
+  if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
+    raise TypeError(f"{name} is already adapted")
+  defaults: list[tuple[str, Any]] = []
+  if isinstance(module, nn.Dense):
+    kind = projections.GeneralDense(features=(module.features,))
+    defaults = [("dot_general", None), ("dot_general_cls", None)]
+  elif isinstance(module, nn.DenseGeneral):
+    if tuple(module.batch_dims):
+      raise TypeError(
+        f"{name} with batch_dims={module.batch_dims} cannot be adapted: only DenseGeneral "
+        "without batch axes"
+      )
+    kind = projections.GeneralDense(features=module.features, axis=module.axis)
+    defaults = [("dot_general", None), ("dot_general_cls", None)]
+  elif isinstance(module, nn.Einsum):
+    equation = einsum_str or module.einsum_str
+    kind = projections.Einsum(equation, module.shape)
+    defaults = [("preferred_element_type", None)]
+  elif isinstance(module, nn.Conv):
+    if module.feature_group_count != 1:
+      raise TypeError(
+        f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
+        "only feature_group_count=1"
+      )
+    if module.mask is not None:
+      raise TypeError(f"{name} with a mask cannot be adapted")
+    kernel_size = module.kernel_size
+    kind = projections.Conv(
+      features=module.features,
+      kernel_size=(kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size),
+      strides=module.strides,
+      padding=module.padding,
+      input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation,
+    )
+    defaults = [("conv_general_dilated", None), ("conv_general_dilated_cls", None)]
+  else:
+    raise TypeError(
+      f"{name} cannot be adapted: the supported kinds are {SUPPORTED} (and their subclasses)"
+    )
+  defaults.append(("promote_dtype", linen_dtypes.promote_dtype))
+  custom = [f for f, default in defaults if getattr(module, f, default) is not default]
+  if custom:
+    raise TypeError(
+      f"{name} computes with a custom {sorted(set(custom))}: an adapter would compute "
+      "something else"
+    )
+  return kind
+
+
+SUPPORTED = "nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv"
 
 
 def _flat_init(init, n_out: int):

@@ -46,6 +46,15 @@ def _check_bool(name: str, value) -> bool:
   return value
 
 
+def _check_out_sharding(out_sharding) -> None:
+  """Flax layers take ``out_sharding`` (explicit-sharding mode); adapted layers leave it to XLA."""
+  if out_sharding is not None:
+    raise NotImplementedError(
+      f"adapted layers do not take out_sharding (JAX's explicit sharding mode), got "
+      f"out_sharding={out_sharding!r}; use automatic sharding (deltalora_jax.make_mesh)"
+    )
+
+
 def _constant(array):
   """An initializer that returns ``array`` (the weights of an existing layer)."""
   return lambda key, shape, dtype: array
@@ -222,7 +231,8 @@ class DeltaLoRALinear(nnx.Module):
     """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
     return projections.GeneralDense(features=(self.out_features,))
 
-  def __call__(self, inputs: jax.Array) -> jax.Array:
+  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+    _check_out_sharding(out_sharding)
     return core.delta_lora_dense(
       inputs,
       self.kernel[...],
@@ -237,6 +247,10 @@ class DeltaLoRALinear(nnx.Module):
       dtype=self.dtype,
       precision=self.precision,
     )
+
+  def to_module(self) -> nnx.Linear:
+    """:meth:`to_linear`: the base layer's class with the merged kernel."""
+    return self.to_linear()
 
   def to_linear(self) -> nnx.Linear:
     """A plain ``nnx.Linear`` with kernel ``W + s A B + ds D`` and the same bias.
@@ -450,7 +464,7 @@ class DeltaLoRALinearGeneral(nnx.Module):
     if self.use_bias:
       self.bias = base.bias.copy()
     shape = tuple(self.kernel.shape)
-    self.stack = len(shape) - _kernel_ndim(self.projection, base)
+    self.stack = len(shape) - self.projection.kernel_ndim
     layer_shape = shape[self.stack :]
     bound = self.projection.rank_bound(layer_shape)
     if rank > bound:
@@ -473,7 +487,10 @@ class DeltaLoRALinearGeneral(nnx.Module):
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
 
-  def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
+  def __call__(
+    self, inputs: jax.Array, einsum_str: str | None = None, out_sharding=None
+  ) -> jax.Array:
+    _check_out_sharding(out_sharding)
     kind = self.projection
     if einsum_str is not None and einsum_str.replace(" ", "") != getattr(kind, "equation", None):
       raise ValueError(
@@ -498,21 +515,16 @@ class DeltaLoRALinearGeneral(nnx.Module):
 
   def merged_kernel(self) -> jax.Array:
     """``W + s A B + ds D`` in the kernel's layout and dtype (per layer of a stack)."""
-    merge = lambda w, a, b, d: core.merged_kernel(  # noqa: E731
-      w,
-      a,
-      b,
-      d,
+    return core.merged_kernel(
+      self.kernel[...],
+      self.lora_a[...],
+      self.lora_b[...],
+      None if self.delta is None else self.delta[...],
       scaling=self.scaling,
       delta_scaling=self.delta_scaling,
       precision=jax.lax.Precision.HIGHEST,
       projection=self.projection,
-    )
-    for _ in range(self.stack):
-      merge = jax.vmap(merge)
-    delta = None if self.delta is None else self.delta[...]
-    merged = merge(self.kernel[...], self.lora_a[...], self.lora_b[...], delta)
-    return merged.astype(self.kernel.dtype)
+    ).astype(self.kernel.dtype)
 
   def to_module(self) -> nnx.Module:
     """The base layer's own class with kernel ``W + s A B + ds D`` and the same bias.
@@ -526,16 +538,6 @@ class DeltaLoRALinearGeneral(nnx.Module):
     return nnx.merge(self.base_graphdef, nnx.State(state))
 
 
-def _kernel_ndim(kind: projections.Projection, base) -> int:
-  """The rank of one layer's kernel (a stacked kernel has more axes)."""
-  if isinstance(kind, projections.Einsum):
-    return len(kind.shape)
-  if isinstance(kind, projections.Conv):
-    return len(kind.kernel_size) + 2
-  in_axes = base.in_features if isinstance(base, nnx.LinearGeneral) else (base.in_features,)
-  return len(in_axes) + len(kind.features)
-
-
 # --------------------------------------------------------------------------
 # Whole-model helpers (used by deltalora_jax.tree and deltalora_jax.adapt).
 # --------------------------------------------------------------------------
@@ -546,8 +548,8 @@ def path_name(path) -> str:
   return "/".join(map(str, path))
 
 
-def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear]]:
-  """Every :class:`DeltaLoRALinear` of an NNX model, with its path, sorted by path.
+def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear | DeltaLoRALinearGeneral]]:
+  """Every adapted layer of an NNX model, with its path, sorted by path.
 
   Example:
     >>> from flax import nnx
@@ -558,7 +560,7 @@ def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear]]:
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
   for path, module in nnx.iter_modules(model):
-    if isinstance(module, DeltaLoRALinear):
+    if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral):
       yield path, module
 
 
@@ -634,7 +636,7 @@ def linen_view(model: nnx.Module, opt_state: Any = None):
     if layer.delta is not None:
       delta[key] = {"delta": layer.delta[...]}
   if not layers:
-    raise ValueError(f"model {type(model).__name__} has no DeltaLoRALinear layer")
+    raise ValueError(f"model {type(model).__name__} has no adapted layer")
   variables = {"params": _nest(params), "delta": _nest(delta)}
   if opt_state is None:
     return variables, layers, None
@@ -666,7 +668,7 @@ def _nest(flat: dict[Path, dict]) -> dict:
 
 
 def merged_model(model: nnx.Module) -> nnx.Module:
-  """A copy of ``model`` with every :class:`DeltaLoRALinear` merged into an ``nnx.Linear``.
+  """A copy of ``model`` with every adapted layer merged back into its base class.
 
   The copy (``nnx.clone``) shares the arrays of the layers that are not
   adapted; ``model`` itself is not modified. A model that is a single
@@ -677,10 +679,10 @@ def merged_model(model: nnx.Module) -> nnx.Module:
   """
   found = list(adapters(model))
   if not found:
-    raise ValueError(f"model {type(model).__name__} has no DeltaLoRALinear layer")
+    raise ValueError(f"model {type(model).__name__} has no adapted layer")
   if found[0][0] == ():
-    return found[0][1].to_linear()
+    return found[0][1].to_module()
   merged = nnx.clone(model)
   for path, layer in list(adapters(merged)):
-    replace_module(merged, path, layer.to_linear())
+    replace_module(merged, path, layer.to_module())
   return merged

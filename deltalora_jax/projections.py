@@ -113,6 +113,11 @@ class GeneralDense:
   def name(self) -> str:
     return "general_dense"
 
+  @property
+  def kernel_ndim(self) -> int:
+    """The kernel's rank (a stack of layers adds leading axes)."""
+    return len(self.axis) + len(self.features)
+
   def _axes(self, ndim: int) -> tuple[int, ...]:
     axes = tuple(a % ndim if -ndim <= a < ndim else None for a in self.axis)
     if None in axes or len(set(axes)) != len(axes):
@@ -223,6 +228,11 @@ class Einsum:
   @property
   def name(self) -> str:
     return "einsum"
+
+  @property
+  def kernel_ndim(self) -> int:
+    """The kernel's rank (a stack of layers adds leading axes)."""
+    return len(self.shape)
 
   def _letters(self) -> tuple[str, str, str, str, str, str]:
     """``(lhs, rhs, out, A's letters, B's letters, rank letter)``."""
@@ -388,6 +398,11 @@ class Conv:
   @property
   def name(self) -> str:
     return "conv"
+
+  @property
+  def kernel_ndim(self) -> int:
+    """The kernel's rank (a stack of layers adds leading axes)."""
+    return len(self.kernel_size) + 2
 
   def kernel_shape(self, x_shape: Shape) -> Shape:
     return (*self.kernel_size, x_shape[-1], self.features)

@@ -242,17 +242,21 @@ def current_delta(variables: Mapping, path: Path = ()) -> jax.Array:
 
 
 def merge(variables: Mapping, layers: Layers | None = None) -> dict:
-  """Variables for the same model written with ``nn.Dense`` in place of each adapter.
+  """Variables for the same model written with its base layers in place of each adapter.
 
   Given an NNX model instead (and no ``layers``), returns a merged copy whose
-  adapters are plain ``nnx.Linear`` (:func:`deltalora_jax.nnx.merged_model`).
+  adapters are the base layers' classes again
+  (:func:`deltalora_jax.nnx.merged_model`).
 
-  Each adapted layer's ``kernel`` becomes ``W + s A B + ds D``; its bias is
-  unchanged; ``lora_a``, ``lora_b`` and the ``'delta'`` collection are
-  dropped. Other collections (``batch_stats``, ...) are kept.
+  Each adapted layer's ``kernel`` becomes ``W + s A B + ds D`` in its own
+  layout (each layer of a stack on its own), formed in at least float32 and
+  stored in the kernel's dtype (a bfloat16 kernel rounds the adapter's
+  contribution); its bias is unchanged; ``lora_a``, ``lora_b`` and the
+  ``'delta'`` collection are dropped. Other collections (``batch_stats``,
+  ...) are kept.
 
   Raises:
-    TypeError: when an adapted layer's base is not dense (no 2-D kernel).
+    TypeError: when a layer of ``layers`` is not an adapted layer.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -270,10 +274,9 @@ def merge(variables: Mapping, layers: Layers | None = None) -> dict:
   params = _flat(variables, "params")
   for path, layer in layers.items():
     kernel = _layer_params(params, path, "kernel")
-    if not isinstance(layer, DeltaLoRADense) or jnp.ndim(kernel) != 2:
+    if not hasattr(layer, "projection"):
       raise TypeError(
-        f"merge needs a dense base (kernel [in, out]) at {layer_name(path)!r}, got "
-        f"{type(layer).__name__} with kernel shape {jnp.shape(kernel)}"
+        f"merge needs an adapted layer at {layer_name(path)!r}, got {type(layer).__name__}"
       )
     params[(*path, "kernel")] = core.merged_kernel(
       kernel,
@@ -283,7 +286,8 @@ def merge(variables: Mapping, layers: Layers | None = None) -> dict:
       scaling=layer.scaling,
       delta_scaling=layer.delta_scaling,
       precision=jax.lax.Precision.HIGHEST,
-    )
+      projection=layer.projection,
+    ).astype(kernel.dtype)
   merged = {c: v for c, v in variables.items() if c not in ("params", DELTA_COLLECTION)}
   merged["params"] = traverse_util.unflatten_dict(params)
   return merged
@@ -320,14 +324,25 @@ def _norm(x) -> float:
   return float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)))
 
 
+def _lora_norm(lora_a, lora_b, layer, stack: int) -> float:
+  """``||s A B||_F`` without forming ``A B`` (over every layer of a stack)."""
+  norm = lambda a, b: core.lora_product_norm(a, b, layer.scaling, layer.projection)  # noqa: E731
+  for _ in range(stack):
+    norm = jax.vmap(norm)
+  return float(jnp.sqrt(jnp.sum(norm(lora_a, lora_b) ** 2)))
+
+
 def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any = None) -> dict:
   """Figures for each adapted layer and in total (the seed's diagnostics).
 
   ``variables`` may be an NNX model instead, with ``layers`` left out and
   ``opt_state`` an ``nnx.Optimizer`` (or its ``opt_state``).
 
-  Per layer: ``type``, ``in_features``, ``out_features``, ``rank``,
-  ``scaling``, ``delta_scaling``, ``freeze_base``, ``parameter_count``, and
+  Per layer: ``type``, ``kind`` (``general_dense``, ``einsum`` or
+  ``conv``), ``kernel_shape`` (a stack's leading axes included),
+  ``in_features`` and ``out_features`` (the sizes of one layer's kernel as
+  the matrix that ``A B`` factors), ``rank``, ``scaling``,
+  ``delta_scaling``, ``freeze_base``, ``parameter_count``, and
   the Frobenius norms ``delta_norm`` (``||D||``, 0 without ``D``), ``lora_norm``
   (``||s A B||``, without forming ``A B``) and, when ``opt_state`` is given,
   ``velocity_norm`` (``||V||``). ``'total'`` holds the layer count, the
@@ -350,23 +365,23 @@ def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any
   for path, layer in layers.items():
     kernel = _layer_params(params, path, "kernel")
     delta = _layer_delta(variables, path, layer)
+    lora_a = _layer_params(params, path, "lora_a")
+    lora_b = _layer_params(params, path, "lora_b")
+    layers_in_stack = math.prod(kernel.shape[: kernel.ndim - layer.projection.kernel_ndim])
+    per_rank = layers_in_stack * layer.rank
     entry = {
       "type": type(layer).__name__,
-      "in_features": int(kernel.shape[0]),
-      "out_features": int(kernel.shape[1]),
+      "kind": layer.projection.name,
+      "kernel_shape": [int(n) for n in kernel.shape],
+      "in_features": lora_a.size // per_rank,
+      "out_features": lora_b.size // per_rank,
       "rank": layer.rank,
       "scaling": layer.scaling,
       "delta_scaling": float(layer.delta_scaling),
       "freeze_base": layer.freeze_base,
       "parameter_count": counts[layer_name(path)],
       "delta_norm": 0.0 if delta is None else _norm(delta),
-      "lora_norm": float(
-        core.lora_product_norm(
-          _layer_params(params, path, "lora_a"),
-          _layer_params(params, path, "lora_b"),
-          layer.scaling,
-        )
-      ),
+      "lora_norm": _lora_norm(lora_a, lora_b, layer, kernel.ndim - layer.projection.kernel_ndim),
     }
     if velocities is not None and layer.use_delta:
       entry["velocity_norm"] = _norm(_layer_params(velocities, path, "delta"))
