@@ -3,8 +3,12 @@
 The public names are re-exported here; the modules are:
 
 * :mod:`deltalora_jax.core`: the pure math (forward, merge, checks), no Flax;
-* :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense`, the Linen layer;
-* :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear`, the NNX layer, and :class:`DeltaParam`;
+* :mod:`deltalora_jax.projections`: the layer kinds an adapter sits on (dense,
+  dense-general, einsum, convolution) as pure math, no Flax;
+* :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense` and :class:`DeltaLoRAGeneral`,
+  the Linen layers;
+* :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear` and :class:`DeltaLoRALinearGeneral`,
+  the NNX layers, and :class:`DeltaParam`;
 * :mod:`deltalora_jax.adapt`: adapt an existing Linen or NNX model by target,
   merge and unload, export and re-attach the adapter;
 * :mod:`deltalora_jax.optim`: the optax transformations of the delta rule;
@@ -16,6 +20,7 @@ The public names are re-exported here; the modules are:
   reset, diagnostics, load pretrained weights).
 """
 
+from deltalora_jax import projections
 from deltalora_jax.adapt import (
   DeltaLoRAModel,
   adapt_linen,
@@ -30,9 +35,9 @@ from deltalora_jax.checkpoint import (
   TrainingCheckpointer,
   layer_hyperparameters,
 )
-from deltalora_jax.core import delta_lora_dense, lora_scaling, merged_kernel
-from deltalora_jax.linen import DeltaLoRADense
-from deltalora_jax.nnx import DeltaLoRALinear, DeltaParam
+from deltalora_jax.core import delta_lora_apply, delta_lora_dense, lora_scaling, merged_kernel
+from deltalora_jax.linen import DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral, DeltaParam
 from deltalora_jax.optim import (
   ScaleByDeltaMomentumState,
   delta_lora,
@@ -69,7 +74,9 @@ __version__ = "0.1.0"
 __all__ = [
   "CheckpointMismatchError",
   "DeltaLoRADense",
+  "DeltaLoRAGeneral",
   "DeltaLoRALinear",
+  "DeltaLoRALinearGeneral",
   "DeltaLoRAModel",
   "DeltaParam",
   "PaperDeltaLoRAState",
@@ -84,6 +91,7 @@ __all__ = [
   "bytes_per_device",
   "current_delta",
   "delta_lora",
+  "delta_lora_apply",
   "delta_lora_dense",
   "delta_momentum",
   "diagnostics",
@@ -102,6 +110,7 @@ __all__ = [
   "paper_delta_lora",
   "parameter_counts",
   "partition_specs",
+  "projections",
   "reset",
   "reset_velocity",
   "scale_by_delta_momentum",

@@ -186,7 +186,7 @@ def _layer_options(chosen: Sequence[str], options: dict, overrides) -> dict[str,
 
 
 def _report(variables, layers, names: Sequence[str]) -> dict:
-  """What was adapted: the :func:`deltalora_jax.diagnostics` figures of ``names``, norms left out."""
+  """What was adapted: the :func:`deltalora_jax.diagnostics` figures of ``names``, no norms."""
   figures = tree.diagnostics(variables, layers)["layers"]
   keep = ("type", "kernel_shape", "in_features", "out_features", "rank", "scaling")
   entries = {

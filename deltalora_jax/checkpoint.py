@@ -32,6 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from deltalora_jax import projections
 from deltalora_jax.sharding import leaf_path
 
 STATE = "state"
@@ -41,6 +42,7 @@ LAYER_FIELDS = (
   "in_features",
   "out_features",
   "features",
+  "projection",
   "rank",
   "alpha",
   "delta_scaling",
@@ -88,7 +90,8 @@ def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
   """The JSON hyperparameters of each adapted layer, by ``'/'``-joined path.
 
   For each layer, those of these fields it has: ``features`` (Linen) or
-  ``in_features`` and ``out_features`` (NNX), ``rank``, ``alpha``,
+  ``in_features`` and ``out_features`` (NNX), ``projection`` (the layer
+  kind, as :func:`deltalora_jax.projections.to_json` writes it), ``rank``, ``alpha``,
   ``delta_scaling``, ``freeze_base``, ``use_bias``, ``use_delta``, ``dtype``,
   ``param_dtype``, ``precision`` (as a string) and ``evaluation``.
   Initializers are not saved.
@@ -109,12 +112,20 @@ def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
   for path, layer in layers.items():
     name = "/".join(path)
     entry = {}
-    for field in (f for f in LAYER_FIELDS if hasattr(layer, f)):
+    # A property (DeltaLoRADense.projection) is derived from the fields: not saved.
+    fields = [
+      f
+      for f in LAYER_FIELDS
+      if hasattr(layer, f) and not isinstance(getattr(type(layer), f, None), property)
+    ]
+    for field in fields:
       value = getattr(layer, field)
       if field in ("dtype", "param_dtype"):
         value = None if value is None else np.dtype(value).name
       elif field == "precision":
         value = None if value is None else str(value)
+      elif field == "projection":
+        value = projections.to_json(value)
       entry[field] = _json_value(value, f"{name}/{field}")
     result[name] = entry
   return result

@@ -224,14 +224,23 @@ def check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection=None) -> 
   ValueError: delta must have shape (3, 4) (the kernel's), got delta.shape=(3, 1)
   """
   projection = _projection(projection, kernel)
-  shape = tuple(jnp.shape(kernel))
+  full = tuple(jnp.shape(kernel))
+  if len(full) < projection.kernel_ndim:
+    raise ValueError(
+      f"kernel must have {projection.kernel_ndim} axes for a {projection.name} layer, got "
+      f"kernel.shape={full}"
+    )
+  stack, shape = (
+    full[: len(full) - projection.kernel_ndim],
+    full[len(full) - projection.kernel_ndim :],
+  )
   rank = jnp.shape(lora_a)[-1] if jnp.ndim(lora_a) else 0
   a_shape, b_shape = projection.factor_shapes(shape, rank)
   expected = {
-    "bias": tuple(projection.bias_shape(shape)),
-    "lora_a": a_shape,
-    "lora_b": b_shape,
-    "delta": shape,
+    "bias": (*stack, *projection.bias_shape(shape)),
+    "lora_a": (*stack, *a_shape),
+    "lora_b": (*stack, *b_shape),
+    "delta": full,
   }
   given = {"bias": bias, "lora_a": lora_a, "lora_b": lora_b, "delta": delta}
   notes = {"bias": "the bias", "lora_a": "A", "lora_b": "B", "delta": "the kernel's"}
@@ -282,6 +291,7 @@ def merged_kernel(
          [2. , 3.5]], dtype=float32)
   """
   projection = _projection(projection, kernel)
+  check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
   stack = jnp.ndim(kernel) - projection.kernel_ndim
   if stack > 0:  # a stack of layers (nn.scan, nnx.vmap): merge each
     merge = functools.partial(
@@ -294,7 +304,6 @@ def merged_kernel(
     for _ in range(stack):
       merge = jax.vmap(merge)
     return merge(kernel, lora_a, lora_b, delta)
-  check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
   parts = (kernel, lora_a, lora_b) + (() if delta is None else (delta,))
   wide = widest_dtype(*(p.dtype for p in parts), at_least=jnp.float32)
   low = projection.lora_kernel(lora_a.astype(wide), lora_b.astype(wide), precision)
@@ -425,9 +434,13 @@ def delta_lora_apply(
   else:
     y = projection.apply(x, kernel.astype(dtype), precision)
     hidden = projection.lora_in(x, lora_a.astype(dtype), precision)
-    y = y + jnp.asarray(scaling, dtype) * projection.lora_out(hidden, lora_b.astype(dtype), precision)
+    y = y + jnp.asarray(scaling, dtype) * projection.lora_out(
+      hidden, lora_b.astype(dtype), precision
+    )
     if delta is not None:
-      y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(x, delta.astype(dtype), precision)
+      y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
+        x, delta.astype(dtype), precision
+      )
   if bias is not None:
     y = projection.add_bias(y, bias.astype(dtype))
   return y

@@ -6,9 +6,9 @@ import math
 from typing import Any
 
 import flax.linen as nn
-from flax.linen import dtypes as linen_dtypes
 import jax
 import jax.numpy as jnp
+from flax.linen import dtypes as linen_dtypes
 
 from deltalora_jax import core, projections
 
@@ -198,8 +198,8 @@ def projection_of(module: nn.Module, einsum_str: str | None = None) -> projectio
   ``einsum_str`` is the one given at call time to an ``nn.Einsum``.
 
   Example:
-    >>> projection_of(nn.Conv(features=4, kernel_size=3))
-    Conv(features=4, kernel_size=(3,), strides=(1,), padding='SAME', input_dilation=(1,), kernel_dilation=(1,))
+    >>> projection_of(nn.Conv(features=4, kernel_size=3)).kernel_shape((2, 9, 5))
+    (3, 5, 4)
   """
   name = type(module).__name__
   if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):

@@ -13,13 +13,13 @@ Each kind gives the four products a Delta-LoRA layer needs, in the kernel's
 own layout, so that ``D`` has exactly the kernel's shape and the merged
 kernel ``W + s A B + ds D`` is a kernel the base layer loads:
 
-==============  =========================  ==========================  ============================
-kind            ``A``                      ``B``                       ``x`` through ``A`` then ``B``
-==============  =========================  ==========================  ============================
-GeneralDense    ``[*in, r]``               ``[r, *features]``          ``P_A(x, A)`` then dense
-Einsum          ``[*batch, *in, r]``       ``[*batch, r, *out]``       two einsums
-Conv            ``[*window, in, r]``       ``[r, out]``                conv then 1x1 (dense)
-==============  =========================  ==========================  ============================
+============  =====================  =====================  ==========================
+kind          ``A``                  ``B``                  ``x`` through A, then B
+============  =====================  =====================  ==========================
+GeneralDense  ``[*in, r]``           ``[r, *features]``     ``P(x, A)``, then dense
+Einsum        ``[*batch, *in, r]``   ``[*batch, r, *out]``  two einsums
+Conv          ``[*window, in, r]``   ``[r, out]``           conv, then 1x1 (dense)
+============  =====================  =====================  ==========================
 
 For ``btd,ndh->btnh`` the contracted kernel axis is ``d`` and the output
 axes ``n, h``: ``A [d, r]``, ``B [r, n, h]`` (qwix's layout). A kernel axis
@@ -310,12 +310,12 @@ class Einsum:
     return jnp.einsum(f"{a},{b}->{rhs}", lora_a, lora_b, precision=precision)
 
   def add_bias(self, y, bias):
-    lhs, rhs, out = _parse_equation(self.equation)
+    _, rhs, out = _parse_equation(self.equation)
     sizes = dict(zip(rhs, self.shape, strict=True))
-    if "..." in out:  # the output's '...' axes get no bias axis
-      head, tail = out.split("...")
-      return y + jnp.reshape(bias, tuple(sizes.get(c, 1) for c in head + "." * (y.ndim - len(head) - len(tail)) + tail))
-    return y + jnp.reshape(bias, tuple(sizes.get(c, 1) for c in out))
+    head, ellipsis, tail = out.partition("...")
+    middle = [1] * (y.ndim - len(head) - len(tail)) if ellipsis else []
+    shape = [sizes.get(c, 1) for c in head] + middle + [sizes.get(c, 1) for c in tail]
+    return y + jnp.reshape(bias, shape)
 
   def rank_axis_of_b(self) -> int:
     _, _, _, _, b, r = self._letters()
@@ -425,7 +425,9 @@ class Conv:
     x = jnp.reshape(x, (-1, *x.shape[x.ndim - n - 1 :]))
     padding = self.padding
     if padding in ("CIRCULAR", "REFLECT"):
-      window = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation, strict=True)]
+      window = [
+        (k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation, strict=True)
+      ]
       pads = [(0, 0), *[((k - 1) // 2, k // 2) for k in window], (0, 0)]
       x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
       padding = "VALID"
@@ -495,9 +497,7 @@ def from_json(data) -> Projection:
   True
   """
   if not isinstance(data, dict) or data.get("kind") not in KINDS:
-    raise ValueError(
-      f"a projection must be {{'kind': one of {sorted(KINDS)}, ...}}, got {data!r}"
-    )
+    raise ValueError(f"a projection must be {{'kind': one of {sorted(KINDS)}, ...}}, got {data!r}")
   fields = {k: _tuples(v) for k, v in data.items() if k != "kind"}
   return KINDS[data["kind"]](**fields)
 

@@ -240,7 +240,7 @@ def test_linen_errors(linen_base):
   adapt = lambda m, v, **kw: dl.adapt_linen(m, v, X, rank=2, key=jax.random.key(1), **kw)  # noqa: E731
   with pytest.raises(ValueError, match=r"match no layer.*blocks_0/attn/q.*blocks_1/down"):
     adapt(model, base, targets=r".*/nothing")
-  with pytest.raises(TypeError, match=r"'blocks_0/ln1' is a LayerNorm.*not a dense layer"):
+  with pytest.raises(TypeError, match=r"'blocks_0/ln1' is a LayerNorm.*not a layer that can be"):
     adapt(model, base, targets=["ln1", "q"])
   with pytest.raises(ValueError, match="match no layer"):
     adapt(model, base, targets=["typo"])
@@ -432,7 +432,7 @@ def test_nnx_errors_leave_the_model_unchanged():
   model = nnx_base()
   with pytest.raises(ValueError, match=r"match no layer.*blocks/0/attn/q.*head"):
     dl.adapt_nnx(model, r".*/nothing", rank=2, rngs=nnx.Rngs(1))
-  with pytest.raises(TypeError, match=r"'blocks/0/ln1' is a LayerNorm, not a dense layer"):
+  with pytest.raises(TypeError, match=r"'blocks/0/ln1' is a LayerNorm.*not a layer that can be"):
     dl.adapt_nnx(model, r"blocks/0/(attn/q|ln1)", rank=2, rngs=nnx.Rngs(1))
   with pytest.raises(TypeError, match=r"'blocks/0/attn' is a NNXAttention"):
     dl.adapt_nnx(model, r".*attn", rank=2, rngs=nnx.Rngs(1))
@@ -460,7 +460,7 @@ def test_attach_refuses_a_mismatched_base(linen_base):
   adapter = dl.export_adapter(model)
   adapter["config"]["blocks/0/up"] = adapter["config"].pop("head")
   adapter["weights"]["blocks/0/up"] = adapter["weights"].pop("head")
-  with pytest.raises(ValueError, match="is 8x16"):
+  with pytest.raises(ValueError, match=r"with kernel \(8, 16\)"):
     dl.attach_adapter_nnx(nnx_base(), adapter)
   with pytest.raises(ValueError, match="has no kernel"):
     dl.attach_adapter_linen(*linen_base, adapter)

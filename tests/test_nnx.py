@@ -242,7 +242,7 @@ def test_jitted_training_step_compiles_once_and_learns():
 
 
 def test_nnx_utilities_refuse_a_model_without_adapters():
-  with pytest.raises(ValueError, match="has no DeltaLoRALinear layer"):
+  with pytest.raises(ValueError, match="has no adapted layer"):
     dl.parameter_counts(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
   with pytest.raises(TypeError, match="layers must be None for an NNX model"):
     dl.parameter_counts(TwoLayers(nnx.Rngs(0)), {})

@@ -221,8 +221,8 @@ def test_merge_refuses_a_base_that_is_not_dense():
   layer = dl.DeltaLoRADense(3, rank=2)
   variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
   variables["params"]["kernel"] = jnp.ones((4, 3, 1))
-  with pytest.raises(TypeError, match=r"dense base .* kernel shape \(4, 3, 1\)"):
-    dl.merge(variables, {(): layer})
+  with pytest.raises(ValueError, match=r"lora_a must have shape \(4, 3, 2\)"):
+    dl.merge(variables, {(): layer})  # read as a stack of 4 layers: the factors do not fit
   with pytest.raises(TypeError, match=r"got Dense"):
     dl.merge(variables, {(): nn.Dense(3)})
 
