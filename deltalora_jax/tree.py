@@ -1,6 +1,7 @@
 """Whole-model utilities over variables trees: find, count, flatten, merge, reset.
 
-A *layers* mapping ``{path: DeltaLoRADense}`` says where a model's adapted
+A *layers* mapping ``{path: layer}`` (a :class:`DeltaLoRADense` or
+:class:`~deltalora_jax.DeltaLoRAGeneral`) says where a model's adapted
 layers are and how each is configured; :func:`adapted_layers` builds it by
 tracing the model once (no computation). A single layer is the model whose
 only adapted layer sits at the root path ``()``, so every function here works
@@ -24,10 +25,10 @@ from flax import nnx, traverse_util
 
 from deltalora_jax import core, optim
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense
+from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
 
 Path = tuple[str, ...]
-Layers = Mapping[Path, DeltaLoRADense]
+Layers = Mapping[Path, DeltaLoRADense | DeltaLoRAGeneral]
 
 
 def layer_name(path: Path) -> str:
@@ -35,14 +36,16 @@ def layer_name(path: Path) -> str:
   return "/".join(path)
 
 
-def adapted_layers(model: nn.Module, *args, **kwargs) -> dict[Path, DeltaLoRADense]:
-  """Finds every :class:`DeltaLoRADense` of a Linen model, by path.
+def adapted_layers(
+  model: nn.Module, *args, **kwargs
+) -> dict[Path, DeltaLoRADense | DeltaLoRAGeneral]:
+  """Finds every adapted layer (DeltaLoRADense, DeltaLoRAGeneral) of a Linen model, by path.
 
   The model is traced once with ``jax.eval_shape`` (no computation) on the
   same arguments as ``model.init`` takes after its key.
 
   Args:
-    model: a Linen module, or a single ``DeltaLoRADense``.
+    model: a Linen module, or a single adapted layer.
     *args: sample inputs, as for ``model.init(key, *args)``.
     **kwargs: keyword arguments of the model's ``__call__``.
 
@@ -50,7 +53,7 @@ def adapted_layers(model: nn.Module, *args, **kwargs) -> dict[Path, DeltaLoRADen
     ``{path: layer}`` in call order; the root layer's path is ``()``.
 
   Raises:
-    ValueError: when the model holds no ``DeltaLoRADense``.
+    ValueError: when the model holds no adapted layer.
 
   Example:
     >>> import jax.numpy as jnp, flax.linen as nn
@@ -62,11 +65,12 @@ def adapted_layers(model: nn.Module, *args, **kwargs) -> dict[Path, DeltaLoRADen
     >>> list(adapted_layers(MLP(), jnp.ones((1, 4))))
     [('hidden',)]
   """
-  found: dict[Path, DeltaLoRADense] = {}
+  found: dict[Path, DeltaLoRADense | DeltaLoRAGeneral] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
     module = context.module
-    if isinstance(module, DeltaLoRADense) and context.method_name == "__call__":
+    adapted = isinstance(module, DeltaLoRADense | DeltaLoRAGeneral)
+    if adapted and context.method_name == "__call__":
       found.setdefault(tuple(module.path), module)
     return next_fun(*call_args, **call_kwargs)
 
@@ -74,7 +78,7 @@ def adapted_layers(model: nn.Module, *args, **kwargs) -> dict[Path, DeltaLoRADen
   with nn.intercept_methods(record):
     jax.eval_shape(lambda: model.init({"params": key, "dropout": key}, *args, **kwargs))
   if not found:
-    raise ValueError(f"model {type(model).__name__} has no DeltaLoRADense layer")
+    raise ValueError(f"model {type(model).__name__} has no adapted layer")
   return found
 
 
@@ -90,7 +94,7 @@ def _resolve(variables, layers, opt_state=None):
     return nnx_front.linen_view(variables, opt_state)
   if layers is None:
     raise TypeError(
-      "layers is required with a Linen variables tree: pass {path: DeltaLoRADense}, "
+      "layers is required with a Linen variables tree: pass {path: adapted layer}, "
       f"e.g. adapted_layers(model, x); got variables of type {type(variables).__name__}"
     )
   return variables, layers, opt_state

@@ -257,7 +257,7 @@ def test_load_base_refuses_mismatches_and_leaves_input_unchanged():
 
 
 def test_adapted_layers_of_a_model_without_adapters_is_an_error():
-  with pytest.raises(ValueError, match=r"MLP has no DeltaLoRADense"):
+  with pytest.raises(ValueError, match=r"MLP has no adapted layer"):
     dl.adapted_layers(MLP(), X)
 
 
