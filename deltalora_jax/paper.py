@@ -10,12 +10,15 @@ moves by the change of their product (from the start step ``K`` on):
 
 :func:`paper_delta_lora` wraps the factors' optimizer (AdamW by default, as in
 the paper) and emits that kernel update from the factors' own updates and the
-current ``params``; the model is :class:`deltalora_jax.DeltaLoRADense` with
-``use_delta=False`` (plain LoRA layers, base frozen).
+current ``params``; the model's adapted layers are built with
+``use_delta=False`` (plain LoRA layers, base frozen): any kind of
+:mod:`deltalora_jax.projections` (dense, dense-general, einsum, convolution),
+stacked or not, with ``W`` updated in the kernel's own layout.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
@@ -25,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deltalora_jax import core, optim
+from deltalora_jax import core, optim, projections
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
@@ -40,39 +43,62 @@ class PaperDeltaLoRAState(NamedTuple):
 
 
 def factor_product_change(
-  lora_a: jax.Array, lora_b: jax.Array, update_a: jax.Array, update_b: jax.Array
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  update_a: jax.Array,
+  update_b: jax.Array,
+  *,
+  projection: projections.Projection | None = None,
+  stack: int = 0,
 ) -> jax.Array:
-  r"""The change of the product ``A B`` when the factors move by ``uA`` and ``uB``.
+  r"""The change of ``A B`` when the factors move by ``uA`` and ``uB``, in the kernel's layout.
 
   .. math::
 
-    (A + u_A)(B + u_B) - A B = u_A B + A u_B + u_A u_B = u_A B + (A + u_A) u_B
+    (A + u_A)(B + u_B) - A B = u_A B + A u_B + u_A u_B = [u_A,\ A + u_A]\,[B;\ u_B]
 
-  computed without a copy of the old factors, as one product of an
-  ``[in, 2r]`` and a ``[2r, out]`` matrix, at ``HIGHEST`` precision in at
-  least float32 (float64 inputs stay float64).
+  computed without a copy of the old factors, as one product of the factors
+  concatenated along their rank axes (``A``'s last, ``B``'s
+  ``projection.rank_axis_of_b()``), taken by ``projection.lora_kernel`` so
+  that the result has the kernel's layout (an einsum kernel may interleave
+  contracted and output axes), at ``HIGHEST`` precision in at least float32
+  (float64 inputs stay float64).
 
   Args:
-    lora_a: ``A [in, r]`` before the step.
-    lora_b: ``B [r, out]`` before the step.
-    update_a: ``uA [in, r]``, the optimizer's update of ``A``.
-    update_b: ``uB [r, out]``, the optimizer's update of ``B``.
+    lora_a: ``A`` before the step (dense: ``[in, r]``).
+    lora_b: ``B`` before the step (dense: ``[r, out]``).
+    update_a: ``uA``, the optimizer's update of ``A`` (``A``'s shape).
+    update_b: ``uB``, the optimizer's update of ``B`` (``B``'s shape).
+    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+      the dense-like layout ``A [*in, r]``, ``B [r, *out]``, kernel ``[*in, *out]``.
+    stack: the number of leading layer axes (``nn.scan``, ``nnx.vmap``)
+      of ``A``, ``B`` and the kernel; each layer of the stack has its own product.
 
   Returns:
-    ``[in, out]`` array in float32 (float64 when any input is float64).
+    The change, shaped as the kernel (dense: ``[in, out]``), in float32
+    (float64 when any input is float64).
 
   Example:
     >>> a, b = jnp.ones((2, 1)), jnp.zeros((1, 3))
     >>> factor_product_change(a, b, jnp.ones((2, 1)), jnp.ones((1, 3)))  # (2 * 1) - 0
     Array([[2., 2., 2.],
            [2., 2., 2.]], dtype=float32)
+    >>> kind = projections.Einsum("btd,ndh->btnh", (2, 5, 3))  # A [d, r], B [r, n, h]
+    >>> a, b = jnp.ones((5, 1)), jnp.ones((1, 2, 3))
+    >>> factor_product_change(a, b, a, b, projection=kind).shape  # the kernel's [n, d, h]
+    (2, 5, 3)
   """
   wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in (lora_a, lora_b, update_a, update_b))
   dtype = jnp.float64 if wide else jnp.float32
   a, b, ua, ub = (x.astype(dtype) for x in (lora_a, lora_b, update_a, update_b))
-  left = jnp.concatenate([ua, a + ua], axis=1)
-  right = jnp.concatenate([b, ub], axis=0)
-  return jnp.matmul(left, right, precision=jax.lax.Precision.HIGHEST)
+  rank_axis_of_b = stack + (0 if projection is None else projection.rank_axis_of_b())
+  left = jnp.concatenate([ua, a + ua], axis=-1)
+  right = jnp.concatenate([b, ub], axis=rank_axis_of_b)
+  product = projections.dense if projection is None else projection.lora_kernel
+  product = functools.partial(product, precision=jax.lax.Precision.HIGHEST)
+  for _ in range(stack):
+    product = jax.vmap(product)
+  return product(left, right)
 
 
 def _normalize_path(key) -> tuple[str, ...]:
@@ -86,16 +112,23 @@ def _normalize_path(key) -> tuple[str, ...]:
   )
 
 
-def _check_scaling_value(name: str, value) -> Any:
+def _check_scaling_value(name: str, value) -> tuple[Any, projections.Projection | None]:
+  """``(s, projection)`` of a number (projection None) or a layer object."""
+  projection = getattr(value, "projection", None)
+  if projection is not None and not isinstance(projection, projections.Projection):
+    raise TypeError(
+      f"{name}.projection must be a GeneralDense, Einsum or Conv of deltalora_jax.projections, "
+      f"got {projection!r}"
+    )
   value = getattr(value, "scaling", value)
   concrete = core._as_float(name, value)
   if concrete is not None and not (math.isfinite(concrete) and concrete > 0):
     raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
-  return value
+  return value, projection
 
 
 def _check_scaling(scaling) -> Any:
-  """A number (or traced scalar), or ``{path tuple: number}`` from a mapping."""
+  """``(s, projection)`` for a number, or ``{path tuple: (s, projection)}`` from a mapping."""
   if isinstance(scaling, Mapping):
     if not scaling:
       raise ValueError("scaling must not be an empty mapping")
@@ -129,7 +162,7 @@ def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
   """``{layer path: {'kernel': i, 'lora_a': j, 'lora_b': k}}``, indices into the leaves.
 
   Raises ValueError for a ``delta`` leaf, for no adapted layer at all, and for
-  a layer whose kernel or factors are missing or mis-shaped.
+  a layer whose kernel or factors are missing.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   groups: dict[tuple[str, ...], dict[str, int]] = {}
@@ -154,17 +187,38 @@ def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
         f"adapted layer {'/'.join(path)!r} must have 'kernel', 'lora_a' and 'lora_b', "
         f"got {sorted(group)}"
       )
-    k, a, b = (jnp.shape(flat[group[n]][1]) for n in (KERNEL, LORA_A, LORA_B))
-    if len(k) != 2 or a != (k[0], a[-1]) or b != (a[-1], k[1]):
-      raise ValueError(
-        f"adapted layer {'/'.join(path)!r} must have kernel [in, out], lora_a [in, r], "
-        f"lora_b [r, out]; got shapes {k}, {a}, {b}"
-      )
   return layers
 
 
+def _stack_axes(path, kernel, lora_a, lora_b, projection) -> int:
+  """The number of leading stack axes of one adapted layer, its shapes checked.
+
+  Without a projection, the dense-like layout: ``A [*stack, *in, r]``,
+  ``B [*stack, r, *out]``, kernel ``[*stack, *in, *out]``.
+  """
+  name = "/".join(path)
+  if projection is not None:
+    try:
+      core.check_layer_shapes(kernel, None, lora_a, lora_b, None, projection)
+    except ValueError as error:
+      raise ValueError(f"adapted layer {name!r}: {error}") from None
+    return jnp.ndim(kernel) - projection.kernel_ndim
+  k, a, b = (tuple(jnp.shape(x)) for x in (kernel, lora_a, lora_b))
+  n = len(a) + len(b) - 2 - len(k)
+  stacked = n >= 0 and min(len(a), len(b)) > n + 1 and a[:n] == b[:n] == k[:n]
+  if stacked and a[-1] == b[n] and a[n:-1] + b[n + 1 :] == k[n:]:
+    return n
+  raise ValueError(
+    f"adapted layer {name!r}: lora_a {a} and lora_b {b} do not multiply into its kernel {k} "
+    "in the dense-like layout that a numeric scaling assumes (lora_a [*stack, *in, r], "
+    "lora_b [*stack, r, *out], kernel [*stack, *in, *out]); pass scaling as the layers "
+    "mapping {path: layer} (dl.adapted_layers(...), DeltaLoRAModel.layers, or "
+    "dict(deltalora_jax.nnx.adapters(model))), whose layers know their projection"
+  )
+
+
 def _layer_scalings(layers, scaling) -> dict[tuple[str, ...], Any]:
-  """The scaling ``s`` of each adapted layer (by its path in the params tree)."""
+  """``(s, projection)`` of each adapted layer (by its path in the params tree)."""
   if not isinstance(scaling, dict):
     return dict.fromkeys(layers, scaling)
 
@@ -217,7 +271,9 @@ def paper_delta_lora(
   ``(W_K - lambda s A_K B_K) + (1 + lambda) s A_t B_t``. The change is
   computed in float32 (float64 for float64 factors) from the factors' updates
   and ``params``, with no copy of the old factors
-  (:func:`factor_product_change`), then cast to the kernel's dtype.
+  (:func:`factor_product_change`), in the kernel's own layout, then cast to
+  the kernel's dtype. Layers stacked by ``nn.scan`` or ``nnx.vmap`` (extra
+  leading axes on the kernel and the factors) get one product per layer.
 
   ``K`` is the number of plain LoRA steps before the rule starts (the paper's
   ``t > K`` with ``t`` from 0 is ``start_step = K + 1``). The paper also
@@ -233,7 +289,14 @@ def paper_delta_lora(
       an ``'a/b'`` string) to its scaling or to an object with a ``scaling``
       attribute, such as the mapping :func:`deltalora_jax.adapted_layers`
       returns. Paths are those of the params tree, without a leading
-      ``'params'`` collection name; every adapted layer needs an entry.
+      ``'params'`` collection name; every adapted layer needs an entry. A
+      layer object's ``projection`` says how ``A B`` lays out in its kernel;
+      a plain number assumes the dense-like layout (``A [*stack, *in, r]``,
+      ``B [*stack, r, *out]``, kernel ``[*stack, *in, *out]``), which does
+      not hold for an einsum kernel whose contracted and output axes
+      interleave (``btd,ndh->btnh``): pass the layers mapping for those (a
+      number is refused when the shapes show the mismatch, and cannot see
+      it when they happen to fit, as with ``n == d``).
     lambda_: the paper's update ratio ``lambda``, finite and ``>= 0``.
     start_step: ``K``, an int ``>= 0``; ``0`` applies the rule from the first
       step.
@@ -291,8 +354,18 @@ def paper_delta_lora(
     optim.leaf_labels,
   )
 
+  def layer_plans(params):
+    """``{path: (leaf indices, s, projection, stack)}``, every layer's shapes checked."""
+    layers = _adapted_layers(params)
+    leaves = jax.tree.leaves(params)
+    plans = {}
+    for path, (s, projection) in _layer_scalings(layers, scaling).items():
+      arrays = (leaves[layers[path][n]] for n in (KERNEL, LORA_A, LORA_B))
+      plans[path] = layers[path], s, projection, _stack_axes(path, *arrays, projection)
+    return plans
+
   def init_fn(params):
-    _layer_scalings(_adapted_layers(params), scaling)
+    layer_plans(params)
     return PaperDeltaLoRAState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
   def update_fn(updates, state, params=None, **extra_args):
@@ -301,17 +374,16 @@ def paper_delta_lora(
         "paper_delta_lora needs the current parameters: call "
         "tx.update(grads, opt_state, params), params being the tree given to tx.init"
       )
-    layers = _adapted_layers(params)
-    scalings = _layer_scalings(layers, scaling)
+    plans = layer_plans(params)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
     started = state.count >= jnp.asarray(start_step).astype(jnp.int32)
-    for path, group in layers.items():
+    for group, s, projection, stack in plans.values():
       a, b = param_leaves[group[LORA_A]], param_leaves[group[LORA_B]]
       ua, ub = leaves[group[LORA_A]], leaves[group[LORA_B]]
-      change = factor_product_change(a, b, ua, ub)
-      coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(scalings[path], change.dtype)
+      change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
+      coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(s, change.dtype)
       kernel = param_leaves[group[KERNEL]]
       leaves[group[KERNEL]] = jnp.where(started, coef * change, 0).astype(kernel.dtype)
     count = optax.safe_increment(state.count)
