@@ -4,11 +4,13 @@ The recipe is data parallelism over the batch and FSDP-style sharding of the
 large matrices over a second mesh axis:
 
 * a mesh with axes ``('data', 'fsdp')`` (:func:`make_mesh`);
-* partition rules, regular expressions over each leaf's path, give every
-  variable a :class:`jax.sharding.PartitionSpec` (:func:`variable_shardings`);
-  by default (:data:`DEFAULT_RULES`) the base ``kernel``, ``D`` and ``lora_a``
-  are split along their input axis and ``lora_b`` along its output axis, over
-  ``'fsdp'``; everything else is replicated;
+* every variable gets a :class:`jax.sharding.PartitionSpec`
+  (:func:`variable_shardings`): by default each adapted layer's kernel is
+  split over ``'fsdp'`` along one of its input axes, ``D`` gets exactly the
+  kernel's spec and the factors follow the axes they share with it, whatever
+  the layer's kind (dense, attention projection, einsum, conv, a stack of
+  layers); or your own rules, regular expressions over each leaf's path;
+  everything else is replicated;
 * the optimizer state follows: every leaf of it that holds a copy of a
   variable (the velocity of ``D``, Adam's moments of ``A`` and ``B``) gets that
   variable's sharding, found by path, and the rest (step counts) is replicated
@@ -23,30 +25,42 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
 import optax
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deltalora_jax import optim
+from deltalora_jax import nnx as nnx_front
+from deltalora_jax import optim, projections
+from deltalora_jax.linen import DELTA_COLLECTION
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
 
 Rules = Sequence[tuple[str, PartitionSpec]]
 
-DEFAULT_RULES: Rules = (
+DENSE_RULES: Rules = (
   (r"(^|/)(kernel|delta)$", PartitionSpec(FSDP_AXIS, None)),
   (r"(^|/)lora_a$", PartitionSpec(FSDP_AXIS, None)),
   (r"(^|/)lora_b$", PartitionSpec(None, FSDP_AXIS)),
 )
-"""Default partition rules: ``(regex over the leaf's path, PartitionSpec)``.
+"""Path rules for 2-D ``nn.Dense`` kernels only: ``(regex over the leaf's path, PartitionSpec)``.
 
-``W [in, out]``, ``D [in, out]`` and ``A [in, r]`` are split along ``in``;
-``B [r, out]`` along ``out`` (``r`` is small). Unmatched leaves are replicated.
+``W [in, out]``, ``D [in, out]`` and ``A [in, r]`` are split along their first
+axis, ``B [r, out]`` along its second. They know nothing of a layer's kind: on
+a conv kernel ``[*window, in, out]`` they split the window, on a stacked
+kernel ``[layers, in, out]`` the layer axis. ``rules=None`` (the default of
+:func:`partition_specs`) gives the same specs on dense layers and follows
+every other kernel's layout.
 """
+
+#: The name :data:`DENSE_RULES` had when they were the default; kept for code that names them.
+DEFAULT_RULES: Rules = DENSE_RULES
+
+_ADAPTER_NAMES = ("kernel", "delta", "lora_a", "lora_b")
 
 
 def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
@@ -116,34 +130,95 @@ def _fit(spec: PartitionSpec, shape, mesh: Mesh, path: str, pattern: str) -> Par
   return PartitionSpec(*fitted)
 
 
-def partition_specs(tree, mesh: Mesh, rules: Rules | None = None) -> Any:
-  """A ``PartitionSpec`` for each leaf of ``tree``, by the first rule whose regex matches.
+def partition_specs(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None) -> Any:
+  """A ``PartitionSpec`` for each leaf of ``tree``: each kernel's layout, or your rules.
 
-  Each rule is ``(pattern, spec)``; ``re.search(pattern, path)`` is tried on
-  the leaf's path (:func:`leaf_path`, e.g. ``'params/hidden/kernel'``) in
-  order, and the first match gives the spec. A leaf no rule matches is
-  replicated (``PartitionSpec()``). A mesh axis that does not divide the
-  dimension it is given to is dropped for that dimension (that dimension is
-  replicated), so the default rules fit any layer size.
+  **Default** (``rules=None``). An adapted layer is the ``kernel``,
+  ``lora_a`` and ``lora_b`` leaves under one path, with its ``D``: the
+  ``delta`` beside them (NNX), or at the same path in the ``'delta'``
+  collection (Linen: ``params/attn/query/kernel`` and
+  ``delta/attn/query/delta``). For each one:
+
+  * the kernel's *input axes* are the axes it shares with ``A`` (the
+    contracted axes: ``d`` of a query kernel ``[d, heads, head_dim]``,
+    ``heads, head_dim`` of an output kernel ``[heads, head_dim, d]``, the
+    window and ``in`` of a conv kernel ``[*window, in, out]``, the contracted
+    and batch axes of an einsum kernel), less the leading layer axes of a
+    ``nn.scan`` / ``nnx.vmap`` stack, which are never split; its *output
+    axes* are the axes it shares with ``B`` alone;
+  * the kernel is split over ``'fsdp'`` along its innermost input axis
+    whose size the ``'fsdp'`` size divides (none: replicated);
+  * ``D`` gets exactly the kernel's spec;
+  * ``A`` is split along the kernel's split axis (the rank axis never);
+  * ``B`` is split along the kernel's split axis when it holds it (an
+    einsum's batch axis), else along its innermost output axis that the
+    ``'fsdp'`` size divides, as FSDP splits every matrix (``B`` is small;
+    the rank axis is never split).
+
+  The axes are read from the leaves' shapes: a kernel ``[*lead, *in, *out]``
+  with ``A [*lead, *in, r]`` and ``B [*lead, r, *out]``, which is the layout
+  of dense, dense-general and conv layers (``lead``: a stack's layer axes, or
+  an einsum's batch axes in front). An einsum whose kernel lists its axes in
+  another order needs ``layers``, which gives each layer's projection, and
+  with it the exact axes. A ``kernel`` or ``delta`` outside an adapted layer,
+  and an adapted layer whose layout neither reveals, is split as a Dense's:
+  ``kernel`` and ``D`` along their second-to-last axis, ``A`` along its
+  second-to-last, ``B`` along its last (each only if the ``'fsdp'`` size
+  divides it). Every other leaf (biases, embeddings, norms) is replicated.
+  On ``nn.Dense`` layers this gives the specs of :data:`DENSE_RULES`.
+
+  **Rules.** Each rule is ``(pattern, spec)``; ``re.search(pattern, path)``
+  is tried on the leaf's path (:func:`leaf_path`, e.g.
+  ``'params/hidden/kernel'``) in order, and the first match gives the spec.
+  A leaf no rule matches is replicated (``PartitionSpec()``). A mesh axis
+  that does not divide the dimension it is given to is dropped for that
+  dimension (that dimension is replicated).
 
   Args:
-    tree: arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``).
-    mesh: the mesh the specs refer to.
-    rules: ``(regex, PartitionSpec)`` pairs; None means :data:`DEFAULT_RULES`.
+    tree: arrays or ``jax.ShapeDtypeStruct`` (e.g. from ``jax.eval_shape``):
+      a Linen variables dict, an NNX state, or a tree holding one. Give it
+      whole (``nnx.state(model)``, not a filtered part): a kernel alone, without
+      its factors, is split as a Dense's, which need not be ``D``'s spec;
+      ``nnx.split_state`` splits the result as it splits the state.
+    mesh: the mesh the specs refer to (the default needs an ``'fsdp'`` axis).
+    rules: ``(regex, PartitionSpec)`` pairs; None means the default above.
+    layers: for the default, the adapted layers by path, each with a
+      ``.projection`` (``adapted.layers`` of :func:`~deltalora_jax.adapt_linen`,
+      ``dict(deltalora_jax.nnx.adapters(model))``), or the adapted NNX model
+      itself. A layer whose path ends a leaf's layer path gives its layout.
+      None: layouts are read from the shapes.
 
   Returns:
     A tree of ``PartitionSpec`` with the structure of ``tree``.
 
   Raises:
-    ValueError: a spec has more axes than its leaf, or names an axis the mesh lacks.
+    ValueError: a spec has more axes than its leaf, or names an axis the
+      mesh lacks; ``layers`` gives a layer a projection its shapes do not
+      have; ``layers`` is given with ``rules``.
+    TypeError: a rule is not a ``(regex, PartitionSpec)`` pair, or ``layers``
+      is not a mapping of layers with a projection.
 
   Example:
     >>> import jax.numpy as jnp
     >>> tree = {"params": {"kernel": jnp.zeros((16, 4)), "bias": jnp.zeros(4)}}
     >>> partition_specs(tree, make_mesh(fsdp=2))["params"]
     {'bias': P(), 'kernel': P('fsdp', None)}
+    >>> conv = {"kernel": jnp.zeros((3, 3, 8, 16)), "lora_a": jnp.zeros((3, 3, 8, 2)),
+    ...         "lora_b": jnp.zeros((2, 16)), "delta": jnp.zeros((3, 3, 8, 16))}
+    >>> specs = partition_specs(conv, make_mesh(fsdp=2))  # split along `in`, not the window
+    >>> specs["kernel"], specs["delta"] == specs["kernel"]
+    (P(None, None, 'fsdp', None), True)
+    >>> specs["lora_a"], specs["lora_b"]
+    (P(None, None, 'fsdp', None), P(None, 'fsdp'))
   """
-  rules = DEFAULT_RULES if rules is None else tuple(rules)
+  if rules is None:
+    return _layout_specs(tree, mesh, _projections(layers))
+  if layers is not None:
+    raise ValueError(
+      "layers is read by the default (rules=None) only; got rules and "
+      f"layers={type(layers).__name__}: drop one"
+    )
+  rules = tuple(rules)
   compiled = []
   for rule in rules:
     if not (isinstance(rule, tuple) and len(rule) == 2 and isinstance(rule[1], PartitionSpec)):
@@ -160,7 +235,160 @@ def partition_specs(tree, mesh: Mesh, rules: Rules | None = None) -> Any:
   return jax.tree_util.tree_map_with_path(spec, tree)
 
 
-def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None) -> Any:
+# --------------------------------------------------------------------------
+# The default: each adapted layer's specs from its kernel's layout.
+# --------------------------------------------------------------------------
+
+Names = tuple[str, ...]
+Shape = tuple[int, ...]
+#: For each kernel axis: its axis in ``A`` (None: not in ``A``), its axis in
+#: ``B``, and the kernel's input axes that may be split (stack axes left out).
+Layout = tuple[tuple[int | None, ...], tuple[int | None, ...], tuple[int, ...]]
+
+
+def _projections(layers) -> dict[Names, projections.Projection]:
+  """``layers`` as ``{path names: projection}``."""
+  if layers is None:
+    return {}
+  if isinstance(layers, nnx.Module):
+    layers = dict(nnx_front.adapters(layers))
+  if not isinstance(layers, Mapping):
+    raise TypeError(
+      "layers must be a mapping of layer path to adapted layer (adapted.layers, "
+      f"dict(dl.nnx.adapters(model))) or an NNX model, got layers={type(layers).__name__}"
+    )
+  found = {}
+  for path, layer in layers.items():
+    projection = getattr(layer, "projection", layer)
+    if not isinstance(projection, projections.GeneralDense | projections.Einsum | projections.Conv):
+      raise TypeError(
+        f"layers must map paths to layers with a .projection, got {type(layer).__name__} "
+        f"at {path!r}"
+      )
+    key = tuple(path.split("/")) if isinstance(path, str) else tuple(map(str, path))
+    found[key] = projection
+  return found
+
+
+def _shape_layout(kernel: Shape, a: Shape, b: Shape) -> Layout | None:
+  """The layout of a kernel ``[*lead, *in, *out]``, ``A [*lead, *in, r]``, ``B [*lead, r, *out]``.
+
+  None when the shapes do not fit it. ``lead`` (a stack's layer axes, an
+  einsum's batch axes) is never split.
+  """
+  lead = len(a) + len(b) - 2 - len(kernel)
+  n_in = len(a) - 1 - lead
+  if lead < 0 or n_in < 0 or kernel != (*a[:-1], *b[lead + 1 :]) or a[:lead] != b[:lead]:
+    return None
+  axes = range(len(kernel))
+  a_axes = tuple(k if k < lead + n_in else None for k in axes)
+  b_axes = tuple(k if k < lead else k - n_in + 1 if k >= lead + n_in else None for k in axes)
+  return a_axes, b_axes, tuple(range(lead, lead + n_in))
+
+
+def _einsum_layout(projection: projections.Einsum, stack: int) -> Layout:
+  """The layout of an einsum kernel from its letters: batch axes are input axes."""
+  inputs, out = projection.equation.split("->")
+  lhs, rhs = inputs.split(",")
+  a_letters = [c for c in rhs if c in lhs]  # batch and contracted, in the kernel's order
+  batch = [c for c in rhs if c in lhs and c in out]
+  b_letters = [*batch, None, *(c for c in rhs if c in out and c not in lhs)]
+  layers = tuple(range(stack))
+  a_axes = layers + tuple(stack + a_letters.index(c) if c in a_letters else None for c in rhs)
+  b_axes = layers + tuple(stack + b_letters.index(c) if c in b_letters else None for c in rhs)
+  return a_axes, b_axes, tuple(stack + i for i, c in enumerate(rhs) if c in lhs)
+
+
+def _layout(name: str, kernel: Shape, a: Shape, b: Shape, projection) -> Layout | None:
+  if projection is None:
+    return _shape_layout(kernel, a, b)
+  stack = len(kernel) - projection.kernel_ndim
+  if stack >= 0:
+    a_one, b_one = projection.factor_shapes(kernel[stack:], a[-1] if a else 0)
+    expected = ((*kernel[:stack], *a_one), (*kernel[:stack], *b_one))
+  if stack < 0 or (a, b) != expected:
+    raise ValueError(
+      f"layers gives {name!r} the projection {projection}, which does not fit its kernel "
+      f"{kernel}, lora_a {a} and lora_b {b}"
+    )
+  if isinstance(projection, projections.Einsum):
+    return _einsum_layout(projection, stack)
+  return _shape_layout(kernel, a, b)
+
+
+def _innermost(axes, shape: Shape, size: int) -> int | None:
+  """The last of ``axes`` whose size ``size`` divides."""
+  return next((k for k in reversed(tuple(axes)) if shape[k] % size == 0), None)
+
+
+def _split(ndim: int, axis: int | None) -> PartitionSpec:
+  return PartitionSpec(*(FSDP_AXIS if k == axis else None for k in range(ndim)))
+
+
+def _dense_spec(name: str, shape: Shape, size: int) -> PartitionSpec:
+  """A leaf outside a readable layout, split as a Dense's (see :func:`partition_specs`)."""
+  axis = len(shape) - (1 if name == "lora_b" else 2)
+  return _split(len(shape), axis if axis >= 0 and shape[axis] % size == 0 else None)
+
+
+def _layer_specs(name: str, leaves: dict[str, Shape], size: int, projection) -> dict:
+  """``{leaf name: spec}`` for one adapted layer's ``kernel``, ``delta``, ``lora_a``, ``lora_b``."""
+  kernel = leaves.get("kernel", leaves.get("delta"))
+  a, b = leaves.get("lora_a"), leaves.get("lora_b")
+  layout = None if None in (kernel, a, b) else _layout(name, kernel, a, b, projection)
+  if layout is None:
+    return {leaf: _dense_spec(leaf, shape, size) for leaf, shape in leaves.items()}
+  a_axes, b_axes, inputs = layout
+  axis = _innermost(inputs, kernel, size)
+  outputs = [b_axes[k] for k in range(len(kernel)) if b_axes[k] is not None and a_axes[k] is None]
+  b_axis = b_axes[axis] if axis is not None and b_axes[axis] is not None else None
+  specs = {
+    "kernel": _split(len(kernel), axis),
+    "delta": _split(len(kernel), axis),
+    "lora_a": _split(len(a), None if axis is None else a_axes[axis]),
+    "lora_b": _split(len(b), _innermost(outputs, b, size) if b_axis is None else b_axis),
+  }
+  return {leaf: specs[leaf] for leaf in leaves}
+
+
+def _layer_of(names: Names, present: set[Names]) -> Names:
+  """The layer a ``kernel``/``delta``/``lora_*`` leaf belongs to (Linen's ``D`` to its kernel's)."""
+  layer = names[:-1]
+  if names[-1] != "delta" or (*layer, "kernel") in present:
+    return layer
+  for i, name in enumerate(layer):  # 'delta/attn/q/delta' belongs to 'params/attn/q'
+    params = (*layer[:i], "params", *layer[i + 1 :])
+    if name == DELTA_COLLECTION and any((*params, n) in present for n in _ADAPTER_NAMES):
+      return params
+  return layer
+
+
+def _layout_specs(tree, mesh: Mesh, layers: dict[Names, Any]) -> Any:
+  """The default of :func:`partition_specs`."""
+  if FSDP_AXIS not in mesh.shape:
+    raise ValueError(
+      f"the default rules split over mesh axis {FSDP_AXIS!r}; the mesh has axes "
+      f"{tuple(mesh.shape)}: use make_mesh, or pass rules="
+    )
+  size = mesh.shape[FSDP_AXIS]
+  flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
+  names = [optim.path_names(path) for path, _ in flat]
+  present = {n for n in names if n and n[-1] in _ADAPTER_NAMES}
+  groups: dict[Names, dict[str, Names]] = {}
+  for n in sorted(present):
+    groups.setdefault(_layer_of(n, present), {})[n[-1]] = n
+  shapes = {n: tuple(jax.numpy.shape(leaf)) for n, (_, leaf) in zip(names, flat, strict=True)}
+  specs: dict[Names, PartitionSpec] = {}
+  for layer, members in groups.items():
+    by_suffix = [k for k in layers if len(k) <= len(layer) and layer[len(layer) - len(k) :] == k]
+    projection = layers[max(by_suffix, key=len)] if by_suffix else None
+    leaves = {leaf: shapes[n] for leaf, n in members.items()}
+    found = _layer_specs("/".join(layer), leaves, size, projection)
+    specs.update({members[leaf]: spec for leaf, spec in found.items()})
+  return jax.tree_util.tree_unflatten(treedef, [specs.get(n, PartitionSpec()) for n in names])
+
+
+def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None) -> Any:
   """A ``NamedSharding`` for each leaf of a variables tree (see :func:`partition_specs`).
 
   Example:
@@ -172,7 +400,7 @@ def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None) -> Any:
     >>> shardings["delta"]["delta"].spec
     P('fsdp', None)
   """
-  specs = partition_specs(tree, mesh, rules)
+  specs = partition_specs(tree, mesh, rules, layers=layers)
   return jax.tree.map(
     lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda s: isinstance(s, PartitionSpec)
   )
