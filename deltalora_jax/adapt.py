@@ -28,6 +28,7 @@ with ``'/' + name``; None means every dense layer.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -372,6 +373,15 @@ class DeltaLoRAModel(nn.Module):
   no level to the variables (``nn.share_scope``). Build it with
   :func:`adapt_linen` or :func:`attach_adapter_linen`.
 
+  Layers stacked by ``nn.scan`` or ``nn.vmap`` (``variable_axes={'params':
+  0}``) work as they are: those transforms lift the collections they are
+  told of, ``'params'`` but not ``'delta'``, so while the model runs each
+  ``D`` is moved into ``'params'`` beside its kernel (``nn.map_variables``),
+  where the stack slices it as it slices the kernel, and moved back to
+  ``'delta'`` on the way out (for ``mutable`` collections and gradients).
+  The variables the user sees keep ``D`` in ``'delta'``, with the stack's
+  leading axes.
+
   Attributes:
     model: the original Linen model.
     adapters: ``((path, ((option, value), ...)), ...)``: each adapted
@@ -422,12 +432,44 @@ class DeltaLoRAModel(nn.Module):
         precision=module.precision,
         kernel_init=module.kernel_init,
         bias_init=module.bias_init,
+        delta_collection="params",  # where run() below puts D
         parent=module.scope,
       )
       return layer(*call_args, **call_kwargs)
 
-    with nn.intercept_methods(intercept):
-      return self.model(*args, **kwargs)
+    def run(wrapper, *args, **kwargs):
+      with nn.intercept_methods(intercept):
+        return wrapper.model(*args, **kwargs)
+
+    paths = list(configs)
+    run = nn.map_variables(
+      run,
+      ("params", DELTA_COLLECTION),
+      trans_in_fn=functools.partial(_move_deltas, paths, DELTA_COLLECTION, "params"),
+      trans_out_fn=functools.partial(_move_deltas, paths, "params", DELTA_COLLECTION),
+      mutable=True,
+    )
+    return run(self, *args, **kwargs)
+
+
+def _move_deltas(paths: Sequence[Path], source: str, target: str, variables: Mapping) -> dict:
+  """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
+
+  Example:
+    >>> variables = {"params": {"up": {"kernel": 1}}, "delta": {"up": {"delta": 2}}}
+    >>> _move_deltas([("up",)], "delta", "params", variables)
+    {'params': {'up': {'kernel': 1, 'delta': 2}}}
+  """
+  variables = dict(variables)
+  moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
+  kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
+  for path in paths:
+    if (*path, "delta") in moved:
+      kept[(*path, "delta")] = moved.pop((*path, "delta"))
+  for name, flat in ((source, moved), (target, kept)):
+    if flat:
+      variables[name] = traverse_util.unflatten_dict(flat)
+  return variables
 
 
 _LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)

@@ -44,8 +44,13 @@ def _check_options(module) -> None:
   _check_bools(module)
 
 
-def _adapter_variables(module: nn.Module, kind, shape) -> tuple:
-  """Creates (or reads) ``lora_a``, ``lora_b`` and ``D`` of ``module`` for a kernel ``shape``."""
+def _adapter_variables(module: nn.Module, kind, shape, collection=DELTA_COLLECTION) -> tuple:
+  """Creates (or reads) ``lora_a``, ``lora_b`` and ``D`` of ``module`` for a kernel ``shape``.
+
+  ``D`` is the variable ``delta`` of ``collection``: the ``'delta'``
+  collection, or ``'params'`` while :class:`~deltalora_jax.DeltaLoRAModel`
+  maps it there.
+  """
   core.check_rank(module.rank)
   bound = kind.rank_bound(shape)
   if module.rank > bound:
@@ -56,7 +61,7 @@ def _adapter_variables(module: nn.Module, kind, shape) -> tuple:
   if (
     module.use_delta
     and not module.is_initializing()
-    and not module.has_variable(DELTA_COLLECTION, "delta")
+    and not module.has_variable(collection, "delta")
   ):
     raise ValueError(
       f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
@@ -70,7 +75,7 @@ def _adapter_variables(module: nn.Module, kind, shape) -> tuple:
   lora_b = module.param("lora_b", module.lora_b_init, b_shape, dtype)
   delta = None
   if module.use_delta:
-    delta = module.variable(DELTA_COLLECTION, "delta", jnp.zeros, shape, dtype).value
+    delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
   return lora_a, lora_b, delta
 
 
@@ -304,6 +309,11 @@ class DeltaLoRAGeneral(nn.Module):
     lora_b_init: initializer of ``B`` (zeros).
     evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
     use_delta: create ``D``; False gives plain LoRA.
+    delta_collection: the collection that holds ``D`` (as the variable
+      ``delta``): ``'delta'``. :class:`~deltalora_jax.DeltaLoRAModel` sets
+      ``'params'`` while it maps the ``'delta'`` collection into ``'params'``,
+      so that ``D`` goes through ``nn.scan`` and ``nn.vmap`` stacks that lift
+      ``'params'`` only.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -332,6 +342,7 @@ class DeltaLoRAGeneral(nn.Module):
   evaluation: core.Evaluation = "auto"
   use_delta: bool = True
   adapter_dtype: Any = None
+  delta_collection: str = DELTA_COLLECTION
 
   def __post_init__(self):
     if not isinstance(self.projection, projections.Projection):
@@ -341,6 +352,11 @@ class DeltaLoRAGeneral(nn.Module):
       )
     core.check_rank(self.rank)
     _check_options(self)
+    if not isinstance(self.delta_collection, str):
+      raise TypeError(
+        f"delta_collection must be a collection name (str), got "
+        f"delta_collection={self.delta_collection!r}"
+      )
     super().__post_init__()
 
   @property
@@ -374,7 +390,7 @@ class DeltaLoRAGeneral(nn.Module):
     bias = None
     if self.use_bias:
       bias = self.param("bias", bias_init, kind.bias_shape(shape), self.param_dtype)
-    lora_a, lora_b, delta = _adapter_variables(self, kind, shape)
+    lora_a, lora_b, delta = _adapter_variables(self, kind, shape, self.delta_collection)
     return core.delta_lora_apply(
       inputs,
       kernel,
