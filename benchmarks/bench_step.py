@@ -5,12 +5,16 @@ Run from the repository root::
   python benchmarks/bench_step.py            # the full sweep (a few minutes on 2 cores)
   python benchmarks/bench_step.py --quick    # one small point of each model, seconds
 
-Sweeps (MLP of 4 layers; transformer block of 6 projections, sequence 128):
+Sweeps (MLP of 4 layers; transformer block of 6 projections, sequence 128;
+attention block: the same block in Flax's own ``nn.MultiHeadDotProductAttention``
+and ``nn.Dense``, adapted with ``adapt_linen``):
 
 * MLP against width: 256, 512, 1024, 2048 at rank 8, 512 rows;
 * MLP against rank: 4, 16, 64 at width 1024, 512 rows;
 * MLP against rows (batch): 128, 2048 at width 1024, rank 8;
-* transformer against width: 256, 512, 1024 at rank 8, 512 rows.
+* transformer against width: 256, 512, 1024 at rank 8, 512 rows;
+* attention against width: 256, 512, 1024 at rank 8, 512 rows (no ``naive``
+  variant: it is a layer of this file's own).
 
 Writes ``<out>/bench_step.json`` (every figure, versions, machine),
 ``<out>/bench_step.png`` (step time and memory against width, rank and rows),
@@ -37,6 +41,7 @@ def sweep(args) -> list[common.Config]:
     return [
       common.Config("mlp", 256, 8, 256, sweep="width"),
       common.Config("transformer", 256, 8, 256, sweep="width"),
+      common.Config("attention", 256, 8, 256, sweep="width"),
     ]
   configs = []
   if "mlp" in args.models:
@@ -47,13 +52,17 @@ def sweep(args) -> list[common.Config]:
     configs += [
       common.Config("transformer", w, 8, 512, sweep="width") for w in args.widths if w <= 1024
     ]
+  if "attention" in args.models:
+    configs += [
+      common.Config("attention", w, 8, 512, sweep="width") for w in args.widths if w <= 1024
+    ]
   return configs
 
 
 def main(argv=None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--quick", action="store_true", help="one small point per model")
-  parser.add_argument("--models", nargs="+", default=["mlp", "transformer"])
+  parser.add_argument("--models", nargs="+", default=list(common.MODELS))
   parser.add_argument("--widths", nargs="+", type=int, default=[256, 512, 1024, 2048])
   parser.add_argument("--ranks", nargs="+", type=int, default=[4, 8, 16, 64])
   parser.add_argument("--rows", nargs="+", type=int, default=[128, 512, 2048])
@@ -70,7 +79,9 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   for cfg in sweep(args):
     print(f"{cfg.model} width={cfg.width} rank={cfg.rank} rows={cfg.rows} ...", flush=True)
-    records += common.measure(cfg, variants, repeats=args.repeats, steps=args.steps)
+    records += common.measure(
+      cfg, common.model_variants(cfg.model, variants), repeats=args.repeats, steps=args.steps
+    )
   targets = common.check_targets(records)
   print()
   print(common.table(records))
@@ -83,7 +94,13 @@ def main(argv=None) -> int:
     targets,
     {"arguments": vars(args), "wall_s": time.perf_counter() - start},
   )
-  points = [("mlp", 1024, 8, 512), ("transformer", 1024, 8, 512), ("mlp", 256, 8, 256)]
+  points = [
+    ("mlp", 1024, 8, 512),
+    ("transformer", 1024, 8, 512),
+    ("attention", 1024, 8, 512),
+    ("mlp", 256, 8, 256),
+    ("attention", 256, 8, 256),
+  ]
   (out / f"{args.name}.md").write_text(common.markdown(records, targets, points))
   try:
     common.plot(records, str(out / f"{args.name}.png"))

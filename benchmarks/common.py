@@ -2,7 +2,10 @@
 
 Every variant trains the *same* dense layers of the same model: an MLP stack
 or a small pre-LN transformer block in which every dense projection is the
-layer under test. A variant is a pair (layer, optimizer):
+layer under test, or the same block written with Flax's own
+``nn.MultiHeadDotProductAttention`` and ``nn.Dense``, whose projections
+(``[d, heads, head_dim]`` kernels) :func:`deltalora_jax.adapt_linen` adapts.
+A variant is a pair (layer, optimizer):
 
 * ``full_sgdm`` / ``full_adamw``: ``nn.Dense``, full fine-tuning with optax
   SGD with momentum 0.9, or AdamW;
@@ -170,6 +173,30 @@ class TransformerBlock(nn.Module):
     return x + dense(self.width, "mlp_down")(h)
 
 
+class AttentionBlock(nn.Module):
+  """The pre-LN block of :class:`TransformerBlock` in Flax's own layers, never adapted here.
+
+  ``nn.MultiHeadDotProductAttention`` (its ``query``, ``key``, ``value``
+  projections are ``nn.DenseGeneral`` with ``[width, heads, head_dim]``
+  kernels, its ``out`` one ``[heads, head_dim, width]``) and a 4x MLP of
+  ``nn.Dense``. The adapted variants are this model and its variables
+  through :func:`deltalora_jax.adapt_linen` (:func:`build`).
+  """
+
+  width: int
+  head_dim: int = 64
+  dtype: Any = None
+
+  @nn.compact
+  def __call__(self, x):
+    heads = max(1, self.width // self.head_dim)
+    h = nn.LayerNorm(name="ln_attention")(x)
+    x = x + nn.MultiHeadDotProductAttention(heads, dtype=self.dtype, name="attention")(h)
+    h = nn.LayerNorm(name="ln_mlp")(x)
+    h = nn.gelu(nn.Dense(4 * self.width, dtype=self.dtype, name="mlp_up")(h))
+    return x + nn.Dense(self.width, dtype=self.dtype, name="mlp_down")(h)
+
+
 # --------------------------------------------------------------------------
 # Configurations and optimizers.
 # --------------------------------------------------------------------------
@@ -179,12 +206,12 @@ class TransformerBlock(nn.Module):
 class Config:
   """One point of a sweep: ``rows`` is the number of rows the dense layers see."""
 
-  model: str  # "mlp" or "transformer"
+  model: str  # "mlp", "transformer" or "attention"
   width: int
   rank: int
   rows: int
   layers: int = 4  # MLP depth
-  seq: int = 128  # transformer sequence length (rows = batch * seq)
+  seq: int = 128  # transformer and attention sequence length (rows = batch * seq)
   sweep: str = ""  # which sweep the point belongs to: "width", "rank", "batch"
 
   def module(self, variant: str) -> nn.Module:
@@ -192,10 +219,12 @@ class Config:
       return MLP(variant, self.width, self.rank, self.layers)
     if self.model == "transformer":
       return TransformerBlock(variant, self.width, self.rank)
-    raise ValueError(f"model must be 'mlp' or 'transformer', got model={self.model!r}")
+    if self.model == "attention":
+      return AttentionBlock(self.width, dtype=_parse(variant)[1])
+    raise ValueError(f"model must be one of {MODELS}, got model={self.model!r}")
 
   def input_shape(self) -> tuple[int, ...]:
-    if self.model == "transformer":
+    if self.model in ("transformer", "attention"):
       if self.rows % self.seq:
         raise ValueError(f"rows must be a multiple of seq={self.seq}, got rows={self.rows}")
       return (self.rows // self.seq, self.seq, self.width)
@@ -203,6 +232,44 @@ class Config:
 
   def as_dict(self) -> dict[str, Any]:
     return dataclasses.asdict(self)
+
+
+MODELS = ("mlp", "transformer", "attention")
+#: Variants that need a layer of their own (``common.py``'s), not Flax's adapted.
+_OWN_LAYER_VARIANTS = ("naive",)
+
+
+def model_variants(model: str, variants: Sequence[str]) -> tuple[str, ...]:
+  """``variants`` less those the model cannot build (``naive`` on Flax's own attention)."""
+  if model != "attention":
+    return tuple(variants)
+  return tuple(v for v in variants if _parse(v)[0] not in _OWN_LAYER_VARIANTS)
+
+
+def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.Module, Any]:
+  """The model a variant trains and its initial variables.
+
+  For ``attention``, the adapted variants (``lora_adamw``, ``seed``,
+  ``paper``) take Flax's block and its variables through
+  :func:`deltalora_jax.adapt_linen`, which adapts the six projections
+  (attention's query, key, value and out, the MLP's two layers).
+  """
+  module = cfg.module(variant)
+  variables = module.init(key, x)
+  base, _ = _parse(variant)
+  if cfg.model != "attention" or base in ("full_sgdm", "full_adamw"):
+    return module, variables
+  if base not in ("lora_adamw", "seed", "paper"):
+    raise ValueError(f"variant {variant!r} cannot be built on model {cfg.model!r}")
+  return dl.adapt_linen(
+    module,
+    variables,
+    x,
+    rank=cfg.rank,
+    delta_scaling=DELTA_SCALING,
+    use_delta=base == "seed",
+    key=jax.random.fold_in(key, 1),
+  )
 
 
 def make_optimizer(variant: str) -> optax.GradientTransformation:
@@ -314,11 +381,10 @@ class Prepared:
 
 def prepare(cfg: Config, variant: str, seed: int = 0) -> Prepared:
   """Builds, compiles (timed) and runs once a variant of a config."""
-  module = cfg.module(variant)
   kx, ky, kp = jax.random.split(jax.random.key(seed), 3)
   x = jax.random.normal(kx, cfg.input_shape(), jnp.float32)
   y = jax.random.normal(ky, cfg.input_shape(), jnp.float32)
-  variables = module.init(kp, x)
+  module, variables = build(cfg, variant, kp, x)
   tx = make_optimizer(variant)
   opt_state = tx.init(variables)
   traces = [0]
@@ -539,6 +605,7 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
       ("mlp", "rank", "rank"),
       ("mlp", "batch", "rows"),
       ("transformer", "width", "width"),
+      ("attention", "width", "width"),
     )
     if any(r["model"] == m and r["sweep"] == s for r in records)
   ]

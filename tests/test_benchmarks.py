@@ -32,3 +32,24 @@ def test_product_flops_reads_contracting_and_batch_shapes():
   a, b = jnp.ones((3, 5, 7)), jnp.ones((3, 7, 9))
   flops = _entry_flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), a, b)
   assert list(flops.values()) == [2.0 * 3 * 5 * 9 * 7]
+
+
+@pytest.mark.parametrize("variant", ["full_sgdm", "seed"])
+def test_attention_block_costs_what_the_own_layer_block_costs(variant):
+  # Flax's nn.MultiHeadDotProductAttention block, adapted by adapt_linen, is
+  # the transformer block of the benchmarks' own layers: the same flops.
+  from benchmarks import common
+
+  flops = {}
+  for model in ("attention", "transformer"):
+    cfg = common.Config(model, 128, 4, 128, seq=64)
+    p = common.prepare(cfg, variant)
+    flops[model] = p.record["flops"]
+    if model == "attention" and variant == "seed":
+      delta = p.state[0]["delta"]
+      assert sorted(delta) == ["attention", "mlp_down", "mlp_up"]
+      assert sorted(delta["attention"]) == ["key", "out", "query", "value"]
+  assert flops["attention"] == flops["transformer"]
+  assert common.model_variants("attention", common.ALL_VARIANTS) == tuple(
+    v for v in common.ALL_VARIANTS if v != "naive"
+  )
