@@ -187,14 +187,9 @@ def _layer_options(chosen: Sequence[str], options: dict, overrides) -> dict[str,
 
 
 def _report(variables, layers, names: Sequence[str]) -> dict:
-  """What was adapted: the :func:`deltalora_jax.diagnostics` figures of ``names``, no norms."""
-  figures = tree.diagnostics(variables, layers)["layers"]
-  keep = ("type", "kernel_shape", "in_features", "out_features", "rank", "scaling")
-  entries = {
-    name: {k: e[k] for k in (*keep, "delta_scaling", "parameter_count")}
-    for name, e in figures.items()
-    if name in names
-  }
+  """What was adapted: the :func:`deltalora_jax.tree.layer_figures` of ``names``."""
+  figures = tree.layer_figures(variables, layers)
+  entries = {name: e for name, e in figures.items() if name in names}
   total = {
     "layers": len(entries),
     "parameter_count": sum(e["parameter_count"] for e in entries.values()),
@@ -901,6 +896,7 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> dict:
       )
     arrays = _check_weights(name, cfg, weights[name])
     options = {k: cfg[k] for k in _EXPORTED_OPTIONS}
+    options["lora_a_init"] = nnx.initializers.zeros_init()  # A is the adapter's, set below
     layer = _nnx_adapter(module, options, nnx.Rngs(0))
     for key, value in arrays.items():
       getattr(layer, key)[...] = value.astype(getattr(layer, key)[...].dtype)

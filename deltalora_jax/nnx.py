@@ -464,8 +464,8 @@ class DeltaLoRALinearGeneral(nnx.Module):
     if self.use_bias:
       self.bias = base.bias.copy()
     shape = tuple(self.kernel.shape)
-    self.stack = len(shape) - self.projection.kernel_ndim
-    layer_shape = shape[self.stack :]
+    stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
+    layer_shape = shape[stack:]
     bound = self.projection.rank_bound(layer_shape)
     if rank > bound:
       raise ValueError(
@@ -474,7 +474,7 @@ class DeltaLoRALinearGeneral(nnx.Module):
       )
     dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
     a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
-    stacked = shape[: self.stack]
+    stacked = shape[:stack]
     a_init = lora_a_init or core.lora_a_init(rank)
     self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, *a_shape), dtype))
     self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (*stacked, *b_shape), dtype))

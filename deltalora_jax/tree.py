@@ -360,41 +360,66 @@ def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any
     0.0
   """
   variables, layers, opt_state = _resolve(variables, layers, opt_state)
-  counts = parameter_counts(variables, layers)
+  report = layer_figures(variables, layers)
   params = _flat(variables, "params")
   velocities = None
   if opt_state is not None:
     velocities = traverse_util.flatten_dict(optim.velocity(opt_state)[DELTA_COLLECTION])
-  report = {}
   for path, layer in layers.items():
-    kernel = _layer_params(params, path, "kernel")
+    entry = report[layer_name(path)]
     delta = _layer_delta(variables, path, layer)
     lora_a = _layer_params(params, path, "lora_a")
     lora_b = _layer_params(params, path, "lora_b")
-    layers_in_stack = math.prod(kernel.shape[: kernel.ndim - layer.projection.kernel_ndim])
-    per_rank = layers_in_stack * layer.rank
-    entry = {
+    stack = len(entry["kernel_shape"]) - layer.projection.kernel_ndim
+    entry["delta_norm"] = 0.0 if delta is None else _norm(delta)
+    entry["lora_norm"] = _lora_norm(lora_a, lora_b, layer, stack)
+    if velocities is not None and layer.use_delta:
+      entry["velocity_norm"] = _norm(_layer_params(velocities, path, "delta"))
+  norms = ["delta_norm", "lora_norm"] + ([] if velocities is None else ["velocity_norm"])
+  total = {
+    "layers": len(report),
+    "parameter_count": sum(e["parameter_count"] for e in report.values()),
+  }
+  for key in norms:
+    total[key] = math.sqrt(sum(e.get(key, 0.0) ** 2 for e in report.values()))
+  return {"layers": report, "total": total}
+
+
+def layer_figures(variables: Mapping, layers: Layers | None = None) -> dict[str, dict]:
+  """What each adapted layer is, by name: the figures of :func:`diagnostics` without norms.
+
+  ``type``, ``kind``, ``kernel_shape``, ``in_features``, ``out_features``,
+  ``rank``, ``scaling``, ``delta_scaling``, ``freeze_base`` and
+  ``parameter_count``; nothing is computed on the arrays but their shapes.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = DeltaLoRADense(features=3, rank=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> layer_figures(variables, {(): layer})[""]["kernel_shape"]
+    [4, 3]
+  """
+  variables, layers, _ = _resolve(variables, layers)
+  counts = parameter_counts(variables, layers)
+  params = _flat(variables, "params")
+  figures = {}
+  for path, layer in layers.items():
+    kernel = _layer_params(params, path, "kernel")
+    stack = kernel.ndim - layer.projection.kernel_ndim
+    per_rank = math.prod(kernel.shape[:stack]) * layer.rank
+    figures[layer_name(path)] = {
       "type": type(layer).__name__,
       "kind": layer.projection.name,
       "kernel_shape": [int(n) for n in kernel.shape],
-      "in_features": lora_a.size // per_rank,
-      "out_features": lora_b.size // per_rank,
+      "in_features": _layer_params(params, path, "lora_a").size // per_rank,
+      "out_features": _layer_params(params, path, "lora_b").size // per_rank,
       "rank": layer.rank,
       "scaling": layer.scaling,
       "delta_scaling": float(layer.delta_scaling),
       "freeze_base": layer.freeze_base,
       "parameter_count": counts[layer_name(path)],
-      "delta_norm": 0.0 if delta is None else _norm(delta),
-      "lora_norm": _lora_norm(lora_a, lora_b, layer, kernel.ndim - layer.projection.kernel_ndim),
     }
-    if velocities is not None and layer.use_delta:
-      entry["velocity_norm"] = _norm(_layer_params(velocities, path, "delta"))
-    report[layer_name(path)] = entry
-  norms = ["delta_norm", "lora_norm"] + ([] if velocities is None else ["velocity_norm"])
-  total = {"layers": len(report), "parameter_count": counts["total"]}
-  for key in norms:
-    total[key] = math.sqrt(sum(e.get(key, 0.0) ** 2 for e in report.values()))
-  return {"layers": report, "total": total}
+  return figures
 
 
 def load_base(variables: Mapping, base_variables: Mapping) -> dict:
