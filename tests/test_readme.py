@@ -54,3 +54,15 @@ def test_adapting_attention_einsum_conv_section_runs(capsys):
   assert "DeltaLoRALinearGeneral (3, 16, 2) (2, 4)" in out
   assert type(ns["merged"].proj).__name__ == "Einsum"
   assert type(ns["merged"].conv).__name__ == "Conv"
+
+
+def test_adapting_scanned_stack_section_runs(capsys):
+  stack = _section_blocks("## Adapting attention, Einsum, Conv and scanned models")[2]
+  ns = {}
+  exec(compile(stack, "README-scan", "exec"), ns)
+  out = capsys.readouterr().out
+  assert "(4, 16, 2)" in out and "(4, 16, 16)" in out
+  assert ns["grads"]["delta"]["blocks"]["mlp"]["delta"].shape == (4, 16, 16)
+  np.testing.assert_allclose(
+    ns["model"].apply(ns["merged"], ns["x"]), ns["adapted"].apply(ns["variables"], ns["x"])
+  )
