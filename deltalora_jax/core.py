@@ -393,13 +393,7 @@ def delta_lora_apply(
   (5, 7, 4)
   """
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
-  if not isinstance(projection, projections.Einsum):
-    expected = projection.kernel_shape(jnp.shape(x)) if jnp.ndim(x) else None
-    if expected != tuple(jnp.shape(kernel)):
-      raise ValueError(
-        f"x must fit the kernel {tuple(jnp.shape(kernel))} of this {projection.name} layer "
-        f"(which expects a kernel {expected} for this input), got x.shape={jnp.shape(x)}"
-      )
+  _check_input(x, kernel, projection)
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
@@ -446,6 +440,50 @@ def delta_lora_apply(
   return y
 
 
+def _check_input(x, kernel, projection: projections.Projection) -> None:
+  """Raises ``ValueError`` unless ``x`` fits the kernel (an einsum checks its own operands)."""
+  if isinstance(projection, projections.Einsum):
+    return
+  shape = tuple(jnp.shape(kernel))
+  if isinstance(projection, projections.GeneralDense) and projection.axis == (-1,):
+    if jnp.ndim(x) == 0 or jnp.shape(x)[-1] != shape[0]:
+      raise ValueError(
+        f"x must have {shape[0]} input features (kernel {shape}), got x.shape={jnp.shape(x)}"
+      )
+    return
+  expected = projection.kernel_shape(jnp.shape(x)) if jnp.ndim(x) else None
+  if expected != shape:
+    raise ValueError(
+      f"x must fit the kernel {shape} of this {projection.name} layer (which expects a "
+      f"kernel {expected} for this input), got x.shape={jnp.shape(x)}"
+    )
+
+
+def delta_lora_layer(layer, x, kernel, bias, lora_a, lora_b, delta) -> jax.Array:
+  """:func:`delta_lora_apply` with the settings of an adapted ``layer``.
+
+  ``layer`` is any object with the attributes ``projection``, ``scaling``,
+  ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype`` and
+  ``precision``: the Linen and NNX layers of this library call it with
+  their own arrays.
+  """
+  return delta_lora_apply(
+    x,
+    kernel,
+    bias,
+    lora_a,
+    lora_b,
+    delta,
+    projection=layer.projection,
+    scaling=layer.scaling,
+    delta_scaling=layer.delta_scaling,
+    freeze_base=layer.freeze_base,
+    evaluation=layer.evaluation,
+    dtype=layer.dtype,
+    precision=layer.precision,
+  )
+
+
 def delta_lora_dense(
   x: jax.Array,
   kernel: jax.Array,
@@ -473,10 +511,6 @@ def delta_lora_dense(
   (3, 2)
   """
   projection = _projection(None, kernel)
-  if x.ndim == 0 or x.shape[-1] != kernel.shape[0]:
-    raise ValueError(
-      f"x must have {kernel.shape[0]} input features (kernel {kernel.shape}), got x.shape={x.shape}"
-    )
   return delta_lora_apply(
     x,
     kernel,

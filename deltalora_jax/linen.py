@@ -178,19 +178,14 @@ class DeltaLoRADense(nn.Module):
       else None
     )
     lora_a, lora_b, delta = _adapter_variables(self, self.projection, shape)
-    return core.delta_lora_dense(
+    return core.delta_lora_layer(
+      self,
       inputs,
       kernel,
       bias,
       lora_a,
       lora_b,
       delta,
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      evaluation=self.evaluation,
-      dtype=self.dtype,
-      precision=self.precision,
     )
 
 
@@ -391,18 +386,12 @@ class DeltaLoRAGeneral(nn.Module):
     if self.use_bias:
       bias = self.param("bias", bias_init, kind.bias_shape(shape), self.param_dtype)
     lora_a, lora_b, delta = _adapter_variables(self, kind, shape, self.delta_collection)
-    return core.delta_lora_apply(
+    return core.delta_lora_layer(
+      self,
       inputs,
       kernel,
       bias,
       lora_a,
       lora_b,
       delta,
-      projection=kind,
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      evaluation=self.evaluation,
-      dtype=self.dtype,
-      precision=self.precision,
     )

@@ -46,6 +46,31 @@ def _check_bool(name: str, value) -> bool:
   return value
 
 
+def _arrays(layer) -> tuple:
+  """``(kernel, bias, lora_a, lora_b, delta)`` of an NNX adapted layer (None where absent)."""
+  value = lambda v: None if v is None else v[...]  # noqa: E731
+  return tuple(value(getattr(layer, n)) for n in ("kernel", "bias", "lora_a", "lora_b", "delta"))
+
+
+def _merged_kernel(layer) -> jax.Array:
+  """``W + s A B + ds D`` of an NNX adapted layer, in its kernel's layout and dtype.
+
+  Formed at ``Precision.HIGHEST`` in at least float32 (each layer of a stack
+  on its own), then cast: a bfloat16 kernel rounds the adapter's contribution.
+  """
+  kernel, _, lora_a, lora_b, delta = _arrays(layer)
+  return core.merged_kernel(
+    kernel,
+    lora_a,
+    lora_b,
+    delta,
+    scaling=layer.scaling,
+    delta_scaling=layer.delta_scaling,
+    precision=jax.lax.Precision.HIGHEST,
+    projection=layer.projection,
+  ).astype(layer.kernel.dtype)
+
+
 def _check_out_sharding(out_sharding) -> None:
   """Flax layers take ``out_sharding`` (explicit-sharding mode); adapted layers leave it to XLA."""
   if out_sharding is not None:
@@ -233,20 +258,7 @@ class DeltaLoRALinear(nnx.Module):
 
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     _check_out_sharding(out_sharding)
-    return core.delta_lora_dense(
-      inputs,
-      self.kernel[...],
-      None if self.bias is None else self.bias[...],
-      self.lora_a[...],
-      self.lora_b[...],
-      None if self.delta is None else self.delta[...],
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      evaluation=self.evaluation,
-      dtype=self.dtype,
-      precision=self.precision,
-    )
+    return core.delta_lora_layer(self, inputs, *_arrays(self))
 
   def to_module(self) -> nnx.Linear:
     """:meth:`to_linear`: the base layer's class with the merged kernel."""
@@ -268,15 +280,7 @@ class DeltaLoRALinear(nnx.Module):
       >>> type(linear).__name__, linear.kernel.shape
       ('Linear', (4, 3))
     """
-    merged = core.merged_kernel(
-      self.kernel[...],
-      self.lora_a[...],
-      self.lora_b[...],
-      None if self.delta is None else self.delta[...],
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      precision=jax.lax.Precision.HIGHEST,
-    ).astype(self.kernel.dtype)
+    merged = _merged_kernel(self)
     bias = None if self.bias is None else self.bias[...]
     linear = nnx.Linear(
       self.in_features,
@@ -497,34 +501,7 @@ class DeltaLoRALinearGeneral(nnx.Module):
         f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
         f"{getattr(kind, 'equation', None)!r}"
       )
-    return core.delta_lora_apply(
-      inputs,
-      self.kernel[...],
-      None if self.bias is None else self.bias[...],
-      self.lora_a[...],
-      self.lora_b[...],
-      None if self.delta is None else self.delta[...],
-      projection=kind,
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      evaluation=self.evaluation,
-      dtype=self.dtype,
-      precision=self.precision,
-    )
-
-  def merged_kernel(self) -> jax.Array:
-    """``W + s A B + ds D`` in the kernel's layout and dtype (per layer of a stack)."""
-    return core.merged_kernel(
-      self.kernel[...],
-      self.lora_a[...],
-      self.lora_b[...],
-      None if self.delta is None else self.delta[...],
-      scaling=self.scaling,
-      delta_scaling=self.delta_scaling,
-      precision=jax.lax.Precision.HIGHEST,
-      projection=self.projection,
-    ).astype(self.kernel.dtype)
+    return core.delta_lora_layer(self, inputs, *_arrays(self))
 
   def to_module(self) -> nnx.Module:
     """The base layer's own class with kernel ``W + s A B + ds D`` and the same bias.
@@ -532,7 +509,7 @@ class DeltaLoRALinearGeneral(nnx.Module):
     Same Variable names, shapes, dtype and metadata as the base; a bfloat16
     kernel rounds the adapter's contribution. This layer is not modified.
     """
-    state = {"kernel": self.kernel.copy(self.merged_kernel())}
+    state = {"kernel": self.kernel.copy(_merged_kernel(self))}
     if self.bias is not None:
       state["bias"] = self.bias.copy()
     return nnx.merge(self.base_graphdef, nnx.State(state))
