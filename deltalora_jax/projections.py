@@ -78,10 +78,6 @@ def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
   return _matmul(x, kernel, 1, precision)
 
 
-def _rank_product(left: Shape, right: Shape) -> tuple[int, int]:
-  return math.prod(left), math.prod(right)
-
-
 @dataclasses.dataclass(frozen=True)
 class GeneralDense:
   """``nn.DenseGeneral``'s product: ``x``'s ``axis`` contracted with the kernel's leading axes.
@@ -140,7 +136,7 @@ class GeneralDense:
     return (*inner, rank), (rank, *outer)
 
   def rank_bound(self, kernel_shape: Shape) -> int:
-    return min(_rank_product(*self.split(kernel_shape)))
+    return min(map(math.prod, self.split(kernel_shape)))
 
   def rows(self, x_shape: Shape) -> int:
     return math.prod(x_shape) // max(1, math.prod(self.kernel_shape(x_shape)[: len(self.axis)]))
@@ -266,7 +262,7 @@ class Einsum:
     lhs, rhs, out, *_ = self._letters()
     inner = [sizes[c] for c in rhs if c in lhs and c not in out]
     outer = [sizes[c] for c in rhs if c in out and c not in lhs]
-    return min(_rank_product(inner, outer))
+    return min(math.prod(inner), math.prod(outer))
 
   def rows(self, x_shape: Shape) -> int:
     lhs, rhs, _ = _parse_equation(self.equation)
@@ -477,16 +473,13 @@ def to_json(projection: Projection) -> dict:
   >>> to_json(GeneralDense(features=(4,)))
   {'kind': 'general_dense', 'features': [4], 'axis': [-1]}
   """
-  fields = {}
-  for field in dataclasses.fields(projection):
-    value = getattr(projection, field.name)
-    fields[field.name] = json_ready(value)
+  fields = {f.name: _lists(getattr(projection, f.name)) for f in dataclasses.fields(projection)}
   return {"kind": projection.name, **fields}
 
 
-def json_ready(value):
+def _lists(value):
   if isinstance(value, tuple | list):
-    return [json_ready(v) for v in value]
+    return [_lists(v) for v in value]
   return value
 
 
@@ -506,16 +499,3 @@ def _tuples(value):
   if isinstance(value, list):
     return tuple(_tuples(v) for v in value)
   return value
-
-
-def stacked_lora_kernel(projection: Projection, lora_a, lora_b, stack: int, precision=None):
-  """:meth:`lora_kernel` over ``stack`` leading layer axes of both factors (``nn.scan`` stacks).
-
-  >>> kind = GeneralDense(features=(3,))
-  >>> stacked_lora_kernel(kind, jnp.ones((5, 2, 1)), jnp.ones((5, 1, 3)), 1).shape
-  (5, 2, 3)
-  """
-  fn = lambda a, b: projection.lora_kernel(a, b, precision)  # noqa: E731
-  for _ in range(stack):
-    fn = jax.vmap(fn)
-  return fn(lora_a, lora_b)
