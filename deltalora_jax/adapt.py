@@ -240,7 +240,7 @@ def _nnx_kind(module) -> str:
 
 def _nnx_adapter(module, options: dict, rngs: nnx.Rngs):
   """The adapter of an NNX layer: :class:`DeltaLoRALinear` for one ``nnx.Linear``, else general."""
-  if isinstance(module, nnx.Linear) and module.kernel.ndim == 2:
+  if type(module) is nnx.Linear and module.kernel.ndim == 2:
     return DeltaLoRALinear.from_linear(module, rngs=rngs, **options)
   return DeltaLoRALinearGeneral(module, rngs=rngs, **options)
 
@@ -411,7 +411,7 @@ class DeltaLoRAModel(nn.Module):
         return next_fun(*call_args, **call_kwargs)
       name = "/".join(path)
       try:
-        kind = linen_front.projection_of(module, call_kwargs.get("einsum_str"))
+        kind = linen_front.projection_of(module, _einsum_str(call_args, call_kwargs))
       except TypeError as error:
         raise TypeError(f"the adapter at {name!r} cannot run on this layer: {error}") from None
       options = dict(options)
@@ -470,6 +470,11 @@ def _move_deltas(paths: Sequence[Path], source: str, target: str, variables: Map
 _LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 
 
+def _einsum_str(args, kwargs) -> str | None:
+  """The ``einsum_str`` given to an ``nn.Einsum`` call, by keyword or in second place."""
+  return kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+
+
 def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, dict]:
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
@@ -488,7 +493,7 @@ def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, 
         entry["kind"] = "adapted"
       elif entry["kind"] != "adapted" and context.method_name == "__call__":
         try:
-          kind = linen_front.projection_of(module, kwargs.get("einsum_str"))
+          kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
           entry.update(kind="dense", module=module, projection=kind)
         except TypeError as error:
           if isinstance(module, _LINEN_KINDS):
@@ -775,6 +780,7 @@ def export_adapter(variables, layers=None) -> dict:
       "freeze_base": bool(layer.freeze_base),
       "use_delta": bool(layer.use_delta),
       "evaluation": str(layer.evaluation),
+      "adapter_dtype": None if layer.adapter_dtype is None else jnp.dtype(layer.adapter_dtype).name,
     }
     arrays = {"lora_a": params[(*path, "lora_a")], "lora_b": params[(*path, "lora_b")]}
     if layer.use_delta:
@@ -896,6 +902,7 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> dict:
       )
     arrays = _check_weights(name, cfg, weights[name])
     options = {k: cfg[k] for k in _EXPORTED_OPTIONS}
+    options["adapter_dtype"] = cfg.get("adapter_dtype")
     options["lora_a_init"] = nnx.initializers.zeros_init()  # A is the adapter's, set below
     layer = _nnx_adapter(module, options, nnx.Rngs(0))
     for key, value in arrays.items():
@@ -960,13 +967,14 @@ def attach_adapter_linen(
         f"{tuple(cfg['kernel_shape'])}"
       )
     arrays = _check_weights(name, cfg, weights[name])
-    dtype = linen_front.adapter_dtype(None, kernel.dtype)
+    dtype = linen_front.adapter_dtype(cfg.get("adapter_dtype"), kernel.dtype)
     new[path] = {
       key: value.astype(kernel.dtype if key in ("kernel", "bias") else dtype)
       for key, value in arrays.items()
     }
     options = {"projection": _config_kind(name, cfg)[0], "use_bias": cfg["use_bias"]}
     options.update({k: cfg[k] for k in _EXPORTED_OPTIONS})
+    options["adapter_dtype"] = cfg.get("adapter_dtype")
     DeltaLoRAGeneral(**options, parent=None)  # checks the options
     adapters[path] = tuple(sorted(options.items()))
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))

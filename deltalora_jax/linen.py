@@ -201,6 +201,13 @@ def projection_of(module: nn.Module, einsum_str: str | None = None) -> projectio
     >>> projection_of(nn.Conv(features=4, kernel_size=3)).kernel_shape((2, 9, 5))
     (3, 5, 4)
   """
+  try:
+    return _projection_of(module, einsum_str)
+  except ValueError as error:  # a setting Flax takes that the adapter cannot reproduce
+    raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
+
+
+def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projections.Projection:
   name = type(module).__name__
   if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
     raise TypeError(f"{name} is already adapted")
@@ -218,6 +225,8 @@ def projection_of(module: nn.Module, einsum_str: str | None = None) -> projectio
     defaults = [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nn.Einsum):
     equation = einsum_str or module.einsum_str
+    if equation is None:
+      raise TypeError(f"{name} was called without an einsum_str")
     kind = projections.Einsum(equation, module.shape)
     defaults = [("preferred_element_type", None)]
   elif isinstance(module, nn.Conv):

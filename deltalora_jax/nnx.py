@@ -336,6 +336,13 @@ def projection_of(module) -> projections.Projection:
     >>> projection_of(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)))
     GeneralDense(features=(2, 4), axis=(-1,))
   """
+  try:
+    return _projection_of(module)
+  except ValueError as error:  # a setting Flax takes that the adapter cannot reproduce
+    raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
+
+
+def _projection_of(module) -> projections.Projection:
   name = type(module).__name__
   if isinstance(module, nnx.LoRALinear | DeltaLoRALinear | DeltaLoRALinearGeneral):
     raise TypeError(f"{name} is already adapted")

@@ -118,7 +118,7 @@ class GeneralDense:
     axes = tuple(a % ndim if -ndim <= a < ndim else None for a in self.axis)
     if None in axes or len(set(axes)) != len(axes):
       raise ValueError(f"axis={self.axis} must be distinct axes of an input of rank {ndim}")
-    return axes  # type: ignore[return-value]
+    return tuple(sorted(axes))  # type: ignore[arg-type]  # as Flax: in the input's order
 
   def kernel_shape(self, x_shape: Shape) -> Shape:
     return tuple(x_shape[a] for a in self._axes(len(x_shape))) + self.features
@@ -324,9 +324,9 @@ Padding = str | tuple[tuple[int, int], ...]
 def _canonical_padding(padding, rank: int) -> Padding:
   """Flax's ``canonicalize_padding``: a mode string or ``rank`` ``(low, high)`` pairs."""
   if isinstance(padding, str):
-    if padding not in ("SAME", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
+    if padding not in ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
       raise ValueError(
-        "padding must be 'SAME', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or "
+        "padding must be 'SAME', 'SAME_LOWER', 'VALID', 'CIRCULAR', 'REFLECT', 'CAUSAL', an int or "
         f"(low, high) pairs, got padding={padding!r}"
       )
     if padding == "CAUSAL" and rank != 1:
