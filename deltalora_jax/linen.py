@@ -11,6 +11,7 @@ import jax.numpy as jnp
 from flax.linen import dtypes as linen_dtypes
 
 from deltalora_jax import core, projections
+from deltalora_jax.config import LayerConfig
 
 DELTA_COLLECTION = "delta"
 
@@ -30,18 +31,19 @@ def adapter_dtype(adapter_dtype, param_dtype):
   return core.widest_dtype(param_dtype, at_least=jnp.float32)
 
 
-def _check_bools(module) -> None:
-  for name in ("freeze_base", "use_bias", "use_delta"):
-    if not isinstance(getattr(module, name), bool):
-      raise TypeError(f"{name} must be a bool, got {name}={getattr(module, name)!r}")
-
-
-def _check_options(module) -> None:
-  """The LoRA options every adapted Linen layer checks at construction."""
-  core.lora_scaling(module.alpha, module.rank)
-  core.check_delta_scaling(module.delta_scaling)
-  core.check_evaluation(module.evaluation)
-  _check_bools(module)
+def _config(module) -> LayerConfig:
+  """The :class:`~deltalora_jax.config.LayerConfig` of a layer (which checks the options)."""
+  return LayerConfig(
+    module.projection,
+    rank=module.rank,
+    alpha=module.alpha,
+    delta_scaling=module.delta_scaling,
+    freeze_base=module.freeze_base,
+    use_bias=module.use_bias,
+    use_delta=module.use_delta,
+    evaluation=module.evaluation,
+    adapter_dtype=module.adapter_dtype,
+  )
 
 
 def _adapter_variables(module: nn.Module, kind, shape, collection=DELTA_COLLECTION) -> tuple:
@@ -146,7 +148,7 @@ class DeltaLoRADense(nn.Module):
   def __post_init__(self):
     core.check_features("features", self.features)
     core.check_rank(self.rank, out_features=self.features)
-    _check_options(self)
+    _config(self)  # checks the LoRA options
     super().__post_init__()
 
   @property
@@ -158,6 +160,11 @@ class DeltaLoRADense(nn.Module):
   def scaling(self) -> float:
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
+    return _config(self)
 
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
@@ -355,7 +362,7 @@ class DeltaLoRAGeneral(nn.Module):
         f"got projection={self.projection!r}"
       )
     core.check_rank(self.rank)
-    _check_options(self)
+    _config(self)  # checks the LoRA options
     if not isinstance(self.delta_collection, str):
       raise TypeError(
         f"delta_collection must be a collection name (str), got "
@@ -367,6 +374,11 @@ class DeltaLoRAGeneral(nn.Module):
   def scaling(self) -> float:
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
+    return _config(self)
 
   @nn.compact
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:

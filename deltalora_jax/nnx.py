@@ -25,6 +25,7 @@ from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
 from deltalora_jax import core, optim, projections
+from deltalora_jax.config import LayerConfig
 from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
 Path = tuple[str, ...]
@@ -250,6 +251,21 @@ class DeltaLoRALinear(nnx.Module):
   def scaling(self) -> float:
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
+    return LayerConfig(
+      self.projection,
+      rank=self.rank,
+      alpha=self.alpha,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      use_bias=self.use_bias,
+      use_delta=self.use_delta,
+      evaluation=self.evaluation,
+      adapter_dtype=self.adapter_dtype,
+    )
 
   @property
   def projection(self) -> projections.GeneralDense:
@@ -497,6 +513,21 @@ class DeltaLoRALinearGeneral(nnx.Module):
   def scaling(self) -> float:
     """The LoRA scaling ``s = alpha / rank``."""
     return core.lora_scaling(self.alpha, self.rank)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
+    return LayerConfig(
+      self.projection,
+      rank=self.rank,
+      alpha=self.alpha,
+      delta_scaling=self.delta_scaling,
+      freeze_base=self.freeze_base,
+      use_bias=self.use_bias,
+      use_delta=self.use_delta,
+      evaluation=self.evaluation,
+      adapter_dtype=self.adapter_dtype,
+    )
 
   def __call__(
     self, inputs: jax.Array, einsum_str: str | None = None, out_sharding=None

@@ -1,0 +1,191 @@
+"""One adapted layer's configuration: its kind and LoRA options, with one JSON encoding.
+
+:class:`LayerConfig` is what every part of the library needs to know about
+an adapted layer besides its arrays: the optimizers (which layers train
+their base, each layer's scaling), merging, adapter files and checkpoints.
+Each layer class gives its own as ``layer.config``; :func:`layer_configs`
+collects them from a model. :meth:`LayerConfig.to_json` is the one encoding
+written to adapter files and checkpoints, :meth:`LayerConfig.from_json`
+reads it back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+from flax import nnx
+
+from deltalora_jax import core, paths, projections
+
+#: The LoRA options of a layer, in the order the layers take them.
+OPTIONS = (
+  "rank",
+  "alpha",
+  "delta_scaling",
+  "freeze_base",
+  "use_delta",
+  "evaluation",
+  "adapter_dtype",
+)
+
+
+def _check_bool(name: str, value: Any) -> bool:
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+  return value
+
+
+def dtype_name(dtype: Any) -> str | None:
+  """The name of a dtype (``'bfloat16'``), None for None.
+
+  >>> dtype_name(jnp.bfloat16), dtype_name(None)
+  ('bfloat16', None)
+  """
+  if dtype is None:
+    return None
+  try:
+    return jnp.dtype(dtype).name
+  except TypeError:
+    raise TypeError(f"adapter_dtype must be a dtype or None, got adapter_dtype={dtype!r}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerConfig:
+  """The configuration of one adapted layer (checked at construction).
+
+  Attributes:
+    projection: the base layer's product (:mod:`deltalora_jax.projections`).
+    rank: LoRA rank ``r > 0``.
+    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
+    delta_scaling: ``ds``, finite and ``> 0``.
+    freeze_base: the base kernel and bias get no gradient.
+    use_bias: whether the base layer has a bias.
+    use_delta: the layer has ``D`` (the seed's rule); False is plain LoRA.
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
+    adapter_dtype: dtype name of ``A``, ``B`` and ``D``, or None (at least
+      float32, :func:`deltalora_jax.linen.adapter_dtype`).
+
+  Example:
+    >>> from deltalora_jax.projections import GeneralDense
+    >>> config = LayerConfig(GeneralDense(features=(8,)), rank=2, alpha=4.0)
+    >>> config.scaling
+    2.0
+    >>> LayerConfig.from_json(config.to_json()) == config
+    True
+  """
+
+  projection: projections.Projection
+  rank: int
+  alpha: float | None = None
+  delta_scaling: float = 0.1
+  freeze_base: bool = True
+  use_bias: bool = True
+  use_delta: bool = True
+  evaluation: core.Evaluation = "auto"
+  adapter_dtype: str | None = None
+
+  def __post_init__(self) -> None:
+    if not isinstance(
+      self.projection, projections.GeneralDense | projections.Einsum | projections.Conv
+    ):
+      raise TypeError(
+        "projection must be a deltalora_jax.projections GeneralDense, Einsum or Conv, "
+        f"got projection={self.projection!r}"
+      )
+    core.check_rank(self.rank)
+    core.lora_scaling(self.alpha, self.rank)
+    core.check_delta_scaling(self.delta_scaling)
+    core.check_evaluation(self.evaluation)
+    for field in ("freeze_base", "use_bias", "use_delta"):
+      _check_bool(field, getattr(self, field))
+    set_ = object.__setattr__  # a frozen dataclass normalises its own fields
+    set_(self, "rank", int(self.rank))
+    set_(self, "alpha", None if self.alpha is None else float(self.alpha))
+    set_(self, "delta_scaling", float(self.delta_scaling))
+    set_(self, "adapter_dtype", dtype_name(self.adapter_dtype))
+
+  @property
+  def scaling(self) -> float:
+    """The LoRA scaling ``s = alpha / rank``."""
+    return core.lora_scaling(self.alpha, self.rank)
+
+  def options(self) -> dict[str, Any]:
+    """The LoRA options (:data:`OPTIONS`) as keyword arguments of a layer."""
+    return {name: getattr(self, name) for name in OPTIONS}
+
+  def to_json(self) -> dict[str, Any]:
+    """Plain JSON data: the projection as :func:`~deltalora_jax.projections.to_json`."""
+    data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    data["projection"] = projections.to_json(self.projection)
+    return data
+
+  @classmethod
+  def from_json(cls, data: Mapping[str, Any], *, where: str = "layer config") -> LayerConfig:
+    """The config that :meth:`to_json` wrote; ``where`` names it in errors."""
+    if not isinstance(data, Mapping):
+      raise TypeError(f"{where} must be a JSON object, got {type(data).__name__}")
+    known = {f.name for f in dataclasses.fields(cls)}
+    required = {"projection", "rank"}
+    if missing := sorted(required - set(data)):
+      raise ValueError(f"{where} lacks {missing}; it has {sorted(data)}")
+    if unknown := sorted(set(data) - known):
+      raise ValueError(f"{where} has unknown fields {unknown}; the fields are {sorted(known)}")
+    values = dict(data)
+    values["projection"] = projections.from_json(dict(data["projection"]))
+    return cls(**values)
+
+
+def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
+  """The config of every adapted layer, by path.
+
+  Args:
+    layers: an NNX model, a Linen layers mapping ``{path: layer}`` (from
+      :func:`deltalora_jax.adapted_layers`), or a
+      :class:`~deltalora_jax.DeltaLoRAModel` (its ``layers``).
+
+  Returns:
+    ``{path: LayerConfig}``, paths as tuples of strings, sorted for NNX and
+    in the mapping's order for Linen.
+
+  Raises:
+    TypeError: for anything else, or a mapping entry that is not an adapted layer.
+    ValueError: when there is no adapted layer.
+
+  Example:
+    >>> from flax import nnx
+    >>> from deltalora_jax.nnx import DeltaLoRALinear
+    >>> configs = layer_configs(DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0)))
+    >>> list(configs), configs[()].rank
+    ([()], 2)
+  """
+  if isinstance(layers, nnx.Module):
+    found = {
+      paths.as_path(path): module.config
+      for path, module in nnx.iter_modules(layers)
+      if isinstance(getattr(module, "config", None), LayerConfig)
+    }
+    where = f"model {type(layers).__name__}"
+  elif isinstance(getattr(layers, "layers", None), Mapping):  # a DeltaLoRAModel
+    return layer_configs(layers.layers)
+  elif isinstance(layers, Mapping):
+    found = {}
+    for path, layer in layers.items():
+      config = getattr(layer, "config", None)
+      if not isinstance(config, LayerConfig):
+        raise TypeError(
+          f"layers[{path!r}] must be an adapted layer (DeltaLoRADense, DeltaLoRAGeneral, "
+          f"DeltaLoRALinear, DeltaLoRALinearGeneral), got {type(layer).__name__}"
+        )
+      found[paths.as_path(path)] = config
+    where = "layers"
+  else:
+    raise TypeError(
+      "layers must be an NNX model, a Linen layers mapping {path: layer} "
+      f"(deltalora_jax.adapted_layers(model, x)) or a DeltaLoRAModel, got {type(layers).__name__}"
+    )
+  if not found:
+    raise ValueError(f"{where} has no adapted layer")
+  return found
