@@ -20,7 +20,7 @@ The public names are re-exported here; the modules are:
   reset, diagnostics, load pretrained weights).
 """
 
-from deltalora_jax import projections
+from deltalora_jax import config, paths, projections
 from deltalora_jax.adapt import (
   DeltaLoRAModel,
   adapt_linen,
@@ -89,6 +89,7 @@ __all__ = [
   "attach_adapter_nnx",
   "batch_sharding",
   "bytes_per_device",
+  "config",
   "current_delta",
   "delta_lora",
   "delta_lora_apply",
@@ -110,6 +111,7 @@ __all__ = [
   "paper_delta_lora",
   "parameter_counts",
   "partition_specs",
+  "paths",
   "projections",
   "reset",
   "reset_velocity",

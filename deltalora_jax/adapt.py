@@ -39,7 +39,7 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 from flax.core import unfreeze
 
-from deltalora_jax import core, projections, tree
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
@@ -254,7 +254,7 @@ def _nnx_modules(model) -> dict[str, tuple[tuple, nnx.Module]]:
       "DeltaLoRALinear.from_linear(linear, rank=..., rngs=...) or "
       "DeltaLoRALinearGeneral(layer, rank=..., rngs=...) for one layer"
     )
-  return {nnx_front.path_name(p): (p, m) for p, m in nnx.iter_modules(model) if p}
+  return {paths.name(p): (p, m) for p, m in nnx.iter_modules(model) if p}
 
 
 def adapt_nnx(
@@ -436,18 +436,18 @@ class DeltaLoRAModel(nn.Module):
       with nn.intercept_methods(intercept):
         return wrapper.model(*args, **kwargs)
 
-    paths = list(configs)
+    adapted_paths = list(configs)
     run = nn.map_variables(
       run,
       ("params", DELTA_COLLECTION),
-      trans_in_fn=functools.partial(_move_deltas, paths, DELTA_COLLECTION, "params"),
-      trans_out_fn=functools.partial(_move_deltas, paths, "params", DELTA_COLLECTION),
+      trans_in_fn=functools.partial(_move_deltas, adapted_paths, DELTA_COLLECTION, "params"),
+      trans_out_fn=functools.partial(_move_deltas, adapted_paths, "params", DELTA_COLLECTION),
       mutable=True,
     )
     return run(self, *args, **kwargs)
 
 
-def _move_deltas(paths: Sequence[Path], source: str, target: str, variables: Mapping) -> dict:
+def _move_deltas(layer_paths: Sequence[Path], source: str, target: str, variables: Mapping) -> dict:
   """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
 
   Example:
@@ -458,7 +458,7 @@ def _move_deltas(paths: Sequence[Path], source: str, target: str, variables: Map
   variables = dict(variables)
   moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
   kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
-  for path in paths:
+  for path in layer_paths:
     if (*path, "delta") in moved:
       kept[(*path, "delta")] = moved.pop((*path, "delta"))
   for name, flat in ((source, moved), (target, kept)):
@@ -768,7 +768,7 @@ def export_adapter(variables, layers=None) -> dict:
   deltas = traverse_util.flatten_dict(unfreeze(variables.get(DELTA_COLLECTION, {})))
   config, weights = {}, {}
   for path, layer in layers.items():
-    name = tree.layer_name(path)
+    name = paths.name(path)
     kernel = params[(*path, "kernel")]
     config[name] = {
       "projection": projections.to_json(layer.projection),

@@ -32,8 +32,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from deltalora_jax import projections
-from deltalora_jax.sharding import leaf_path
+from deltalora_jax import paths, projections
 
 STATE = "state"
 LAYOUT = "layout"
@@ -151,7 +150,7 @@ def _layout(tree) -> dict[str, dict[str, Any]]:
     entry = {"shape": list(np.shape(leaf)), "dtype": str(leaf.dtype)}
     if _is_key(leaf) and isinstance(leaf, jax.Array):
       entry["key_impl"] = str(jax.random.key_impl(leaf))
-    layout[leaf_path(path)] = entry
+    layout[paths.key_name(path)] = entry
   return layout
 
 
@@ -207,7 +206,7 @@ def _savable(path, leaf):
     return leaf
   raise TypeError(
     f"state must hold only arrays, PRNG keys and numbers, got {type(leaf).__name__} "
-    f"at {leaf_path(path)!r}"
+    f"at {paths.key_name(path)!r}"
   )
 
 
@@ -359,7 +358,7 @@ class TrainingCheckpointer:
 
     def back(path, leaf, value):
       if _is_key(leaf):
-        return jax.random.wrap_key_data(value, impl=saved_layout[leaf_path(path)]["key_impl"])
+        return jax.random.wrap_key_data(value, impl=saved_layout[paths.key_name(path)]["key_impl"])
       return value
 
     return jax.tree_util.tree_map_with_path(back, like, restored)

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from deltalora_jax import core, optim, projections
+from deltalora_jax import core, optim, paths, projections
 from deltalora_jax.config import LayerConfig
 from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
@@ -558,11 +558,6 @@ class DeltaLoRALinearGeneral(nnx.Module):
 # --------------------------------------------------------------------------
 
 
-def path_name(path) -> str:
-  """``'blocks/0/attn/q'`` for the NNX path ``('blocks', 0, 'attn', 'q')``."""
-  return "/".join(map(str, path))
-
-
 def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear | DeltaLoRALinearGeneral]]:
   """Every adapted layer of an NNX model, with its path, sorted by path.
 
@@ -662,7 +657,7 @@ def linen_view(model: nnx.Module, opt_state: Any = None):
     optim.velocity(opt_state), is_leaf=lambda x: isinstance(x, nnx.Variable)
   )[0]
   for entry_path, leaf in leaves:
-    names = optim.path_names(entry_path)
+    names = paths.key_path(entry_path)
     value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
     if names and names[-1] == optim.DELTA and isinstance(value, jax.Array):
       velocities[names[:-1]] = {"delta": value}

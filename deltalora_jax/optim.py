@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deltalora_jax import core
+from deltalora_jax import core, paths
 
 DELTA = "delta"
 LORA = "lora"
@@ -123,32 +123,6 @@ def delta_momentum(
   )
 
 
-def _key_name(entry) -> str | None:
-  # An NNX Variable is a pytree node whose child is its ``.value``: the
-  # variable's name is the key above it, so that attribute step is skipped.
-  if isinstance(entry, jax.tree_util.GetAttrKey) and entry.name == "value":
-    return None
-  for attr in ("key", "name", "idx"):
-    if hasattr(entry, attr):
-      return str(getattr(entry, attr))
-  return None
-
-
-def path_names(path) -> tuple[str, ...]:
-  """The names on a ``jax.tree_util`` key path, NNX's ``.value`` step left out.
-
-  The one place where a leaf's path becomes names: the optimizers, the
-  sharding rules and the checkpoints all read paths through it.
-
-  Example:
-    >>> import jax
-    >>> tree = {"params": {"dense": {"kernel": 0.0}}, "opt": (0.0,)}
-    >>> [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-    [('opt', '0'), ('params', 'dense', 'kernel')]
-  """
-  return tuple(n for n in map(_key_name, path) if n is not None)
-
-
 def leaf_labels(variables) -> Any:
   """Labels each leaf of a variables tree ``'delta'``, ``'lora'``, ``'base'`` or ``'other'``.
 
@@ -171,11 +145,11 @@ def leaf_labels(variables) -> Any:
     >>> labels["params"]["dense"]["kernel"], labels["params"]["head"]["kernel"]
     ('base', 'other')
   """
-  paths = [path_names(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
-  adapted = {p[:-1] for p in paths if p and p[-1] in LORA_NAMES}
+  leaf_paths = [paths.key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+  adapted = {p[:-1] for p in leaf_paths if p and p[-1] in LORA_NAMES}
 
   def label(path, _):
-    names = path_names(path)
+    names = paths.key_path(path)
     name = names[-1] if names else None
     if name == DELTA and (names[0] == DELTA or names[:-1] in adapted):
       return DELTA

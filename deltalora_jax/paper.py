@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deltalora_jax import core, optim, projections
+from deltalora_jax import core, optim, paths, projections
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
@@ -167,7 +167,7 @@ def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   groups: dict[tuple[str, ...], dict[str, int]] = {}
   for i, (path, _) in enumerate(flat):
-    names = optim.path_names(path)
+    names = paths.key_path(path)
     if names and names[-1] == optim.DELTA:
       raise ValueError(
         "paper_delta_lora is the rule without D: build the layers with "

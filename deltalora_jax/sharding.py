@@ -34,7 +34,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import optim, projections
+from deltalora_jax import paths, projections
 from deltalora_jax.linen import DELTA_COLLECTION
 
 DATA_AXIS = "data"
@@ -94,15 +94,6 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
     )
   auto = jax.sharding.AxisType.Auto
   return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS), (auto, auto), devices=devices)
-
-
-def leaf_path(path) -> str:
-  """The ``'/'``-joined names of a key path: ``'params/dense/kernel'``.
-
-  NNX's ``.value`` step is left out (:func:`deltalora_jax.optim.path_names`),
-  so the same rules match a Linen variables dict and an NNX state.
-  """
-  return "/".join(optim.path_names(path))
 
 
 def _axis_size(mesh: Mesh, axes) -> int:
@@ -168,7 +159,7 @@ def partition_specs(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None
   On ``nn.Dense`` layers this gives the specs of :data:`DENSE_RULES`.
 
   **Rules.** Each rule is ``(pattern, spec)``; ``re.search(pattern, path)``
-  is tried on the leaf's path (:func:`leaf_path`, e.g.
+  is tried on the leaf's path (:func:`deltalora_jax.paths.key_name`, e.g.
   ``'params/hidden/kernel'``) in order, and the first match gives the spec.
   A leaf no rule matches is replicated (``PartitionSpec()``). A mesh axis
   that does not divide the dimension it is given to is dropped for that
@@ -226,7 +217,7 @@ def partition_specs(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None
     compiled.append((re.compile(rule[0]), rule[0], rule[1]))
 
   def spec(path, leaf):
-    name = leaf_path(path)
+    name = paths.key_name(path)
     for regex, pattern, rule_spec in compiled:
       if regex.search(name):
         return _fit(rule_spec, jax.numpy.shape(leaf), mesh, name, pattern)
@@ -372,7 +363,7 @@ def _layout_specs(tree, mesh: Mesh, layers: dict[Names, Any]) -> Any:
     )
   size = mesh.shape[FSDP_AXIS]
   flat, treedef = jax.tree_util.tree_flatten_with_path(tree)
-  names = [optim.path_names(path) for path, _ in flat]
+  names = [paths.key_path(path) for path, _ in flat]
   present = {n for n in names if n and n[-1] in _ADAPTER_NAMES}
   groups: dict[Names, dict[str, Names]] = {}
   for n in sorted(present):
@@ -441,13 +432,13 @@ def follow_shardings(tree, variables, shardings) -> Any:
     )
   replicated = NamedSharding(sharding_leaves[0].mesh, PartitionSpec())
   by_path = {
-    optim.path_names(path): (jax.numpy.shape(leaf), sharding)
+    paths.key_path(path): (jax.numpy.shape(leaf), sharding)
     for (path, leaf), sharding in zip(variable_leaves, sharding_leaves, strict=True)
   }
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
   def follow(path, leaf):
-    names = optim.path_names(path)
+    names = paths.key_path(path)
     for length in lengths:
       match = by_path.get(names[-length:]) if length <= len(names) else None
       if match is not None and match[0] == jax.numpy.shape(leaf):

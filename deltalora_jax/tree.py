@@ -23,17 +23,12 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
 
-from deltalora_jax import core, optim
+from deltalora_jax import core, optim, paths
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
 
 Path = tuple[str, ...]
 Layers = Mapping[Path, DeltaLoRADense | DeltaLoRAGeneral]
-
-
-def layer_name(path: Path) -> str:
-  """``'a/b'`` for the path ``('a', 'b')``; ``''`` for the root."""
-  return "/".join(path)
 
 
 def adapted_layers(
@@ -165,7 +160,7 @@ def parameter_counts(variables: Mapping, layers: Layers | None = None) -> dict[s
   """
   variables, layers, _ = _resolve(variables, layers)
   counts = {
-    layer_name(path): sum(
+    paths.name(path): sum(
       math.prod(a.shape) for a in _layer_arrays(variables, path, layer).values()
     )
     for path, layer in layers.items()
@@ -280,7 +275,7 @@ def merge(variables: Mapping, layers: Layers | None = None) -> dict:
     kernel = _layer_params(params, path, "kernel")
     if not hasattr(layer, "projection"):
       raise TypeError(
-        f"merge needs an adapted layer at {layer_name(path)!r}, got {type(layer).__name__}"
+        f"merge needs an adapted layer at {paths.name(path)!r}, got {type(layer).__name__}"
       )
     params[(*path, "kernel")] = core.merged_kernel(
       kernel,
@@ -366,7 +361,7 @@ def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any
   if opt_state is not None:
     velocities = traverse_util.flatten_dict(optim.velocity(opt_state)[DELTA_COLLECTION])
   for path, layer in layers.items():
-    entry = report[layer_name(path)]
+    entry = report[paths.name(path)]
     delta = _layer_delta(variables, path, layer)
     lora_a = _layer_params(params, path, "lora_a")
     lora_b = _layer_params(params, path, "lora_b")
@@ -407,7 +402,7 @@ def layer_figures(variables: Mapping, layers: Layers | None = None) -> dict[str,
     kernel = _layer_params(params, path, "kernel")
     stack = kernel.ndim - layer.projection.kernel_ndim
     per_rank = math.prod(kernel.shape[:stack]) * layer.rank
-    figures[layer_name(path)] = {
+    figures[paths.name(path)] = {
       "type": type(layer).__name__,
       "kind": layer.projection.name,
       "kernel_shape": [int(n) for n in kernel.shape],
@@ -417,7 +412,7 @@ def layer_figures(variables: Mapping, layers: Layers | None = None) -> dict[str,
       "scaling": layer.scaling,
       "delta_scaling": float(layer.delta_scaling),
       "freeze_base": layer.freeze_base,
-      "parameter_count": counts[layer_name(path)],
+      "parameter_count": counts[paths.name(path)],
     }
   return figures
 

@@ -264,7 +264,7 @@ def train(args: argparse.Namespace) -> None:
   from jax.sharding import PartitionSpec as P
 
   import deltalora_jax as dl
-  from deltalora_jax.sharding import leaf_path
+  from deltalora_jax.paths import key_name
 
   model, sample, tx, hyperparameters = build(args.rule)
   local = jax.local_device_count()
@@ -341,7 +341,7 @@ def train(args: argparse.Namespace) -> None:
   if jax.process_index() == 0:
     if args.output:
       flat = {
-        leaf_path(path): np.asarray(leaf)
+        key_name(path): np.asarray(leaf)
         for path, leaf in jax.tree_util.tree_leaves_with_path(params)
       }
       np.savez(args.output, **flat)

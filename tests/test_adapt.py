@@ -319,7 +319,7 @@ def nnx_run():
 
 
 def _adapters(model):
-  return {dl.nnx.path_name(p): m for p, m in dl.nnx.adapters(model)}
+  return {dl.paths.name(p): m for p, m in dl.nnx.adapters(model)}
 
 
 def test_nnx_adapts_exactly_the_attention_projections(nnx_run):

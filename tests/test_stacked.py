@@ -233,7 +233,7 @@ def nnx_kernel_grad(model):
 
 
 def nnx_layers(model) -> dict:
-  return {dl.nnx.path_name(path): layer for path, layer in dl.nnx.adapters(model)}
+  return {dl.paths.name(path): layer for path, layer in dl.nnx.adapters(model)}
 
 
 class NNXStack:
@@ -278,8 +278,8 @@ class NNXStack:
   def gradients(self, model) -> tuple[dict, dict]:
     grads = nnx.to_flat_state(self.train_steps(nnx.clone(model), 1)[0][1])
     of_kernel = nnx.to_flat_state(nnx_kernel_grad(dl.merge_and_unload(model)))
-    of_delta = {dl.nnx.path_name(p[:-1]): v[...] for p, v in grads if p[-1] == "delta"}
-    of_kernel = {dl.nnx.path_name(p[:-1]): v[...] for p, v in of_kernel if p[-1] == "kernel"}
+    of_delta = {dl.paths.name(p[:-1]): v[...] for p, v in grads if p[-1] == "delta"}
+    of_kernel = {dl.paths.name(p[:-1]): v[...] for p, v in of_kernel if p[-1] == "kernel"}
     return of_delta, {name: of_kernel[name] for name in of_delta}
 
   def attached_output(self, model):
