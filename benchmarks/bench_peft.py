@@ -81,7 +81,10 @@ def jax_variant(method: str, pretrained: dict, ids, mask, targets):
     adapter = Adapter(rank=RANK, alpha=ALPHA, targets=TARGETS, use_delta=method == "delta-lora")
   model = SentimentClassifier(BertConfig(), adapter, num_classes=CLASSES)
   variables = jax.jit(model.init)(jax.random.key(0), ids, mask)
-  variables = dl.load_base(variables, {"params": {**variables["params"], "encoder": pretrained}})
+  # The pretrained encoder under "encoder"; the new head keeps its initial values.
+  variables, _ = dl.load_base(
+    variables, {"params": pretrained}, strict=False, mapping={r"(.*)": r"encoder/\1"}
+  )
   labels = dl.leaf_labels(variables)
   flat = traverse_util.flatten_dict(variables)
   flat_labels = traverse_util.flatten_dict(labels)

@@ -17,7 +17,9 @@ The public names are re-exported here; the modules are:
 * :mod:`deltalora_jax.sharding`: partition rules and shardings for a device mesh;
 * :mod:`deltalora_jax.checkpoint`: checkpoints of the whole training state (orbax);
 * :mod:`deltalora_jax.tree`: whole-model utilities (count, flatten, merge,
-  reset, diagnostics, load pretrained weights).
+  reset, diagnostics).
+* :mod:`deltalora_jax.pretrained`: :func:`load_base`, pretrained weights into an
+  adapted model, by name (strict or not, renamed by a mapping).
 """
 
 from deltalora_jax import config, paths, projections
@@ -48,6 +50,7 @@ from deltalora_jax.optim import (
   velocity,
 )
 from deltalora_jax.paper import PaperDeltaLoRAState, paper_delta_lora
+from deltalora_jax.pretrained import load_base
 from deltalora_jax.sharding import (
   batch_sharding,
   bytes_per_device,
@@ -62,7 +65,6 @@ from deltalora_jax.tree import (
   current_delta,
   diagnostics,
   flatten_parameters,
-  load_base,
   merge,
   parameter_counts,
   reset,

@@ -227,35 +227,6 @@ def test_merge_refuses_a_base_that_is_not_dense():
     dl.merge(variables, {(): nn.Dense(3)})
 
 
-def test_load_base_loads_pretrained_dense_weights():
-  _model, variables, _ = _trained(MLP)
-  pretrained = MLP().init(jax.random.key(42), X)
-  loaded = dl.load_base(variables, pretrained)
-  for name in ("hidden_0", "head"):
-    np.testing.assert_array_equal(
-      loaded["params"][name]["kernel"], pretrained["params"][name]["kernel"]
-    )
-  np.testing.assert_array_equal(
-    loaded["params"]["hidden_0"]["lora_a"], variables["params"]["hidden_0"]["lora_a"]
-  )
-  chex.assert_trees_all_equal(loaded["delta"], variables["delta"])
-
-
-def test_load_base_refuses_mismatches_and_leaves_input_unchanged():
-  _, variables, _ = _trained(MLP)
-  before = jax.tree.map(np.array, variables)
-  pretrained = MLP().init(jax.random.key(42), X)
-  pretrained["params"]["hidden_1"]["kernel"] = jnp.ones((WIDTH, WIDTH + 1))
-  with pytest.raises(ValueError, match=r"hidden_1/kernel.*shape \(8, 8\).*got shape \(8, 9\)"):
-    dl.load_base(variables, pretrained)
-  del pretrained["params"]["head"]
-  with pytest.raises(
-    ValueError, match=r"missing from base_variables: \['head/bias', 'head/kernel'\]"
-  ):
-    dl.load_base(variables, pretrained)
-  chex.assert_trees_all_equal(jax.tree.map(np.array, variables), before)
-
-
 def test_adapted_layers_of_a_model_without_adapters_is_an_error():
   with pytest.raises(ValueError, match=r"MLP has no adapted layer"):
     dl.adapted_layers(MLP(), X)
