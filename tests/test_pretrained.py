@@ -390,3 +390,44 @@ def test_nnx_refuses_layers_and_a_wrong_base():
 def test_the_public_name_is_this_module():
   assert dl.load_base is pretrained.load_base
   assert re.search(r"mapping", dl.load_base.__doc__)
+
+
+# The demo's pretrained encoder -----------------------------------------------------------------
+
+
+def _demo_encoder():
+  from deltalora_jax.demo import bert, train
+
+  config = bert.BertConfig(
+    vocab_size=64, hidden_size=16, num_layers=2, num_heads=2, intermediate_size=32, max_position=24
+  )
+  ids = jnp.array([[2, 5, 6, 3, 0]], jnp.int32)
+  mask = jnp.array([[1, 1, 1, 1, 0]], jnp.int32)
+  encoder = bert.BertEncoder(config).init(jax.random.key(5), ids, mask)
+  model = bert.SentimentClassifier(config, bert.Adapter(rank=2, targets=bert.ROLES))
+  return train, train.Pretrained(config, None, encoder), model, (ids, mask)
+
+
+def test_the_demo_loads_the_encoder_and_draws_only_the_new_parts():
+  train, tiny, model, sample = _demo_encoder()
+  variables = train.initial_variables(model, tiny, jax.random.key(0), sample)
+  loaded, report = dl.load_base(variables, tiny.variables, strict=False, mapping=train.ENCODER)
+  assert report["skipped"] == [] and report["missing"] == ["head/bias", "head/kernel"]
+  chex.assert_trees_all_equal(loaded, variables)  # the encoder is the checkpoint's
+  delta = jax.tree.leaves(variables["delta"])
+  assert delta and all(not np.any(d) for d in delta)
+
+
+@pytest.mark.parametrize("damage", ["extra", "missing"])
+def test_the_demo_refuses_a_checkpoint_that_does_not_fit_its_encoder(damage):
+  train, tiny, model, sample = _demo_encoder()
+  params = dict(tiny.variables["params"])
+  if damage == "extra":
+    params["classifier"] = {"kernel": jnp.ones((16, 16))}
+    match = r"unknown in the model: \['classifier/kernel'\], missing from the checkpoint: \[\]"
+  else:
+    del params["embeddings_norm"]
+    match = r"missing from the checkpoint: \['encoder/embeddings_norm/bias', 'encoder/embed"
+  tiny = train.Pretrained(tiny.config, None, {"params": params})
+  with pytest.raises(ValueError, match=match):
+    train.initial_variables(model, tiny, jax.random.key(0), sample)

@@ -266,22 +266,40 @@ def _flat(variables) -> dict:
   }
 
 
+#: The checkpoint's names are the encoder's: they load under the model's ``encoder``.
+ENCODER = {r"(.*)": r"encoder/\1"}
+
+
 def initial_variables(model, pretrained: Pretrained, key: jax.Array, sample) -> dict:
   """The variables of ``model`` with the pretrained encoder and new parts initialised.
 
-  Only the parts the checkpoint lacks (LoRA factors, the head) are drawn from
-  their initializers, and ``D`` starts at zero as in ``DeltaLoRADense``:
-  ``model.apply`` with the pretrained parameters and a ``'params'`` key
-  creates the missing ones (Flax checks the shapes of the given ones), which
-  is much cheaper on a CPU than ``model.init`` followed by
-  :func:`deltalora_jax.load_base`.
+  :func:`deltalora_jax.load_base` puts the checkpoint under the model's
+  ``encoder``, checking every name, shape and dtype; it runs with
+  ``strict=False`` (the head and the LoRA factors are not in the checkpoint),
+  and every checkpoint tensor must be used and every encoder parameter
+  loaded. Only the parts it did not load (the head; LoRA factors are never
+  loaded) are then drawn from their initializers, by ``model.apply`` with a
+  ``'params'`` key, which creates the parameters it is not given; ``D``
+  starts at zero as in ``DeltaLoRADense``. ``model.init`` would draw every
+  parameter, the encoder's too: slower on a CPU, and other draws for the
+  new parts.
   """
   shapes = jax.eval_shape(model.init, key, *sample)
   zeros = lambda s: jnp.zeros(s.shape, s.dtype)  # noqa: E731
 
   def init(encoder, key):
-    variables = {"params": {"encoder": encoder}}
-    variables |= {c: jax.tree.map(zeros, v) for c, v in shapes.items() if c != "params"}
+    skeleton = jax.tree.map(zeros, shapes)
+    loaded, report = dl.load_base(skeleton, {"params": encoder}, strict=False, mapping=ENCODER)
+    unloaded = [n for n in report["missing"] if n.startswith("encoder/")]
+    if report["skipped"] or unloaded:
+      raise ValueError(
+        f"the pretrained checkpoint must fit the model's encoder: unknown in the model: "
+        f"{report['skipped']}, missing from the checkpoint: {unloaded}"
+      )
+    flat = traverse_util.flatten_dict(loaded["params"])
+    names = set(report["loaded"])
+    kept = {k: v for k, v in flat.items() if dl.paths.name(k) in names}
+    variables = {**loaded, "params": traverse_util.unflatten_dict(kept)}
     _, variables = model.apply(variables, *sample, rngs={"params": key}, mutable=True)
     return variables
 
