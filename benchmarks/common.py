@@ -272,8 +272,12 @@ def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.M
   )
 
 
-def make_optimizer(variant: str) -> optax.GradientTransformation:
-  """The optimizer of a variant (the same learning rate for all)."""
+def make_optimizer(variant: str, layers: Any = None) -> optax.GradientTransformation:
+  """The optimizer of a variant (the same learning rate for all).
+
+  ``layers`` is the model's adapted layers (:func:`deltalora_jax.adapted_layers`),
+  which ``paper`` needs.
+  """
   lr = LEARNING_RATE
   variant, _ = _parse(variant)
   if variant == "full_sgdm":
@@ -293,7 +297,7 @@ def make_optimizer(variant: str) -> optax.GradientTransformation:
       velocity_dtype=jnp.float32,
     )
   if variant == "paper":
-    return dl.paper_delta_lora(lr, scaling=1.0, start_step=0, other_optimizer=optax.adamw(lr))
+    return dl.paper_delta_lora(lr, layers=layers, start_step=0, other_optimizer=optax.adamw(lr))
   raise ValueError(f"variant must be one of {ALL_VARIANTS}, got variant={variant!r}")
 
 
@@ -397,7 +401,8 @@ def prepare(cfg: Config, variant: str, seed: int = 0) -> Prepared:
   x = jax.random.normal(kx, cfg.input_shape(), jnp.float32)
   y = jax.random.normal(ky, cfg.input_shape(), jnp.float32)
   module, variables = build(cfg, variant, kp, x)
-  tx = make_optimizer(variant)
+  own_layers = _parse(variant)[0] in ("full_sgdm", "full_adamw", "naive")
+  tx = make_optimizer(variant, None if own_layers else dl.adapted_layers(module, x))
   opt_state = tx.init(variables)
   traces = [0]
   step = make_step(module, tx, traces)

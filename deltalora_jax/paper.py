@@ -2,7 +2,7 @@ r"""The published Delta-LoRA rule (Zi et al., 2023) as an optax transformation.
 
 The paper's method keeps no delta matrix ``D`` and computes no gradient for
 the base kernel ``W``. After each optimizer step of the LoRA factors, ``W``
-moves by the change of their product (from the start step ``K`` on):
+moves by the change of their product, at the steps ``t > K`` (``t`` from 0):
 
 .. math::
 
@@ -10,17 +10,17 @@ moves by the change of their product (from the start step ``K`` on):
 
 :func:`paper_delta_lora` wraps the factors' optimizer (AdamW by default, as in
 the paper) and emits that kernel update from the factors' own updates and the
-current ``params``; the model's adapted layers are built with
-``use_delta=False`` (plain LoRA layers, base frozen): any kind of
-:mod:`deltalora_jax.projections` (dense, dense-general, einsum, convolution),
-stacked or not, with ``W`` updated in the kernel's own layout.
+current ``params``, reading each layer's scaling and kind from the adapted
+layers it is given. Those are built with ``use_delta=False`` (plain LoRA
+layers, base frozen) and may be of any kind of :mod:`deltalora_jax.projections`
+(dense, dense-general, einsum, convolution), stacked or not: ``W`` is updated
+in the kernel's own layout.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from deltalora_jax import core, optim, paths, projections
+from deltalora_jax import config, core, optim, paths, projections
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
@@ -101,41 +101,16 @@ def factor_product_change(
   return product(left, right)
 
 
-def _normalize_path(key) -> tuple[str, ...]:
-  if isinstance(key, str):
-    return tuple(n for n in key.split("/") if n)
-  if isinstance(key, tuple):
-    return tuple(str(k) for k in key)
-  raise TypeError(
-    "scaling's keys must be layer paths (a tuple of names such as "
-    f"adapted_layers(...) returns, or 'a/b' strings), got key {key!r}"
-  )
-
-
-def _check_scaling_value(name: str, value) -> tuple[Any, projections.Projection | None]:
-  """``(s, projection)`` of a number (projection None) or a layer object."""
-  projection = getattr(value, "projection", None)
-  if projection is not None and not isinstance(projection, projections.Projection):
-    raise TypeError(
-      f"{name}.projection must be a GeneralDense, Einsum or Conv of deltalora_jax.projections, "
-      f"got {projection!r}"
+def _layer_kinds(layers: Any) -> dict[paths.Path, tuple[float, projections.Projection]]:
+  """``{layer path: (s, projection)}`` of the adapted layers; refuses a layer with ``D``."""
+  configs = config.layer_configs(layers)
+  with_delta = [paths.name(path) for path, layer in configs.items() if layer.use_delta]
+  if with_delta:
+    raise ValueError(
+      "paper_delta_lora is the rule without D: build the adapted layers with use_delta=False; "
+      f"layers has use_delta=True at {with_delta}"
     )
-  value = getattr(value, "scaling", value)
-  concrete = core._as_float(name, value)
-  if concrete is not None and not (math.isfinite(concrete) and concrete > 0):
-    raise ValueError(f"{name} must be finite and > 0, got {name}={value!r}")
-  return value, projection
-
-
-def _check_scaling(scaling) -> Any:
-  """``(s, projection)`` for a number, or ``{path tuple: (s, projection)}`` from a mapping."""
-  if isinstance(scaling, Mapping):
-    if not scaling:
-      raise ValueError("scaling must not be an empty mapping")
-    return {
-      _normalize_path(k): _check_scaling_value(f"scaling[{k!r}]", v) for k, v in scaling.items()
-    }
-  return _check_scaling_value("scaling", scaling)
+  return {path: (layer.scaling, layer.projection) for path, layer in configs.items()}
 
 
 def _check_lambda(lambda_):
@@ -158,20 +133,20 @@ def _check_start_step(start_step):
   return start_step
 
 
-def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
-  """``{layer path: {'kernel': i, 'lora_a': j, 'lora_b': k}}``, indices into the leaves.
+def _adapted_layers(tree) -> dict[paths.Path, dict[str, int]]:
+  """``{layer path in the tree: {'kernel': i, 'lora_a': j, 'lora_b': k}}``, indices into the leaves.
 
   Raises ValueError for a ``delta`` leaf, for no adapted layer at all, and for
   a layer whose kernel or factors are missing.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-  groups: dict[tuple[str, ...], dict[str, int]] = {}
+  groups: dict[paths.Path, dict[str, int]] = {}
   for i, (path, _) in enumerate(flat):
     names = paths.key_path(path)
     if names and names[-1] == optim.DELTA:
       raise ValueError(
         "paper_delta_lora is the rule without D: build the layers with "
-        f"use_delta=False; the tree has a 'delta' leaf at {'/'.join(names)!r}"
+        f"use_delta=False; the tree has a 'delta' leaf at {paths.name(names)!r}"
       )
     if names and names[-1] in (KERNEL, LORA_A, LORA_B):
       groups.setdefault(names[:-1], {})[names[-1]] = i
@@ -184,67 +159,46 @@ def _adapted_layers(tree) -> dict[tuple[str, ...], dict[str, int]]:
   for path, group in layers.items():
     if len(group) != 3:
       raise ValueError(
-        f"adapted layer {'/'.join(path)!r} must have 'kernel', 'lora_a' and 'lora_b', "
+        f"adapted layer {paths.name(path)!r} must have 'kernel', 'lora_a' and 'lora_b', "
         f"got {sorted(group)}"
       )
   return layers
 
 
 def _stack_axes(path, kernel, lora_a, lora_b, projection) -> int:
-  """The number of leading stack axes of one adapted layer, its shapes checked.
+  """The number of leading stack axes of one adapted layer, its shapes checked."""
+  try:
+    core.check_layer_shapes(kernel, None, lora_a, lora_b, None, projection)
+  except ValueError as error:
+    raise ValueError(f"adapted layer {paths.name(path)!r}: {error}") from None
+  return jnp.ndim(kernel) - projection.kernel_ndim
 
-  Without a projection, the dense-like layout: ``A [*stack, *in, r]``,
-  ``B [*stack, r, *out]``, kernel ``[*stack, *in, *out]``.
+
+def _match_layers(found, kinds) -> dict[paths.Path, paths.Path]:
+  """``{path in the tree: path in layers}``; a leading ``'params'`` collection is ignored.
+
+  Raises ValueError naming both lists when the tree's adapted layers and ``layers`` differ.
   """
-  name = "/".join(path)
-  if projection is not None:
-    try:
-      core.check_layer_shapes(kernel, None, lora_a, lora_b, None, projection)
-    except ValueError as error:
-      raise ValueError(f"adapted layer {name!r}: {error}") from None
-    return jnp.ndim(kernel) - projection.kernel_ndim
-  k, a, b = (tuple(jnp.shape(x)) for x in (kernel, lora_a, lora_b))
-  n = len(a) + len(b) - 2 - len(k)
-  stacked = n >= 0 and min(len(a), len(b)) > n + 1 and a[:n] == b[:n] == k[:n]
-  if stacked and a[-1] == b[n] and a[n:-1] + b[n + 1 :] == k[n:]:
-    return n
-  raise ValueError(
-    f"adapted layer {name!r}: lora_a {a} and lora_b {b} do not multiply into its kernel {k} "
-    "in the dense-like layout that a numeric scaling assumes (lora_a [*stack, *in, r], "
-    "lora_b [*stack, r, *out], kernel [*stack, *in, *out]); pass scaling as the layers "
-    "mapping {path: layer} (dl.adapted_layers(...), DeltaLoRAModel.layers, or "
-    "dict(deltalora_jax.nnx.adapters(model))), whose layers know their projection"
-  )
-
-
-def _layer_scalings(layers, scaling) -> dict[tuple[str, ...], Any]:
-  """``(s, projection)`` of each adapted layer (by its path in the params tree)."""
-  if not isinstance(scaling, dict):
-    return dict.fromkeys(layers, scaling)
-
-  def lookup(path):
+  match = {}
+  for path in found:
     for candidate in (path, path[1:] if path[:1] == ("params",) else None):
-      if candidate is not None and candidate in scaling:
-        return candidate
+      if candidate in kinds:
+        match[path] = candidate
+        break
+  if len(match) != len(found) or set(match.values()) != set(kinds):
     raise ValueError(
-      f"scaling has no entry for the adapted layer {'/'.join(path)!r}; "
-      f"its keys are {sorted(scaling)}"
+      "the adapted layers of the params tree differ from those of `layers`: the tree has "
+      f"{sorted(map(paths.name, found))}, layers has {sorted(map(paths.name, kinds))} "
+      "(a leading 'params' collection is ignored); pass the layers of the model that "
+      "made these params"
     )
-
-  found = {path: lookup(path) for path in layers}
-  unused = set(scaling) - set(found.values())
-  if unused:
-    raise ValueError(
-      f"scaling has keys that name no adapted layer: {sorted(unused)}; the adapted "
-      f"layers are {sorted(found)}"
-    )
-  return {path: scaling[key] for path, key in found.items()}
+  return match
 
 
 def paper_delta_lora(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
-  scaling: float | Mapping[Any, Any],
+  layers: Any,
   lambda_: float = 2.0,
   start_step: int = 500,
   lora_optimizer: optax.GradientTransformation | None = None,
@@ -256,7 +210,11 @@ def paper_delta_lora(
   get ``lora_optimizer``; the adapted layers' kernels get the rule below (their
   gradient is ignored: build the layers with ``freeze_base=True``, the default,
   and XLA computes none); their biases stay frozen; every other parameter gets
-  ``other_optimizer`` (None freezes it). For step ``t`` (counted from 0):
+  ``other_optimizer`` (None freezes it). With ``t`` the number of optimizer
+  steps taken before this one (the state's ``count``: ``0`` at the first call
+  of ``update``; under ``optax.MultiSteps`` it counts the accumulated steps,
+  and a step that ``optax.apply_if_finite`` skips is not counted) and
+  ``K = start_step``:
 
   .. math::
 
@@ -264,42 +222,42 @@ def paper_delta_lora(
     B_{t+1} = B_t + u_B
 
     u_W = \lambda s\,(u_A B_t + A_t u_B + u_A u_B) = \lambda s\,(A_{t+1} B_{t+1} - A_t B_t)
-    \quad \text{if } t \ge K, \text{ else } 0
+    \quad \text{if } t > K, \text{ else } 0
 
-  So ``W_T = W_K + lambda s (A_T B_T - A_K B_K)``: the total change of ``W``
-  has rank at most ``2 r``, and the forward weight is
-  ``(W_K - lambda s A_K B_K) + (1 + lambda) s A_t B_t``. The change is
-  computed in float32 (float64 for float64 factors) from the factors' updates
-  and ``params``, with no copy of the old factors
+  as in the paper's Algorithm 1 (``for t = 0, ..., T - 1``; ``if t > K``).
+  So steps ``t = 0, ..., K`` (``K + 1`` of them) are plain LoRA, and ``W``
+  first moves at ``t = K + 1``, the ``(K + 2)``-th call of ``update``:
+  ``start_step=0`` moves it from the second step on, the paper's ``K = 500``
+  from the 502nd. Before that no full-size product is computed (the kernel's
+  update is zeros, under ``jax.lax.cond``). Then
+  ``W_T = W_{K+1} + lambda s (A_T B_T - A_{K+1} B_{K+1})``: the total change
+  of ``W`` has rank at most ``2 r``, and the forward weight is
+  ``(W_{K+1} - lambda s A_{K+1} B_{K+1}) + (1 + lambda) s A_t B_t``. The
+  change is computed in float32 (float64 for float64 factors) from the
+  factors' updates and ``params``, with no copy of the old factors
   (:func:`factor_product_change`), in the kernel's own layout, then cast to
   the kernel's dtype. Layers stacked by ``nn.scan`` or ``nnx.vmap`` (extra
   leading axes on the kernel and the factors) get one product per layer.
 
-  ``K`` is the number of plain LoRA steps before the rule starts (the paper's
-  ``t > K`` with ``t`` from 0 is ``start_step = K + 1``). The paper also
-  removes LoRA dropout from the branch; this library has no LoRA dropout. A
-  tree with a ``delta`` leaf (layers with ``use_delta=True``) is refused: use
+  The paper also removes LoRA dropout from the branch; this library has no
+  LoRA dropout. Layers with ``use_delta=True`` are refused: use
   :func:`deltalora_jax.delta_lora` for the seed's rule.
 
   Args:
     learning_rate: learning rate of the default ``optax.adamw`` on the
       factors, a float or a schedule; give it or ``lora_optimizer``, not both.
-    scaling: the LoRA scaling ``s = alpha / rank`` of the adapted layers: one
-      number for all, or a mapping from a layer's path (a tuple of names, or
-      an ``'a/b'`` string) to its scaling or to an object with a ``scaling``
-      attribute, such as the mapping :func:`deltalora_jax.adapted_layers`
-      returns. Paths are those of the params tree, without a leading
-      ``'params'`` collection name; every adapted layer needs an entry. A
-      layer object's ``projection`` says how ``A B`` lays out in its kernel;
-      a plain number assumes the dense-like layout (``A [*stack, *in, r]``,
-      ``B [*stack, r, *out]``, kernel ``[*stack, *in, *out]``), which does
-      not hold for an einsum kernel whose contracted and output axes
-      interleave (``btd,ndh->btnh``): pass the layers mapping for those (a
-      number is refused when the shapes show the mismatch, and cannot see
-      it when they happen to fit, as with ``n == d``).
+    layers: the adapted layers, which give each layer's scaling
+      ``s = alpha / rank`` and kind (how ``A B`` lays out in its kernel):
+      an NNX model, a Linen layers mapping ``{path: layer}``
+      (:func:`deltalora_jax.adapted_layers`) or a
+      :class:`~deltalora_jax.DeltaLoRAModel`
+      (:func:`deltalora_jax.config.layer_configs` reads them). Each must
+      have ``use_delta=False``. ``init`` checks that the params tree has
+      exactly these adapted layers (a leading ``'params'`` collection is
+      ignored).
     lambda_: the paper's update ratio ``lambda``, finite and ``>= 0``.
-    start_step: ``K``, an int ``>= 0``; ``0`` applies the rule from the first
-      step.
+    start_step: the paper's ``K``, an int ``>= 0``: ``W`` moves at the steps
+      ``t > K`` (``t`` from 0), first at ``t = K + 1``.
     lora_optimizer: optimizer of ``lora_a`` and ``lora_b``; None is
       ``optax.adamw(learning_rate)``.
     other_optimizer: optimizer of every leaf that is neither a factor nor an
@@ -307,8 +265,9 @@ def paper_delta_lora(
 
   Returns:
     An ``optax.GradientTransformationExtraArgs`` whose ``update`` needs
-    ``params``. ``lambda_``, ``start_step``, a numeric ``scaling`` and the
-    learning rate may be traced, so ``optax.inject_hyperparams`` works.
+    ``params``. ``lambda_``, ``start_step`` and the learning rate may be
+    traced, so ``optax.inject_hyperparams`` works (pass
+    ``static_args="layers"`` when ``layers`` is a model, which is callable).
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -317,12 +276,17 @@ def paper_delta_lora(
     >>> x = jnp.ones((4, 5))
     >>> variables = layer.init(jax.random.key(0), x)
     >>> tx = dl.paper_delta_lora(
-    ...     lora_optimizer=optax.sgd(0.1), scaling=layer.scaling, start_step=0)
+    ...     lora_optimizer=optax.sgd(0.1), layers=dl.adapted_layers(layer, x), start_step=0)
     >>> opt_state = tx.init(variables)
-    >>> grads = jax.grad(lambda v: jnp.sum((layer.apply(v, x) - 1.0) ** 2))(variables)
-    >>> updates, opt_state = tx.update(grads, opt_state, variables)
-    >>> new = optax.apply_updates(variables, updates)
-    >>> p, q = variables["params"], new["params"]
+    >>> loss = lambda v: jnp.sum((layer.apply(v, x) - 1.0) ** 2)
+    >>> def step(v, opt_state):
+    ...   updates, opt_state = tx.update(jax.grad(loss)(v), opt_state, v)
+    ...   return optax.apply_updates(v, updates), opt_state
+    >>> first, opt_state = step(variables, opt_state)  # t = 0: W stays
+    >>> bool(jnp.all(first["params"]["kernel"] == variables["params"]["kernel"]))
+    True
+    >>> second, opt_state = step(first, opt_state)  # t = 1 > K = 0: W moves
+    >>> p, q = first["params"], second["params"]
     >>> change = 2.0 * (q["lora_a"] @ q["lora_b"] - p["lora_a"] @ p["lora_b"])
     >>> bool(jnp.allclose(q["kernel"] - p["kernel"], change, atol=1e-6))
     True
@@ -342,7 +306,7 @@ def paper_delta_lora(
   if learning_rate is not None:
     core.check_learning_rate(learning_rate)
     lora_optimizer = optax.adamw(learning_rate)
-  scaling = _check_scaling(scaling)
+  kinds = _layer_kinds(layers)
   _check_lambda(lambda_)
   _check_start_step(start_step)
   inner = optax.multi_transform(
@@ -355,13 +319,14 @@ def paper_delta_lora(
   )
 
   def layer_plans(params):
-    """``{path: (leaf indices, s, projection, stack)}``, every layer's shapes checked."""
-    layers = _adapted_layers(params)
+    """``[(leaf indices, s, projection, stack)]`` of each adapted layer, its shapes checked."""
+    found = _adapted_layers(params)
     leaves = jax.tree.leaves(params)
-    plans = {}
-    for path, (s, projection) in _layer_scalings(layers, scaling).items():
-      arrays = (leaves[layers[path][n]] for n in (KERNEL, LORA_A, LORA_B))
-      plans[path] = layers[path], s, projection, _stack_axes(path, *arrays, projection)
+    plans = []
+    for path, layer_path in _match_layers(found, kinds).items():
+      s, projection = kinds[layer_path]
+      arrays = (leaves[found[path][n]] for n in (KERNEL, LORA_A, LORA_B))
+      plans.append((found[path], s, projection, _stack_axes(path, *arrays, projection)))
     return plans
 
   def init_fn(params):
@@ -378,14 +343,31 @@ def paper_delta_lora(
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
     param_leaves = treedef.flatten_up_to(params)
-    started = state.count >= jnp.asarray(start_step).astype(jnp.int32)
-    for group, s, projection, stack in plans.values():
-      a, b = param_leaves[group[LORA_A]], param_leaves[group[LORA_B]]
-      ua, ub = leaves[group[LORA_A]], leaves[group[LORA_B]]
-      change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
-      coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(s, change.dtype)
-      kernel = param_leaves[group[KERNEL]]
-      leaves[group[KERNEL]] = jnp.where(started, coef * change, 0).astype(kernel.dtype)
+    kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
+    factors = [
+      tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
+      for group, *_ in plans
+    ]  # (A, B, uA, uB) of each layer
+
+    def follow(factors):
+      """``lambda s (A'B' - AB)`` of each layer: the full-size products."""
+      changes = []
+      for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
+        factors, plans, kernels, strict=True
+      ):
+        change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
+        coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(s, change.dtype)
+        changes.append((coef * change).astype(kernel.dtype))
+      return changes
+
+    def stay(factors):
+      return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
+
+    started = state.count > jnp.asarray(start_step).astype(jnp.int32)  # the paper's t > K
+    for (group, *_), change in zip(
+      plans, jax.lax.cond(started, follow, stay, factors), strict=True
+    ):
+      leaves[group[KERNEL]] = change
     count = optax.safe_increment(state.count)
     return treedef.unflatten(leaves), PaperDeltaLoRAState(count=count, inner_state=inner_state)
 

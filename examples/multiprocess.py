@@ -195,7 +195,7 @@ def build(rule: str):
     optimizer = {"learning_rate": LEARNING_RATE, "momentum": MOMENTUM}
   else:
     tx = dl.paper_delta_lora(
-      scaling=layers, lambda_=2.0, start_step=PAPER_START_STEP, lora_optimizer=lora
+      layers=layers, lambda_=2.0, start_step=PAPER_START_STEP, lora_optimizer=lora
     )
     optimizer = {"lambda": 2.0, "start_step": PAPER_START_STEP}
   optimizer["lora_optimizer"] = {"sgd": LORA_LEARNING_RATE, "momentum": LORA_MOMENTUM}

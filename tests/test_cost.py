@@ -137,7 +137,7 @@ class _MLP(nn.Module):
     return x
 
 
-def _optimizer(kind):
+def _optimizer(kind, layers):
   if kind == "full":
     return optax.sgd(1e-2, momentum=0.9)
   if kind == "lora":
@@ -146,7 +146,7 @@ def _optimizer(kind):
       dl.leaf_labels,
     )
   if kind == "paper":
-    return dl.paper_delta_lora(1e-3, scaling=1.0, start_step=0)
+    return dl.paper_delta_lora(1e-3, layers=layers, start_step=0)
   return dl.delta_lora(1e-2)
 
 
@@ -170,7 +170,7 @@ def _setup(kind):
   x = jax.random.normal(kx, (ROWS, WIDTH))
   y = jax.random.normal(ky, (ROWS, WIDTH))
   variables = model.init(kp, x)
-  tx = _optimizer(kind)
+  tx = _optimizer(kind, dl.adapted_layers(model, x) if kind != "full" else None)
   traces = []
   return _make_step(model, tx, traces), variables, tx.init(variables), x, y, traces
 

@@ -108,7 +108,7 @@ def _flops_of(case: str, variant: str) -> float:
   model, variables, x, y = _case(case)
   if variant == "full":  # Flax's own layers, every parameter trained
     return _step_flops(model.apply, variables, optax.sgd(LR, momentum=0.9), x, y)
-  adapted, new = dl.adapt_linen(
+  adapted, new, _ = dl.adapt_linen(
     model, variables, x, rank=RANK, use_delta=variant == "seed", key=jax.random.key(1)
   )
   if variant == "seed":  # frozen base, merged evaluation ('auto' with D)
@@ -119,7 +119,7 @@ def _flops_of(case: str, variant: str) -> float:
       dl.leaf_labels,
     )
   else:
-    tx = dl.paper_delta_lora(LR, scaling=1.0, start_step=0)
+    tx = dl.paper_delta_lora(LR, layers=adapted, start_step=0)
   return _step_flops(adapted.apply, new, tx, x, y)
 
 

@@ -345,7 +345,7 @@ def test_pipeline_runs_every_method_and_reports(results, pretrained):
   assert rows["delta-lora"]["delta_norm"] > 0
   assert rows["lora"]["delta_norm"] == rows["paper"]["delta_norm"] == 0
   # LoRA stores its factors and the head; the paper's rule moves the adapted
-  # kernels too (from step paper_start_step on).
+  # kernels too (at the steps t > paper_start_step, t from 0).
   assert rows["lora"]["stored_params"] == rows["lora"]["trainable_params"]
   assert rows["paper"]["stored_params"] == rows["lora"]["stored_params"] + n * h * h
   for row in rows.values():

@@ -1,9 +1,10 @@
 """paper_delta_lora: the published Delta-LoRA rule (Zi et al., arXiv 2309.02411).
 
 Each identity of the README's "Which rule?" section is proved here: the one-step
-rule by hand, the telescoping sum and its rank, the equivalence with plain LoRA
-at alpha * (1 + lambda) under Adam, the wrappers, and the absence of a base
-kernel gradient in the compiled step.
+rule by hand, the paper's start condition ``t > K``, the telescoping sum and its
+rank, the equivalence with plain LoRA at alpha * (1 + lambda) under Adam, the
+wrappers, the absence of a base kernel gradient in the compiled step, and the
+absence of any full-size product before the start step.
 """
 
 import pathlib
@@ -53,7 +54,7 @@ class MLP(nn.Module):
 
 
 MODEL = MLP()
-LAYERS = dl.adapted_layers(MODEL, X)
+LAYERS = dl.adapted_layers(MODEL, X)  # the rule reads each layer's scaling from these
 SCALING = {path: layer.scaling for path, layer in LAYERS.items()}  # {('hidden',): 2, ('out',): 1}
 
 
@@ -172,18 +173,18 @@ def test_factor_product_change_computes_in_float32_for_bfloat16():
 
 
 def test_one_step_by_hand_float64():
-  """SGD on the factors: the kernel moves by lambda s (A'B' - AB) from step K on, not before."""
+  """SGD on the factors: the kernel moves by lambda s (A'B' - AB) at the steps t > K only."""
   lr, start = 0.05, 1
   with jax.enable_x64(True):
     model = MLP(param_dtype=jnp.float64)
     variables = init(model)
     tx = dl.paper_delta_lora(
-      lora_optimizer=optax.sgd(lr), scaling=SCALING, lambda_=LAMBDA, start_step=start
+      lora_optimizer=optax.sgd(lr), layers=LAYERS, lambda_=LAMBDA, start_step=start
     )
     state = tx.init(variables)
     assert state.count.dtype == jnp.int32
     grad, update = jax.jit(jax.grad(loss_fn(model))), jax.jit(tx.update)
-    for t in range(2):
+    for t in range(3):
       grads = grad(variables)
       updates, state = update(grads, state, variables)
       new = optax.apply_updates(variables, updates)
@@ -197,7 +198,7 @@ def test_one_step_by_hand_float64():
         np.testing.assert_array_equal(
           new["params"][name]["bias"], variables["params"][name]["bias"]
         )
-        if t < start:
+        if t <= start:  # the paper's condition is t > K
           np.testing.assert_array_equal(w1, w)
         else:
           want = LAMBDA * s * (np.asarray(a1) @ np.asarray(b1) - np.asarray(a) @ np.asarray(b))
@@ -209,12 +210,50 @@ def test_one_step_by_hand_float64():
           new["params"]["plain"][leaf], variables["params"]["plain"][leaf]
         )
       variables = new
-    assert int(state.count) == 2
+    assert int(state.count) == 3
+
+
+@pytest.mark.parametrize("start_step", [0, 1, 2])
+def test_start_step_is_the_papers_k_and_w_first_moves_at_t_k_plus_1(start_step):
+  """Algorithm 1 of the paper: ``for t = 0, ..., T - 1: ...; if t > K: W += lambda s (A'B' - AB)``.
+
+  By hand: one 1 x 1 layer (s = alpha / r = 2 / 1), W_0 = 0, A_0 = 1, B_0 = 0, SGD at
+  rate 1 on the constant gradients g_A = 0, g_B = -1. Then A_t = 1 and B_t = t, so
+  A_{t+1} B_{t+1} - A_t B_t = 1 and each step t > K adds lambda s = 4 to W. W after the
+  steps t = 0, 1, 2, 3, 4 (``t`` is the number of steps taken before, the state's count):
+  K = 0: 0 4 8 12 16; K = 1: 0 0 4 8 12; K = 2: 0 0 0 4 8. W first moves at t = K + 1.
+  """
+  one = jnp.ones((1, 1), jnp.float32)
+  layer = dl.DeltaLoRADense(1, rank=1, alpha=2.0, use_delta=False)
+  tx = dl.paper_delta_lora(
+    lora_optimizer=optax.sgd(1.0),
+    layers=dl.adapted_layers(layer, one),
+    lambda_=2.0,
+    start_step=start_step,
+  )
+  zero, bias = jnp.zeros((1, 1), jnp.float32), jnp.zeros((1,), jnp.float32)
+  variables = {"params": {"kernel": zero, "bias": bias, "lora_a": one, "lora_b": zero}}
+  # The kernel's and the bias's gradients are ignored: the rule and a frozen bias.
+  grads = {"params": {"kernel": one, "bias": bias + 1, "lora_a": zero, "lora_b": -one}}
+  state, update, kernels = tx.init(variables), jax.jit(tx.update), []
+  for t in range(5):
+    updates, state = update(grads, state, variables)
+    variables = optax.apply_updates(variables, updates)
+    p = variables["params"]
+    assert (float(p["lora_a"][0, 0]), float(p["lora_b"][0, 0]), float(p["bias"][0])) == (
+      1.0,
+      t + 1.0,
+      0.0,
+    )
+    kernels.append(float(p["kernel"][0, 0]))
+  want = {0: [0, 4, 8, 12, 16], 1: [0, 0, 4, 8, 12], 2: [0, 0, 0, 4, 8]}[start_step]
+  assert kernels == want
+  assert int(state.count) == 5
 
 
 def test_other_optimizer_trains_the_other_layers():
   tx = dl.paper_delta_lora(
-    lora_optimizer=optax.sgd(0.1), scaling=SCALING, other_optimizer=optax.sgd(0.1)
+    lora_optimizer=optax.sgd(0.1), layers=LAYERS, other_optimizer=optax.sgd(0.1)
   )
   variables = VARIABLES
   grads = GRAD(variables)
@@ -231,8 +270,12 @@ T_STEPS, K_START = 20, 4
 
 @pytest.fixture(scope="module")
 def adamw_run():
-  """Default AdamW on the factors, K = 4, 20 steps: the trajectory of variables."""
-  tx = dl.paper_delta_lora(1e-2, scaling=SCALING, lambda_=LAMBDA, start_step=K_START)
+  """Default AdamW on the factors, K = 4, 20 steps: the trajectory of variables.
+
+  ``trajectory[t]`` holds the variables before step ``t``; W first moves at step
+  ``t = K + 1``, so ``trajectory[K + 1]`` is the last with the initial W.
+  """
+  tx = dl.paper_delta_lora(1e-2, layers=LAYERS, lambda_=LAMBDA, start_step=K_START)
   variables = VARIABLES
   state = tx.init(variables)
   step = make_step(MODEL, tx)
@@ -246,11 +289,11 @@ def adamw_run():
 def test_telescoping_sum_and_rank_at_most_2r(adamw_run):
   trajectory, state, _ = adamw_run
   assert int(state.count) == T_STEPS
-  first, at_k, last = trajectory[0], trajectory[K_START], trajectory[-1]
+  first, start, last = trajectory[0], trajectory[K_START + 1], trajectory[-1]
   for (name,), s in SCALING.items():
-    w0, wk, wt = (np.asarray(layer_arrays(v, name)[0], np.float64) for v in (first, at_k, last))
-    np.testing.assert_array_equal(wk, w0)  # K plain LoRA steps first
-    want = LAMBDA * s * (product(last, name) - product(at_k, name))
+    w0, wk, wt = (np.asarray(layer_arrays(v, name)[0], np.float64) for v in (first, start, last))
+    np.testing.assert_array_equal(wk, w0)  # K + 1 plain LoRA steps first: t = 0, ..., K
+    want = LAMBDA * s * (product(last, name) - product(start, name))
     np.testing.assert_allclose(wt - wk, want, rtol=0, atol=2e-6)
     singular = np.linalg.svd(wt - w0, compute_uv=False)
     assert singular[2 * R - 1] > 1e-3 * singular[0]  # the change is of rank 2r exactly ...
@@ -259,10 +302,11 @@ def test_telescoping_sum_and_rank_at_most_2r(adamw_run):
 
 def test_each_adamw_step_moves_the_kernel_by_the_product_change(adamw_run):
   trajectory, _, _ = adamw_run
-  before, after = trajectory[K_START], trajectory[K_START + 1]
+  before, after = trajectory[K_START + 1], trajectory[K_START + 2]  # step t = K + 1
   for (name,), s in SCALING.items():
     change = np.asarray(layer_arrays(after, name)[0], np.float64) - layer_arrays(before, name)[0]
     want = LAMBDA * s * (product(after, name) - product(before, name))
+    assert np.abs(want).max() > 1e-4
     np.testing.assert_allclose(change, want, rtol=0, atol=2e-7)
 
 
@@ -309,17 +353,20 @@ def test_merge_counts_and_diagnostics_after_training(adamw_run):
 def test_tracks_plain_lora_with_alpha_times_one_plus_lambda():
   """Under Adam with a small eps, the rule at K = 0 is plain LoRA at alpha (1 + lambda).
 
-  From B = 0 the forward weight is W_0 + (1 + lambda) s A_t B_t, and Adam ignores the
-  constant factor (1 + lambda) in the factors' gradients. Measured after 25 AdamW
-  steps (eps 1e-12): outputs agree to 2e-7 and factors to 7e-7 of their largest
-  magnitude (tolerance 1e-5 for both); plain LoRA at the unscaled alpha differs by 57 %
+  W first moves at step t = K + 1 = 1, so W_T = W_1 + lambda s (A_T B_T - A_1 B_1). A
+  warmup whose first learning rate is 0 keeps A_1 = A_0 and B_1 = B_0 = 0 (Adam's
+  moments still see the first gradients, (1 + lambda) times larger in the scaled run);
+  then the forward weight is W_0 + (1 + lambda) s A_t B_t throughout, and Adam ignores
+  the constant factor (1 + lambda) in the factors' gradients. Measured after 25 AdamW
+  steps (eps 1e-12): outputs agree to 3e-7 and factors to 6e-7 of their largest
+  magnitude (tolerance 1e-5 for both); plain LoRA at the unscaled alpha differs by 55 %
   (asserted > 1 %).
   """
-  adam = optax.adamw(1e-2, eps=1e-12)
+  adam = optax.adamw(optax.linear_schedule(0.0, 1e-2, transition_steps=1), eps=1e-12)
   scaled = MLP(alpha_factor=1.0 + LAMBDA)
   variables = init(seed=5, lora_b_scale=0.0)  # B = 0, as the paper starts
   runs = {
-    "paper": (MODEL, dl.paper_delta_lora(lora_optimizer=adam, scaling=SCALING, start_step=0)),
+    "paper": (MODEL, dl.paper_delta_lora(lora_optimizer=adam, layers=LAYERS, start_step=0)),
     "scaled": (scaled, plain_lora(adam)),
     "unscaled": (MODEL, plain_lora(adam)),
   }
@@ -350,12 +397,27 @@ SGD = 0.05
 
 
 def sgd_rule(start_step=0):
-  return dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), scaling=SCALING, start_step=start_step)
+  return dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), layers=LAYERS, start_step=start_step)
+
+
+def at_step(state, t):
+  """``state`` with the rule's step count set to ``t``, wherever a wrapper nests it.
+
+  With ``start_step=0`` the kernel first moves at ``t = 1``: ``at_step(state, 1)`` is a
+  state from which the next step moves it.
+  """
+
+  def put(node):
+    if isinstance(node, paper.PaperDeltaLoRAState):
+      return node._replace(count=jnp.asarray(t, jnp.int32))
+    return node
+
+  return jax.tree.map(put, state, is_leaf=lambda node: isinstance(node, paper.PaperDeltaLoRAState))
 
 
 def test_inject_hyperparams_lambda_and_start_step_are_traceable():
   tx = optax.inject_hyperparams(dl.paper_delta_lora)(
-    lora_optimizer=optax.sgd(SGD), scaling=SCALING, lambda_=LAMBDA, start_step=500
+    lora_optimizer=optax.sgd(SGD), layers=LAYERS, lambda_=LAMBDA, start_step=500
   )
   variables = VARIABLES
   state = tx.init(variables)
@@ -366,7 +428,7 @@ def test_inject_hyperparams_lambda_and_start_step_are_traceable():
   )
   state.hyperparams["start_step"] = jnp.zeros_like(state.hyperparams["start_step"])
   state.hyperparams["lambda_"] = jnp.asarray(0.5, state.hyperparams["lambda_"].dtype)
-  newer, state = step(new, state)
+  newer, state = step(new, state)  # t = 1 > K = 0
   assert step._cache_size() == 1
   for (name,), s in SCALING.items():
     change = np.asarray(layer_arrays(newer, name)[0], np.float64) - layer_arrays(new, name)[0]
@@ -375,16 +437,18 @@ def test_inject_hyperparams_lambda_and_start_step_are_traceable():
     )
 
 
-def test_numeric_scaling_and_learning_rate_can_be_injected():
-  """One number is the scaling of every layer; injected, it is a traced hyperparameter."""
-  tx = optax.inject_hyperparams(dl.paper_delta_lora)(learning_rate=1e-2, scaling=3.0, start_step=0)
-  state = tx.init(VARIABLES)
-  assert set(state.hyperparams) == {"learning_rate", "scaling", "lambda_", "start_step"}
+def test_learning_rate_can_be_injected_and_layers_stay_static():
+  """The layers are no hyperparameter: each layer's own scaling is used."""
+  tx = optax.inject_hyperparams(dl.paper_delta_lora)(
+    learning_rate=1e-2, layers=LAYERS, start_step=0
+  )
+  state = at_step(tx.init(VARIABLES), 1)
+  assert set(state.hyperparams) == {"learning_rate", "lambda_", "start_step"}
   updates, _ = jit_update(tx, standard=True)(GRAD(VARIABLES), state, VARIABLES)
   new = optax.apply_updates(VARIABLES, updates)
-  for name in ("hidden", "out"):
+  for (name,), s in SCALING.items():
     change = np.asarray(layer_arrays(new, name)[0], np.float64) - layer_arrays(VARIABLES, name)[0]
-    want = LAMBDA * 3.0 * (product(new, name) - product(VARIABLES, name))
+    want = LAMBDA * s * (product(new, name) - product(VARIABLES, name))
     np.testing.assert_allclose(change, want, rtol=0, atol=1e-6)
 
 
@@ -393,18 +457,19 @@ def test_inside_chain_with_gradient_clipping():
   variables = VARIABLES
   grads = GRAD(variables)
   chained = optax.chain(optax.clip_by_global_norm(max_norm), sgd_rule())
-  got, _ = jax.jit(chained.update)(grads, chained.init(variables), variables)
+  got, _ = jax.jit(chained.update)(grads, at_step(chained.init(variables), 1), variables)
   clipped, _ = optax.clip_by_global_norm(max_norm).update(grads, optax.EmptyState())
   rule = sgd_rule()
-  want, _ = jax.jit(rule.update)(clipped, rule.init(variables), variables)
+  want, _ = jax.jit(rule.update)(clipped, at_step(rule.init(variables), 1), variables)
   assert float(optax.tree.norm(grads)) > 10 * max_norm  # the clipping does something
+  assert jnp.any(got["params"]["hidden"]["kernel"] != 0)  # the rule does something
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-9), got, want)
 
 
 def test_inside_multi_steps_the_kernel_moves_once_per_accumulated_step():
   variables = VARIABLES
   multi = optax.MultiSteps(sgd_rule(), every_k_schedule=2)
-  state = multi.init(variables)
+  state = at_step(multi.init(variables), 1)
   halves = (X[: ROWS // 2], Y[: ROWS // 2]), (X[ROWS // 2 :], Y[ROWS // 2 :])
   v = variables
   for i, (x, y) in enumerate(halves):
@@ -416,7 +481,7 @@ def test_inside_multi_steps_the_kernel_moves_once_per_accumulated_step():
   # Two accumulated half batches are one step on their mean gradient.
   mean = jax.tree.map(lambda g, h: (g + h) / 2, *(GRAD(variables, x, y) for x, y in halves))
   rule = sgd_rule()
-  updates, _ = jax.jit(rule.update)(mean, rule.init(variables), variables)
+  updates, _ = jax.jit(rule.update)(mean, at_step(rule.init(variables), 1), variables)
   want = optax.apply_updates(variables, updates)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=0, atol=1e-6), v, want)
   for (name,), s in SCALING.items():
@@ -426,6 +491,7 @@ def test_inside_multi_steps_the_kernel_moves_once_per_accumulated_step():
 
 
 def test_apply_if_finite_skips_a_non_finite_step():
+  """A skipped step is no step t: W still waits for the second good step (t = 1 > K = 0)."""
   variables = VARIABLES
   tx = optax.apply_if_finite(sgd_rule(), max_consecutive_errors=3)
   state = tx.init(variables)
@@ -437,11 +503,16 @@ def test_apply_if_finite_skips_a_non_finite_step():
   assert int(state.notfinite_count) == 1
   assert int(state.inner_state.count) == 0
   updates, state = jax.jit(tx.update)(grads, state, skipped)
-  moved = optax.apply_updates(skipped, updates)
-  assert not np.array_equal(
-    moved["params"]["hidden"]["kernel"], variables["params"]["hidden"]["kernel"]
+  first = optax.apply_updates(skipped, updates)  # t = 0
+  np.testing.assert_array_equal(
+    first["params"]["hidden"]["kernel"], variables["params"]["hidden"]["kernel"]
   )
-  assert int(state.inner_state.count) == 1
+  updates, state = jax.jit(tx.update)(GRAD(first), state, first)
+  moved = optax.apply_updates(first, updates)  # t = 1
+  assert not np.array_equal(
+    moved["params"]["hidden"]["kernel"], first["params"]["hidden"]["kernel"]
+  )
+  assert int(state.inner_state.count) == 2
 
 
 def test_kernel_update_keeps_a_bfloat16_kernel_dtype():
@@ -452,7 +523,7 @@ def test_kernel_update_keeps_a_bfloat16_kernel_dtype():
     variables = init(model)
     grads = jax.jit(jax.grad(loss_fn(model)))(variables)
   rule = sgd_rule()
-  updates, _ = jax.jit(rule.update)(grads, rule.init(variables), variables)
+  updates, _ = jax.jit(rule.update)(grads, at_step(rule.init(variables), 1), variables)
   assert updates["params"]["hidden"]["kernel"].dtype == jnp.bfloat16
   assert jnp.any(updates["params"]["hidden"]["kernel"] != 0)
 
@@ -523,10 +594,108 @@ def test_compiled_step_flops_close_to_plain_lora():
   """
   adam = optax.adamw(1e-2)
   plain = _step_flops(MODEL, plain_lora(adam))
-  rule = _step_flops(MODEL, dl.paper_delta_lora(lora_optimizer=adam, scaling=SCALING))
+  rule = _step_flops(MODEL, dl.paper_delta_lora(lora_optimizer=adam, layers=LAYERS))
   full = _step_flops(MLP(freeze_base=False), optax.adamw(1e-2))
   assert rule <= 1.15 * plain
   assert full > 1.15 * plain  # the bound would catch a base-kernel gradient
+
+
+# --------------------------------------------------------------------------
+# No full-size work before the start step.
+# --------------------------------------------------------------------------
+
+KERNEL_SHAPES = {(IN, HIDDEN), (HIDDEN, OUT)}
+
+
+def _kernel_dots_by_place(jaxpr):
+  """Kernel-shaped dot_generals: ``(count outside any cond, [[count per branch] per cond])``."""
+  outside, conds = 0, []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general" and tuple(eqn.outvars[0].aval.shape) in KERNEL_SHAPES:
+      outside += 1
+    if eqn.primitive.name == "cond":
+      conds.append(
+        [
+          len(KERNEL_SHAPES.intersection(_dot_output_shapes(b.jaxpr)))
+          for b in eqn.params["branches"]
+        ]
+      )
+      continue
+    for sub in _sub_jaxprs(eqn.params):
+      sub_outside, sub_conds = _kernel_dots_by_place(sub)
+      outside, conds = outside + sub_outside, conds + sub_conds
+  return outside, conds
+
+
+_HLO_COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(.*\{$")
+_HLO_CALLS = re.compile(r"(?:calls|to_apply|body|condition)=%?([\w.\-]+)")
+_HLO_BRANCHES = re.compile(
+  r"(?:branch_computations=\{([^}]*)\}|(?:true|false)_computation=%?([\w.\-]+))"
+)
+
+
+def _hlo_kernel_dots(text):
+  """Kernel-shaped dots of compiled HLO: ``(outside any conditional's branch, inside one)``.
+
+  A computation is outside when ENTRY reaches it by calls, fusions, loops and
+  reductions without entering a ``conditional``'s branch; inside when a branch does.
+  """
+  bodies, entry, name = {}, None, None
+  for line in text.splitlines():
+    if match := _HLO_COMPUTATION.match(line):
+      name = match.group(2)
+      bodies[name] = []
+      entry = name if match.group(1) else entry
+    elif line.startswith("}"):
+      name = None
+    elif name is not None:
+      bodies[name].append(line)
+  shapes = [f"f32[{a},{b}]" for a, b in KERNEL_SHAPES]
+
+  def dots(computation):
+    return sum(
+      1 for line in bodies[computation] if " dot(" in line and any(f"= {s}" in line for s in shapes)
+    )
+
+  def reached(roots):
+    found, stack = set(), list(roots)
+    while stack:
+      computation = stack.pop()
+      if computation not in found:
+        found.add(computation)
+        stack.extend(c for line in bodies[computation] for c in _HLO_CALLS.findall(line))
+    return found
+
+  branches = set()
+  for listed, single in _HLO_BRANCHES.findall(text):
+    branches.update(n.strip().lstrip("%") for n in listed.split(",") if n.strip())
+    branches.update({single} - {""})
+  outside = reached([entry])
+  assert branches and not branches & outside  # the compiled program kept its conditional
+  return sum(map(dots, outside)), sum(map(dots, reached(branches) - outside))
+
+
+def test_no_full_size_product_before_the_start_step():
+  """The product ``lambda s (A'B' - AB)`` lives only in the taken branch of a ``lax.cond``.
+
+  XLA's ``cost_analysis`` counts a conditional's branches whether taken or not (the
+  flops of the update are the same for ``start_step=0`` and ``10**9``), so the check
+  is structural, in the jaxpr and in the compiled HLO: no kernel-shaped dot outside a
+  conditional's branch, and the kernel-shaped dots (one per layer) in exactly one
+  branch of one conditional. An update computed every step and masked with
+  ``jnp.where`` fails both.
+  """
+  variables, tx = VARIABLES, sgd_rule(start_step=10**9)
+  state, grads = tx.init(variables), GRAD(VARIABLES)
+  jaxpr = jax.make_jaxpr(tx.update)(grads, state, variables).jaxpr
+  assert _kernel_dots_by_place(jaxpr) == (0, [[0, 2]])
+  text = jax.jit(tx.update).lower(grads, state, variables).compile().as_text()
+  assert _hlo_kernel_dots(text) == (0, 2)
+  # Before the start step the kernels' updates are zeros; from it on, the product.
+  updates, _ = jax.jit(tx.update)(grads, at_step(state, 10**9), variables)
+  assert not any(jnp.any(updates["params"][name]["kernel"]) for name in ("hidden", "out"))
+  updates, _ = jax.jit(tx.update)(grads, at_step(state, 10**9 + 1), variables)
+  assert all(jnp.any(updates["params"][name]["kernel"]) for name in ("hidden", "out"))
 
 
 # --------------------------------------------------------------------------
@@ -538,7 +707,7 @@ def test_works_on_nnx_layers_with_nnx_optimizer():
   """DeltaLoRALinear(use_delta=False) trained by nnx.Optimizer over all nnx.Param."""
   from flax import nnx
 
-  from deltalora_jax.nnx import DeltaLoRALinear, adapters
+  from deltalora_jax.nnx import DeltaLoRALinear
 
   class Model(nnx.Module):
     def __init__(self, rngs):
@@ -556,12 +725,12 @@ def test_works_on_nnx_layers_with_nnx_optimizer():
   layer.lora_b[...] = jnp.asarray(
     np.random.default_rng(6).standard_normal((R, HIDDEN)), jnp.float32
   )
-  tx = dl.paper_delta_lora(
-    lora_optimizer=optax.sgd(SGD), scaling=dict(adapters(model)), start_step=0
-  )
+  tx = dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), layers=model, start_step=0)
   optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)  # LoRAParam is an nnx.Param
-  w, a, b = (np.asarray(v[...], np.float64) for v in (layer.kernel, layer.lora_a, layer.lora_b))
   head = np.asarray(model.head.kernel[...])
+
+  def arrays():
+    return tuple(np.asarray(v[...], np.float64) for v in (layer.kernel, layer.lora_a, layer.lora_b))
 
   @nnx.jit
   def train_step(model, optimizer):
@@ -569,12 +738,15 @@ def test_works_on_nnx_layers_with_nnx_optimizer():
     optimizer.update(model, grads)
     return grads.hidden.kernel[...]
 
+  w0, a0, b0 = arrays()
   assert not jnp.any(train_step(model, optimizer))  # the frozen base gets a zero gradient
-  a1, b1 = (np.asarray(v[...], np.float64) for v in (layer.lora_a, layer.lora_b))
+  w, a, b = arrays()
+  assert not np.allclose(a @ b, a0 @ b0)
+  np.testing.assert_array_equal(w, w0)  # t = 0: K = 0 plain LoRA step first
+  train_step(model, optimizer)  # t = 1 > K
+  w1, a1, b1 = arrays()
   assert not np.allclose(a1 @ b1, a @ b)
-  np.testing.assert_allclose(
-    layer.kernel[...] - w, LAMBDA * layer.scaling * (a1 @ b1 - a @ b), rtol=0, atol=2e-6
-  )
+  np.testing.assert_allclose(w1 - w, LAMBDA * layer.scaling * (a1 @ b1 - a @ b), rtol=0, atol=2e-6)
   np.testing.assert_array_equal(model.head.kernel[...], head)  # frozen: no other_optimizer
 
 
@@ -590,37 +762,57 @@ def test_missing_params_is_a_clear_error():
     rule.update(variables, rule.init(variables))
 
 
+def test_layers_with_delta_are_refused_at_construction():
+  layer = dl.DeltaLoRADense(4, rank=2)  # use_delta=True
+  with pytest.raises(ValueError, match=r"use_delta=False; layers has use_delta=True at \[''\]"):
+    dl.paper_delta_lora(1e-3, layers=dl.adapted_layers(layer, X))
+
+
 def test_tree_with_delta_is_refused():
-  layer = dl.DeltaLoRADense(4, rank=2)
-  variables = layer.init(jax.random.key(0), X)
-  with pytest.raises(ValueError, match=r"use_delta=False.*delta"):
-    dl.paper_delta_lora(1e-3, scaling=1.0).init(variables)
+  """Layers given without D, a tree with D: init refuses the tree."""
+  variables = dl.DeltaLoRADense(4, rank=2).init(jax.random.key(0), X)
+  layers = dl.adapted_layers(dl.DeltaLoRADense(4, rank=2, use_delta=False), X)
+  with pytest.raises(ValueError, match=r"use_delta=False; the tree has a 'delta' leaf"):
+    dl.paper_delta_lora(1e-3, layers=layers).init(variables)
 
 
 def test_tree_without_adapted_layer_is_refused():
   with pytest.raises(ValueError, match="no adapted layer"):
-    dl.paper_delta_lora(1e-3, scaling=1.0).init({"params": {"kernel": jnp.ones((2, 2))}})
+    dl.paper_delta_lora(1e-3, layers=LAYERS).init({"params": {"kernel": jnp.ones((2, 2))}})
 
 
 @pytest.mark.parametrize(
-  ("scaling", "match"),
+  ("layers", "names"),
   [
-    ({("hidden",): 2.0}, "no entry for the adapted layer 'params/out'"),
-    ({**SCALING, ("head",): 1.0}, "name no adapted layer"),
+    ({("hidden",): LAYERS[("hidden",)]}, "['hidden']"),
+    ({**LAYERS, ("head",): LAYERS[("out",)]}, "['head', 'hidden', 'out']"),
   ],
 )
-def test_scaling_mapping_must_cover_exactly_the_layers(scaling, match):
-  with pytest.raises(ValueError, match=match):
-    dl.paper_delta_lora(1e-3, scaling=scaling).init(VARIABLES)
+def test_tree_whose_adapted_layers_differ_from_layers_names_both_lists(layers, names):
+  tx = dl.paper_delta_lora(1e-3, layers=layers)
+  want = f"the tree has ['params/hidden', 'params/out'], layers has {names}"
+  with pytest.raises(ValueError, match=re.escape(want)):
+    tx.init(VARIABLES)
 
 
-def test_scaling_accepts_layers_mapping_and_path_strings():
-  variables = VARIABLES
-  grads = GRAD(variables)
+def test_layers_as_mapping_path_strings_or_deltalora_model_give_the_same_step():
+  class Plain(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return nn.Dense(OUT, name="out")(nn.tanh(nn.Dense(HIDDEN, name="hidden")(x)))
+
+  plain = Plain()
+  adapted, variables, *_ = dl.adapt_linen(
+    plain, plain.init(jax.random.key(0), X), X, rank=R, use_delta=False, key=jax.random.key(1)
+  )
+  mapping = dl.adapted_layers(adapted, X)
+  assert sorted(mapping) == [("hidden",), ("out",)]
+  grads = jax.grad(lambda v: jnp.mean((adapted.apply(v, X) - Y) ** 2))(variables)
   results = []
-  for scaling in (SCALING, LAYERS, {"hidden": 2.0, "out": 1.0}):
-    rule = dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), scaling=scaling, start_step=0)
-    results.append(jax.jit(rule.update)(grads, rule.init(variables), variables)[0])
+  for layers in (mapping, {"hidden": mapping[("hidden",)], "out": mapping[("out",)]}, adapted):
+    rule = dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), layers=layers, start_step=0)
+    results.append(jax.jit(rule.update)(grads, at_step(rule.init(variables), 1), variables)[0])
+  assert jnp.any(results[0]["params"]["hidden"]["kernel"])
   for other in results[1:]:
     jax.tree.map(np.testing.assert_array_equal, other, results[0])
 
@@ -633,10 +825,9 @@ def test_scaling_accepts_layers_mapping_and_path_strings():
     ({"start_step": -1}, ValueError, "start_step must be >= 0, got start_step=-1"),
     ({"start_step": 2.5}, TypeError, "start_step must be a scalar int"),
     ({"start_step": True}, TypeError, "start_step must be a scalar int"),
-    ({"scaling": 0.0}, ValueError, "scaling must be finite and > 0, got scaling=0.0"),
-    ({"scaling": "1"}, TypeError, "scaling must be a real number"),
-    ({"scaling": {}}, ValueError, "scaling must not be an empty mapping"),
-    ({"scaling": {("out",): float("inf")}}, ValueError, r"scaling\[\('out',\)\] must be finite"),
+    ({"layers": 1.0}, TypeError, "layers must be an NNX model, a Linen layers mapping"),
+    ({"layers": {}}, ValueError, "layers has no adapted layer"),
+    ({"layers": {("out",): 1.0}}, TypeError, r"layers\[\('out',\)\] must be an adapted layer"),
     ({"learning_rate": None}, ValueError, "exactly one of learning_rate"),
     ({"lora_optimizer": optax.sgd(0.1)}, ValueError, "exactly one of learning_rate"),
     ({"learning_rate": None, "lora_optimizer": "sgd"}, TypeError, "lora_optimizer must be"),
@@ -644,7 +835,7 @@ def test_scaling_accepts_layers_mapping_and_path_strings():
   ],
 )
 def test_bad_arguments_raise_at_construction(kwargs, error, match):
-  arguments = {"learning_rate": 1e-3, "scaling": 1.0, **kwargs}
+  arguments = {"learning_rate": 1e-3, "layers": LAYERS, **kwargs}
   with pytest.raises(error, match=match):
     dl.paper_delta_lora(**arguments)
 

@@ -17,7 +17,6 @@ from flax import nnx
 
 import deltalora_jax as dl
 from deltalora_jax import paper
-from deltalora_jax.nnx import adapters
 from deltalora_jax.projections import Conv, Einsum, GeneralDense
 
 BATCH, T, D, N, H, C, F, L, R = 2, 5, 6, 3, 4, 3, 4, 2, 2  # N != D: the einsum is not dense-like
@@ -151,8 +150,11 @@ def assert_rule(w0, w1, p0, p1, s, ulps):
 
 @pytest.fixture(scope="module")
 def trajectory():
-  """AdamW on the factors, the rule from step ``K_START`` on: the variables after each step."""
-  tx = dl.paper_delta_lora(1e-2, scaling=LAYERS, lambda_=LAMBDA, start_step=K_START)
+  """AdamW on the factors, ``K = K_START``: the variables before each step ``t`` and at the end.
+
+  W first moves at step ``t = K + 1`` (the paper's ``t > K``).
+  """
+  tx = dl.paper_delta_lora(1e-2, layers=LAYERS, lambda_=LAMBDA, start_step=K_START)
   update = _jit_update(tx)
   variables = _init()
   state = tx.init(variables)
@@ -182,46 +184,19 @@ def test_factor_shapes_are_the_documented_layouts():
 
 @pytest.mark.parametrize("name", NAMES)
 def test_one_step_moves_the_kernel_by_the_product_change(trajectory, name):
-  """The first step of the rule: W_{K+1} - W_K = lambda s (A_{K+1} B_{K+1} - A_K B_K)."""
-  before, after = trajectory[K_START], trajectory[K_START + 1]
+  """The first step of the rule, t = K + 1: W_{t+1} - W_t = lambda s (A_{t+1} B_{t+1} - A_t B_t)."""
+  before, after = trajectory[K_START + 1], trajectory[K_START + 2]
   w0, w1 = _arrays(before, name)[0], _arrays(after, name)[0]
   assert_rule(w0, w1, _product(before, name), _product(after, name), _scaling(name), ulps=4)
 
 
 @pytest.mark.parametrize("name", NAMES)
 def test_kernel_change_telescopes_and_waits_for_the_start_step(trajectory, name):
-  """W_T - W_K = lambda s (A_T B_T - A_K B_K); W does not move in the first K steps."""
-  first, at_k, last = trajectory[0], trajectory[K_START], trajectory[-1]
-  w0, wk, wt = (_arrays(v, name)[0] for v in (first, at_k, last))
+  """W_T - W_{K+1} = lambda s (A_T B_T - A_{K+1} B_{K+1}); W stays at the steps t <= K."""
+  first, start, last = trajectory[0], trajectory[K_START + 1], trajectory[-1]
+  w0, wk, wt = (_arrays(v, name)[0] for v in (first, start, last))
   np.testing.assert_array_equal(wk, w0)
-  assert_rule(wk, wt, _product(at_k, name), _product(last, name), _scaling(name), ulps=STEPS)
-
-
-def test_numeric_scalings_infer_the_dense_like_layouts():
-  """A number per layer (no projection) gives the same step wherever the layout can be inferred.
-
-  Inferred: multi-axis dense-general in and out, the batch einsum (its batch axis
-  leads, as a stack's does), the convolution and the stack; the interleaved
-  einsum keeps its layer object.
-  """
-  variables = _init()
-  grads = GRAD(variables)
-  numbers = {path: layer.scaling for path, layer in LAYERS.items()}
-  numbers[("einsum_interleaved",)] = LAYERS[("einsum_interleaved",)]
-  results = []
-  for scaling in (LAYERS, numbers):
-    tx = dl.paper_delta_lora(lora_optimizer=optax.sgd(0.1), scaling=scaling, start_step=0)
-    results.append(jax.jit(tx.update)(grads, tx.init(variables), variables)[0])
-  jax.tree.map(np.testing.assert_array_equal, results[1], results[0])
-
-
-def test_number_for_an_interleaved_einsum_asks_for_the_layers_mapping():
-  variables = _init()
-  with pytest.raises(
-    ValueError,
-    match=r"'params/einsum_interleaved'.*\(3, 6, 4\).*pass scaling as the layers mapping",
-  ):
-    dl.paper_delta_lora(1e-2, scaling=1.0).init(variables)
+  assert_rule(wk, wt, _product(start, name), _product(last, name), _scaling(name), ulps=STEPS)
 
 
 def test_layer_whose_factors_do_not_fit_its_projection_is_named():
@@ -229,7 +204,7 @@ def test_layer_whose_factors_do_not_fit_its_projection_is_named():
   params = dict(variables["params"])
   params["conv"] = {**params["conv"], "lora_b": jnp.zeros((R, F + 1))}
   with pytest.raises(ValueError, match=r"adapted layer 'params/conv': lora_b must have shape"):
-    dl.paper_delta_lora(1e-2, scaling=LAYERS).init({"params": params})
+    dl.paper_delta_lora(1e-2, layers=LAYERS).init({"params": params})
 
 
 def test_factor_product_change_of_a_stacked_interleaved_einsum():
@@ -254,14 +229,14 @@ def test_nnx_attention_adapted_by_adapt_nnx():
     num_heads=N, in_features=D, qkv_features=N * H, decode=False, rngs=nnx.Rngs(0)
   )
   dl.adapt_nnx(attention, rank=R, alpha=3.0, use_delta=False, rngs=nnx.Rngs(1))
-  layers = dict(adapters(attention))
+  layers = dl.adapted_layers(attention)
   assert sorted(layers) == [("key",), ("out",), ("query",), ("value",)]
   rng = np.random.default_rng(2)
   for layer in layers.values():
     layer.lora_b[...] = jnp.asarray(0.1 * rng.standard_normal(layer.lora_b.shape), jnp.float32)
   reference = {"out": "nhr,rd->nhd", "query": "dr,rnh->dnh", "key": "dr,rnh->dnh"}
   reference["value"] = reference["key"]
-  tx = dl.paper_delta_lora(lora_optimizer=optax.sgd(0.01), scaling=layers, start_step=0)
+  tx = dl.paper_delta_lora(lora_optimizer=optax.sgd(0.01), layers=attention, start_step=0)
   optimizer = nnx.Optimizer(attention, tx, wrt=nnx.Param)
   x, y = INPUTS["attention_in"], TARGETS["attention_out"]
 
@@ -280,11 +255,12 @@ def test_nnx_attention_adapted_by_adapt_nnx():
     return np.einsum(reference[name], arrays[name][1], arrays[name][2])
 
   run = [snapshot()]
-  for _ in range(3):
+  for _ in range(4):
     step(attention, optimizer)
     run.append(snapshot())
   for name in reference:
     s = layers[(name,)].scaling
-    for start, end, ulps in ((0, 1, 4), (0, 3, 6)):  # one step, then the telescoped sum
+    np.testing.assert_array_equal(run[1][name][0], run[0][name][0])  # t = 0 <= K = 0
+    for start, end, ulps in ((1, 2, 4), (1, 4, 6)):  # step t = 1, then the telescoped sum
       w0, w1 = run[start][name][0], run[end][name][0]
       assert_rule(w0, w1, product(run[start], name), product(run[end], name), s, ulps)

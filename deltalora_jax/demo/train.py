@@ -24,7 +24,7 @@ import pathlib
 import platform
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -62,8 +62,8 @@ class Options:
     momentum: ``mu`` of the delta rule's velocity.
     full_lr: AdamW learning rate of the encoder in full fine-tuning.
     paper_lambda: ``lambda`` of the paper's rule.
-    paper_start_step: ``K`` of the paper's rule (the paper's 500 is longer than
-      the demo's run).
+    paper_start_step: ``K`` of the paper's rule: the kernels move at the steps
+      ``t > K``, ``t`` from 0 (the paper's 500 is longer than the demo's run).
     progress: show a progress bar.
   """
 
@@ -113,15 +113,17 @@ class Method:
     name: its name on the command line.
     description: one line for the results.
     adapter: ``options -> Adapter`` or None for an encoder of plain ``nn.Dense``.
-    optimizer: ``options -> optax transformation`` of the whole variables tree
-      (route leaves with :func:`labels`).
+    optimizer: ``(options, layers) -> optax transformation`` of the whole
+      variables tree (route leaves with :func:`labels`); ``layers`` is the
+      model's adapted layers (:func:`deltalora_jax.adapted_layers`), empty
+      when ``adapter`` gives None.
     trainable: the labels of the leaves that receive gradients.
   """
 
   name: str
   description: str
   adapter: Callable[[Options], Adapter | None]
-  optimizer: Callable[[Options], optax.GradientTransformation]
+  optimizer: Callable[[Options, Mapping], optax.GradientTransformation]
   trainable: frozenset[str]
 
 
@@ -172,16 +174,15 @@ def head_and_encoder(
   )
 
 
-def _delta_lora_optimizer(options: Options) -> optax.GradientTransformation:
+def _delta_lora_optimizer(options: Options, layers: Mapping) -> optax.GradientTransformation:
   lora = _adamw(options.lora_lr)
   rule = dl.delta_lora(options.delta_lr, options.momentum, lora_optimizer=lora)
   return head_and_encoder(options, rule)
 
 
-def _paper_optimizer(options: Options) -> optax.GradientTransformation:
-  adapter = options.adapter(use_delta=False)
+def _paper_optimizer(options: Options, layers: Mapping) -> optax.GradientTransformation:
   rule = dl.paper_delta_lora(
-    scaling=dl.core.lora_scaling(adapter.alpha, adapter.rank),
+    layers=layers,
     lambda_=options.paper_lambda,
     start_step=options.paper_start_step,
     lora_optimizer=_adamw(options.lora_lr),
@@ -194,7 +195,7 @@ register(
     "frozen",
     "pretrained encoder frozen, only the head trained",
     adapter=lambda o: None,
-    optimizer=lambda o: routed(head=_adamw(o.head_lr)),
+    optimizer=lambda o, layers: routed(head=_adamw(o.head_lr)),
     trainable=frozenset({HEAD}),
   )
 )
@@ -203,7 +204,7 @@ register(
     "lora",
     "plain LoRA on the attention projections (AdamW)",
     adapter=lambda o: o.adapter(use_delta=False),
-    optimizer=lambda o: routed(head=_adamw(o.head_lr), lora=_adamw(o.lora_lr)),
+    optimizer=lambda o, layers: routed(head=_adamw(o.head_lr), lora=_adamw(o.lora_lr)),
     trainable=frozenset({HEAD, dl.optim.LORA}),
   )
 )
@@ -230,7 +231,7 @@ register(
     "full",
     "full fine-tuning of every encoder weight (AdamW)",
     adapter=lambda o: None,
-    optimizer=lambda o: routed(
+    optimizer=lambda o, layers: routed(
       head=_adamw(o.head_lr), base=_adamw(o.full_lr), other=_adamw(o.full_lr)
     ),
     trainable=frozenset({HEAD, dl.optim.BASE, dl.optim.OTHER}),
@@ -375,7 +376,8 @@ def run_method(
   sample = (ids[:1], mask[:1])
   variables = initial_variables(model, pretrained, jax.random.key(options.seed), sample)
   initial = jax.tree.map(np.array, variables)
-  tx = method.optimizer(options)
+  layers = {} if adapter is None else dl.adapted_layers(model, *sample)
+  tx = method.optimizer(options, layers)
   opt_state = tx.init(variables)
   step = _make_step(model, tx)
   order = batches(len(ids), options.batch_size, options.steps, options.seed)
@@ -427,7 +429,6 @@ def run_method(
     "losses": losses,
   }
   if adapter is not None:
-    layers = dl.adapted_layers(model, *sample)
     row["adapted_layers"] = len(layers)
     row["adapted_layer_params"] = dl.parameter_counts(variables, layers)["total"]
     norms = dl.diagnostics(variables, layers)["total"]
