@@ -53,7 +53,8 @@ def load_base(
     or skips it when the replacement is None; a name no pattern matches keeps
     its name. ``{r"(.*)": r"encoder/\1"}`` puts a pretrained encoder under the
     ``encoder`` of a model with a new head; ``{r"pooler/.*": None}`` leaves the
-    checkpoint's pooler out. A pattern that matches no base name is an error;
+    checkpoint's pooler out. A pattern that renames no base name (none
+    matches, or earlier patterns took them all) is an error;
   * a callable ``base name -> target name``, or None to skip that parameter.
 
   Args:
@@ -190,9 +191,9 @@ def _regex_renamer(mapping: Mapping) -> Callable[[list[str]], dict[str, str | No
     unused = [pattern for pattern, _, _ in rules if pattern not in used]
     if unused:
       raise ValueError(
-        f"mapping patterns {unused} match no base parameter (they must match a whole "
-        f"name, re.fullmatch); the base names are {sorted(names)[:8]}"
-        + (" ..." if len(names) > 8 else "")
+        f"mapping patterns {unused} rename no base parameter (each must match a whole "
+        f"name, re.fullmatch, that no earlier pattern took); the base names are "
+        f"{sorted(names)[:8]}" + (" ..." if len(names) > 8 else "")
       )
     return renamed
 

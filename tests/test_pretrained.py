@@ -161,7 +161,7 @@ def test_mapping_renames_by_regex_groups_skips_none_and_first_match_wins():
     r"classifier/(.*)": r"head/\1",
     r"classifier/kernel": "never used: the pattern above matched first",
   }
-  with pytest.raises(ValueError, match=r"patterns \['classifier/kernel'\] match no base"):
+  with pytest.raises(ValueError, match=r"patterns \['classifier/kernel'\] rename no base"):
     dl.load_base(variables, base, mapping=mapping)
   del mapping["classifier/kernel"]
   loaded, report = dl.load_base(variables, base, mapping=mapping)  # strict: None is a choice
