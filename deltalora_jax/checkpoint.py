@@ -25,34 +25,20 @@ Guarantees:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import traverse_util
 
-from deltalora_jax import paths, projections
+from deltalora_jax import paths
+from deltalora_jax.config import layer_configs
 
 STATE = "state"
 LAYOUT = "layout"
 HYPERPARAMETERS = "hyperparameters"
-LAYER_FIELDS = (
-  "in_features",
-  "out_features",
-  "features",
-  "projection",
-  "rank",
-  "alpha",
-  "delta_scaling",
-  "freeze_base",
-  "use_bias",
-  "use_delta",
-  "dtype",
-  "param_dtype",
-  "precision",
-  "evaluation",
-)
 _MAX_LISTED = 20
 
 
@@ -85,60 +71,29 @@ def _json_value(value, where: str):
   )
 
 
-def layer_hyperparameters(layers: Mapping) -> dict[str, dict[str, Any]]:
-  """The JSON hyperparameters of each adapted layer, by ``'/'``-joined path.
+def layer_hyperparameters(layers: Any) -> dict[str, dict[str, Any]]:
+  """The JSON hyperparameters of each adapted layer, by name: each layer's config.
 
-  For each layer, those of these fields it has: ``features`` (Linen) or
-  ``in_features`` and ``out_features`` (NNX), ``projection`` (the layer
-  kind, as :func:`deltalora_jax.projections.to_json` writes it), ``rank``, ``alpha``,
-  ``delta_scaling``, ``freeze_base``, ``use_bias``, ``use_delta``, ``dtype``,
-  ``param_dtype``, ``precision`` (as a string) and ``evaluation``.
-  Initializers are not saved.
+  Exactly ``{paths.name(path): config.to_json()}`` for the
+  :func:`~deltalora_jax.config.layer_configs` of ``layers``: the one encoding
+  of :class:`~deltalora_jax.config.LayerConfig` (kind, rank, alpha,
+  ``delta_scaling``, ...; initializers are not saved). The dtypes of the
+  parameters need no entry: the checkpoint's layout records each leaf's dtype.
 
   Args:
-    layers: ``{path: layer}``, e.g. from :func:`deltalora_jax.adapted_layers`.
+    layers: an NNX model, a Linen layers mapping ``{path: layer}`` (from
+      :func:`deltalora_jax.adapted_layers`) or a :class:`~deltalora_jax.DeltaLoRAModel`.
 
   Returns:
-    ``{'hidden': {'features': 8, 'rank': 2, ...}, ...}``; the root layer is ``''``.
+    ``{'hidden': {'projection': {...}, 'rank': 2, ...}, ...}``; the root layer is ``''``.
 
   Example:
     >>> import deltalora_jax as dl
     >>> hp = layer_hyperparameters({(): dl.DeltaLoRADense(features=8, rank=2)})
-    >>> hp[""]["rank"], hp[""]["delta_scaling"], hp[""]["param_dtype"]
-    (2, 0.1, 'float32')
+    >>> hp[""]["rank"], hp[""]["delta_scaling"], hp[""]["projection"]["kind"]
+    (2, 0.1, 'general_dense')
   """
-  result = {}
-  for path, layer in layers.items():
-    name = "/".join(path)
-    entry = {}
-    # A property (DeltaLoRADense.projection) is derived from the fields: not saved.
-    fields = [
-      f
-      for f in LAYER_FIELDS
-      if hasattr(layer, f) and not isinstance(getattr(type(layer), f, None), property)
-    ]
-    for field in fields:
-      value = getattr(layer, field)
-      if field in ("dtype", "param_dtype"):
-        value = None if value is None else np.dtype(value).name
-      elif field == "precision":
-        value = None if value is None else str(value)
-      elif field == "projection":
-        value = projections.to_json(value)
-      entry[field] = _json_value(value, f"{name}/{field}")
-    result[name] = entry
-  return result
-
-
-def _flat(tree: Mapping, prefix: str = "") -> dict[str, Any]:
-  flat = {}
-  for key, value in tree.items():
-    path = f"{prefix}/{key}" if prefix else str(key)
-    if isinstance(value, Mapping) and value:
-      flat.update(_flat(value, path))
-    else:
-      flat[path] = value
-  return flat
+  return {paths.name(path): config.to_json() for path, config in layer_configs(layers).items()}
 
 
 def _layout(tree) -> dict[str, dict[str, Any]]:
@@ -154,46 +109,57 @@ def _layout(tree) -> dict[str, dict[str, Any]]:
   return layout
 
 
-def _describe(entry) -> str:
-  return f"shape {tuple(entry['shape'])} {entry['dtype']}"
+def _described(layout: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+  """``{path: 'shape (2, 3) float32'}``: what the restore check compares of a layout."""
+  return {path: f"shape {tuple(entry['shape'])} {entry['dtype']}" for path, entry in layout.items()}
 
 
-def _layout_problems(saved: Mapping, given: Mapping) -> list[str]:
-  problems = []
-  for path in sorted(set(saved) | set(given)):
-    if path not in given:
-      problems.append(f"{path!r} is in the checkpoint ({_describe(saved[path])}), not in like")
-    elif path not in saved:
-      problems.append(f"{path!r} is in like ({_describe(given[path])}), not in the checkpoint")
-    elif (saved[path]["shape"], saved[path]["dtype"]) != (
-      given[path]["shape"],
-      given[path]["dtype"],
-    ):
-      problems.append(
-        f"{path!r}: checkpoint {_describe(saved[path])}, like {_describe(given[path])}"
-      )
-  return problems
+def _flat(tree: Mapping[str, Any]) -> dict[str, Any]:
+  """Nested JSON objects as ``{'a/b': leaf}``; an empty object is a leaf ``{}``."""
+  flat = traverse_util.flatten_dict(dict(tree), keep_empty_nodes=True)
+  return {
+    paths.name(path): {} if value is traverse_util.empty_node else value
+    for path, value in flat.items()
+  }
 
 
-def _same(a, b) -> bool:
+def _same(a: Any, b: Any) -> bool:
   """Equality of JSON values; numbers compare by value (NaN equals NaN), bools only to bools."""
   if isinstance(a, bool) or isinstance(b, bool):
     return type(a) is type(b) and a == b
   if isinstance(a, int | float) and isinstance(b, int | float):
     return a == b or (math.isnan(a) and math.isnan(b))
-  return type(a) is type(b) and a == b
+  return type(a) is type(b) and bool(a == b)
 
 
-def _hyperparameter_problems(saved: Mapping, given: Mapping) -> list[str]:
-  saved, given = _flat(saved), _flat(given)
+def _differences(
+  saved: Mapping[str, Any],
+  given: Mapping[str, Any],
+  *,
+  label: str,
+  other: str,
+  missing: str,
+  show: Callable[[Any], str] = repr,
+) -> list[str]:
+  """One line for each path whose value differs between the checkpoint and the caller.
+
+  Args:
+    saved: the checkpoint's ``{path: value}``.
+    given: the caller's ``{path: value}``.
+    label: put before each path (``'hyperparameter '``).
+    other: the caller's side in the lines (``'like'``).
+    missing: said of a path the caller lacks (``'not in like'``).
+    show: writes a value.
+  """
   problems = []
   for path in sorted(set(saved) | set(given)):
+    where = f"{label}{path!r}"
     if path not in given:
-      problems.append(f"hyperparameter {path!r}: checkpoint {saved[path]!r}, not given")
+      problems.append(f"{where}: checkpoint {show(saved[path])}, {missing}")
     elif path not in saved:
-      problems.append(f"hyperparameter {path!r}: given {given[path]!r}, not in the checkpoint")
+      problems.append(f"{where}: {other} {show(given[path])}, not in the checkpoint")
     elif not _same(saved[path], given[path]):
-      problems.append(f"hyperparameter {path!r}: checkpoint {saved[path]!r}, given {given[path]!r}")
+      problems.append(f"{where}: checkpoint {show(saved[path])}, {other} {show(given[path])}")
   return problems
 
 
@@ -340,10 +306,23 @@ class TrainingCheckpointer:
     """
     step = self._step(step)
     saved_layout, saved_hyperparameters = self._metadata(step)
-    problems = _layout_problems(saved_layout, _layout(like))
+    problems = _differences(
+      _described(saved_layout),
+      _described(_layout(like)),
+      label="",
+      other="like",
+      missing="not in like",
+      show=str,
+    )
     if hyperparameters is not None:
       given = _json_value(dict(hyperparameters), "hyperparameters")
-      problems += _hyperparameter_problems(saved_hyperparameters, given)
+      problems += _differences(
+        _flat(saved_hyperparameters),
+        _flat(given),
+        label="hyperparameter ",
+        other="given",
+        missing="not given",
+      )
     if problems:
       listed = "; ".join(problems[:_MAX_LISTED])
       more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 
 import deltalora_jax as dl
+from deltalora_jax import paths
+from deltalora_jax.config import LayerConfig, layer_configs
 
 SCRIPT = pathlib.Path(training.__file__)
 HP = training.HYPERPARAMETERS
@@ -126,10 +128,9 @@ BIAS = ("variables", "params", "out", "bias")
     (
       BIAS,
       None,
-      r"'variables/params/out/bias' is in the checkpoint \(shape \(8,\) "
-      r"float32\), not in like",
+      r"'variables/params/out/bias': checkpoint shape \(8,\) float32, not in like",
     ),
-    (("extra",), jnp.zeros(2), r"'extra' is in like \(shape \(2,\) float32\), not in the"),
+    (("extra",), jnp.zeros(2), r"'extra': like shape \(2,\) float32, not in the checkpoint"),
   ],
 )
 def test_a_mismatched_state_is_refused_and_left_as_it_was(saved, path, value, match):
@@ -226,22 +227,41 @@ def test_sharded_save_and_restore_into_another_mesh(tmp_path):
   assert {s.data.shape for s in delta.addressable_shards} == {(training.IN // 2, training.HIDDEN)}
 
 
-def test_layer_hyperparameters_name_each_layer():
-  layers = HP["layers"]
-  assert sorted(layers) == ["hidden", "out"]
-  assert layers["out"] == {
-    "features": 8,
+def test_layer_hyperparameters_are_each_layers_config_json():
+  layers = dl.adapted_layers(training.MODEL, training.SAMPLE)
+  hyperparameters = dl.layer_hyperparameters(layers)
+  assert HP["layers"] == hyperparameters
+  assert sorted(hyperparameters) == ["hidden", "out"]
+  assert hyperparameters["out"] == {
+    "projection": {"kind": "general_dense", "features": [8], "axis": [-1]},
     "rank": 2,
     "alpha": None,
     "delta_scaling": 0.5,
     "freeze_base": True,
     "use_bias": True,
     "use_delta": True,
-    "dtype": None,
-    "param_dtype": "float32",
-    "precision": None,
     "evaluation": "auto",
+    "adapter_dtype": None,
   }
+  for path, config in layer_configs(layers).items():
+    assert LayerConfig.from_json(hyperparameters[paths.name(path)]) == config
+
+
+def test_a_layer_config_differing_in_the_checkpoint_is_named(saved):
+  directory, state = saved
+  layers = dict(HP["layers"])
+  layers["out"] = {**layers["out"], "projection": {}, "adapter_dtype": "bfloat16"}
+  with (
+    dl.TrainingCheckpointer(directory) as checkpoints,
+    pytest.raises(dl.CheckpointMismatchError) as raised,
+  ):
+    checkpoints.restore(state, hyperparameters={**HP, "layers": layers})
+  message = str(raised.value)
+  assert "hyperparameter 'layers/out/adapter_dtype': checkpoint None, given 'bfloat16'" in message
+  assert "hyperparameter 'layers/out/projection': given {}, not in the checkpoint" in message
+  assert "hyperparameter 'layers/out/projection/kind': checkpoint 'general_dense', not given" in (
+    message
+  )
 
 
 def _readme_code(heading: str) -> str:
