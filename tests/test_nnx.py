@@ -118,18 +118,20 @@ def test_from_linear_keeps_the_pretrained_weights_and_output():
   assert DeltaLoRALinear.from_linear(no_bias, rank=1, rngs=nnx.Rngs(0)).bias is None
 
 
-def test_to_linear_and_merge_give_a_plain_linear_with_the_same_output():
-  layer = random_layer(alpha=4.0)
-  linear = layer.to_linear()
-  assert type(linear) is nnx.Linear
-  a = arrays(layer)
-  expected = a["kernel"] + 2.0 * a["lora_a"] @ a["lora_b"] + 0.1 * a["delta"]
-  np.testing.assert_allclose(linear.kernel[...], expected, rtol=1e-6, atol=1e-6)
-  y = layer(X)
-  err = jnp.linalg.norm(linear(X) - y) / jnp.linalg.norm(y)
-  assert float(err) < 1e-5
+def test_merge_gives_a_plain_linear_with_the_closed_form_kernel():
+  layer = random_layer(alpha=6.0, delta_scaling=0.3)  # s = 6 / 2 = 3; B, D, bias random
+  a = {name: value.astype(np.float64) for name, value in arrays(layer).items()}
   merged = dl.merge(layer)  # a model that is one adapter merges into one Linear
-  np.testing.assert_array_equal(merged.kernel[...], linear.kernel[...])
+  assert type(merged) is nnx.Linear
+  # The reference, in float64 NumPy: W + s A B + ds D, the bias unchanged.
+  kernel = a["kernel"] + 3.0 * a["lora_a"] @ a["lora_b"] + 0.3 * a["delta"]
+  np.testing.assert_allclose(merged.kernel[...], kernel, rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(merged.bias[...], a["bias"])
+  x = np.asarray(X, np.float64)
+  np.testing.assert_allclose(merged(X), x @ kernel + a["bias"], rtol=1e-5, atol=1e-5)
+  # The adapter itself is left as it was.
+  for name, value in arrays(layer).items():
+    np.testing.assert_array_equal(value, a[name].astype(np.float32))
 
 
 def test_construction_checks_every_hyperparameter():
