@@ -261,7 +261,7 @@ def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.M
     return module, variables
   if base not in ("lora_adamw", "seed", "paper"):
     raise ValueError(f"variant {variant!r} cannot be built on model {cfg.model!r}")
-  return dl.adapt_linen(
+  adapted, variables, _ = dl.adapt_linen(
     module,
     variables,
     x,
@@ -270,13 +270,14 @@ def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.M
     use_delta=base == "seed",
     key=jax.random.fold_in(key, 1),
   )
+  return adapted, variables
 
 
 def make_optimizer(variant: str, layers: Any = None) -> optax.GradientTransformation:
   """The optimizer of a variant (the same learning rate for all).
 
   ``layers`` is the model's adapted layers (:func:`deltalora_jax.adapted_layers`),
-  which ``paper`` needs.
+  which ``seed`` and ``paper`` need.
   """
   lr = LEARNING_RATE
   variant, _ = _parse(variant)
@@ -289,12 +290,24 @@ def make_optimizer(variant: str, layers: Any = None) -> optax.GradientTransforma
       {"lora": optax.adamw(lr), "base": optax.set_to_zero(), "other": optax.adamw(lr)},
       dl.leaf_labels,
     )
-  if variant in ("seed", "naive"):
+  if variant == "seed":
     return dl.delta_lora(
       lr,
       MOMENTUM,
+      layers=layers,
+      lora_optimizer=optax.sgd(lr),
       other_optimizer=optax.sgd(lr, momentum=MOMENTUM),
       velocity_dtype=jnp.float32,
+    )
+  if variant == "naive":  # the same rule, routed by name: its layers are not the library's
+    return optax.multi_transform(
+      {
+        dl.Label.DELTA: dl.delta_momentum(lr, MOMENTUM, velocity_dtype=jnp.float32),
+        dl.Label.LORA: optax.sgd(lr),
+        dl.Label.BASE: optax.set_to_zero(),
+        dl.Label.OTHER: optax.sgd(lr, momentum=MOMENTUM),
+      },
+      dl.leaf_labels,
     )
   if variant == "paper":
     return dl.paper_delta_lora(lr, layers=layers, start_step=0, other_optimizer=optax.adamw(lr))

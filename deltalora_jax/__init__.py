@@ -9,8 +9,11 @@ The public names are re-exported here; the modules are:
   the Linen layers;
 * :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear` and :class:`DeltaLoRALinearGeneral`,
   the NNX layers, and :class:`DeltaParam`;
+* :mod:`deltalora_jax.config`: :class:`~deltalora_jax.config.LayerConfig`, an
+  adapted layer's kind and options, and its one JSON encoding;
+* :mod:`deltalora_jax.paths`: layer paths and their names ``'a/b/c'``;
 * :mod:`deltalora_jax.adapt`: adapt an existing Linen or NNX model by target,
-  merge and unload, export and re-attach the adapter;
+  export and re-attach the adapter;
 * :mod:`deltalora_jax.optim`: the optax transformations of the delta rule;
 * :mod:`deltalora_jax.paper`: :func:`paper_delta_lora`, the published rule
   (Zi et al., 2023);
@@ -30,7 +33,6 @@ from deltalora_jax.adapt import (
   attach_adapter_linen,
   attach_adapter_nnx,
   export_adapter,
-  merge_and_unload,
 )
 from deltalora_jax.checkpoint import (
   CheckpointMismatchError,
@@ -41,6 +43,7 @@ from deltalora_jax.core import delta_lora_apply, delta_lora_dense, lora_scaling,
 from deltalora_jax.linen import DeltaLoRADense, DeltaLoRAGeneral
 from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral, DeltaParam
 from deltalora_jax.optim import (
+  Label,
   ScaleByDeltaMomentumState,
   delta_lora,
   delta_momentum,
@@ -81,6 +84,7 @@ __all__ = [
   "DeltaLoRALinearGeneral",
   "DeltaLoRAModel",
   "DeltaParam",
+  "Label",
   "PaperDeltaLoRAState",
   "ScaleByDeltaMomentumState",
   "TrainingCheckpointer",
@@ -107,7 +111,6 @@ __all__ = [
   "lora_scaling",
   "make_mesh",
   "merge",
-  "merge_and_unload",
   "merged_kernel",
   "optimizer_shardings",
   "paper_delta_lora",

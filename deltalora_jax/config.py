@@ -13,23 +13,35 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Required, TypedDict
 
 import jax.numpy as jnp
 from flax import nnx
 
 from deltalora_jax import core, paths, projections
 
-#: The LoRA options of a layer, in the order the layers take them.
-OPTIONS = (
-  "rank",
-  "alpha",
-  "delta_scaling",
-  "freeze_base",
-  "use_delta",
-  "evaluation",
-  "adapter_dtype",
-)
+
+class Options(TypedDict, total=False):
+  """The options an adapter is built with: :func:`~deltalora_jax.adapt_nnx`'s ``**options``.
+
+  The LoRA options of :class:`LayerConfig` (all but ``projection`` and
+  ``use_bias``, which come from the base layer) and ``lora_a_init``, the
+  initializer of ``A`` (None: the seed's ``N(0, 1/r)``). The defaults are
+  the layers' own.
+  """
+
+  rank: Required[int]
+  alpha: float | None
+  delta_scaling: float
+  freeze_base: bool
+  use_delta: bool
+  evaluation: core.Evaluation
+  adapter_dtype: Any
+  lora_a_init: Any
+
+
+#: The options a :class:`LayerConfig` records (an initializer is not saved).
+OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -47,7 +59,7 @@ def dtype_name(dtype: Any) -> str | None:
   if dtype is None:
     return None
   try:
-    return jnp.dtype(dtype).name
+    return str(jnp.dtype(dtype).name)
   except TypeError:
     raise TypeError(f"adapter_dtype must be a dtype or None, got adapter_dtype={dtype!r}") from None
 
@@ -163,9 +175,9 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
   """
   if isinstance(layers, nnx.Module):
     found = {
-      paths.as_path(path): module.config
+      paths.as_path(path): config
       for path, module in nnx.iter_modules(layers)
-      if isinstance(getattr(module, "config", None), LayerConfig)
+      if isinstance(config := getattr(module, "config", None), LayerConfig)
     }
     where = f"model {type(layers).__name__}"
   elif isinstance(getattr(layers, "layers", None), Mapping):  # a DeltaLoRAModel

@@ -8,15 +8,13 @@ of ``nnx.Linear`` (``kernel``, ``bias``); the LoRA factors are
 ``nnx.Optimizer(model, tx, wrt=nnx.Any(nnx.LoRAParam, DeltaParam))`` and
 ``nnx.state(model, DeltaParam)`` select exactly the trainable parts.
 
-The helpers at the end give whole-model utilities an NNX model: where its
-adapters are (:func:`adapters`), a Linen-style view of their arrays
-(:func:`linen_view`, used by :mod:`deltalora_jax.tree`), and the merged model
-(:func:`merged_model`).
+Each layer keeps the graph definition of its base layer (``base_graphdef``):
+:func:`deltalora_jax.merge` rebuilds the base layer's own class from it with
+the merged kernel.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -24,11 +22,10 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 
-from deltalora_jax import core, optim, paths, projections
+from deltalora_jax import core, projections
 from deltalora_jax.config import LayerConfig
 from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
-Path = tuple[str, ...]
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
 ZEROS_INIT = nnx.initializers.zeros_init()
 
@@ -51,25 +48,6 @@ def _arrays(layer) -> tuple:
   """``(kernel, bias, lora_a, lora_b, delta)`` of an NNX adapted layer (None where absent)."""
   value = lambda v: None if v is None else v[...]  # noqa: E731
   return tuple(value(getattr(layer, n)) for n in ("kernel", "bias", "lora_a", "lora_b", "delta"))
-
-
-def _merged_kernel(layer) -> jax.Array:
-  """``W + s A B + ds D`` of an NNX adapted layer, in its kernel's layout and dtype.
-
-  Formed at ``Precision.HIGHEST`` in at least float32 (each layer of a stack
-  on its own), then cast: a bfloat16 kernel rounds the adapter's contribution.
-  """
-  kernel, _, lora_a, lora_b, delta = _arrays(layer)
-  return core.merged_kernel(
-    kernel,
-    lora_a,
-    lora_b,
-    delta,
-    scaling=layer.scaling,
-    delta_scaling=layer.delta_scaling,
-    precision=jax.lax.Precision.HIGHEST,
-    projection=layer.projection,
-  ).astype(layer.kernel.dtype)
 
 
 def _check_out_sharding(out_sharding) -> None:
@@ -99,8 +77,9 @@ class DeltaLoRALinear(nnx.Module):
   [in, r]`` and ``lora_b [r, out]`` (``nnx.LoRAParam``), ``delta [in, out]``
   (:class:`DeltaParam`). At construction ``B = 0`` and ``D = 0``: the output
   equals the base layer's exactly. Build it from sizes, or around a
-  pretrained ``nnx.Linear`` with :meth:`from_linear`; :meth:`to_linear`
-  gives back a plain ``nnx.Linear`` with the merged kernel.
+  pretrained ``nnx.Linear`` with :meth:`from_linear`;
+  :func:`deltalora_jax.merge` gives back a plain ``nnx.Linear`` with the
+  merged kernel.
 
   Args:
     in_features: number of input features.
@@ -187,6 +166,16 @@ class DeltaLoRALinear(nnx.Module):
     self.delta: DeltaParam | None = nnx.data(None)
     if use_delta:
       self.delta = DeltaParam(jnp.zeros(shape, dtype_a))
+    base = lambda: nnx.Linear(  # noqa: E731  (only its structure is kept)
+      in_features,
+      out_features,
+      use_bias=use_bias,
+      dtype=dtype,
+      param_dtype=param_dtype,
+      precision=precision,
+      rngs=nnx.Rngs(0),
+    )
+    self.base_graphdef = nnx.graphdef(nnx.eval_shape(base))
 
   @classmethod
   def from_linear(cls, linear: nnx.Linear, *, rank: int, rngs: nnx.Rngs, **kwargs):
@@ -245,6 +234,7 @@ class DeltaLoRALinear(nnx.Module):
     layer.kernel = linear.kernel.copy()
     if bias is not None:
       layer.bias = linear.bias.copy()
+    layer.base_graphdef = nnx.graphdef(linear)
     return layer
 
   @property
@@ -275,44 +265,6 @@ class DeltaLoRALinear(nnx.Module):
   def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
     _check_out_sharding(out_sharding)
     return core.delta_lora_layer(self, inputs, *_arrays(self))
-
-  def to_module(self) -> nnx.Linear:
-    """:meth:`to_linear`: the base layer's class with the merged kernel."""
-    return self.to_linear()
-
-  def to_linear(self) -> nnx.Linear:
-    """A plain ``nnx.Linear`` with kernel ``W + s A B + ds D`` and the same bias.
-
-    The merged kernel is computed at ``Precision.HIGHEST`` in at least
-    float32, then stored in the kernel's dtype (a bfloat16 kernel rounds the
-    adapter's contribution). The kernel and bias keep their Variable type and
-    metadata. This layer is not modified.
-
-    Example:
-      >>> import jax.numpy as jnp
-      >>> from flax import nnx
-      >>> layer = DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
-      >>> linear = layer.to_linear()
-      >>> type(linear).__name__, linear.kernel.shape
-      ('Linear', (4, 3))
-    """
-    merged = _merged_kernel(self)
-    bias = None if self.bias is None else self.bias[...]
-    linear = nnx.Linear(
-      self.in_features,
-      self.out_features,
-      use_bias=self.use_bias,
-      dtype=self.dtype,
-      param_dtype=merged.dtype,
-      precision=self.precision,
-      kernel_init=_constant(merged),
-      bias_init=_constant(bias),
-      rngs=nnx.Rngs(0),  # unused: the initializers return the merged weights
-    )
-    linear.kernel = self.kernel.copy(merged)
-    if self.bias is not None:
-      linear.bias = self.bias.copy()
-    return linear
 
 
 def check_linear(linear) -> nnx.Linear:
@@ -429,7 +381,8 @@ class DeltaLoRALinearGeneral(nnx.Module):
   is that of :mod:`deltalora_jax.projections`. A layer created by
   ``nnx.vmap`` (a stack, kernel ``[L, ...]``) gets stacked factors and
   ``D``; apply it inside ``nnx.scan`` as the base was.
-  :meth:`to_module` gives back the base's own class with the merged kernel.
+  :func:`deltalora_jax.merge` gives back the base's own class with the
+  merged kernel.
 
   Args:
     base: the layer to adapt (see :func:`projection_of` for the kinds).
@@ -540,159 +493,3 @@ class DeltaLoRALinearGeneral(nnx.Module):
         f"{getattr(kind, 'equation', None)!r}"
       )
     return core.delta_lora_layer(self, inputs, *_arrays(self))
-
-  def to_module(self) -> nnx.Module:
-    """The base layer's own class with kernel ``W + s A B + ds D`` and the same bias.
-
-    Same Variable names, shapes, dtype and metadata as the base; a bfloat16
-    kernel rounds the adapter's contribution. This layer is not modified.
-    """
-    state = {"kernel": self.kernel.copy(_merged_kernel(self))}
-    if self.bias is not None:
-      state["bias"] = self.bias.copy()
-    return nnx.merge(self.base_graphdef, nnx.State(state))
-
-
-# --------------------------------------------------------------------------
-# Whole-model helpers (used by deltalora_jax.tree and deltalora_jax.adapt).
-# --------------------------------------------------------------------------
-
-
-def adapters(model: nnx.Module) -> Iterator[tuple[tuple, DeltaLoRALinear | DeltaLoRALinearGeneral]]:
-  """Every adapted layer of an NNX model, with its path, sorted by path.
-
-  Example:
-    >>> from flax import nnx
-    >>> layer = DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
-    >>> [path for path, _ in adapters(layer)]
-    [()]
-  """
-  if not isinstance(model, nnx.Module):
-    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
-  for path, module in nnx.iter_modules(model):
-    if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral):
-      yield path, module
-
-
-def child(parent, key):
-  """The child of an NNX node under one path entry (attribute or item)."""
-  if isinstance(key, str) and not isinstance(parent, nnx.Dict) and hasattr(parent, key):
-    return getattr(parent, key)
-  return parent[key]
-
-
-def replace_module(model: nnx.Module, path: tuple, module: nnx.Module) -> None:
-  """Puts ``module`` at ``path`` of ``model``, in place (``path`` not empty)."""
-  parent = model
-  for key in path[:-1]:
-    parent = child(parent, key)
-  key = path[-1]
-  if isinstance(key, str) and not isinstance(parent, nnx.Dict) and hasattr(parent, key):
-    setattr(parent, key, module)
-  else:
-    parent[key] = module
-
-
-def replace_modules(model: nnx.Module, replacements: dict[tuple, nnx.Module]) -> None:
-  """Puts each module of ``{path: module}`` into ``model``: all of them or, on error, none.
-
-  A container that refuses assignment (a tuple, say) raises after some
-  modules may already be in place: those are put back before the error
-  propagates, so the model is left as it was.
-  """
-  done = []
-  try:
-    for path, module in replacements.items():
-      parent = model
-      for key in path[:-1]:
-        parent = child(parent, key)
-      old = child(parent, path[-1])
-      replace_module(model, path, module)
-      done.append((path, old))
-  except Exception:
-    for path, old in reversed(done):
-      replace_module(model, path, old)
-    raise
-
-
-def linen_view(model: nnx.Module, opt_state: Any = None):
-  """The adapters of an NNX model as a Linen variables tree, layers mapping and opt state.
-
-  Lets :mod:`deltalora_jax.tree` count, flatten and diagnose an NNX model
-  with the code it uses for Linen. Only adapted layers appear.
-
-  Args:
-    model: an NNX model holding :class:`DeltaLoRALinear` layers.
-    opt_state: None, an ``nnx.Optimizer`` or its ``opt_state``.
-
-  Returns:
-    ``(variables, layers, opt_state)``: ``{'params': ..., 'delta': ...}``
-    at the layers' paths (as strings), ``{path: layer}``, and None or a
-    :class:`~deltalora_jax.ScaleByDeltaMomentumState` whose velocity is laid
-    out like ``variables``.
-
-  Raises:
-    ValueError: when the model holds no :class:`DeltaLoRALinear`.
-  """
-  params, delta, layers = {}, {}, {}
-  for path, layer in adapters(model):
-    key = tuple(map(str, path))
-    layers[key] = layer
-    params[key] = {
-      name: getattr(layer, name)[...]
-      for name in ("kernel", "bias", "lora_a", "lora_b")
-      if getattr(layer, name) is not None
-    }
-    if layer.delta is not None:
-      delta[key] = {"delta": layer.delta[...]}
-  if not layers:
-    raise ValueError(f"model {type(model).__name__} has no adapted layer")
-  variables = {"params": _nest(params), "delta": _nest(delta)}
-  if opt_state is None:
-    return variables, layers, None
-  if isinstance(opt_state, nnx.Optimizer):
-    opt_state = opt_state.opt_state
-  velocities = {}
-  leaves = jax.tree_util.tree_flatten_with_path(
-    optim.velocity(opt_state), is_leaf=lambda x: isinstance(x, nnx.Variable)
-  )[0]
-  for entry_path, leaf in leaves:
-    names = paths.key_path(entry_path)
-    value = leaf.get_value() if isinstance(leaf, nnx.Variable) else leaf
-    if names and names[-1] == optim.DELTA and isinstance(value, jax.Array):
-      velocities[names[:-1]] = {"delta": value}
-  state = optim.ScaleByDeltaMomentumState(
-    count=jnp.zeros([], jnp.int32), velocity={"delta": _nest(velocities)}
-  )
-  return variables, layers, state
-
-
-def _nest(flat: dict[Path, dict]) -> dict:
-  out: dict = {}
-  for path, leaves in flat.items():
-    node = out
-    for key in path:
-      node = node.setdefault(key, {})
-    node.update(leaves)
-  return out
-
-
-def merged_model(model: nnx.Module) -> nnx.Module:
-  """A copy of ``model`` with every adapted layer merged back into its base class.
-
-  The copy (``nnx.clone``) shares the arrays of the layers that are not
-  adapted; ``model`` itself is not modified. A model that is a single
-  adapter gives a single ``nnx.Linear``.
-
-  Raises:
-    ValueError: when the model holds no :class:`DeltaLoRALinear`.
-  """
-  found = list(adapters(model))
-  if not found:
-    raise ValueError(f"model {type(model).__name__} has no adapted layer")
-  if found[0][0] == ():
-    return found[0][1].to_module()
-  merged = nnx.clone(model)
-  for path, layer in list(adapters(merged)):
-    replace_module(merged, path, layer.to_module())
-  return merged

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -33,8 +33,8 @@ import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from deltalora_jax import nnx as nnx_front
 from deltalora_jax import paths, projections
+from deltalora_jax.config import layer_configs
 from deltalora_jax.linen import DELTA_COLLECTION
 
 DATA_AXIS = "data"
@@ -63,7 +63,9 @@ DEFAULT_RULES: Rules = DENSE_RULES
 _ADAPTER_NAMES = ("kernel", "delta", "lora_a", "lora_b")
 
 
-def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
+def make_mesh(
+  data: int | None = None, fsdp: int = 1, *, devices: Sequence[jax.Device] | None = None
+) -> Mesh:
   """A ``('data', 'fsdp')`` mesh over all devices, with automatic (GSPMD) axes.
 
   Args:
@@ -96,18 +98,20 @@ def make_mesh(data: int | None = None, fsdp: int = 1, *, devices=None) -> Mesh:
   return jax.make_mesh((data, fsdp), (DATA_AXIS, FSDP_AXIS), (auto, auto), devices=devices)
 
 
-def _axis_size(mesh: Mesh, axes) -> int:
+def _axis_size(mesh: Mesh, axes: str | tuple[str, ...]) -> int:
   axes = axes if isinstance(axes, tuple) else (axes,)
   return math.prod(mesh.shape[a] for a in axes)
 
 
-def _fit(spec: PartitionSpec, shape, mesh: Mesh, path: str, pattern: str) -> PartitionSpec:
+def _fit(
+  spec: PartitionSpec, shape: Sequence[int], mesh: Mesh, path: str, pattern: str
+) -> PartitionSpec:
   """``spec`` checked against the mesh, with axes that do not divide a dimension dropped."""
   if len(spec) > len(shape):
     raise ValueError(
       f"rule {pattern!r} gives {spec} ({len(spec)} axes) to {path!r} of shape {shape}"
     )
-  fitted = []
+  fitted: list[str | tuple[str, ...] | None] = []
   for size, axes in zip(shape, spec, strict=False):
     if axes is None:
       fitted.append(None)
@@ -121,7 +125,9 @@ def _fit(spec: PartitionSpec, shape, mesh: Mesh, path: str, pattern: str) -> Par
   return PartitionSpec(*fitted)
 
 
-def partition_specs(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None) -> Any:
+def partition_specs(
+  tree: Any, mesh: Mesh, rules: Rules | None = None, *, layers: Any = None
+) -> Any:
   """A ``PartitionSpec`` for each leaf of ``tree``: each kernel's layout, or your rules.
 
   **Default** (``rules=None``). An adapted layer is the ``kernel``,
@@ -216,7 +222,7 @@ def partition_specs(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None
       raise TypeError(f"rules must be (regex, PartitionSpec) pairs, got {rule!r}")
     compiled.append((re.compile(rule[0]), rule[0], rule[1]))
 
-  def spec(path, leaf):
+  def spec(path: tuple[Any, ...], leaf: Any) -> PartitionSpec:
     name = paths.key_name(path)
     for regex, pattern, rule_spec in compiled:
       if regex.search(name):
@@ -237,16 +243,16 @@ Shape = tuple[int, ...]
 Layout = tuple[tuple[int | None, ...], tuple[int | None, ...], tuple[int, ...]]
 
 
-def _projections(layers) -> dict[Names, projections.Projection]:
+def _projections(layers: Any) -> dict[Names, projections.Projection]:
   """``layers`` as ``{path names: projection}``."""
   if layers is None:
     return {}
-  if isinstance(layers, nnx.Module):
-    layers = dict(nnx_front.adapters(layers))
+  if isinstance(layers, nnx.Module) or hasattr(layers, "layers"):
+    layers = {p: c.projection for p, c in layer_configs(layers).items()}
   if not isinstance(layers, Mapping):
     raise TypeError(
       "layers must be a mapping of layer path to adapted layer (adapted.layers, "
-      f"dict(dl.nnx.adapters(model))) or an NNX model, got layers={type(layers).__name__}"
+      f"{{path: projection}}) or an NNX model, got layers={type(layers).__name__}"
     )
   found = {}
   for path, layer in layers.items():
@@ -290,7 +296,9 @@ def _einsum_layout(projection: projections.Einsum, stack: int) -> Layout:
   return a_axes, b_axes, tuple(stack + i for i, c in enumerate(rhs) if c in lhs)
 
 
-def _layout(name: str, kernel: Shape, a: Shape, b: Shape, projection) -> Layout | None:
+def _layout(
+  name: str, kernel: Shape, a: Shape, b: Shape, projection: projections.Projection | None
+) -> Layout | None:
   if projection is None:
     return _shape_layout(kernel, a, b)
   stack = len(kernel) - projection.kernel_ndim
@@ -307,7 +315,7 @@ def _layout(name: str, kernel: Shape, a: Shape, b: Shape, projection) -> Layout 
   return _shape_layout(kernel, a, b)
 
 
-def _innermost(axes, shape: Shape, size: int) -> int | None:
+def _innermost(axes: Iterable[int], shape: Shape, size: int) -> int | None:
   """The last of ``axes`` whose size ``size`` divides."""
   return next((k for k in reversed(tuple(axes)) if shape[k] % size == 0), None)
 
@@ -322,16 +330,24 @@ def _dense_spec(name: str, shape: Shape, size: int) -> PartitionSpec:
   return _split(len(shape), axis if axis >= 0 and shape[axis] % size == 0 else None)
 
 
-def _layer_specs(name: str, leaves: dict[str, Shape], size: int, projection) -> dict:
+def _layer_specs(
+  name: str, leaves: dict[str, Shape], size: int, projection: projections.Projection | None
+) -> dict[str, PartitionSpec]:
   """``{leaf name: spec}`` for one adapted layer's ``kernel``, ``delta``, ``lora_a``, ``lora_b``."""
   kernel = leaves.get("kernel", leaves.get("delta"))
   a, b = leaves.get("lora_a"), leaves.get("lora_b")
-  layout = None if None in (kernel, a, b) else _layout(name, kernel, a, b, projection)
-  if layout is None:
+  if (
+    kernel is None
+    or a is None
+    or b is None
+    or (layout := _layout(name, kernel, a, b, projection)) is None
+  ):
     return {leaf: _dense_spec(leaf, shape, size) for leaf, shape in leaves.items()}
   a_axes, b_axes, inputs = layout
   axis = _innermost(inputs, kernel, size)
-  outputs = [b_axes[k] for k in range(len(kernel)) if b_axes[k] is not None and a_axes[k] is None]
+  outputs = [
+    in_b for in_b, in_a in zip(b_axes, a_axes, strict=True) if in_b is not None and in_a is None
+  ]
   b_axis = b_axes[axis] if axis is not None and b_axes[axis] is not None else None
   specs = {
     "kernel": _split(len(kernel), axis),
@@ -354,7 +370,7 @@ def _layer_of(names: Names, present: set[Names]) -> Names:
   return layer
 
 
-def _layout_specs(tree, mesh: Mesh, layers: dict[Names, Any]) -> Any:
+def _layout_specs(tree: Any, mesh: Mesh, layers: dict[Names, projections.Projection]) -> Any:
   """The default of :func:`partition_specs`."""
   if FSDP_AXIS not in mesh.shape:
     raise ValueError(
@@ -379,7 +395,9 @@ def _layout_specs(tree, mesh: Mesh, layers: dict[Names, Any]) -> Any:
   return jax.tree_util.tree_unflatten(treedef, [specs.get(n, PartitionSpec()) for n in names])
 
 
-def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None, *, layers=None) -> Any:
+def variable_shardings(
+  tree: Any, mesh: Mesh, rules: Rules | None = None, *, layers: Any = None
+) -> Any:
   """A ``NamedSharding`` for each leaf of a variables tree (see :func:`partition_specs`).
 
   Example:
@@ -397,7 +415,7 @@ def variable_shardings(tree, mesh: Mesh, rules: Rules | None = None, *, layers=N
   )
 
 
-def follow_shardings(tree, variables, shardings) -> Any:
+def follow_shardings(tree: Any, variables: Any, shardings: Any) -> Any:
   """Shardings for ``tree`` (an optimizer state) that follow the variables' shardings.
 
   A leaf of ``tree`` whose path ends with the path of a variable, and whose
@@ -424,7 +442,9 @@ def follow_shardings(tree, variables, shardings) -> Any:
     (P('fsdp', None), P())
   """
   variable_leaves = jax.tree_util.tree_flatten_with_path(variables)[0]
-  sharding_leaves = jax.tree.leaves(shardings, is_leaf=lambda s: isinstance(s, NamedSharding))
+  sharding_leaves: list[NamedSharding] = jax.tree.leaves(
+    shardings, is_leaf=lambda s: isinstance(s, NamedSharding)
+  )
   if len(variable_leaves) != len(sharding_leaves) or not sharding_leaves:
     raise ValueError(
       f"shardings must hold one NamedSharding per leaf of variables ({len(variable_leaves)}), "
@@ -437,7 +457,7 @@ def follow_shardings(tree, variables, shardings) -> Any:
   }
   lengths = sorted({len(p) for p in by_path}, reverse=True)
 
-  def follow(path, leaf):
+  def follow(path: tuple[Any, ...], leaf: Any) -> NamedSharding:
     names = paths.key_path(path)
     for length in lengths:
       match = by_path.get(names[-length:]) if length <= len(names) else None
@@ -449,7 +469,7 @@ def follow_shardings(tree, variables, shardings) -> Any:
 
 
 def optimizer_shardings(
-  tx: optax.GradientTransformation, variables, shardings, *args, **kwargs
+  tx: optax.GradientTransformation, variables: Any, shardings: Any, *args: Any, **kwargs: Any
 ) -> Any:
   """Shardings of ``tx.init(variables)`` that follow the variables' shardings.
 
@@ -468,11 +488,12 @@ def optimizer_shardings(
     A tree of ``NamedSharding`` with the structure of ``tx.init(variables)``.
 
   Example:
-    >>> import jax, jax.numpy as jnp
+    >>> import jax, jax.numpy as jnp, optax
     >>> import deltalora_jax as dl
     >>> layer = dl.DeltaLoRADense(features=8, rank=2)
     >>> abstract = jax.eval_shape(layer.init, jax.random.key(0), jnp.ones((1, 16)))
-    >>> tx = dl.delta_lora(learning_rate=1e-2)
+    >>> layers = dl.adapted_layers(layer, jnp.ones((1, 16)))
+    >>> tx = dl.delta_lora(learning_rate=1e-2, layers=layers, lora_optimizer=optax.sgd(1e-2))
     >>> shardings = variable_shardings(abstract, make_mesh(fsdp=2))
     >>> state_shardings = optimizer_shardings(tx, abstract, shardings)
     >>> dl.velocity(state_shardings)["delta"]["delta"].spec
@@ -501,7 +522,7 @@ def batch_sharding(mesh: Mesh, axes: str | Sequence[str] | None = None) -> Named
   return NamedSharding(mesh, PartitionSpec(axes))
 
 
-def bytes_per_device(tree) -> dict[int, int]:
+def bytes_per_device(tree: Any) -> dict[int, int]:
   """Bytes that the arrays of ``tree`` hold on each device, by device id.
 
   Counts each addressable shard once on the device holding it, so a

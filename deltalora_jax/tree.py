@@ -1,19 +1,18 @@
-"""Whole-model utilities over variables trees: find, count, flatten, merge, reset.
+"""Whole-model utilities: count, flatten, reset, merge and diagnose the adapted layers.
 
-A *layers* mapping ``{path: layer}`` (a :class:`DeltaLoRADense` or
-:class:`~deltalora_jax.DeltaLoRAGeneral`) says where a model's adapted
-layers are and how each is configured; :func:`adapted_layers` builds it by
-tracing the model once (no computation). A single layer is the model whose
-only adapted layer sits at the root path ``()``, so every function here works
-for one layer and for a whole model alike.
-
-An NNX model (with ``layers`` left out) is accepted by :func:`parameter_counts`,
-:func:`diagnostics` and :func:`merge`; the other functions take Linen variables
-and raise ``TypeError`` for anything else.
+Every function here takes either an NNX model, or Linen variables with
+their ``layers`` (``{path: layer}`` from :func:`adapted_layers`, or a
+:class:`~deltalora_jax.DeltaLoRAModel`), and gives back the kind it was
+given: a function that changes an NNX model changes it in place (as NNX
+code does) and returns it; a Linen one returns new variables and leaves its
+argument as it was. A single layer is the model whose only adapted layer sits
+at the root path ``()``, so every function works for one layer and for a
+whole model alike.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from typing import Any
@@ -24,28 +23,36 @@ import jax.numpy as jnp
 from flax import nnx, traverse_util
 
 from deltalora_jax import core, optim, paths
-from deltalora_jax import nnx as nnx_front
+from deltalora_jax.config import LayerConfig, layer_configs
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
-Path = tuple[str, ...]
-Layers = Mapping[Path, DeltaLoRADense | DeltaLoRAGeneral]
+Path = paths.Path
+#: A Linen layers mapping ``{path: layer}`` or a :class:`~deltalora_jax.DeltaLoRAModel`.
+Layers = Any
+#: The arrays of an adapted layer, in the seed's order.
+ARRAY_NAMES = ("kernel", "bias", "lora_a", "lora_b", "delta")
 
 
-def adapted_layers(
-  model: nn.Module, *args, **kwargs
-) -> dict[Path, DeltaLoRADense | DeltaLoRAGeneral]:
-  """Finds every adapted layer (DeltaLoRADense, DeltaLoRAGeneral) of a Linen model, by path.
+def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[Path, Any]:
+  """Finds every adapted layer of a model, by path: the ``layers`` of the other functions.
 
-  The model is traced once with ``jax.eval_shape`` (no computation) on the
-  same arguments as ``model.init`` takes after its key.
+  A Linen model is traced once with ``jax.eval_shape`` (no computation) on
+  the same arguments as ``model.init`` takes after its key, and its
+  :class:`DeltaLoRADense` and :class:`DeltaLoRAGeneral` layers are found;
+  an NNX model's :class:`~deltalora_jax.DeltaLoRALinear` and
+  :class:`~deltalora_jax.DeltaLoRALinearGeneral` modules are found in it
+  (no arguments then).
 
   Args:
-    model: a Linen module, or a single adapted layer.
-    *args: sample inputs, as for ``model.init(key, *args)``.
-    **kwargs: keyword arguments of the model's ``__call__``.
+    model: a Linen module (or a single adapted layer), or an NNX model.
+    *args: Linen: sample inputs, as for ``model.init(key, *args)``.
+    **kwargs: Linen: keyword arguments of the model's ``__call__``.
 
   Returns:
-    ``{path: layer}`` in call order; the root layer's path is ``()``.
+    ``{path: layer}``: Linen in call order, NNX in ``nnx.iter_modules``
+    order with its own path entries (integers for list items); the root
+    layer's path is ``()``.
 
   Raises:
     ValueError: when the model holds no adapted layer.
@@ -60,6 +67,17 @@ def adapted_layers(
     >>> list(adapted_layers(MLP(), jnp.ones((1, 4))))
     [('hidden',)]
   """
+  if isinstance(model, nnx.Module):
+    if args or kwargs:
+      raise TypeError("adapted_layers takes no inputs with an NNX model (its layers are in it)")
+    layers = [
+      (path, module)
+      for path, module in nnx.iter_modules(model)
+      if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral)
+    ]
+    if not layers:
+      raise ValueError(f"model {type(model).__name__} has no adapted layer")
+    return dict(layers)
   found: dict[Path, DeltaLoRADense | DeltaLoRAGeneral] = {}
 
   def record(next_fun, call_args, call_kwargs, context):
@@ -77,79 +95,142 @@ def adapted_layers(
   return found
 
 
-def _resolve(variables, layers, opt_state=None):
-  """``(variables, layers, opt_state)``; an NNX model stands for all three.
+# --------------------------------------------------------------------------
+# One view of the adapted layers of an NNX model or of Linen variables.
+# --------------------------------------------------------------------------
 
-  An NNX model's adapters are read into the Linen layout by
-  :func:`deltalora_jax.nnx.linen_view`, so one implementation serves both APIs.
-  """
-  if isinstance(variables, nnx.Module):
-    if layers is not None:
-      raise TypeError("layers must be None for an NNX model (its layers are found in it)")
-    return nnx_front.linen_view(variables, opt_state)
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+  """An adapted layer's path, config and arrays (those it has, of :data:`ARRAY_NAMES`)."""
+
+  path: Path
+  config: LayerConfig
+  arrays: dict[str, jax.Array]
+
+  @property
+  def name(self) -> str:
+    return paths.name(self.path)
+
+  @property
+  def stack(self) -> int:
+    """The number of leading stack axes (``nn.scan``, ``nnx.vmap``) of the kernel."""
+    return self.arrays["kernel"].ndim - self.config.projection.kernel_ndim
+
+  def trainable(self) -> dict[str, jax.Array]:
+    """The arrays that train, in the seed's order: the base only when not frozen."""
+    frozen = ("kernel", "bias") if self.config.freeze_base else ()
+    return {n: a for n, a in self.arrays.items() if n not in frozen}
+
+
+def _nnx_adapters(model: nnx.Module) -> dict[Path, DeltaLoRALinear | DeltaLoRALinearGeneral]:
+  found = {
+    paths.as_path(path): module
+    for path, module in nnx.iter_modules(model)
+    if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral)
+  }
+  if not found:
+    raise ValueError(f"model {type(model).__name__} has no adapted layer")
+  return dict(sorted(found.items()))
+
+
+def _check_variables(variables: Any) -> None:
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    got = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
+    raise TypeError(
+      f"model_or_variables must be an NNX model or Linen variables {{'params': ...}}, got {got}"
+    )
+
+
+def _linen_layers(variables: Mapping, layers: Layers) -> list[_Layer]:
+  _check_variables(variables)
   if layers is None:
     raise TypeError(
-      "layers is required with a Linen variables tree: pass {path: adapted layer}, "
-      f"e.g. adapted_layers(model, x); got variables of type {type(variables).__name__}"
+      "layers is required with Linen variables: pass {path: adapted layer}, e.g. "
+      "adapted_layers(model, x), or the DeltaLoRAModel of adapt_linen"
     )
-  return variables, layers, opt_state
+  params = traverse_util.flatten_dict(variables["params"])
+  deltas = traverse_util.flatten_dict(variables.get(DELTA_COLLECTION, {}))
+  found = []
+  for path, config in layer_configs(layers).items():
+    names = ["kernel", *(["bias"] if config.use_bias else []), "lora_a", "lora_b"]
+    arrays = {}
+    for name in [*names, *(["delta"] if config.use_delta else [])]:
+      source = deltas if name == "delta" else params
+      if (*path, name) not in source:
+        collection = DELTA_COLLECTION if name == "delta" else "params"
+        raise ValueError(
+          f"variables[{collection!r}] has no {paths.name((*path, name))!r}: is the layer at "
+          f"{paths.name(path)!r} of layers a layer of this model?"
+        )
+      arrays[name] = source[(*path, name)]
+    found.append(_Layer(path, config, arrays))
+  return found
 
 
-def _check_mapping(tree) -> None:
-  if not isinstance(tree, Mapping):
-    raise TypeError(
-      "variables must be a Linen variables dict {collection: tree}; this function does "
-      f"not take an NNX model yet, got {type(tree).__name__}"
-    )
+def _layers(model_or_variables: Any, layers: Layers = None) -> list[_Layer]:
+  """The adapted layers of an NNX model, or of Linen variables with their ``layers``."""
+  if isinstance(model_or_variables, nnx.Module):
+    if layers is not None:
+      raise TypeError("layers must be None with an NNX model (its layers are found in it)")
+    return [
+      _Layer(
+        path,
+        module.config,
+        {n: getattr(module, n)[...] for n in ARRAY_NAMES if getattr(module, n) is not None},
+      )
+      for path, module in _nnx_adapters(model_or_variables).items()
+    ]
+  return _linen_layers(model_or_variables, layers)
 
 
-def _flat(tree: Mapping, collection: str) -> dict[Path, Any]:
-  _check_mapping(tree)
-  if collection not in tree:
-    raise ValueError(
-      f"variables must hold the {collection!r} collection, got collections {list(tree)}"
-    )
-  return traverse_util.flatten_dict(tree[collection])
+def layer_arrays(
+  model_or_variables: Any, layers: Layers = None
+) -> dict[str, tuple[LayerConfig, dict[str, jax.Array]]]:
+  """``{name: (config, arrays)}`` of every adapted layer; the arrays are shared, not copied.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = DeltaLoRADense(features=3, rank=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> config, arrays = layer_arrays(variables, {(): layer})[""]
+    >>> config.rank, sorted(arrays)
+    (2, ['bias', 'delta', 'kernel', 'lora_a', 'lora_b'])
+  """
+  return {
+    layer.name: (layer.config, dict(layer.arrays)) for layer in _layers(model_or_variables, layers)
+  }
 
 
-def _layer_params(params_flat, path: Path, name: str):
-  key = (*path, name)
-  if key not in params_flat:
-    raise ValueError(
-      f"variables have no {'/'.join(key)!r}: is layers[{path!r}] a layer of this model?"
-    )
-  return params_flat[key]
+def _replaced(model_or_variables: Any, new: Mapping[Path, Mapping[str, jax.Array]]) -> Any:
+  """The model with the arrays of ``{path: {name: array}}`` put in: NNX in place, Linen new."""
+  if isinstance(model_or_variables, nnx.Module):
+    modules = _nnx_adapters(model_or_variables)
+    for path, arrays in new.items():
+      for name, value in arrays.items():
+        getattr(modules[path], name)[...] = value
+    return model_or_variables
+  flat = {c: traverse_util.flatten_dict(v) for c, v in model_or_variables.items()}
+  for path, arrays in new.items():
+    for name, value in arrays.items():
+      flat[DELTA_COLLECTION if name == "delta" else "params"][(*path, name)] = value
+  return {c: traverse_util.unflatten_dict(v) for c, v in flat.items()}
 
 
-def _layer_arrays(variables: Mapping, path: Path, layer: DeltaLoRADense) -> dict[str, Any]:
-  """The named arrays of one adapted layer, in the seed's flat order."""
-  params = _flat(variables, "params")
-  arrays = {}
-  if not layer.freeze_base:
-    arrays["kernel"] = _layer_params(params, path, "kernel")
-    if layer.use_bias:
-      arrays["bias"] = _layer_params(params, path, "bias")
-  arrays["lora_a"] = _layer_params(params, path, "lora_a")
-  arrays["lora_b"] = _layer_params(params, path, "lora_b")
-  if layer.use_delta:
-    arrays["delta"] = _layer_params(_flat(variables, DELTA_COLLECTION), path, "delta")
-  return arrays
+# --------------------------------------------------------------------------
+# Count, flatten, read, reset.
+# --------------------------------------------------------------------------
 
 
-def _layer_delta(variables: Mapping, path: Path, layer: DeltaLoRADense):
-  """``D`` of the layer at ``path``, or None for a layer without one."""
-  if not layer.use_delta:
-    return None
-  return _layer_params(_flat(variables, DELTA_COLLECTION), path, "delta")
-
-
-def parameter_counts(variables: Mapping, layers: Layers | None = None) -> dict[str, int]:
+def parameter_counts(model_or_variables: Any, layers: Layers = None) -> dict[str, int]:
   """Trainable parameter count of each adapted layer, and their ``'total'``.
 
-  ``variables`` may be an NNX model instead, with ``layers`` left out.
+  Per layer: ``r (in + out) + in out`` (``A``, ``B`` and ``D``), plus ``in
+  out + out`` for a base that is not frozen (``in out`` without bias).
 
-  Per layer: ``r (in + out) + in out``, plus ``in out + out`` for a base that
-  is not frozen (``in out`` without bias).
+  Args:
+    model_or_variables: an NNX model, or Linen variables.
+    layers: for Linen, the layers mapping or the ``DeltaLoRAModel``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -158,24 +239,22 @@ def parameter_counts(variables: Mapping, layers: Layers | None = None) -> dict[s
     >>> parameter_counts(variables, {(): layer})  # 2 * (4 + 3) + 4 * 3
     {'': 26, 'total': 26}
   """
-  variables, layers, _ = _resolve(variables, layers)
   counts = {
-    paths.name(path): sum(
-      math.prod(a.shape) for a in _layer_arrays(variables, path, layer).values()
-    )
-    for path, layer in layers.items()
+    layer.name: sum(math.prod(a.shape) for a in layer.trainable().values())
+    for layer in _layers(model_or_variables, layers)
   }
   counts["total"] = sum(counts.values())
   return counts
 
 
-def flatten_parameters(tree: Mapping, layers: Layers) -> jax.Array:
+def flatten_parameters(model_or_variables: Any, layers: Layers = None) -> jax.Array:
   """All trainable numbers of the adapted layers as one vector, in the seed's order.
 
-  Per layer, in the order of ``layers``: ``[kernel, bias]`` (only when the
-  base is not frozen), ``lora_a``, ``lora_b``, ``delta``, each row-major.
-  Given a gradient tree of the same structure, it packs the gradients in the
-  same order (the seed's ``GetParameterGradients``).
+  Per layer, in the order of ``layers`` (NNX: sorted by path): ``[kernel,
+  bias]`` (only when the base is not frozen), ``lora_a``, ``lora_b``,
+  ``delta``, each row-major. Given a Linen gradient tree of the same
+  structure, it packs the gradients in the same order (the seed's
+  ``GetParameterGradients``).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -184,51 +263,56 @@ def flatten_parameters(tree: Mapping, layers: Layers) -> jax.Array:
     >>> flatten_parameters(variables, {(): layer}).shape
     (26,)
   """
-  parts = [
-    jnp.ravel(a)
-    for path, layer in layers.items()
-    for a in _layer_arrays(tree, path, layer).values()
-  ]
-  return jnp.concatenate(parts)
+  found = _layers(model_or_variables, layers)
+  return jnp.concatenate([jnp.ravel(a) for layer in found for a in layer.trainable().values()])
 
 
-def unflatten_parameters(tree: Mapping, layers: Layers, vector: jax.Array) -> dict:
-  """The inverse of :func:`flatten_parameters`: a new tree with ``vector``'s values.
+def unflatten_parameters(model_or_variables: Any, vector: jax.Array, layers: Layers = None) -> Any:
+  """The inverse of :func:`flatten_parameters`: the model with ``vector``'s values.
 
-  The input tree is not modified. Each value keeps its leaf's dtype.
+  Each value keeps its array's dtype. NNX: the model is updated in place
+  and returned; Linen: new variables (the given ones are not modified).
 
   Raises:
-    ValueError: when ``vector`` is not 1-D of the expected length.
+    ValueError: when ``vector`` is not 1-D of the expected length (nothing
+      is changed then).
 
   Example:
     >>> import jax, jax.numpy as jnp
     >>> layer = DeltaLoRADense(features=3, rank=2)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> new = unflatten_parameters(variables, {(): layer}, jnp.arange(26.0))
+    >>> new = unflatten_parameters(variables, jnp.arange(26.0), {(): layer})
     >>> new["delta"]["delta"][0]
     Array([14., 15., 16.], dtype=float32)
   """
-  expected = parameter_counts(tree, layers)["total"]
+  found = _layers(model_or_variables, layers)
+  expected = sum(math.prod(a.shape) for layer in found for a in layer.trainable().values())
   shape = jnp.shape(vector)
   if len(shape) != 1 or shape[0] != expected:
     raise ValueError(
       f"vector must be 1-D with {expected} values (the trainable parameters of "
-      f"{len(layers)} layer(s)), got shape {shape}"
+      f"{len(found)} layer(s)), got shape {shape}"
     )
-  flat = {c: traverse_util.flatten_dict(v) for c, v in tree.items()}
-  offset = 0
-  for path, layer in layers.items():
-    for name, array in _layer_arrays(tree, path, layer).items():
+  new, offset = {}, 0
+  for layer in found:
+    new[layer.path] = {}
+    for name, array in layer.trainable().items():
       size = math.prod(array.shape)
       value = jnp.reshape(vector[offset : offset + size], array.shape).astype(array.dtype)
-      collection = DELTA_COLLECTION if name == "delta" else "params"
-      flat[collection][(*path, name)] = value
+      new[layer.path][name] = value
       offset += size
-  return {c: traverse_util.unflatten_dict(v) for c, v in flat.items()}
+  return _replaced(model_or_variables, new)
 
 
-def current_delta(variables: Mapping, path: Path = ()) -> jax.Array:
-  """A copy of the delta matrix ``D [in, out]`` of the layer at ``path``.
+def current_delta(model_or_variables: Any, path: str | tuple = ()) -> jax.Array:
+  """A copy of the delta matrix ``D`` (the kernel's shape) of the layer at ``path``.
+
+  Args:
+    model_or_variables: an NNX model, or Linen variables.
+    path: the layer's path, as a tuple or a name ``'a/b'``; ``()`` is the root.
+
+  Raises:
+    ValueError: when there is no adapted layer with ``D`` at ``path``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -237,25 +321,123 @@ def current_delta(variables: Mapping, path: Path = ()) -> jax.Array:
     >>> current_delta(variables).shape
     (4, 3)
   """
-  return jnp.array(_layer_params(_flat(variables, DELTA_COLLECTION), path, "delta"), copy=True)
+  path = paths.as_path(path)
+  if isinstance(model_or_variables, nnx.Module):
+    deltas = {p: m.delta for p, m in _nnx_adapters(model_or_variables).items() if m.delta}
+  else:
+    _check_variables(model_or_variables)
+    flat = traverse_util.flatten_dict(model_or_variables.get(DELTA_COLLECTION, {}))
+    deltas = {p[:-1]: v for p, v in flat.items() if p[-1] == "delta"}
+  if path not in deltas:
+    raise ValueError(
+      f"path must name an adapted layer with D, got path={paths.name(path)!r}; the layers "
+      f"with D are {[paths.name(p) for p in deltas]}"
+    )
+  return deltas[path][...]
 
 
-def merge(variables: Mapping, layers: Layers | None = None) -> dict:
-  """Variables for the same model written with its base layers in place of each adapter.
+def _velocities(model_or_variables: Any, opt_state: Any) -> dict[Path, jax.Array]:
+  """``{layer path: V}`` of the velocity held in ``opt_state`` (an ``nnx.Optimizer`` too)."""
+  if isinstance(opt_state, nnx.Optimizer):
+    opt_state = opt_state.opt_state
+  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+  leaves = jax.tree_util.tree_flatten_with_path(optim.velocity(opt_state), is_leaf=is_variable)[0]
+  linen = not isinstance(model_or_variables, nnx.Module)
+  found = {}
+  for entry, leaf in leaves:
+    names = paths.key_path(entry)
+    value = leaf.get_value() if is_variable(leaf) else leaf
+    if names and names[-1] == "delta" and isinstance(value, jax.Array):
+      found[names[1 if linen else 0 : -1]] = value
+  return found
 
-  Given an NNX model instead (and no ``layers``), returns a merged copy whose
-  adapters are the base layers' classes again
-  (:func:`deltalora_jax.nnx.merged_model`).
+
+def reset(model_or_variables: Any, opt_state: Any = None) -> tuple[Any, Any]:
+  """Zeroes every delta matrix ``D`` and every velocity; keeps everything else.
+
+  Args:
+    model_or_variables: an NNX model (zeroed in place), or Linen variables
+      (a new tree is returned). A model without ``D`` is returned unchanged.
+    opt_state: None, an optimizer state holding the velocity (a new state
+      is returned), or an ``nnx.Optimizer`` (zeroed in place).
+
+  Returns:
+    ``(model_or_variables, opt_state)``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> variables = {"params": {"kernel": jnp.ones(2)}, "delta": {"delta": jnp.ones(2)}}
+    >>> reset(variables)[0]["delta"]["delta"]
+    Array([0., 0.], dtype=float32)
+  """
+  if isinstance(model_or_variables, nnx.Module):
+    for module in _nnx_adapters(model_or_variables).values():
+      if module.delta is not None:
+        module.delta[...] = jnp.zeros_like(module.delta[...])
+  else:
+    _check_variables(model_or_variables)
+    model_or_variables = dict(model_or_variables)
+    if DELTA_COLLECTION in model_or_variables:
+      zeros = jax.tree.map(jnp.zeros_like, model_or_variables[DELTA_COLLECTION])
+      model_or_variables[DELTA_COLLECTION] = zeros
+  if isinstance(opt_state, nnx.Optimizer):
+    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for leaf in jax.tree.leaves(optim.velocity(opt_state.opt_state), is_leaf=is_variable):
+      if is_variable(leaf) and isinstance(leaf.get_value(), jax.Array):  # not a MaskedNode
+        leaf[...] = jnp.zeros_like(leaf[...])
+  elif opt_state is not None:
+    opt_state = optim.reset_velocity(opt_state)
+  return model_or_variables, opt_state
+
+
+# --------------------------------------------------------------------------
+# Merge.
+# --------------------------------------------------------------------------
+
+
+def _merged_kernel(layer: _Layer) -> jax.Array:
+  """``W + s A B + ds D`` in the kernel's layout and dtype, formed in at least float32."""
+  config, arrays = layer.config, layer.arrays
+  return core.merged_kernel(
+    arrays["kernel"],
+    arrays["lora_a"],
+    arrays["lora_b"],
+    arrays.get("delta"),
+    scaling=config.scaling,
+    delta_scaling=config.delta_scaling,
+    precision=jax.lax.Precision.HIGHEST,
+    projection=config.projection,
+  ).astype(arrays["kernel"].dtype)
+
+
+def _unloaded(module: DeltaLoRALinear | DeltaLoRALinearGeneral, kernel: jax.Array) -> nnx.Module:
+  """The base layer's own class, rebuilt from its graph definition with ``kernel``."""
+  state = {"kernel": module.kernel.copy(kernel)}
+  if module.bias is not None:
+    state["bias"] = module.bias.copy()
+  return nnx.merge(module.base_graphdef, nnx.State(state))
+
+
+def merge(model_or_variables: Any, layers: Layers = None) -> Any:
+  """The model written with its base layers in place of each adapter, with merged kernels.
 
   Each adapted layer's ``kernel`` becomes ``W + s A B + ds D`` in its own
-  layout (each layer of a stack on its own), formed in at least float32 and
-  stored in the kernel's dtype (a bfloat16 kernel rounds the adapter's
-  contribution); its bias is unchanged; ``lora_a``, ``lora_b`` and the
-  ``'delta'`` collection are dropped. Other collections (``batch_stats``,
-  ...) are kept.
+  layout (each layer of a stack on its own), formed at
+  ``Precision.HIGHEST`` in at least float32 and stored in the kernel's dtype
+  (a bfloat16 kernel rounds the adapter's contribution); its bias is
+  unchanged. The argument is not modified.
 
-  Raises:
-    TypeError: when a layer of ``layers`` is not an adapted layer.
+  Args:
+    model_or_variables: an NNX model, or Linen variables.
+    layers: for Linen, the layers mapping or the ``DeltaLoRAModel``.
+
+  Returns:
+    NNX: a copy of the model (``nnx.clone``; the arrays of layers that are
+    not adapted are shared) whose adapters are their base layers' own
+    classes again (a model that is a single adapter gives that base layer).
+    Linen: the variables of the same model written with its base layers
+    (for a ``DeltaLoRAModel``, its ``.model``): ``lora_a``, ``lora_b`` and
+    the ``'delta'`` collection dropped, other collections kept.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -266,126 +448,73 @@ def merge(variables: Mapping, layers: Layers | None = None) -> dict:
     >>> bool(jnp.allclose(nn.Dense(3).apply(merged, x), layer.apply(variables, x)))
     True
   """
-  if isinstance(variables, nnx.Module):
-    _resolve(variables, layers)
-    return nnx_front.merged_model(variables)
-  _resolve(variables, layers)
-  params = _flat(variables, "params")
-  for path, layer in layers.items():
-    kernel = _layer_params(params, path, "kernel")
-    if not hasattr(layer, "projection"):
-      raise TypeError(
-        f"merge needs an adapted layer at {paths.name(path)!r}, got {type(layer).__name__}"
-      )
-    params[(*path, "kernel")] = core.merged_kernel(
-      kernel,
-      params.pop((*path, "lora_a")),
-      params.pop((*path, "lora_b")),
-      _layer_delta(variables, path, layer),
-      scaling=layer.scaling,
-      delta_scaling=layer.delta_scaling,
-      precision=jax.lax.Precision.HIGHEST,
-      projection=layer.projection,
-    ).astype(kernel.dtype)
-  merged = {c: v for c, v in variables.items() if c not in ("params", DELTA_COLLECTION)}
+  found = _layers(model_or_variables, layers)
+  if isinstance(model_or_variables, nnx.Module):
+    kernels = {layer.path: _merged_kernel(layer) for layer in found}
+    if () in kernels:
+      return _unloaded(model_or_variables, kernels[()])
+    merged = nnx.clone(model_or_variables)
+    modules = {paths.as_path(p): p for p, _ in nnx.iter_modules(merged)}
+    paths.replace_modules(
+      merged,
+      {
+        modules[path]: _unloaded(paths.module_at(merged, modules[path]), kernel)
+        for path, kernel in kernels.items()
+      },
+    )
+    return merged
+  params = traverse_util.flatten_dict(model_or_variables["params"])
+  for layer in found:
+    params[(*layer.path, "kernel")] = _merged_kernel(layer)
+    del params[(*layer.path, "lora_a")], params[(*layer.path, "lora_b")]
+  merged = {c: v for c, v in model_or_variables.items() if c not in ("params", DELTA_COLLECTION)}
   merged["params"] = traverse_util.unflatten_dict(params)
   return merged
 
 
-def reset(variables: Mapping, opt_state: Any = None) -> tuple[dict, Any]:
-  """Zeroes every delta matrix ``D`` and every velocity; keeps everything else.
-
-  A model without ``D`` (``use_delta=False``) is returned unchanged.
-
-  Args:
-    variables: the model's variables.
-    opt_state: the optimizer state holding the velocity, or None.
-
-  Returns:
-    ``(variables, opt_state)``, new trees; ``opt_state`` is None when given None.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> variables = {"params": {"kernel": jnp.ones(2)}, "delta": {"delta": jnp.ones(2)}}
-    >>> reset(variables)[0]["delta"]["delta"]
-    Array([0., 0.], dtype=float32)
-  """
-  _check_mapping(variables)
-  variables = dict(variables)
-  if DELTA_COLLECTION in variables:
-    variables[DELTA_COLLECTION] = jax.tree.map(jnp.zeros_like, variables[DELTA_COLLECTION])
-  if opt_state is not None:
-    opt_state = optim.reset_velocity(opt_state)
-  return variables, opt_state
+# --------------------------------------------------------------------------
+# Diagnostics.
+# --------------------------------------------------------------------------
 
 
-def _norm(x) -> float:
+def _norm(x: jax.Array) -> float:
   return float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)))
 
 
-def _lora_norm(lora_a, lora_b, layer, stack: int) -> float:
+def _lora_norm(layer: _Layer) -> float:
   """``||s A B||_F`` without forming ``A B`` (over every layer of a stack)."""
-  norm = lambda a, b: core.lora_product_norm(a, b, layer.scaling, layer.projection)  # noqa: E731
-  for _ in range(stack):
+  config = layer.config
+
+  def norm(a: jax.Array, b: jax.Array) -> jax.Array:
+    return core.lora_product_norm(a, b, config.scaling, config.projection)
+
+  for _ in range(layer.stack):
     norm = jax.vmap(norm)
-  return float(jnp.sqrt(jnp.sum(norm(lora_a, lora_b) ** 2)))
+  return float(jnp.sqrt(jnp.sum(norm(layer.arrays["lora_a"], layer.arrays["lora_b"]) ** 2)))
 
 
-def diagnostics(variables: Mapping, layers: Layers | None = None, opt_state: Any = None) -> dict:
-  """Figures for each adapted layer and in total (the seed's diagnostics).
-
-  ``variables`` may be an NNX model instead, with ``layers`` left out and
-  ``opt_state`` an ``nnx.Optimizer`` (or its ``opt_state``).
-
-  Per layer: ``type``, ``kind`` (``general_dense``, ``einsum`` or
-  ``conv``), ``kernel_shape`` (a stack's leading axes included),
-  ``in_features`` and ``out_features`` (the sizes of one layer's kernel as
-  the matrix that ``A B`` factors), ``rank``, ``scaling``,
-  ``delta_scaling``, ``freeze_base``, ``parameter_count``, and
-  the Frobenius norms ``delta_norm`` (``||D||``, 0 without ``D``), ``lora_norm``
-  (``||s A B||``, without forming ``A B``) and, when ``opt_state`` is given,
-  ``velocity_norm`` (``||V||``). ``'total'`` holds the layer count, the
-  parameter count and the global norms.
-
-  Example:
-    >>> import jax, jax.numpy as jnp
-    >>> layer = DeltaLoRADense(features=3, rank=2)
-    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
-    >>> diagnostics(variables, {(): layer})["layers"][""]["delta_norm"]
-    0.0
-  """
-  variables, layers, opt_state = _resolve(variables, layers, opt_state)
-  report = layer_figures(variables, layers)
-  params = _flat(variables, "params")
-  velocities = None
-  if opt_state is not None:
-    velocities = traverse_util.flatten_dict(optim.velocity(opt_state)[DELTA_COLLECTION])
-  for path, layer in layers.items():
-    entry = report[paths.name(path)]
-    delta = _layer_delta(variables, path, layer)
-    lora_a = _layer_params(params, path, "lora_a")
-    lora_b = _layer_params(params, path, "lora_b")
-    stack = len(entry["kernel_shape"]) - layer.projection.kernel_ndim
-    entry["delta_norm"] = 0.0 if delta is None else _norm(delta)
-    entry["lora_norm"] = _lora_norm(lora_a, lora_b, layer, stack)
-    if velocities is not None and layer.use_delta:
-      entry["velocity_norm"] = _norm(_layer_params(velocities, path, "delta"))
-  norms = ["delta_norm", "lora_norm"] + ([] if velocities is None else ["velocity_norm"])
-  total = {
-    "layers": len(report),
-    "parameter_count": sum(e["parameter_count"] for e in report.values()),
+def _figures(layer: _Layer) -> dict[str, Any]:
+  kernel, config = layer.arrays["kernel"], layer.config
+  per_rank = math.prod(kernel.shape[: layer.stack]) * config.rank
+  return {
+    "kind": config.projection.name,
+    "kernel_shape": [int(n) for n in kernel.shape],
+    "in_features": layer.arrays["lora_a"].size // per_rank,
+    "out_features": layer.arrays["lora_b"].size // per_rank,
+    "rank": config.rank,
+    "scaling": config.scaling,
+    "delta_scaling": config.delta_scaling,
+    "freeze_base": config.freeze_base,
+    "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
   }
-  for key in norms:
-    total[key] = math.sqrt(sum(e.get(key, 0.0) ** 2 for e in report.values()))
-  return {"layers": report, "total": total}
 
 
-def layer_figures(variables: Mapping, layers: Layers | None = None) -> dict[str, dict]:
+def layer_figures(model_or_variables: Any, layers: Layers = None) -> dict[str, dict[str, Any]]:
   """What each adapted layer is, by name: the figures of :func:`diagnostics` without norms.
 
-  ``type``, ``kind``, ``kernel_shape``, ``in_features``, ``out_features``,
-  ``rank``, ``scaling``, ``delta_scaling``, ``freeze_base`` and
-  ``parameter_count``; nothing is computed on the arrays but their shapes.
+  ``kind``, ``kernel_shape``, ``in_features``, ``out_features``, ``rank``,
+  ``scaling``, ``delta_scaling``, ``freeze_base`` and ``parameter_count``;
+  nothing is computed on the arrays but their shapes.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -394,25 +523,51 @@ def layer_figures(variables: Mapping, layers: Layers | None = None) -> dict[str,
     >>> layer_figures(variables, {(): layer})[""]["kernel_shape"]
     [4, 3]
   """
-  variables, layers, _ = _resolve(variables, layers)
-  counts = parameter_counts(variables, layers)
-  params = _flat(variables, "params")
-  figures = {}
-  for path, layer in layers.items():
-    kernel = _layer_params(params, path, "kernel")
-    stack = kernel.ndim - layer.projection.kernel_ndim
-    per_rank = math.prod(kernel.shape[:stack]) * layer.rank
-    figures[paths.name(path)] = {
-      "type": type(layer).__name__,
-      "kind": layer.projection.name,
-      "kernel_shape": [int(n) for n in kernel.shape],
-      "in_features": _layer_params(params, path, "lora_a").size // per_rank,
-      "out_features": _layer_params(params, path, "lora_b").size // per_rank,
-      "rank": layer.rank,
-      "scaling": layer.scaling,
-      "delta_scaling": float(layer.delta_scaling),
-      "freeze_base": layer.freeze_base,
-      "parameter_count": counts[paths.name(path)],
-    }
-  return figures
+  return {layer.name: _figures(layer) for layer in _layers(model_or_variables, layers)}
+
+
+def diagnostics(model_or_variables: Any, layers: Layers = None, opt_state: Any = None) -> dict:
+  """Figures for each adapted layer and in total (the seed's diagnostics).
+
+  Per layer: ``kind`` (``general_dense``, ``einsum`` or ``conv``),
+  ``kernel_shape`` (a stack's leading axes included), ``in_features`` and
+  ``out_features`` (the sizes of one layer's kernel as the matrix that
+  ``A B`` factors), ``rank``, ``scaling``, ``delta_scaling``,
+  ``freeze_base``, ``parameter_count``, and the Frobenius norms
+  ``delta_norm`` (``||D||``, 0 without ``D``), ``lora_norm`` (``||s A B||``,
+  without forming ``A B``) and, when ``opt_state`` is given,
+  ``velocity_norm`` (``||V||``). ``'total'`` holds the layer count, the
+  parameter count and the global norms.
+
+  Args:
+    model_or_variables: an NNX model, or Linen variables.
+    layers: for Linen, the layers mapping or the ``DeltaLoRAModel``.
+    opt_state: None, the optimizer state, or an ``nnx.Optimizer``.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = DeltaLoRADense(features=3, rank=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> diagnostics(variables, {(): layer})["layers"][""]["delta_norm"]
+    0.0
+  """
+  found = _layers(model_or_variables, layers)
+  velocities = None if opt_state is None else _velocities(model_or_variables, opt_state)
+  report = {}
+  for layer in found:
+    entry = _figures(layer)
+    delta = layer.arrays.get("delta")
+    entry["delta_norm"] = 0.0 if delta is None else _norm(delta)
+    entry["lora_norm"] = _lora_norm(layer)
+    if velocities is not None and layer.path in velocities:
+      entry["velocity_norm"] = _norm(velocities[layer.path])
+    report[layer.name] = entry
+  norms = ["delta_norm", "lora_norm"] + ([] if velocities is None else ["velocity_norm"])
+  total = {
+    "layers": len(report),
+    "parameter_count": sum(e["parameter_count"] for e in report.values()),
+  }
+  for key in norms:
+    total[key] = math.sqrt(sum(e.get(key, 0.0) ** 2 for e in report.values()))
+  return {"layers": report, "total": total}
 

@@ -14,6 +14,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from flax import nnx, traverse_util
 
@@ -131,11 +132,11 @@ def linen_base():
 @pytest.fixture(scope="module")
 def linen_run(linen_base):
   model, base = linen_base
-  adapted, variables = dl.adapt_linen(
+  adapted, variables, _ = dl.adapt_linen(
     model, base, X, targets=ATTENTION, rank=2, key=jax.random.key(1)
   )
   initial = variables
-  tx = dl.delta_lora(LEARNING_RATE)
+  tx = dl.delta_lora(LEARNING_RATE, layers=adapted, lora_optimizer=optax.sgd(LEARNING_RATE))
   opt_state = tx.init(variables)
 
   @jax.jit
@@ -184,7 +185,7 @@ def test_linen_training_lowers_the_loss_and_keeps_the_base(linen_run):
 
 def test_linen_merge_and_unload_gives_the_original_model(linen_run):
   adapted, trained = linen_run["adapted"], linen_run["trained"]
-  model, merged = dl.merge_and_unload(adapted, trained)
+  model, merged = adapted.model, dl.merge(trained, adapted)
   assert model is linen_run["model"]
   assert jax.tree.structure(merged) == jax.tree.structure(linen_run["base"])
   assert relative_error(apply(model, merged), apply(adapted, trained)) < 1e-5
@@ -238,13 +239,13 @@ def test_linen_export_and_reattach_gives_identical_outputs(linen_run):
   assert json.loads(json.dumps(adapter["config"])) == adapter["config"]
   assert sorted(adapter["weights"]["blocks_1/attn/o"]) == ["delta", "lora_a", "lora_b"]
   fresh = jax.tree.map(jnp.copy, linen_run["base"])
-  again, variables = dl.attach_adapter_linen(LinenTransformer(), fresh, adapter)
+  again, variables, _ = dl.attach_adapter_linen(LinenTransformer(), fresh, adapter)
   np.testing.assert_array_equal(apply(again, variables), apply(adapted, trained))
 
 
 def test_linen_per_target_options_and_exclusions(linen_base):
   model, base = linen_base
-  adapted, variables = dl.adapt_linen(
+  adapted, variables, _ = dl.adapt_linen(
     model,
     base,
     X,
@@ -285,7 +286,7 @@ def test_linen_errors(linen_base):
     adapt(model, base, targets=["ln1", "q"])
   with pytest.raises(ValueError, match="match no layer"):
     adapt(model, base, targets=["typo"])
-  adapted, variables = adapt(model, base, targets=ATTENTION)
+  adapted, variables, _ = adapt(model, base, targets=ATTENTION)
   with pytest.raises(ValueError, match=r"\['blocks_0/attn/q'\] are already adapted"):
     adapt(adapted, variables, targets=["blocks_0/attn/q"])
   with pytest.raises(ValueError, match="overrides key"):
@@ -304,7 +305,7 @@ class LinenWithDropout(nn.Module):
 def test_linen_trace_takes_call_keyword_arguments():
   model, x = LinenWithDropout(), jnp.ones((2, 3))
   base = model.init(jax.random.key(0), x, train=False)
-  adapted, variables = dl.adapt_linen(
+  adapted, variables, _ = dl.adapt_linen(
     model, base, x, rank=1, key=jax.random.key(1), call_kwargs={"train": True}
   )
   assert sorted(adapted.layers) == [("hidden",), ("out",)]
@@ -315,10 +316,10 @@ def test_linen_trace_takes_call_keyword_arguments():
 
 def test_linen_adapting_more_layers_of_an_adapted_model(linen_base):
   model, base = linen_base
-  first, variables = dl.adapt_linen(
+  first, variables, _ = dl.adapt_linen(
     model, base, X, targets=ATTENTION, rank=2, key=jax.random.key(1)
   )
-  both, variables = dl.adapt_linen(
+  both, variables, _ = dl.adapt_linen(
     first, variables, X, targets=["head"], rank=1, key=jax.random.key(2)
   )
   assert len(both.layers) == len(LINEN_ATTENTION) + 1
@@ -331,12 +332,11 @@ def test_linen_adapting_more_layers_of_an_adapted_model(linen_base):
 @pytest.fixture(scope="module")
 def nnx_run():
   model = nnx_base()
-  report = dl.adapt_nnx(model, ATTENTION, rank=2, rngs=nnx.Rngs(1))
+  _, report = dl.adapt_nnx(model, ATTENTION, rank=2, rngs=nnx.Rngs(1))
   initial_output = model(X)
   kernels = {name: jnp.copy(layer.kernel[...]) for name, layer in _adapters(model).items()}
-  optimizer = nnx.Optimizer(
-    model, dl.delta_lora(LEARNING_RATE), wrt=nnx.Any(nnx.LoRAParam, DeltaParam)
-  )
+  tx = dl.delta_lora(LEARNING_RATE, layers=model, lora_optimizer=optax.sgd(LEARNING_RATE))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Any(nnx.LoRAParam, DeltaParam))
   traces = []
 
   @nnx.jit
@@ -360,7 +360,8 @@ def nnx_run():
 
 
 def _adapters(model):
-  return {dl.paths.name(p): m for p, m in dl.nnx.adapters(model)}
+  adapted = (dl.DeltaLoRALinear, dl.DeltaLoRALinearGeneral)
+  return {dl.paths.name(p): m for p, m in nnx.iter_modules(model) if isinstance(m, adapted)}
 
 
 def test_nnx_adapts_exactly_the_attention_projections(nnx_run):
@@ -404,12 +405,12 @@ def test_nnx_whole_model_utilities(nnx_run):
     entry["delta_norm"], float(jnp.linalg.norm(layer.delta[...])), rtol=1e-6
   )
   assert entry["velocity_norm"] > 0
-  assert (entry["type"], entry["rank"], entry["in_features"]) == ("DeltaLoRALinear", 2, WIDTH)
+  assert (entry["kind"], entry["rank"], entry["in_features"]) == ("general_dense", 2, WIDTH)
 
 
 def test_nnx_merge_gives_the_original_architecture(nnx_run):
   model = nnx_run["model"]
-  merged = dl.merge_and_unload(model)
+  merged = dl.merge(model)
   base = nnx_base()
   assert [(p, type(m)) for p, m in nnx.iter_modules(merged)] == [
     (p, type(m)) for p, m in nnx.iter_modules(base)
@@ -443,7 +444,7 @@ def test_nnx_export_and_reattach_gives_identical_outputs(nnx_run):
   assert sorted(adapter["config"]) == sorted(NNX_ATTENTION)
   assert json.loads(json.dumps(adapter["config"])) == adapter["config"]
   fresh = nnx_base()
-  report = dl.attach_adapter_nnx(fresh, adapter)
+  _, report = dl.attach_adapter_nnx(fresh, adapter)
   assert sorted(report["layers"]) == sorted(NNX_ATTENTION)
   np.testing.assert_array_equal(fresh(X), model(X))
   with pytest.raises(ValueError, match="already adapted"):
@@ -481,7 +482,7 @@ def test_nnx_export_of_a_trained_base_carries_the_base_weights():
 
 def test_nnx_all_dense_layers_by_default():
   model = nnx_base()
-  report = dl.adapt_nnx(model, rank=1, rngs=nnx.Rngs(1))
+  _, report = dl.adapt_nnx(model, rank=1, rngs=nnx.Rngs(1))
   assert len(report["layers"]) == 2 * 6 + 1
 
 

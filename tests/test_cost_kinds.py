@@ -112,7 +112,7 @@ def _flops_of(case: str, variant: str) -> float:
     model, variables, x, rank=RANK, use_delta=variant == "seed", key=jax.random.key(1)
   )
   if variant == "seed":  # frozen base, merged evaluation ('auto' with D)
-    tx = dl.delta_lora(LR)
+    tx = dl.delta_lora(LR, layers=adapted, lora_optimizer=optax.sgd(LR))
   elif variant == "lora":  # factors trained, base frozen, factored evaluation
     tx = optax.multi_transform(
       {"lora": optax.adamw(LR), "base": optax.set_to_zero(), "other": optax.set_to_zero()},

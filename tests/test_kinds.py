@@ -296,7 +296,10 @@ def _adapt(case, model, variables, x, **options):
   options = dict(rank=RANK, delta_scaling=DELTA_SCALING, lora_a_init=_numpy_init, **options)
   if case.front == "linen":
     key = jax.random.key(1)
-    return dl.adapt_linen(model, variables, x, targets=case.targets, key=key, **options)
+    adapted, variables, _ = dl.adapt_linen(
+      model, variables, x, targets=case.targets, key=key, **options
+    )
+    return adapted, variables
   dl.adapt_nnx(model, case.targets, rngs=nnx.Rngs(1), **options)
   return model, None
 
@@ -304,7 +307,7 @@ def _adapt(case, model, variables, x, **options):
 def _adapter_paths(case, adapted) -> list[tuple]:
   if case.front == "linen":
     return sorted(adapted.layers)
-  return [path for path, _ in dl.nnx.adapters(adapted)]
+  return [path for path, _ in dl.adapted_layers(adapted).items()]
 
 
 def _with_adapter(case, adapted, variables, make):
@@ -349,7 +352,7 @@ def _shapes_and_dtypes(tree):
 
 
 def _structure(case, model, variables=None):
-  """What ``merge_and_unload`` must give back: module classes and ``{path: (shape, dtype)}``."""
+  """What ``dl.merge`` must give back: module classes and ``{path: (shape, dtype)}``."""
   if case.front == "linen":
     return type(model), _shapes_and_dtypes(unfreeze(variables))
   modules = [(path, type(m)) for path, m in nnx.iter_modules(model)]
@@ -357,22 +360,10 @@ def _structure(case, model, variables=None):
 
 
 def _merge(case, adapted, variables):
-  """``(dl.merge, dl.merge_and_unload)``: the merged model of each, as ``(model, variables)``.
-
-  One compiled function for both (eager, each small product would compile on its own).
-  """
+  """``dl.merge`` of the adapted model, as ``(model, variables)`` (one compiled function)."""
   if case.front == "nnx":
-    merged, unloaded = nnx.jit(lambda m: (dl.merge(m), dl.merge_and_unload(m)))(adapted)
-    return (merged, None), (unloaded, None)
-  models = []
-
-  def both(v):
-    model, unloaded = dl.merge_and_unload(adapted, v)
-    models.append(model)  # a Python object: kept at trace time
-    return dl.merge(v, adapted.layers), unloaded
-
-  merged, unloaded = jax.jit(both)(variables)
-  return (adapted.model, merged), (models[0], unloaded)
+    return nnx.jit(dl.merge)(adapted), None
+  return adapted.model, jax.jit(lambda v: dl.merge(v, adapted))(variables)
 
 
 def _train(case, adapted, variables, x, target):
@@ -383,7 +374,7 @@ def _train(case, adapted, variables, x, target):
   The losses are those before each step and after the last.
   """
   lora = {"sgd": optax.sgd(0.2), "adam": optax.adam(0.02)}[case.factors]
-  tx = dl.delta_lora(0.2, momentum=0.5, lora_optimizer=lora)
+  tx = dl.delta_lora(0.2, momentum=0.5, layers=adapted, lora_optimizer=lora)
   # optax.adam's bias correction raises a Python float to its int32 count, which
   # strict promotion refuses: the optimizer runs in the standard mode, as a user's does.
   standard = functools.partial(jax.numpy_dtype_promotion, "standard")
@@ -447,20 +438,17 @@ def run(request):
   else:
     out["counts"] = dl.parameter_counts(adapted)
 
-  merged, unloaded = _merge(case, adapted, variables)
-  out["unloaded"] = _structure(case, *unloaded)
-  out["unloaded_model"] = unloaded[0]
+  merged = _merge(case, adapted, variables)
+  out["unloaded"] = _structure(case, *merged)
+  out["unloaded_model"] = merged[0]
   merged_data = _split(case, *merged)
-  out["merge_equals_unload"] = jax.tree.map(
-    np.array_equal, _flat(case, merged_data[2][0]), _flat(case, _split(case, *unloaded)[2][0])
-  )
   out["y_merged"], merged_grads = _forward_and_grad(*merged_data, x, target)
   out["merged_grads"] = _flat(case, merged_grads)
 
   fresh, fresh_variables = case.base(x=x)
   if case.front == "linen":
     adapter = dl.export_adapter(variables, adapted)
-    again, restored = dl.attach_adapter_linen(fresh, fresh_variables, adapter)
+    again, restored, _ = dl.attach_adapter_linen(fresh, fresh_variables, adapter)
     out["y_attached"], _ = _forward_and_grad(*_split(case, again, restored), x, target)
   else:
     dl.attach_adapter_nnx(fresh, dl.export_adapter(adapted))
@@ -494,12 +482,11 @@ def test_merged_model_equals_the_adapted_one(run):
   np.testing.assert_allclose(y_merged, y, rtol=1e-5, atol=1e-5 * _max(y))
 
 
-def test_merge_and_unload_gives_back_the_original_layers(run):
+def test_merge_gives_back_the_original_layers(run):
   classes, shapes = run["structure"]
   assert run["unloaded"] == (classes, shapes)  # classes, variable names, shapes and dtypes
   if run["case"].front == "linen":
     assert run["unloaded_model"] is run["model"]  # the model definition, unmodified
-  assert all(jax.tree.leaves(run["merge_equals_unload"]))
 
 
 def test_export_and_attach_on_a_fresh_base_reproduce_the_outputs(run):
@@ -559,10 +546,10 @@ def mixed(request):
     out["base_outputs"] = _merged_and_factored(call, merged, factored, zero_data, inputs)
     out["params"] = _flat(case, data[0])
     if case.front == "linen":
-      unloaded = jax.eval_shape(lambda v: dl.merge_and_unload(adapted, v)[1], variables)
+      unloaded = jax.eval_shape(lambda v: dl.merge(v, adapted), variables)
       out["unloaded"] = _shapes_and_dtypes(unfreeze(unloaded))
     else:
-      out["unloaded"] = _structure(case, nnx.eval_shape(dl.merge_and_unload, adapted))[1]
+      out["unloaded"] = _structure(case, nnx.eval_shape(dl.merge, adapted))[1]
   return out
 
 
@@ -625,7 +612,7 @@ def test_bf16_dense_merged_kernel_keeps_a_small_delta(front):
     else:
       model = LinenDense()
       base = _linen_pretrained(model, x.astype(BF16), scale=1 / 16)
-      adapted, variables = dl.adapt_linen(
+      adapted, variables, _ = dl.adapt_linen(
         model, base, x.astype(BF16), **options, key=jax.random.key(1)
       )
       variables["delta"]["dense"]["delta"] = delta.astype(
@@ -683,7 +670,7 @@ def _adapt_targets(model, x, targets):
   if isinstance(model, nnx.Module):
     return dl.adapt_nnx(model, targets, rank=1, rngs=nnx.Rngs(1))
   base = jax.eval_shape(model.init, jax.random.key(0), x)
-  return dl.adapt_linen(model, base, x, targets=targets, rank=1, key=jax.random.key(1))
+  return dl.adapt_linen(model, base, x, targets=targets, rank=1, key=jax.random.key(1))[:2]
 
 
 @pytest.mark.parametrize("front", ["linen", "nnx"])
@@ -698,7 +685,9 @@ def test_errors_name_the_layer_its_type_and_the_supported_kinds(front):
   with pytest.raises(TypeError, match=rf"'attn' is a {attention}, {KINDS_LISTED}"):
     _adapt_targets(model, x, ["attn"])
   if front == "nnx":  # nothing was replaced by the failed calls
-    assert type(model.grouped) is nnx.Conv and not list(dl.nnx.adapters(model))
+    assert type(model.grouped) is nnx.Conv
+    with pytest.raises(ValueError, match="has no adapted layer"):
+      dl.adapted_layers(model)
 
 
 @pytest.mark.parametrize("front", ["linen", "nnx"])
@@ -711,4 +700,4 @@ def test_a_subclass_of_a_supported_layer_is_adapted(front):
     model = NNXLinearGeneral(nnx.Rngs(0))
     _adapt_targets(model, x, ["sub"])
     assert type(model.sub) is dl.DeltaLoRALinearGeneral
-    assert type(nnx.eval_shape(dl.merge_and_unload, model).sub) is MyLinearGeneral
+    assert type(nnx.eval_shape(dl.merge, model).sub) is MyLinearGeneral

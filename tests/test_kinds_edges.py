@@ -16,7 +16,7 @@ X = jax.random.normal(jax.random.key(0), (2, 5, 5))
 
 def _randomise(model):
   """Nonzero B and D on every adapted layer of an NNX model."""
-  for i, (_, layer) in enumerate(dl.nnx.adapters(model)):
+  for i, (_, layer) in enumerate(dl.adapted_layers(model).items()):
     for name in ("lora_b", "delta"):
       value = getattr(layer, name)
       value[...] = 0.3 * jax.random.normal(jax.random.key(i), value.shape, value.dtype)
@@ -32,7 +32,7 @@ def test_dense_general_axes_in_any_order_contract_as_flax_does(axis):
       return nn.DenseGeneral(features=3, axis=axis, name="p")(x)
 
   variables = Model().init(jax.random.key(1), X)
-  adapted, new = dl.adapt_linen(Model(), variables, X, rank=2, key=jax.random.key(2))
+  adapted, new, _ = dl.adapt_linen(Model(), variables, X, rank=2, key=jax.random.key(2))
   np.testing.assert_allclose(adapted.apply(new, X), Model().apply(variables, X), atol=1e-6)
   base = nnx.LinearGeneral((5, 5), 3, axis=axis, rngs=nnx.Rngs(0))
   layer = dl.DeltaLoRALinearGeneral(base, rank=2, evaluation="factored", rngs=nnx.Rngs(1))
@@ -46,7 +46,7 @@ def test_einsum_equation_given_positionally_at_call_time():
       return nn.Einsum((5, 4), name="e")(x, "btd,dh->bth")
 
   variables = Model().init(jax.random.key(1), X)
-  adapted, new = dl.adapt_linen(Model(), variables, X, rank=2, key=jax.random.key(2))
+  adapted, new, _ = dl.adapt_linen(Model(), variables, X, rank=2, key=jax.random.key(2))
   assert new["params"]["e"]["lora_a"].shape == (5, 2)
   np.testing.assert_allclose(adapted.apply(new, X), Model().apply(variables, X), atol=1e-6)
 
@@ -59,7 +59,7 @@ def test_a_layer_the_adapter_cannot_reproduce_is_refused_only_when_targeted():
       return nn.Einsum((4, 3), "btd,dk->bt", name="odd")(x) + nn.Dense(1, name="head")(x)[..., 0]
 
   variables = Model().init(jax.random.key(1), X)
-  adapted, new = dl.adapt_linen(Model(), variables, X, targets=["head", "conv"], rank=1,
+  adapted, new, _ = dl.adapt_linen(Model(), variables, X, targets=["head", "conv"], rank=1,
                                 key=jax.random.key(2))  # fmt: skip
   np.testing.assert_allclose(adapted.apply(new, X), Model().apply(variables, X), atol=1e-6)
   with pytest.raises(TypeError, match=r"'odd' is a Einsum \(Einsum cannot be adapted: .*sums"):
@@ -77,7 +77,7 @@ def test_a_subclass_of_nnx_linear_comes_back_as_itself():
   model = Model(nnx.Rngs(0))
   dl.adapt_nnx(model, rank=2, rngs=nnx.Rngs(1))
   _randomise(model)
-  merged = dl.merge_and_unload(model)
+  merged = dl.merge(model)
   assert type(merged.up) is MyLinear
   np.testing.assert_allclose(merged.up(X), model.up(X), rtol=1e-5, atol=1e-6)
 

@@ -31,10 +31,10 @@ X = jax.random.normal(jax.random.key(0), (2, 5, 8))
 def trained():
   """The adapted block after 3 steps of the seed rule: ``(adapted, variables, opt_state, tx)``."""
   model = Block()
-  adapted, variables = dl.adapt_linen(
+  adapted, variables, _ = dl.adapt_linen(
     model, model.init(jax.random.key(1), X), X, rank=2, key=jax.random.key(2)
   )
-  tx = dl.delta_lora(0.1, lora_optimizer=optax.sgd(0.1))
+  tx = dl.delta_lora(0.1, layers=adapted, lora_optimizer=optax.sgd(0.1))
 
   @jax.jit
   def step(variables, opt_state):

@@ -160,26 +160,28 @@ def data():
   return x, y
 
 
-TX = dl.delta_lora(0.05, 0.9, lora_optimizer=optax.sgd(0.1, momentum=0.5))
+def make_tx(layers):
+  return dl.delta_lora(0.05, 0.9, layers=layers, lora_optimizer=optax.sgd(0.1, momentum=0.5))
 
 
-def train(apply, variables, shardings=None, mesh=None):
+def train(apply, variables, layers, shardings=None, mesh=None):
   """``STEPS`` steps of Delta-LoRA; sharded when ``shardings`` is given, else on one device."""
+  tx = make_tx(layers)
 
   def step(variables, opt_state, x, y):
     loss = lambda v: jnp.mean((apply(v, x) - y) ** 2)  # noqa: E731
     grads = jax.grad(loss)(variables)
-    updates, opt_state = TX.update(grads, opt_state, variables)
+    updates, opt_state = tx.update(grads, opt_state, variables)
     return optax.apply_updates(variables, updates), opt_state
 
   x, y = data()
   if shardings is None:
-    opt_state, jitted = TX.init(variables), jax.jit(step)
+    opt_state, jitted = tx.init(variables), jax.jit(step)
   else:
-    opt = dl.optimizer_shardings(TX, variables, shardings)
+    opt = dl.optimizer_shardings(tx, variables, shardings)
     batch = dl.batch_sharding(mesh)
     variables = jax.device_put(variables, shardings)
-    opt_state = jax.jit(TX.init, out_shardings=opt)(variables)
+    opt_state = jax.jit(tx.init, out_shardings=opt)(variables)
     x, y = jax.device_put((x, y), batch)
     jitted = jax.jit(
       step, in_shardings=(shardings, opt, batch, batch), out_shardings=(shardings, opt)
@@ -208,7 +210,10 @@ def linen_block():
   x, _ = data()
   model = Block()
   pretrained = model.init(jax.random.key(1), x)
-  return dl.adapt_linen(model, pretrained, x, targets=r"attn/.*", rank=RANK, key=jax.random.key(2))
+  adapted, variables, _ = dl.adapt_linen(
+    model, pretrained, x, targets=r"attn/.*", rank=RANK, key=jax.random.key(2)
+  )
+  return adapted, variables
 
 
 def test_linen_attention_and_scan_stack_specs(mesh, linen_block):
@@ -228,7 +233,7 @@ def test_linen_attention_and_scan_stack_specs(mesh, linen_block):
 
   x = jnp.zeros((2, D_MODEL))
   stack = Stack()
-  stacked, stack_variables = dl.adapt_linen(
+  stacked, stack_variables, _ = dl.adapt_linen(
     stack, stack.init(jax.random.key(0), x), x, rank=RANK, key=jax.random.key(1)
   )
   specs = dl.partition_specs(stack_variables, mesh, layers=stacked.layers)
@@ -242,8 +247,8 @@ def test_linen_attention_and_scan_stack_specs(mesh, linen_block):
 def test_sharded_linen_attention_equals_single_device(mesh, linen_block):
   adapted, variables = linen_block
   shardings = dl.variable_shardings(variables, mesh, layers=adapted.layers)
-  single = train(adapted.apply, variables)
-  sharded = train(adapted.apply, variables, shardings, mesh)
+  single = train(adapted.apply, variables, adapted)
+  sharded = train(adapted.apply, variables, adapted, shardings, mesh)
   assert_same_run(sharded, single)
   trained = sharded[0]
   query = trained["params"]["attn"]["query"]["kernel"]
@@ -302,8 +307,8 @@ def test_sharded_nnx_equals_single_device(mesh, build, targets, specs):
     assert layer["kernel"].get_value().spec == spec
     assert layer["delta"].get_value().spec == spec
   apply = lambda state, x: nnx.merge(graphdef, state)(x)  # noqa: E731
-  single = train(apply, state)
-  sharded = train(apply, state, shardings, mesh)
+  single = train(apply, state, model)
+  sharded = train(apply, state, model, shardings, mesh)
   assert_same_run(sharded, single)
   assert_delta_split_by_fsdp(nnx.state(nnx.merge(graphdef, sharded[0]), dl.DeltaParam))
 
@@ -311,7 +316,7 @@ def test_sharded_nnx_equals_single_device(mesh, build, targets, specs):
 def test_optimizer_state_follows_the_kind_aware_specs(mesh, linen_block):
   adapted, variables = linen_block
   shardings = dl.variable_shardings(variables, mesh, layers=adapted.layers)
-  state = dl.optimizer_shardings(TX, variables, shardings)
+  state = dl.optimizer_shardings(make_tx(adapted), variables, shardings)
   velocity = dl.velocity(state)["delta"]["attn"]
   for name in ("query", "out"):
     assert velocity[name]["delta"] == shardings["delta"]["attn"][name]["delta"]

@@ -114,11 +114,12 @@ class LinenStack:
   def __init__(self, model: nn.Module):
     self.model = model
     self.pretrained = jax.jit(model.init)(jax.random.key(1), X)
-    self.adapted, self.initial = dl.adapt_linen(
+    self.adapted, self.initial, _ = dl.adapt_linen(
       model, self.pretrained, X, key=jax.random.key(2), **OPTIONS
     )
     self.perturbed = self.with_arrays(self.initial, randomised(self.arrays(self.initial)))
-    self.tx = dl.delta_lora(LEARNING_RATE)
+    sgd = optax.sgd(LEARNING_RATE)
+    self.tx = dl.delta_lora(LEARNING_RATE, layers=self.adapted, lora_optimizer=sgd)
     self.step = jax.jit(self._step)
 
   def _step(self, variables, opt_state):
@@ -145,14 +146,14 @@ class LinenStack:
     return linen_apply(self.adapted, variables)[0]
 
   def merged_output(self, variables):
-    model, merged = dl.merge_and_unload(self.adapted, variables)
+    model, merged = self.adapted.model, dl.merge(variables, self.adapted)
     assert jax.tree.structure(merged) == jax.tree.structure(self.pretrained)
     return linen_apply(model, merged)[0]
 
   def gradients(self, variables) -> tuple[dict, dict]:
     """``({layer: dL/dD}, {layer: dL/dW'})``, ``W'`` the merged model's kernel."""
     of_delta = traverse_util.flatten_dict(self.step(variables, self.tx.init(variables))[3]["delta"])
-    model, merged = dl.merge_and_unload(self.adapted, variables)
+    model, merged = self.adapted.model, dl.merge(variables, self.adapted)
     of_kernel = traverse_util.flatten_dict(linen_grad(model, merged)["params"])
     paths = self.adapted.layers
     return (
@@ -163,7 +164,7 @@ class LinenStack:
   def attached_output(self, variables):
     adapter = dl.export_adapter(variables, self.adapted)
     fresh = jax.tree.map(jnp.copy, self.pretrained)
-    again, restored = dl.attach_adapter_linen(self.model, fresh, adapter)
+    again, restored, _ = dl.attach_adapter_linen(self.model, fresh, adapter)
     return linen_apply(again, restored)[0]
 
   def train(self) -> tuple[list[float], dict, dict]:
@@ -233,7 +234,7 @@ def nnx_kernel_grad(model):
 
 
 def nnx_layers(model) -> dict:
-  return {dl.paths.name(path): layer for path, layer in dl.nnx.adapters(model)}
+  return {dl.paths.name(path): layer for path, layer in dl.adapted_layers(model).items()}
 
 
 class NNXStack:
@@ -249,7 +250,8 @@ class NNXStack:
     dl.adapt_nnx(self.initial, rngs=nnx.Rngs(2), **OPTIONS)
     self.perturbed = nnx.clone(self.initial)
     self.with_arrays(self.perturbed, randomised(self.arrays(self.perturbed)))
-    self.tx = dl.delta_lora(LEARNING_RATE)
+    sgd = optax.sgd(LEARNING_RATE)
+    self.tx = dl.delta_lora(LEARNING_RATE, layers=self.initial, lora_optimizer=sgd)
 
   def arrays(self, model) -> dict:
     layers = nnx_layers(model)
@@ -267,8 +269,9 @@ class NNXStack:
     return nnx_apply(model)
 
   def merged_output(self, model):
-    merged = dl.merge_and_unload(model)
-    assert not nnx_layers(merged)
+    merged = dl.merge(model)
+    with pytest.raises(ValueError, match="has no adapted layer"):
+      dl.adapted_layers(merged)
     return nnx_apply(merged)
 
   def train_steps(self, model, steps: int):
@@ -277,7 +280,7 @@ class NNXStack:
 
   def gradients(self, model) -> tuple[dict, dict]:
     grads = nnx.to_flat_state(self.train_steps(nnx.clone(model), 1)[0][1])
-    of_kernel = nnx.to_flat_state(nnx_kernel_grad(dl.merge_and_unload(model)))
+    of_kernel = nnx.to_flat_state(nnx_kernel_grad(dl.merge(model)))
     of_delta = {dl.paths.name(p[:-1]): v[...] for p, v in grads if p[-1] == "delta"}
     of_kernel = {dl.paths.name(p[:-1]): v[...] for p, v in of_kernel if p[-1] == "kernel"}
     return of_delta, {name: of_kernel[name] for name in of_delta}
@@ -413,7 +416,7 @@ def test_linen_stack_keeps_delta_in_its_collection_when_mutable_initialised_or_a
   assert jax.tree.map(jnp.shape, initialised) == jax.tree.map(jnp.shape, stack.initial)
   with pytest.raises(ValueError, match="needs the 'delta' collection"):
     stack.adapted.apply({"params": stack.perturbed["params"]}, X)
-  more, variables = dl.adapt_linen(
+  more, variables, _ = dl.adapt_linen(
     stack.adapted, stack.perturbed, X, targets=["head"], rank=1, key=jax.random.key(4)
   )
   assert sorted("/".join(p) for p in more.layers) == sorted([*stack.expected_layers, "head"])

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import nnx
 
 import deltalora_jax as dl
 
@@ -50,7 +51,7 @@ def _trained(model_cls, steps=3):
   """An adapted model after a few steps, so that B, D and the velocity are not zero."""
   model = model_cls(dense=ADAPTED)
   variables = model.init(jax.random.key(0), X)
-  tx = dl.delta_lora(0.1, 0.9)
+  tx = dl.delta_lora(0.1, 0.9, layers=dl.adapted_layers(model, X), lora_optimizer=optax.sgd(0.1))
   opt_state = tx.init(variables)
 
   @jax.jit
@@ -142,8 +143,8 @@ def test_diagnostics_report_norms_per_layer_and_total(trained):
   v = dl.velocity(opt_state)["delta"][name]["delta"]
   np.testing.assert_allclose(entry["velocity_norm"], np.linalg.norm(v), rtol=1e-5)
   assert entry["velocity_norm"] > 0 and entry["lora_norm"] > 0
-  assert (entry["type"], entry["rank"], entry["scaling"], entry["delta_scaling"]) == (
-    "DeltaLoRADense",
+  assert (entry["kind"], entry["rank"], entry["scaling"], entry["delta_scaling"]) == (
+    "general_dense",
     R,
     2.0,
     0.5,
@@ -185,10 +186,10 @@ def test_flat_vector_round_trip_and_seed_order():
     ]
   )
   np.testing.assert_array_equal(vector, want)
-  new = dl.unflatten_parameters(variables, layers, jnp.arange(vector.size, dtype=jnp.float32))
+  new = dl.unflatten_parameters(variables, jnp.arange(vector.size, dtype=jnp.float32), layers)
   np.testing.assert_array_equal(new["params"]["kernel"], np.arange(12).reshape(4, 3))
   np.testing.assert_array_equal(new["delta"]["delta"][0], [29, 30, 31])  # 12 + 3 + 8 + 6
-  chex.assert_trees_all_equal(dl.unflatten_parameters(variables, layers, vector), variables)
+  chex.assert_trees_all_equal(dl.unflatten_parameters(variables, vector, layers), variables)
 
 
 def test_flat_gradients_use_the_same_order(trained):
@@ -206,37 +207,38 @@ def test_wrong_flat_vector_length_names_both_lengths():
   layer = dl.DeltaLoRADense(3, rank=2)
   variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
   with pytest.raises(ValueError, match=r"1-D with 26 values .* got shape \(25,\)"):
-    dl.unflatten_parameters(variables, {(): layer}, jnp.zeros(25))
+    dl.unflatten_parameters(variables, jnp.zeros(25), {(): layer})
 
 
 def test_current_delta_is_a_copy():
-  _model, variables, _ = _trained(MLP)
+  _model, trained, _ = _trained(MLP)
+  variables = jax.tree.map(jnp.copy, trained)  # ours to delete; the cached tree stays whole
+  source = variables["delta"]["hidden_0"]["delta"]
+  want = np.array(source, copy=True)
+  assert want.shape == (WIDTH, WIDTH) and np.any(want != 0)
   d = dl.current_delta(variables, ("hidden_0",))
-  np.testing.assert_array_equal(d, variables["delta"]["hidden_0"]["delta"])
-  assert d.shape == (WIDTH, WIDTH)
-  assert d is not variables["delta"]["hidden_0"]["delta"]
+  source.delete()  # as a jitted step that donates the variables does
+  np.testing.assert_array_equal(d, want)  # the copy outlives its source
+  # NNX: a write to the model's D after the call leaves the copy as it was.
+  layer = dl.DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
+  layer.delta[...] = jnp.ones((4, 3))
+  d = dl.current_delta(layer)
+  layer.delta[...] = jnp.zeros((4, 3))
+  np.testing.assert_array_equal(d, np.ones((4, 3)))
 
 
 def test_merge_refuses_a_base_that_is_not_dense():
   layer = dl.DeltaLoRADense(3, rank=2)
   variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
-  variables["params"]["kernel"] = jnp.ones((4, 3, 1))
-  with pytest.raises(ValueError, match=r"lora_a must have shape \(4, 3, 2\)"):
-    dl.merge(variables, {(): layer})  # read as a stack of 4 layers: the factors do not fit
-  with pytest.raises(TypeError, match=r"got Dense"):
+  # The variables are right (they merge with their own layer), so only the type is wrong.
+  assert dl.merge(variables, {(): layer})["params"]["kernel"].shape == (4, 3)
+  with pytest.raises(TypeError, match=r"layers\[\(\)\] must be an adapted layer .* got Dense$"):
     dl.merge(variables, {(): nn.Dense(3)})
+  stacked = {**variables, "params": {**variables["params"], "kernel": jnp.ones((4, 3, 1))}}
+  with pytest.raises(ValueError, match=r"lora_a must have shape \(4, 3, 2\)"):
+    dl.merge(stacked, {(): layer})  # read as a stack of 4 layers: the factors do not fit
 
 
 def test_adapted_layers_of_a_model_without_adapters_is_an_error():
   with pytest.raises(ValueError, match=r"MLP has no adapted layer"):
     dl.adapted_layers(MLP(), X)
-
-
-def test_functions_without_nnx_support_say_so():
-  from flax import nnx
-
-  model = dl.DeltaLoRALinear(4, 3, rank=2, rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match=r"Linen variables dict .* got DeltaLoRALinear"):
-    dl.reset(model)
-  with pytest.raises(TypeError, match=r"Linen variables dict"):
-    dl.current_delta(model)

@@ -1,0 +1,328 @@
+"""Adapting an existing Linen model: :class:`DeltaLoRAModel` runs its chosen layers adapted."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+from typing import Any, Unpack
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import traverse_util
+from flax.core import unfreeze
+
+from deltalora_jax import core, paths, projections
+from deltalora_jax import linen as linen_front
+from deltalora_jax.adapt.targets import check_options, layer_options, report, select_targets
+from deltalora_jax.config import Options
+from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+
+Path = paths.Path
+
+
+class DeltaLoRAModel(nn.Module):
+  """An existing Linen model whose chosen projection layers run with Delta-LoRA.
+
+  The model's source is not edited: while the model runs, an interceptor
+  (``flax.linen.intercept_methods``) replaces the call of each chosen
+  ``nn.Dense``, ``nn.DenseGeneral``, ``nn.Einsum`` or ``nn.Conv`` by a
+  :class:`~deltalora_jax.DeltaLoRAGeneral` on the same scope, so
+  ``lora_a``/``lora_b`` sit beside ``kernel``/``bias`` in ``params`` and
+  ``D`` at the same path in the ``'delta'`` collection, and the wrapper adds
+  no level to the variables (``nn.share_scope``). Build it with
+  :func:`adapt_linen` or :func:`attach_adapter_linen`.
+
+  Layers stacked by ``nn.scan`` or ``nn.vmap`` (``variable_axes={'params':
+  0}``) work as they are: those transforms lift the collections they are
+  told of, ``'params'`` but not ``'delta'``, so while the model runs each
+  ``D`` is moved into ``'params'`` beside its kernel (``nn.map_variables``),
+  where the stack slices it as it slices the kernel, and moved back to
+  ``'delta'`` on the way out (for ``mutable`` collections and gradients).
+  The variables the user sees keep ``D`` in ``'delta'``, with the stack's
+  leading axes.
+
+  Attributes:
+    model: the original Linen model.
+    adapters: ``((path, ((option, value), ...)), ...)``: each adapted
+      layer's path and the :class:`~deltalora_jax.DeltaLoRAGeneral`
+      arguments that are not taken from the base layer itself (its
+      ``projection``, ``use_bias``, rank, alpha, ...). Hashable, as a Linen
+      attribute must be.
+  """
+
+  model: nn.Module
+  adapters: tuple = ()
+
+  def setup(self):
+    nn.share_scope(self, self.model)
+
+  @property
+  def layers(self) -> dict[Path, DeltaLoRAGeneral]:
+    """``{path: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
+    return {path: DeltaLoRAGeneral(**dict(options), parent=None) for path, options in self.adapters}
+
+  def __call__(self, *args, **kwargs):
+    configs = dict(self.adapters)
+    prefix = tuple(self.path)
+
+    def intercept(next_fun, call_args, call_kwargs, context):
+      module = context.module
+      path = tuple(module.path)
+      if context.method_name != "__call__" or path[: len(prefix)] != prefix:
+        return next_fun(*call_args, **call_kwargs)
+      options = configs.get(path[len(prefix) :])
+      if options is None or isinstance(module, DeltaLoRAGeneral):
+        return next_fun(*call_args, **call_kwargs)
+      name = "/".join(path)
+      try:
+        kind = linen_front.projection_of(module, _einsum_str(call_args, call_kwargs))
+      except TypeError as error:
+        raise TypeError(f"the adapter at {name!r} cannot run on this layer: {error}") from None
+      options = dict(options)
+      if (kind, module.use_bias) != (options["projection"], options["use_bias"]):
+        raise ValueError(
+          f"the {type(module).__name__} at {name!r} is {kind} with use_bias={module.use_bias}; "
+          f"its adapter was made for {options['projection']} with use_bias={options['use_bias']}"
+        )
+      layer = DeltaLoRAGeneral(
+        **options,
+        dtype=module.dtype,
+        param_dtype=module.param_dtype,
+        precision=module.precision,
+        kernel_init=module.kernel_init,
+        bias_init=module.bias_init,
+        delta_collection="params",  # where run() below puts D
+        parent=module.scope,
+      )
+      return layer(*call_args, **call_kwargs)
+
+    def run(wrapper, *args, **kwargs):
+      with nn.intercept_methods(intercept):
+        return wrapper.model(*args, **kwargs)
+
+    adapted_paths = list(configs)
+    run = nn.map_variables(
+      run,
+      ("params", DELTA_COLLECTION),
+      trans_in_fn=functools.partial(_move_deltas, adapted_paths, DELTA_COLLECTION, "params"),
+      trans_out_fn=functools.partial(_move_deltas, adapted_paths, "params", DELTA_COLLECTION),
+      mutable=True,
+    )
+    return run(self, *args, **kwargs)
+
+
+def _move_deltas(layer_paths: Sequence[Path], source: str, target: str, variables: Mapping) -> dict:
+  """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
+
+  Example:
+    >>> variables = {"params": {"up": {"kernel": 1}}, "delta": {"up": {"delta": 2}}}
+    >>> _move_deltas([("up",)], "delta", "params", variables)
+    {'params': {'up': {'kernel': 1, 'delta': 2}}}
+  """
+  variables = dict(variables)
+  moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
+  kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
+  for path in layer_paths:
+    if (*path, "delta") in moved:
+      kept[(*path, "delta")] = moved.pop((*path, "delta"))
+  for name, flat in ((source, moved), (target, kept)):
+    if flat:
+      variables[name] = traverse_util.unflatten_dict(flat)
+  return variables
+
+
+_LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+
+
+def _einsum_str(args, kwargs) -> str | None:
+  """The ``einsum_str`` given to an ``nn.Einsum`` call, by keyword or in second place."""
+  return kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+
+
+def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, dict]:
+  """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
+
+  Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
+  adapted, with its ``module`` and ``projection``; ``'adapted'``; or its type
+  name, with the reason when it is a projection layer that cannot be
+  adapted). Runs under ``jax.eval_shape``: nothing is computed.
+  """
+  found: dict[str, dict] = {}
+
+  def record(next_fun, args, kwargs, context):
+    module = context.module
+    if module.path:
+      entry = found.setdefault("/".join(module.path), {"kind": type(module).__name__})
+      if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
+        entry["kind"] = "adapted"
+      elif entry["kind"] != "adapted" and context.method_name == "__call__":
+        try:
+          kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
+          entry.update(kind="dense", module=module, projection=kind)
+        except TypeError as error:
+          if isinstance(module, _LINEN_KINDS):
+            entry["kind"] = f"{type(module).__name__} ({error})"
+    return next_fun(*args, **kwargs)
+
+  def run(variables):
+    return model.apply(
+      variables, *inputs, **call_kwargs, mutable=True, rngs={"dropout": jax.random.key(0)}
+    )
+
+  with nn.intercept_methods(record):
+    jax.eval_shape(run, variables)
+  return found
+
+
+def linen_parts(model: Any, variables: Any) -> tuple[nn.Module, dict, dict, dict]:
+  """``(base model, existing adapters, flat params, variables as dicts)``."""
+  if not isinstance(model, nn.Module):
+    raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
+  if not isinstance(variables, Mapping) or "params" not in variables:
+    raise ValueError(
+      "variables must be the model's variables {'params': ...}, got "
+      f"{list(variables) if isinstance(variables, Mapping) else type(variables).__name__}"
+    )
+  variables = unfreeze(variables) if not isinstance(variables, dict) else dict(variables)
+  base, existing = model, {}
+  if isinstance(model, DeltaLoRAModel):
+    base, existing = model.model, dict(model.adapters)
+  return base, existing, traverse_util.flatten_dict(unfreeze(variables["params"])), variables
+
+
+def with_adapters(variables: dict, params_flat: dict, new: dict[Path, dict]) -> dict:
+  """``variables`` with each ``new[path]``'s arrays stored at ``path``."""
+  deltas = traverse_util.flatten_dict(unfreeze(variables.get(DELTA_COLLECTION, {})))
+  for path, arrays in new.items():
+    for name, value in arrays.items():
+      if name == "delta":
+        deltas[(*path, name)] = value
+      else:
+        params_flat[(*path, name)] = value
+  out = dict(variables)
+  out["params"] = traverse_util.unflatten_dict(params_flat)
+  if deltas:
+    out[DELTA_COLLECTION] = traverse_util.unflatten_dict(deltas)
+  return out
+
+
+def adapt_linen(
+  model: nn.Module,
+  variables: Mapping,
+  *inputs: Any,
+  targets: str | Sequence[str] | None = None,
+  key: jax.Array,
+  exclude: str | Sequence[str] | None = None,
+  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+  call_kwargs: Mapping[str, Any] | None = None,
+  verbose: bool = False,
+  **options: Unpack[Options],
+) -> tuple[DeltaLoRAModel, dict, dict[str, Any]]:
+  """Adapts the chosen projection layers of an existing Linen model and its variables.
+
+  The layers that can be adapted are ``nn.Dense``, ``nn.DenseGeneral`` (the
+  projections of ``nn.MultiHeadDotProductAttention``), ``nn.Einsum`` and
+  ``nn.Conv``, and their subclasses, also inside ``nn.scan`` / ``nn.vmap``
+  stacks (the adapter arrays then get the stack's leading axes).
+
+  The model is traced once on ``inputs`` (``jax.eval_shape``: no compute) to
+  find its modules. The model definition is not edited: the result is a
+  :class:`DeltaLoRAModel` around it, and the variables gain
+  ``lora_a``/``lora_b`` beside each adapted layer's ``kernel`` and its ``D``
+  at the same path in ``'delta'``. The pretrained arrays are kept as they
+  are: the output is unchanged until training.
+
+  Args:
+    model: the Linen model (or a :class:`DeltaLoRAModel`, to adapt more layers).
+    variables: its pretrained variables, ``{'params': ..., ...}`` (not modified).
+    *inputs: sample inputs of ``model.apply(variables, *inputs)``.
+    targets: which layers, as in :func:`~deltalora_jax.adapt_nnx`.
+    key: PRNG key that draws the ``A`` factors.
+    exclude: layers to leave out, as in :func:`~deltalora_jax.adapt_nnx`.
+    overrides: per-layer options, as in :func:`~deltalora_jax.adapt_nnx`.
+    call_kwargs: keyword arguments of the model's ``__call__`` for the trace.
+    verbose: print the table of what was adapted.
+    **options: the adapters' options, as in :func:`~deltalora_jax.adapt_nnx`.
+
+  Returns:
+    ``(adapted, variables, report)``: apply with ``adapted.apply(variables,
+    x)``; ``adapted`` is also the ``layers`` argument of the whole-model
+    functions (:mod:`deltalora_jax.tree`); the report is
+    :func:`~deltalora_jax.adapt_nnx`'s.
+
+  Raises:
+    ValueError: when the targets choose nothing (the message lists the
+      layers that can be adapted), or a chosen layer is already adapted.
+    TypeError: when a chosen module cannot be adapted (its type and the
+      supported kinds are named), or an option is unknown.
+
+  Example:
+    >>> import jax, jax.numpy as jnp, flax.linen as nn
+    >>> class MLP(nn.Module):
+    ...   @nn.compact
+    ...   def __call__(self, x):
+    ...     return nn.Dense(4, name="down")(nn.relu(nn.Dense(8, name="up")(x)))
+    >>> x = jnp.ones((1, 4))
+    >>> variables = MLP().init(jax.random.key(0), x)
+    >>> adapted, new, report = adapt_linen(MLP(), variables, x, targets=["up"], rank=2,
+    ...                                    key=jax.random.key(1))
+    >>> jax.tree.map(jnp.shape, new["delta"]), report["total"]["parameter_count"]
+    ({'up': {'delta': (4, 8)}}, 56)
+    >>> bool(jnp.array_equal(adapted.apply(new, x), MLP().apply(variables, x)))
+    True
+  """
+  options = check_options(options)
+  base, existing, params, variables = linen_parts(model, variables)
+  found = _trace_linen(model, variables, inputs, dict(call_kwargs or {}))
+  for name, entry in found.items():
+    if (*paths.as_path(name), "lora_a") in params:
+      entry["kind"] = "adapted"
+  kinds = {name: entry["kind"] for name, entry in found.items()}
+  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  per_layer = layer_options(chosen, options, overrides)
+  adapters, new = dict(existing), {}
+  for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
+    module, kind = found[name]["module"], found[name]["projection"]
+    path = paths.as_path(name)
+    arguments = {"projection": kind, "use_bias": module.use_bias, **per_layer[name]}
+    layer = DeltaLoRAGeneral(**arguments, parent=None)  # checks the options
+    new[path] = _new_adapter(name, layer, params[(*path, "kernel")], subkey)
+    adapters[path] = tuple(sorted(arguments.items()))
+  adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
+  variables = with_adapters(variables, params, new)
+  return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
+
+
+def layer_shape(name: str, kind: projections.Projection, kernel_shape) -> tuple[tuple, tuple]:
+  """``(stack axes, one layer's kernel shape)`` of a kernel: ``nn.scan`` stacks lead."""
+  stack = len(kernel_shape) - kind.kernel_ndim
+  if stack < 0:
+    raise ValueError(
+      f"the kernel at {name!r} has shape {tuple(kernel_shape)}; a {kind.name} layer needs "
+      f"{kind.kernel_ndim} axes"
+    )
+  return tuple(kernel_shape[:stack]), tuple(kernel_shape[stack:])
+
+
+def _new_adapter(name: str, layer: DeltaLoRAGeneral, kernel, key) -> dict[str, jax.Array]:
+  """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
+  kind = layer.projection
+  stack, shape = layer_shape(name, kind, jnp.shape(kernel))
+  bound = kind.rank_bound(shape)
+  if layer.rank > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} at {name!r}, "
+      f"got rank={layer.rank}"
+    )
+  dtype = linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype)
+  a_shape, b_shape = kind.factor_shapes(shape, layer.rank)
+  a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as the layer does
+  key_a, key_b = jax.random.split(key)  # one key per parameter
+  arrays = {
+    "lora_a": a_init(key_a, (*stack, *a_shape), dtype),
+    "lora_b": layer.lora_b_init(key_b, (*stack, *b_shape), dtype),
+  }
+  if layer.use_delta:
+    arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
+  return arrays

@@ -1,0 +1,117 @@
+"""Adapting an existing NNX model: its chosen layers replaced by adapters, in place."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, Unpack
+
+from flax import nnx
+
+from deltalora_jax import nnx as nnx_front
+from deltalora_jax import paths
+from deltalora_jax.adapt.targets import check_options, layer_options, report, select_targets
+from deltalora_jax.config import Options
+from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
+
+
+def kind(module: Any) -> str:
+  """``'dense'`` (can be adapted), ``'adapted'``, or the type name (with the reason)."""
+  if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral | nnx.LoRALinear):
+    return "adapted"
+  try:
+    nnx_front.projection_of(module)
+  except TypeError as error:
+    kinds = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
+    reason = f" ({error})" if isinstance(module, kinds) else ""
+    return type(module).__name__ + reason
+  return "dense"
+
+
+def adapter(module: Any, options: dict, rngs: nnx.Rngs) -> nnx.Module:
+  """The adapter of an NNX layer: :class:`DeltaLoRALinear` for one ``nnx.Linear``, else general."""
+  if type(module) is nnx.Linear and module.kernel.ndim == 2:
+    return DeltaLoRALinear.from_linear(module, rngs=rngs, **options)
+  return DeltaLoRALinearGeneral(module, rngs=rngs, **options)
+
+
+def modules(model: Any) -> dict[str, tuple[tuple, nnx.Module]]:
+  """``{name: (NNX path, module)}`` of every module of ``model`` but the root."""
+  if not isinstance(model, nnx.Module):
+    raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
+  if kind(model) != type(model).__name__:
+    raise TypeError(
+      f"model must hold the layers to adapt, got a single {type(model).__name__}: use "
+      "DeltaLoRALinear.from_linear(linear, rank=..., rngs=...) or "
+      "DeltaLoRALinearGeneral(layer, rank=..., rngs=...) for one layer"
+    )
+  return {paths.name(p): (p, m) for p, m in nnx.iter_modules(model) if p}
+
+
+def adapt_nnx(
+  model: nnx.Module,
+  targets: str | Sequence[str] | None = None,
+  *,
+  rngs: nnx.Rngs,
+  exclude: str | Sequence[str] | None = None,
+  overrides: Mapping[str, Mapping[str, Any]] | None = None,
+  verbose: bool = False,
+  **options: Unpack[Options],
+) -> tuple[nnx.Module, dict[str, Any]]:
+  """Adapts the chosen projection layers of an NNX model, in place.
+
+  The layers that can be adapted are ``nnx.Linear``, ``nnx.LinearGeneral``
+  (the projections of ``nnx.MultiHeadAttention``), ``nnx.Einsum`` and
+  ``nnx.Conv``, their subclasses, and stacks of them created with
+  ``nnx.vmap`` (applied with ``nnx.scan``). An ``nnx.Linear`` is replaced by
+  :meth:`DeltaLoRALinear.from_linear
+  <deltalora_jax.nnx.DeltaLoRALinear.from_linear>` of it, the others by
+  :class:`~deltalora_jax.nnx.DeltaLoRALinearGeneral`: same kernel and bias,
+  ``B = D = 0``, so the model's output is unchanged until training. All
+  layers are checked and built before any is replaced: on an error the
+  model is left as it was.
+
+  Args:
+    model: any ``nnx.Module`` tree holding such layers.
+    targets: regular expression on the layer path (``re.fullmatch``), list
+      of layer names, or None for every layer that can be adapted
+      (:mod:`deltalora_jax.adapt.targets`).
+    rngs: draws each layer's ``A``.
+    exclude: layers to leave out, in the same forms as ``targets``.
+    overrides: ``{regex: {option: value}}``, per-layer values of the
+      options; the first regex that matches a layer's path wins, and each
+      regex must match an adapted layer.
+    verbose: print the table of what was adapted.
+    **options: the adapters' options (:class:`~deltalora_jax.config.Options`):
+      ``rank`` (required), ``alpha``, ``delta_scaling``, ``freeze_base``,
+      ``use_delta``, ``evaluation``, ``adapter_dtype``, ``lora_a_init``;
+      the defaults are the layers' own.
+
+  Returns:
+    ``(model, report)``: the model itself, and ``{'layers': {name: figures},
+    'total': {'layers', 'parameter_count'}}`` for the layers adapted by this
+    call (the figures of :func:`deltalora_jax.diagnostics`).
+
+  Raises:
+    ValueError: when the targets choose nothing (the message lists the
+      layers that can be adapted), or a chosen layer is already adapted.
+    TypeError: when a chosen module cannot be adapted (its type and the
+      supported kinds are named), or an option is unknown.
+
+  Example:
+    >>> from flax import nnx
+    >>> class MLP(nnx.Module):
+    ...   def __init__(self, rngs):
+    ...     self.up = nnx.Linear(4, 8, rngs=rngs)
+    ...     self.down = nnx.Linear(8, 4, rngs=rngs)
+    >>> model, report = adapt_nnx(MLP(nnx.Rngs(0)), ["up"], rank=2, rngs=nnx.Rngs(1))
+    >>> type(model.up).__name__, type(model.down).__name__, report["total"]["parameter_count"]
+    ('DeltaLoRALinear', 'Linear', 56)
+  """
+  options = check_options(options)
+  found = modules(model)
+  kinds = {name: kind(m) for name, (_, m) in found.items()}
+  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  per_layer = layer_options(chosen, options, overrides)
+  new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
+  paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
+  return model, report(model, None, chosen, verbose)
