@@ -55,16 +55,6 @@ DELTA_SCALING = 0.1
 ALL_VARIANTS = ("full_sgdm", "full_adamw", "lora_adamw", "seed", "seed_bf16", "naive", "paper")
 
 
-def has_paper_rule() -> bool:
-  """Whether the installed deltalora_jax has the published rule."""
-  return hasattr(dl, "paper_delta_lora")
-
-
-def available_variants(names: Sequence[str] = ALL_VARIANTS) -> tuple[str, ...]:
-  """``names`` less the ``'paper'`` variants when the library does not have them."""
-  return tuple(n for n in names if not n.startswith("paper") or has_paper_rule())
-
-
 # --------------------------------------------------------------------------
 # Layers and models.
 # --------------------------------------------------------------------------
@@ -610,7 +600,6 @@ def environment() -> dict[str, Any]:
     "device_platform": dev.platform,
     "device_kind": dev.device_kind,
     "device_count": jax.device_count(),
-    "paper_rule_available": has_paper_rule(),
     "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
   }
 

@@ -83,7 +83,7 @@ def main(argv=None) -> int:
   start = time.perf_counter()
   for cfg in configs:
     print(f"{cfg.model} width={cfg.width} rank={cfg.rank} rows={cfg.rows} ...", flush=True)
-    variants = common.model_variants(cfg.model, common.available_variants(args.variants))
+    variants = common.model_variants(cfg.model, tuple(args.variants))
     records += common.measure(
       cfg, variants, repeats=args.repeats, steps=args.steps, min_seconds=0.02
     )
