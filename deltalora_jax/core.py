@@ -16,17 +16,19 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Literal
+from typing import Any, Literal, Protocol, TypeVar, cast
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.typing import ArrayLike, DTypeLike
 
 from deltalora_jax import projections
 from deltalora_jax.projections import dense  # noqa: F401  (re-exported: core.dense)
 
 Evaluation = Literal["auto", "merged", "factored"]
 EVALUATIONS = ("auto", "merged", "factored")
+_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------
@@ -34,7 +36,7 @@ EVALUATIONS = ("auto", "merged", "factored")
 # --------------------------------------------------------------------------
 
 
-def _as_float(name: str, value, *, schedule_ok: bool = False) -> float | None:
+def as_float(name: str, value: object, *, schedule_ok: bool = False) -> float | None:
   """``float(value)``; None for a traced value (or a schedule, when allowed).
 
   Raises ``TypeError`` for anything that is not a real scalar.
@@ -50,7 +52,7 @@ def _as_float(name: str, value, *, schedule_ok: bool = False) -> float | None:
   return float(value)
 
 
-def check_features(name: str, value) -> int:
+def check_features(name: str, value: object) -> int:
   """Raises unless ``value`` (a layer size called ``name``) is a positive int; returns it.
 
   >>> check_features("features", 4)
@@ -66,7 +68,9 @@ def check_features(name: str, value) -> int:
   return int(value)
 
 
-def check_rank(rank, in_features: int | None = None, out_features: int | None = None):
+def check_rank(
+  rank: object, in_features: int | None = None, out_features: int | None = None
+) -> int:
   """Raises unless ``rank`` is an integer with ``0 < rank <= min(in, out)``.
 
   Args:
@@ -93,7 +97,7 @@ def check_rank(rank, in_features: int | None = None, out_features: int | None = 
   return int(rank)
 
 
-def check_delta_scaling(delta_scaling):
+def check_delta_scaling(delta_scaling: _T) -> _T:
   """Raises unless ``delta_scaling`` is finite and positive; returns it.
 
   >>> check_delta_scaling(0.1)
@@ -102,13 +106,13 @@ def check_delta_scaling(delta_scaling):
   Traceback (most recent call last):
   ValueError: delta_scaling must be finite and > 0, got delta_scaling=nan
   """
-  value = _as_float("delta_scaling", delta_scaling)
+  value = as_float("delta_scaling", delta_scaling)
   if value is not None and not (math.isfinite(value) and value > 0):
     raise ValueError(f"delta_scaling must be finite and > 0, got delta_scaling={delta_scaling!r}")
   return delta_scaling
 
 
-def check_momentum(momentum):
+def check_momentum(momentum: _T) -> _T:
   """Raises unless ``0 <= momentum < 1`` (NaN is refused); returns it.
 
   A traced value (under ``optax.inject_hyperparams``) cannot be checked and
@@ -120,19 +124,19 @@ def check_momentum(momentum):
   Traceback (most recent call last):
   ValueError: momentum must satisfy 0 <= momentum < 1, got momentum=1.0
   """
-  value = _as_float("momentum", momentum)
+  value = as_float("momentum", momentum)
   if value is not None and not 0.0 <= value < 1.0:
     raise ValueError(f"momentum must satisfy 0 <= momentum < 1, got momentum={momentum!r}")
   return momentum
 
 
-def check_learning_rate(learning_rate):
+def check_learning_rate(learning_rate: _T) -> _T:
   """Raises unless ``learning_rate`` is a finite number or a schedule.
 
   >>> check_learning_rate(1e-3)
   0.001
   """
-  value = _as_float("learning_rate", learning_rate, schedule_ok=True)
+  value = as_float("learning_rate", learning_rate, schedule_ok=True)
   if value is not None and not math.isfinite(value):
     raise ValueError(
       f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
@@ -140,11 +144,11 @@ def check_learning_rate(learning_rate):
   return learning_rate
 
 
-def check_evaluation(evaluation):
+def check_evaluation(evaluation: object) -> Evaluation:
   """Raises unless ``evaluation`` is one of ``'auto'``, ``'merged'``, ``'factored'``."""
   if evaluation not in EVALUATIONS:
     raise ValueError(f"evaluation must be one of {EVALUATIONS}, got evaluation={evaluation!r}")
-  return evaluation
+  return cast(Evaluation, evaluation)  # one of EVALUATIONS, checked above
 
 
 def lora_scaling(alpha: float | None, rank: int) -> float:
@@ -163,7 +167,7 @@ def lora_scaling(alpha: float | None, rank: int) -> float:
   check_rank(rank)
   if alpha is None:
     return 1.0
-  value = _as_float("alpha", alpha)
+  value = as_float("alpha", alpha)
   if value is None or not math.isfinite(value):
     raise ValueError(f"alpha must be a finite number or None, got alpha={alpha!r}")
   return 1.0 if value <= 0 else value / rank
@@ -174,7 +178,7 @@ def lora_scaling(alpha: float | None, rank: int) -> float:
 # --------------------------------------------------------------------------
 
 
-def lora_a_init(rank: int):
+def lora_a_init(rank: int) -> jax.nn.initializers.Initializer:
   """The seed's initializer for ``A``: N(0, 1/rank), as a JAX initializer.
 
   >>> a = lora_a_init(4)(jax.random.key(0), (16, 4))
@@ -189,18 +193,20 @@ def lora_a_init(rank: int):
 # --------------------------------------------------------------------------
 
 
-def widest_dtype(*dtypes, at_least=None) -> np.dtype:
+def widest_dtype(*dtypes: DTypeLike | None, at_least: DTypeLike | None = None) -> np.dtype[Any]:
   """The dtype every one of ``dtypes`` (and ``at_least``) promotes to, whatever the promotion mode.
 
   >>> widest_dtype(jnp.bfloat16, jnp.float32), widest_dtype(jnp.bfloat16, at_least=jnp.float32)
   (dtype('float32'), dtype('float32'))
   """
-  dtypes = [d for d in (*dtypes, at_least) if d is not None]
+  given = [d for d in (*dtypes, at_least) if d is not None]
   with jax.numpy_dtype_promotion("standard"):
-    return np.dtype(jnp.result_type(*dtypes))
+    return np.dtype(jnp.result_type(*given))
 
 
-def _projection(projection, kernel) -> projections.Projection:
+def _projection(
+  projection: projections.Projection | None, kernel: ArrayLike
+) -> projections.Projection:
   """``projection``, or the dense one (``kernel [in, out]``) when None."""
   if projection is not None:
     return projection
@@ -209,7 +215,14 @@ def _projection(projection, kernel) -> projections.Projection:
   return projections.GeneralDense(features=(int(jnp.shape(kernel)[1]),))
 
 
-def check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection=None) -> None:
+def check_layer_shapes(
+  kernel: ArrayLike,
+  bias: ArrayLike | None,
+  lora_a: ArrayLike,
+  lora_b: ArrayLike,
+  delta: ArrayLike | None,
+  projection: projections.Projection | None = None,
+) -> None:
   """Raises ``ValueError`` unless the arrays of one layer have consistent shapes.
 
   ``D`` has the kernel's shape, ``A`` and ``B`` the shapes of
@@ -262,7 +275,7 @@ def merged_kernel(
   *,
   scaling: float,
   delta_scaling: float,
-  precision=None,
+  precision: jax.lax.PrecisionLike = None,
   projection: projections.Projection | None = None,
 ) -> jax.Array:
   """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
@@ -349,8 +362,8 @@ def delta_lora_apply(
   delta_scaling: float,
   freeze_base: bool = True,
   evaluation: Evaluation = "auto",
-  dtype=None,
-  precision=None,
+  dtype: DTypeLike | None = None,
+  precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
   """A Delta-LoRA layer of any kind: ``P(x, W) + b + s P_B(P_A(x, A), B) + ds P(x, D)``.
 
@@ -440,7 +453,7 @@ def delta_lora_apply(
   return y
 
 
-def _check_input(x, kernel, projection: projections.Projection) -> None:
+def _check_input(x: ArrayLike, kernel: ArrayLike, projection: projections.Projection) -> None:
   """Raises ``ValueError`` unless ``x`` fits the kernel (an einsum checks its own operands)."""
   if isinstance(projection, projections.Einsum):
     return
@@ -459,7 +472,34 @@ def _check_input(x, kernel, projection: projections.Projection) -> None:
     )
 
 
-def delta_lora_layer(layer, x, kernel, bias, lora_a, lora_b, delta) -> jax.Array:
+class LayerSettings(Protocol):
+  """What :func:`delta_lora_layer` reads of an adapted layer (the Linen and NNX layers have it)."""
+
+  @property
+  def projection(self) -> projections.Projection: ...
+  @property
+  def scaling(self) -> float: ...
+  @property
+  def delta_scaling(self) -> float: ...
+  @property
+  def freeze_base(self) -> bool: ...
+  @property
+  def evaluation(self) -> Evaluation: ...
+  @property
+  def dtype(self) -> DTypeLike | None: ...
+  @property
+  def precision(self) -> jax.lax.PrecisionLike: ...
+
+
+def delta_lora_layer(
+  layer: LayerSettings,
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  delta: jax.Array | None,
+) -> jax.Array:
   """:func:`delta_lora_apply` with the settings of an adapted ``layer``.
 
   ``layer`` is any object with the attributes ``projection``, ``scaling``,
@@ -496,8 +536,8 @@ def delta_lora_dense(
   delta_scaling: float,
   freeze_base: bool = True,
   evaluation: Evaluation = "auto",
-  dtype=None,
-  precision=None,
+  dtype: DTypeLike | None = None,
+  precision: jax.lax.PrecisionLike = None,
 ) -> jax.Array:
   """The Delta-LoRA dense layer: ``x W + b + s (x A) B + ds (x D)``.
 
@@ -529,7 +569,10 @@ def delta_lora_dense(
 
 
 def lora_product_norm(
-  lora_a: jax.Array, lora_b: jax.Array, scaling: float, projection=None
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  scaling: float,
+  projection: projections.Projection | None = None,
 ) -> jax.Array:
   """Frobenius norm of ``s A B`` without forming the full-size product.
 
@@ -543,7 +586,8 @@ def lora_product_norm(
   """
   if projection is not None and projection.rank_axis_of_b() != 0:
     full = projection.lora_kernel(lora_a, lora_b)
-    return jnp.abs(scaling) * jnp.linalg.norm(jnp.ravel(full))
+    norm: jax.Array = jnp.linalg.norm(jnp.ravel(full))  # jax types norm's result as Any
+    return jnp.abs(scaling) * norm
   a = jnp.reshape(lora_a, (-1, lora_a.shape[-1]))
   b = jnp.reshape(lora_b, (lora_b.shape[0], -1))
   gram_a = a.T @ a

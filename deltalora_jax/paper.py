@@ -114,7 +114,7 @@ def _layer_kinds(layers: Any) -> dict[paths.Path, tuple[float, projections.Proje
 
 
 def _check_lambda(lambda_):
-  value = core._as_float("lambda_", lambda_)
+  value = core.as_float("lambda_", lambda_)
   if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(f"lambda_ must be finite and >= 0, got lambda_={lambda_!r}")
   return lambda_
