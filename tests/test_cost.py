@@ -1,7 +1,7 @@
 """Structural cost facts of the compiled layer and training step.
 
 No timing: XLA's own cost analysis (flops), the products in the compiled
-program, the trace count of a jitted step, and buffer donation.
+program, and the trace count of a jitted step.
 """
 
 import re
@@ -9,7 +9,6 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 import pytest
 
@@ -195,7 +194,12 @@ def test_seed_step_flops_at_the_floor_of_full_fine_tuning(step_flops):
 
 
 def test_three_separate_products_cost_far_more(step_flops):
-  assert step_flops["naive"] >= 1.3 * step_flops["full"]
+  # In products of [ROWS, WIDTH] by [WIDTH, WIDTH], over the LAYERS = 3 layers. Full
+  # fine-tuning: forward 3, weight gradients 3, input gradients 2 (none for the input): 8.
+  # Three separate products: forward x W and x D 6, dD 3, input gradients g W^T and g D^T
+  # 4: 13; and 17 of rank / width that size: x A, (x A) B 6, g B^T, dA, dB 9, (g B^T) A^T 2.
+  expected = (13 + 17 * RANK / WIDTH) / 8  # 1.69
+  assert expected <= step_flops["naive"] / step_flops["full"] <= 1.01 * expected
 
 
 def test_paper_rule_step_flops_near_plain_lora(step_flops):
@@ -223,16 +227,3 @@ def test_second_call_neither_retraces_nor_recompiles():
     jax.monitoring.unregister_event_duration_listener(listen)
   assert len(traces) == 1
   assert compiles == []
-
-
-def test_parameters_and_optimizer_state_are_donated():
-  step, v, s, x, y, _ = _setup("seed")
-  donated = jax.tree.leaves((v, s))
-  nbytes = sum(a.nbytes for a in donated)
-  memory = step.lower(v, s, x, y).compile().memory_analysis()
-  # every donated buffer is reused by an output of the same shape
-  assert memory.alias_size_in_bytes == nbytes
-  jax.block_until_ready(step(v, s, x, y))
-  assert all(a.is_deleted() for a in donated)
-  assert not x.is_deleted()
-  np.testing.assert_array_equal(x.shape, (ROWS, WIDTH))
