@@ -101,7 +101,8 @@ def jax_variant(method: str, pretrained: dict, ids, mask, targets):
   trainable = traverse_util.unflatten_dict({k: v for k, v in flat.items() if is_trainable(k)})
   frozen = traverse_util.unflatten_dict({k: v for k, v in flat.items() if not is_trainable(k)})
   if method == "delta-lora":
-    tx = dl.delta_lora(10.0, 0.9, lora_optimizer=_adamw(), other_optimizer=_adamw())
+    layers = dl.adapted_layers(model, ids, mask)
+    tx = dl.delta_lora(10.0, 0.9, layers=layers, lora_optimizer=_adamw(), other_optimizer=_adamw())
   else:
     tx = _adamw()
 

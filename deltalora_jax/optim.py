@@ -8,6 +8,7 @@ optimizer on the LoRA factors, and nothing on a frozen base.
 
 from __future__ import annotations
 
+import enum
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -15,12 +16,27 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from deltalora_jax import core, paths
+from deltalora_jax import config, core, paths
 
-DELTA = "delta"
-LORA = "lora"
-BASE = "base"
-OTHER = "other"
+
+class Label(enum.StrEnum):
+  """The label of a leaf in :func:`delta_lora`'s routing: which optimizer moves it.
+
+  A ``StrEnum``: each member compares and hashes as its string, so a labels
+  tree of plain strings (``'delta'``, ...) works as well as one of members.
+
+  Example:
+    >>> Label.DELTA == "delta", [str(label) for label in Label]
+    (True, ['delta', 'lora', 'base', 'other'])
+  """
+
+  DELTA = "delta"  # the D of an adapted layer: the delta rule
+  LORA = "lora"  # lora_a, lora_b: lora_optimizer
+  BASE = "base"  # an adapted layer's kernel and bias: base_optimizer
+  OTHER = "other"  # every other parameter: other_optimizer
+
+
+DELTA, LORA, BASE, OTHER = Label.DELTA, Label.LORA, Label.BASE, Label.OTHER
 LORA_NAMES = frozenset({"lora_a", "lora_b"})
 BASE_NAMES = frozenset({"kernel", "bias"})
 
@@ -124,26 +140,27 @@ def delta_momentum(
 
 
 def leaf_labels(variables) -> Any:
-  """Labels each leaf of a variables tree ``'delta'``, ``'lora'``, ``'base'`` or ``'other'``.
+  """Labels each leaf of a variables tree with a :class:`Label`, by the names on its path.
 
-  * ``'delta'``: a leaf named ``delta`` in the ``'delta'`` collection (Linen)
-    or beside a ``lora_a`` (NNX): the ``D`` of an adapted layer;
-  * ``'lora'``: a leaf named ``lora_a`` or ``lora_b``;
-  * ``'base'``: ``kernel`` or ``bias`` beside a ``lora_a`` (the base of an
+  * ``Label.DELTA``: a leaf named ``delta`` in the ``'delta'`` collection
+    (Linen) or beside a ``lora_a`` (NNX): the ``D`` of an adapted layer;
+  * ``Label.LORA``: a leaf named ``lora_a`` or ``lora_b``;
+  * ``Label.BASE``: ``kernel`` or ``bias`` beside a ``lora_a`` (the base of an
     adapted layer);
-  * ``'other'``: everything else (layers that are not adapted, a new head).
+  * ``Label.OTHER``: everything else (layers that are not adapted, a new head).
 
   Works on Linen variable dicts and on NNX states alike: only the names on
-  each leaf's path matter.
+  each leaf's path matter. The default routing of :func:`delta_lora`.
 
   Example:
-    >>> import jax.numpy as jnp
     >>> tree = {"params": {"dense": {"kernel": 1.0, "lora_a": 1.0, "lora_b": 1.0},
     ...                    "head": {"kernel": 1.0}},
     ...         "delta": {"dense": {"delta": 1.0}}}
     >>> labels = leaf_labels(tree)
     >>> labels["params"]["dense"]["kernel"], labels["params"]["head"]["kernel"]
-    ('base', 'other')
+    (<Label.BASE: 'base'>, <Label.OTHER: 'other'>)
+    >>> labels["delta"]["dense"]["delta"] == "delta"
+    True
   """
   leaf_paths = [paths.key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   adapted = {p[:-1] for p in leaf_paths if p and p[-1] in LORA_NAMES}
@@ -162,9 +179,25 @@ def leaf_labels(variables) -> Any:
   return jax.tree_util.tree_map_with_path(label, variables)
 
 
-def _check_has_delta(labels, variables) -> None:
-  if DELTA in jax.tree.leaves(labels):
+def _check_labels(labels, variables, *, default: bool) -> None:
+  """Each label is a :class:`Label`, and one at least is ``'delta'``."""
+  allowed = [str(label) for label in Label]
+  leaves = jax.tree.leaves(labels)
+  unknown = sorted(
+    {repr(leaf) for leaf in leaves if not (isinstance(leaf, str) and leaf in allowed)}
+  )
+  if unknown:
+    raise ValueError(
+      f"labels must give each leaf one of the labels {allowed} (deltalora_jax.Label), "
+      f"got {', '.join(unknown)}"
+    )
+  if DELTA in leaves:
     return
+  if not default:
+    raise ValueError(
+      f"labels gave no leaf the label 'delta' (the D of the delta rule), only "
+      f"{sorted(set(map(str, leaves)))}; the labels allowed are {allowed}"
+    )
   found = list(variables) if isinstance(variables, Mapping) else type(variables).__name__
   raise ValueError(
     "delta_lora needs the variables tree with the 'delta' collection (leaves "
@@ -172,43 +205,130 @@ def _check_has_delta(labels, variables) -> None:
   )
 
 
+def _strip_collection(path: paths.Path) -> paths.Path:
+  """A layer's path in a Linen variables tree, less its ``'params'``/``'delta'`` collection."""
+  return path[1:] if path[:1] in (("params",), (DELTA,)) else path
+
+
+def _check_layers(variables, configs: Mapping[paths.Path, Any]) -> None:
+  """The variables tree's adapted layers are those of ``layers``, no more, no fewer.
+
+  A tree's adapted layer is where a ``lora_a``/``lora_b`` leaf sits, or a
+  ``delta`` leaf in the ``'delta'`` collection; a leading ``'params'`` or
+  ``'delta'`` collection is ignored when the path without it is in ``layers``.
+  """
+  leaf_paths = [paths.key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
+  found = {p[:-1] for p in leaf_paths if p and p[-1] in LORA_NAMES}
+  found |= {p[:-1] for p in leaf_paths if len(p) > 1 and p[0] == DELTA and p[-1] == DELTA}
+  matched, unmatched = set(), []
+  for path in found:
+    candidate = path if path in configs else _strip_collection(path)
+    if candidate in configs:
+      matched.add(candidate)
+    else:
+      unmatched.append(path)
+  if unmatched or matched != set(configs):
+    tree_layers = sorted({paths.name(p if p in configs else _strip_collection(p)) for p in found})
+    raise ValueError(
+      "the adapted layers of the variables tree differ from those of `layers`: the tree has "
+      f"{tree_layers}, layers has {sorted(map(paths.name, configs))} (a leading 'params' or "
+      "'delta' collection is ignored); pass the layers of the model that made these variables"
+    )
+
+
+def _check_base_optimizer(configs: Mapping[paths.Path, Any], base_optimizer) -> None:
+  """``base_optimizer`` is given exactly when some layer trains its base."""
+  trained = [paths.name(path) for path, layer in configs.items() if not layer.freeze_base]
+  if trained and base_optimizer is None:
+    which = f"layer {trained[0]!r} has" if len(trained) == 1 else f"layers {trained} have"
+    raise ValueError(
+      f"{which} freeze_base=False but base_optimizer is None: pass base_optimizer=..., "
+      "or build the layer with freeze_base=True"
+    )
+  if not trained and base_optimizer is not None:
+    raise ValueError(
+      "base_optimizer is given but every layer has freeze_base=True, so "
+      "no base is trained (a frozen base gets a zero gradient): drop base_optimizer, or build "
+      "the layers whose base should train with freeze_base=False"
+    )
+
+
 def delta_lora(
   learning_rate: optax.ScalarOrSchedule,
   momentum: float = 0.9,
   *,
-  lora_optimizer: optax.GradientTransformation | None = None,
+  layers: Any,
+  lora_optimizer: optax.GradientTransformation,
   base_optimizer: optax.GradientTransformation | None = None,
   other_optimizer: optax.GradientTransformation | None = None,
+  labels: Any = None,
   velocity_dtype: Any = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Delta-LoRA optimizer for a whole variables tree.
 
-  Each leaf is routed by :func:`leaf_labels`:
+  Each leaf is routed by its :class:`Label` (``labels``, by default
+  :func:`leaf_labels`):
 
-  * ``D``: :func:`delta_momentum` (``V <- mu V + (1 - mu) g``, ``D <- D - eta V``);
-  * LoRA factors: ``lora_optimizer``, by default ``optax.sgd(learning_rate)``
-    as in the seed;
-  * base kernel and bias of adapted layers: ``base_optimizer``; None (the
-    default) freezes them, whatever their gradient;
-  * all other parameters (layers not adapted, a new head): ``other_optimizer``;
-    None freezes them.
+  * ``Label.DELTA``, the ``D`` of each layer: :func:`delta_momentum`,
+
+    .. math::
+
+      V \leftarrow \mu V + (1 - \mu) g_D, \qquad D \leftarrow D - \eta V
+
+  * ``Label.LORA``, the factors ``lora_a`` and ``lora_b``: ``lora_optimizer``;
+  * ``Label.BASE``, the adapted layers' ``kernel`` and ``bias``:
+    ``base_optimizer``; None (the default) freezes them, whatever their gradient;
+  * ``Label.OTHER``, every other parameter (layers not adapted, a new head):
+    ``other_optimizer``; None freezes them.
+
+  ``learning_rate`` is the rate of ``D`` alone: the factors have their own
+  optimizer and rate, and ``lora_optimizer`` has no default because one rate
+  cannot suit both. ``D`` enters the effective weight scaled by
+  ``ds = delta_scaling``: ``W_eff = W + s A B + ds D``, so
+  ``dL/dD = ds dL/dW_eff``, and a step ``-eta dL/dD`` on ``D`` moves ``W_eff``
+  by ``ds`` times that:
+
+  .. math::
+
+    \Delta W_\mathrm{eff} = -\,\mathrm{ds}^2\,\eta\,\frac{\partial L}{\partial W_\mathrm{eff}}
+
+  At ``ds = 0.1`` that is 1% of ``eta``: beside AdamW at ``3e-4`` on the
+  factors, ``learning_rate=10`` is a fair start (the demo's ``delta_lr``). For
+  the seed's shared rate, pass ``lora_optimizer=optax.sgd(learning_rate)``.
 
   A frozen part is never updated, so a frozen base cannot be trained by
   mistake: training it needs both ``freeze_base=False`` on the layer (or it
-  receives a zero gradient) and a ``base_optimizer`` here.
+  receives a zero gradient) and a ``base_optimizer`` here, and each without
+  the other raises. With some layers frozen and some not, ``base_optimizer``
+  also sees the frozen bases (with a zero gradient): prefer one without
+  weight decay, or route them with ``labels``.
 
   Args:
-    learning_rate: ``eta`` of the delta rule (and of the default LoRA SGD), a
-      float or a schedule.
+    learning_rate: ``eta`` of the delta rule, a float or a schedule.
     momentum: ``mu`` of the velocity, ``0 <= mu < 1``.
-    lora_optimizer: optimizer of ``lora_a`` and ``lora_b``.
-    base_optimizer: optimizer of the adapted layers' ``kernel``/``bias``.
+    layers: the adapted layers: an NNX model, a Linen layers mapping
+      ``{path: layer}`` (:func:`deltalora_jax.adapted_layers`) or a
+      :class:`~deltalora_jax.DeltaLoRAModel`
+      (:func:`deltalora_jax.config.layer_configs` reads them). Their
+      ``freeze_base`` is checked against ``base_optimizer`` here, and ``init``
+      checks that the variables tree has exactly these adapted layers.
+    lora_optimizer: optimizer of ``lora_a`` and ``lora_b``; required.
+    base_optimizer: optimizer of the adapted layers' ``kernel``/``bias``;
+      given exactly when some layer has ``freeze_base=False``.
     other_optimizer: optimizer of every other parameter.
+    labels: the routing, replacing :func:`leaf_labels`: a tree of labels (the
+      variables tree's structure or a prefix of it) or a function of the
+      variables tree returning one, as ``param_labels`` of
+      :func:`optax.partition`. Each label is a :class:`Label` (or its string);
+      one at least must be ``'delta'``.
     velocity_dtype: dtype of the velocity; None follows ``D``.
 
   Returns:
     An ``optax.GradientTransformationExtraArgs``. Its ``init`` raises
-    ``ValueError`` when the tree holds no ``delta`` leaf.
+    ``ValueError`` when a label is not a :class:`Label`, when no leaf is
+    labelled ``'delta'``, or when the tree's adapted layers differ from
+    ``layers``. Under ``optax.inject_hyperparams``, name ``layers`` (when it
+    is a model, which is callable) and a ``labels`` function in ``static_args``.
 
   Example:
     >>> import jax, jax.numpy as jnp, optax
@@ -216,7 +336,8 @@ def delta_lora(
     >>> layer = dl.DeltaLoRADense(features=3, rank=2)
     >>> x = jnp.ones((4, 5))
     >>> variables = layer.init(jax.random.key(0), x)
-    >>> tx = dl.delta_lora(learning_rate=1e-2)
+    >>> tx = dl.delta_lora(
+    ...     learning_rate=1e-2, layers=dl.adapted_layers(layer, x), lora_optimizer=optax.sgd(1e-2))
     >>> opt_state = tx.init(variables)
     >>> loss = lambda v: jnp.sum(layer.apply(v, x) ** 2)
     >>> grads = jax.grad(loss)(variables)
@@ -230,25 +351,38 @@ def delta_lora(
   """
   core.check_learning_rate(learning_rate)
   core.check_momentum(momentum)
-  for name, tx in (
-    ("lora_optimizer", lora_optimizer),
-    ("base_optimizer", base_optimizer),
-    ("other_optimizer", other_optimizer),
-  ):
+  if not isinstance(lora_optimizer, optax.GradientTransformation):
+    raise TypeError(
+      f"lora_optimizer must be an optax.GradientTransformation, got {lora_optimizer!r} (there "
+      "is no default: D's step on the effective weight is delta_scaling**2 * learning_rate, "
+      "so no one rate suits D and the factors)"
+    )
+  for name, tx in (("base_optimizer", base_optimizer), ("other_optimizer", other_optimizer)):
     if tx is not None and not isinstance(tx, optax.GradientTransformation):
       raise TypeError(f"{name} must be an optax.GradientTransformation or None, got {tx!r}")
+  configs = config.layer_configs(layers)
+  if not any(layer.use_delta for layer in configs.values()):
+    raise ValueError(
+      "delta_lora is the rule of D, but every layer of `layers` has use_delta=False "
+      f"({sorted(map(paths.name, configs))}): build them with use_delta=True, or use "
+      "paper_delta_lora (the published rule) or a plain optimizer for LoRA alone"
+    )
+  _check_base_optimizer(configs, base_optimizer)
+  param_labels = leaf_labels if labels is None else labels
   inner = optax.multi_transform(
     {
-      DELTA: delta_momentum(learning_rate, momentum, velocity_dtype),
-      LORA: lora_optimizer or optax.sgd(learning_rate),
-      BASE: base_optimizer or optax.set_to_zero(),
-      OTHER: other_optimizer or optax.set_to_zero(),
+      DELTA.value: delta_momentum(learning_rate, momentum, velocity_dtype),
+      LORA.value: lora_optimizer,
+      BASE.value: base_optimizer or optax.set_to_zero(),
+      OTHER.value: other_optimizer or optax.set_to_zero(),
     },
-    leaf_labels,
+    param_labels,
   )
 
   def init_fn(params):
-    _check_has_delta(leaf_labels(params), params)
+    tree_labels = param_labels(params) if callable(param_labels) else param_labels
+    _check_labels(tree_labels, params, default=labels is None)
+    _check_layers(params, configs)
     return inner.init(params)
 
   return optax.GradientTransformationExtraArgs(init_fn, inner.update)

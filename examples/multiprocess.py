@@ -191,7 +191,7 @@ def build(rule: str):
   layers = dl.adapted_layers(model, sample)
   lora = optax.sgd(LORA_LEARNING_RATE, momentum=LORA_MOMENTUM)
   if use_delta:
-    tx = dl.delta_lora(LEARNING_RATE, MOMENTUM, lora_optimizer=lora)
+    tx = dl.delta_lora(LEARNING_RATE, MOMENTUM, layers=layers, lora_optimizer=lora)
     optimizer = {"learning_rate": LEARNING_RATE, "momentum": MOMENTUM}
   else:
     tx = dl.paper_delta_lora(

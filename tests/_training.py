@@ -43,7 +43,8 @@ SAMPLE = jnp.zeros((1, IN))
 def optimizer(max_consecutive_errors: int = MAX_CONSECUTIVE_ERRORS):
   """The guarded optimizer: Delta-LoRA with SGD and momentum (a state) on the LoRA factors."""
   lora_optimizer = optax.sgd(LORA_LEARNING_RATE, momentum=LORA_MOMENTUM)
-  inner = dl.delta_lora(LEARNING_RATE, MOMENTUM, lora_optimizer=lora_optimizer)
+  layers = dl.adapted_layers(MODEL, SAMPLE)
+  inner = dl.delta_lora(LEARNING_RATE, MOMENTUM, layers=layers, lora_optimizer=lora_optimizer)
   return optax.apply_if_finite(inner, max_consecutive_errors)
 
 

@@ -146,7 +146,7 @@ def _optimizer(kind, layers):
     )
   if kind == "paper":
     return dl.paper_delta_lora(1e-3, layers=layers, start_step=0)
-  return dl.delta_lora(1e-2)
+  return dl.delta_lora(1e-2, layers=layers, lora_optimizer=optax.sgd(1e-2))
 
 
 def _make_step(model, tx, traces):

@@ -73,7 +73,10 @@ def _train(dtype):
   target = jnp.sin(x @ jax.random.normal(kt, (16, 1)))
   model = _Net(dtype)
   variables = model.init(kp, x)
-  tx = dl.delta_lora(0.05, 0.9, velocity_dtype=jnp.float32)
+  layers = dl.adapted_layers(model, x)
+  tx = dl.delta_lora(
+    0.05, 0.9, layers=layers, lora_optimizer=optax.sgd(0.05), velocity_dtype=jnp.float32
+  )
 
   def loss_fn(v):
     return jnp.mean(jnp.square(model.apply(v, x).astype(jnp.float32) - target))

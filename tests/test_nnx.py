@@ -199,9 +199,8 @@ def test_one_optimizer_step_follows_the_delta_rule(wrt):
   model = TwoLayers(nnx.Rngs(0))
   before = nnx.to_pure_dict(nnx.clone(nnx.state(model)))
   lr, mu = 0.1, 0.9
-  optimizer = nnx.Optimizer(
-    model, dl.delta_lora(lr, mu), wrt=TRAINABLE if wrt == "trainable" else nnx.Param
-  )
+  tx = dl.delta_lora(lr, mu, layers=model, lora_optimizer=optax.sgd(lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE if wrt == "trainable" else nnx.Param)
   loss = lambda m: jnp.sum(m(X) ** 2)  # noqa: E731
   grads = nnx.grad(loss, argnums=nnx.DiffState(0, optimizer.wrt))(model)
   optimizer.update(model, grads)
@@ -222,9 +221,8 @@ def test_one_optimizer_step_follows_the_delta_rule(wrt):
 
 def test_jitted_training_step_compiles_once_and_learns():
   model = TwoLayers(nnx.Rngs(0))
-  optimizer = nnx.Optimizer(
-    model, dl.delta_lora(0.05, lora_optimizer=optax.sgd(0.1)), wrt=TRAINABLE
-  )
+  tx = dl.delta_lora(0.05, layers=model, lora_optimizer=optax.sgd(0.1))
+  optimizer = nnx.Optimizer(model, tx, wrt=TRAINABLE)
   target = jnp.ones((2, ROWS, 1))
   traces = []
 
@@ -246,7 +244,7 @@ def test_jitted_training_step_compiles_once_and_learns():
 def test_nnx_utilities_refuse_a_model_without_adapters():
   with pytest.raises(ValueError, match="has no adapted layer"):
     dl.parameter_counts(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
-  with pytest.raises(TypeError, match="layers must be None for an NNX model"):
+  with pytest.raises(TypeError, match="layers must be None with an NNX model"):
     dl.parameter_counts(TwoLayers(nnx.Rngs(0)), {})
   with pytest.raises(TypeError, match="layers is required"):
     dl.parameter_counts({"params": {}})

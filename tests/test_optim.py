@@ -8,6 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from flax import linen as nn
+from flax import nnx
 
 import deltalora_jax as dl
 
@@ -114,7 +116,9 @@ def _jitted_run(freeze_base, use_bias, dtype):
     use_bias=use_bias,
     param_dtype=dtype,
   )
-  tx = dl.delta_lora(LR, MU, base_optimizer=None if freeze_base else optax.sgd(LR))
+  layers = dl.adapted_layers(layer, jnp.zeros((N, IN), dtype))
+  base = None if freeze_base else optax.sgd(LR)
+  tx = dl.delta_lora(LR, MU, layers=layers, lora_optimizer=optax.sgd(LR), base_optimizer=base)
 
   def loss(variables, x, t):
     return 0.5 * jnp.mean(jnp.sum((layer.apply(variables, x) - t) ** 2, axis=-1))
@@ -163,6 +167,13 @@ def test_twenty_steps_equal_float64_reference(dtype, freeze_base, use_bias):
 
 LAYER = dl.DeltaLoRADense(OUT, rank=R, alpha=ALPHA, delta_scaling=DS)
 X = jnp.asarray(np.random.default_rng(1).standard_normal((N, IN)), jnp.float32)
+LAYERS = dl.adapted_layers(LAYER, X)
+
+
+def _delta_lora(learning_rate=LR, momentum=MU, **kwargs):
+  """``delta_lora`` on :data:`LAYER`, the seed's shared rate on the factors unless given."""
+  kwargs.setdefault("lora_optimizer", optax.sgd(learning_rate))
+  return dl.delta_lora(learning_rate, momentum, layers=LAYERS, **kwargs)
 
 
 def _variables():
@@ -207,7 +218,7 @@ def _assert_params(variables, want, rtol=1e-5):
 
 
 def test_training_step_compiles_once_and_freezes_base():
-  tx = dl.delta_lora(LR, MU)
+  tx = _delta_lora()
   step, traces = _make_step(tx)
   variables = _variables()
   opt_state = tx.init(variables)
@@ -220,7 +231,7 @@ def test_training_step_compiles_once_and_freezes_base():
 
 
 def test_chain_with_global_norm_clipping():
-  tx = optax.chain(optax.clip_by_global_norm(1.0), dl.delta_lora(LR, MU))
+  tx = optax.chain(optax.clip_by_global_norm(1.0), _delta_lora())
   step, _ = _make_step(tx)
   variables = _variables()
   new, _ = step(variables, tx.init(variables), 1.0)
@@ -229,21 +240,40 @@ def test_chain_with_global_norm_clipping():
   _assert_params(new, _expected_after_one_step(GRADS, factor=1.0 / norm))
 
 
-def test_inject_hyperparams_changes_learning_rate_inside_jit():
-  tx = optax.inject_hyperparams(dl.delta_lora)(learning_rate=LR, momentum=MU)
+def test_inject_hyperparams_changes_learning_rate_and_momentum_inside_jit():
+  tx = optax.inject_hyperparams(dl.delta_lora)(
+    learning_rate=LR, momentum=MU, layers=LAYERS, lora_optimizer=optax.sgd(LR)
+  )
   step, traces = _make_step(tx)
   variables = _variables()
   opt_state = tx.init(variables)
-  opt_state.hyperparams["learning_rate"] = jnp.asarray(0.05, jnp.float32)
-  new, opt_state = step(variables, opt_state, 1.0)
-  _assert_params(new, _expected_after_one_step(GRADS, lr=0.05))
-  opt_state.hyperparams["momentum"] = jnp.asarray(0.5, jnp.float32)
-  step(new, opt_state, 1.0)
+  # Values unlike the defaults (LR = 0.05, MU = 0.9), changed again between steps.
+  (lr1, mu1), (lr2, mu2) = (0.2, 0.5), (0.1, 0.25)
+  tol = {"rtol": 1e-5, "atol": 1e-7}
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(lr1, jnp.float32)
+  opt_state.hyperparams["momentum"] = jnp.asarray(mu1, jnp.float32)
+  v1, opt_state = step(variables, opt_state, 1.0)
+  g1 = GRADS["delta"]["delta"]
+  velocity1 = (1 - mu1) * g1  # V <- mu V + (1 - mu) g, from V = 0
+  d1 = -lr1 * velocity1  # D <- D - lr V, from D = 0
+  np.testing.assert_allclose(v1["delta"]["delta"], d1, **tol)
+  np.testing.assert_allclose(dl.velocity(opt_state)["delta"]["delta"], velocity1, **tol)
+  # The factors keep their own optimizer: the injected rate is D's alone.
+  want_a = variables["params"]["lora_a"] - LR * GRADS["params"]["lora_a"]
+  np.testing.assert_allclose(v1["params"]["lora_a"], want_a, **tol)
+
+  opt_state.hyperparams["learning_rate"] = jnp.asarray(lr2, jnp.float32)
+  opt_state.hyperparams["momentum"] = jnp.asarray(mu2, jnp.float32)
+  g2 = jax.grad(_loss)(v1)["delta"]["delta"]
+  v2, opt_state = step(v1, opt_state, 1.0)
+  velocity2 = mu2 * velocity1 + (1 - mu2) * g2
+  np.testing.assert_allclose(dl.velocity(opt_state)["delta"]["delta"], velocity2, **tol)
+  np.testing.assert_allclose(v2["delta"]["delta"], d1 - lr2 * velocity2, **tol)
   assert len(traces) == 1  # a new value is not a new trace
 
 
 def test_multi_steps_applies_the_mean_every_k_steps():
-  tx = optax.MultiSteps(dl.delta_lora(LR, MU), every_k_schedule=2)
+  tx = optax.MultiSteps(_delta_lora(), every_k_schedule=2)
   step, _ = _make_step(tx)
   variables = _variables()
   # optax.MultiSteps divides a float by its int32 step count: not strict-clean.
@@ -256,7 +286,7 @@ def test_multi_steps_applies_the_mean_every_k_steps():
 
 
 def test_apply_if_finite_skips_a_nan_step_and_keeps_state():
-  tx = optax.apply_if_finite(dl.delta_lora(LR, MU), max_consecutive_errors=5)
+  tx = optax.apply_if_finite(_delta_lora(), max_consecutive_errors=5)
   step, _ = _make_step(tx)
   variables = _variables()
   opt_state = tx.init(variables)
@@ -270,7 +300,7 @@ def test_apply_if_finite_skips_a_nan_step_and_keeps_state():
 
 
 def test_lora_optimizer_is_used_for_factors_only():
-  tx = dl.delta_lora(LR, MU, lora_optimizer=optax.sgd(0.5))
+  tx = _delta_lora(lora_optimizer=optax.sgd(0.5))
   step, _ = _make_step(tx)
   variables = _variables()
   new, _ = step(variables, tx.init(variables), 1.0)
@@ -301,19 +331,17 @@ def test_leaf_labels_route_base_other_lora_and_delta():
 
 
 def test_head_is_frozen_unless_other_optimizer_given():
-  tree = {
-    "params": {"head": {"kernel": jnp.ones(2)}},
-    "delta": {"a": {"delta": jnp.zeros(2)}},
-  }
+  tree = _variables()
+  tree["params"]["head"] = {"kernel": jnp.ones(2)}
   grads = jax.tree.map(jnp.ones_like, tree)
   for other, want in ((None, 1.0), (optax.sgd(0.5), 0.5)):
-    tx = dl.delta_lora(LR, other_optimizer=other)
+    tx = _delta_lora(other_optimizer=other)
     updates, _ = tx.update(grads, tx.init(tree), tree)
     np.testing.assert_allclose(optax.apply_updates(tree, updates)["params"]["head"]["kernel"], want)
 
 
 def test_reset_velocity_zeroes_only_velocity():
-  tx = dl.delta_lora(LR, MU)
+  tx = _delta_lora()
   variables = _variables()
   _, opt_state = tx.update(GRADS, tx.init(variables), variables)
   reset = dl.reset_velocity(opt_state)
@@ -326,13 +354,36 @@ def test_reset_velocity_zeroes_only_velocity():
 @pytest.mark.parametrize(
   ("call", "error", "match"),
   [
-    (lambda: dl.delta_lora(LR, momentum=1.0), ValueError, r"momentum=1.0"),
-    (lambda: dl.delta_lora(LR, momentum=float("nan")), ValueError, r"momentum=nan"),
-    (lambda: dl.delta_lora(float("inf")), ValueError, r"learning_rate=inf"),
+    (lambda: _delta_lora(momentum=1.0), ValueError, r"momentum=1.0"),
+    (lambda: _delta_lora(momentum=float("nan")), ValueError, r"momentum=nan"),
+    (lambda: _delta_lora(float("inf")), ValueError, r"learning_rate=inf"),
     (lambda: dl.delta_momentum(LR, momentum=-0.5), ValueError, r"momentum=-0.5"),
-    (lambda: dl.delta_lora(LR, lora_optimizer="adam"), TypeError, r"lora_optimizer"),
+    (lambda: _delta_lora(lora_optimizer="adam"), TypeError, r"lora_optimizer.*'adam'"),
+    (lambda: _delta_lora(lora_optimizer=None), TypeError, r"lora_optimizer.*None.*no default"),
     (
-      lambda: dl.delta_lora(LR).init({"params": _variables()["params"]}),
+      lambda: dl.delta_lora(LR, layers=LAYERS),
+      TypeError,
+      r"missing 1 required keyword-only argument: 'lora_optimizer'",
+    ),
+    (
+      lambda: dl.delta_lora(LR, lora_optimizer=optax.sgd(LR)),
+      TypeError,
+      r"missing 1 required keyword-only argument: 'layers'",
+    ),
+    (
+      lambda: dl.delta_lora(LR, layers={"x": nn.Dense(2)}, lora_optimizer=optax.sgd(LR)),
+      TypeError,
+      r"layers\['x'\] must be an adapted layer",
+    ),
+    (
+      lambda: dl.delta_lora(
+        LR, layers=dl.adapted_layers(_mlp(use_delta=False), X), lora_optimizer=optax.sgd(LR)
+      ),
+      ValueError,
+      r"every layer of `layers` has use_delta=False \(\['hidden', 'out'\]\)",
+    ),
+    (
+      lambda: _delta_lora().init({"params": _variables()["params"]}),
       ValueError,
       r"needs the variables tree with the 'delta' collection.*\['params'\]",
     ),
@@ -342,3 +393,227 @@ def test_reset_velocity_zeroes_only_velocity():
 def test_bad_optimizer_arguments_raise_early(call, error, match):
   with pytest.raises(error, match=match):
     call()
+
+
+# --------------------------------------------------------------------------
+# labels: the routing, replaced.
+# --------------------------------------------------------------------------
+
+
+class _MLP(nn.Module):
+  """Two adapted layers and a plain head."""
+
+  freeze_base: tuple[bool, bool] = (True, True)
+  use_delta: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    options = {"rank": R, "alpha": ALPHA, "delta_scaling": DS, "use_delta": self.use_delta}
+    x = dl.DeltaLoRADense(6, freeze_base=self.freeze_base[0], name="hidden", **options)(x)
+    x = dl.DeltaLoRADense(OUT, freeze_base=self.freeze_base[1], name="out", **options)(nn.tanh(x))
+    return nn.Dense(2, name="head")(x)
+
+
+def _mlp(**kwargs):
+  return _MLP(**kwargs)
+
+
+def _mlp_setup(model):
+  """Variables (nonzero ``B`` so that every factor has a gradient), layers and gradients."""
+  variables = model.init(jax.random.key(1), X)
+  rng = np.random.default_rng(3)
+  for name in ("hidden", "out"):
+    shape = variables["params"][name]["lora_b"].shape
+    variables["params"][name]["lora_b"] = jnp.asarray(rng.standard_normal(shape), jnp.float32)
+  loss = lambda v: jnp.sum(model.apply(v, X) ** 2)  # noqa: E731
+  return variables, dl.adapted_layers(model, X), jax.grad(loss)(variables)
+
+
+def test_labels_constants_are_public_and_strings():
+  assert dl.Label.DELTA == "delta" and dl.Label.LORA == "lora"
+  assert dl.Label.BASE == "base" and dl.Label.OTHER == "other"
+  assert dl.optim.DELTA is dl.Label.DELTA and dl.optim.OTHER is dl.Label.OTHER
+  assert {"delta": 1}[dl.Label.DELTA] == 1  # hashes as its string
+
+
+def test_labels_callable_and_tree_equal_the_default_routing():
+  variables, layers, grads = _mlp_setup(_mlp())
+  plain = jax.tree.map(str, dl.leaf_labels(variables))  # a tree of plain strings
+  assert plain["params"]["out"]["lora_a"] == "lora" and type(plain["delta"]["out"]["delta"]) is str
+  results = []
+  for labels in (None, dl.leaf_labels, plain):
+    tx = dl.delta_lora(
+      LR,
+      MU,
+      layers=layers,
+      lora_optimizer=optax.sgd(0.1, momentum=0.5),
+      other_optimizer=optax.sgd(0.3),
+      labels=labels,
+    )
+    state = tx.init(variables)
+    for _ in range(2):
+      updates, state = tx.update(grads, state, variables)
+    results.append((updates, state))
+  chex.assert_trees_all_equal(results[0], results[1])
+  chex.assert_trees_all_equal(results[0], results[2])
+
+
+def test_labels_prefix_tree_routes_whole_collections():
+  # Everything in 'params' goes to other_optimizer, so lora_optimizer moves nothing.
+  tx = _delta_lora(
+    lora_optimizer=optax.sgd(100.0),
+    other_optimizer=optax.sgd(0.5),
+    labels={"params": dl.Label.OTHER, "delta": dl.Label.DELTA},
+  )
+  step, _ = _make_step(tx)
+  variables = _variables()
+  new, _ = step(variables, tx.init(variables), 1.0)
+  want = _expected_after_one_step(GRADS)
+  for name in ("lora_a", "lora_b"):
+    want[name] = variables["params"][name] - 0.5 * GRADS["params"][name]
+  _assert_params(new, want)
+
+
+def test_labels_callable_freezes_the_factors_of_one_layer():
+  variables, layers, grads = _mlp_setup(_mlp())
+
+  def labels(tree):
+    def relabel(path, label):
+      hidden = dl.paths.key_path(path)[1:2] == ("hidden",)
+      return dl.Label.OTHER if hidden and label == dl.Label.LORA else label
+
+    return jax.tree_util.tree_map_with_path(relabel, dl.leaf_labels(tree))
+
+  tx = dl.delta_lora(LR, MU, layers=layers, lora_optimizer=optax.sgd(0.1), labels=labels)
+  updates, _ = tx.update(grads, tx.init(variables), variables)
+  new = optax.apply_updates(variables, updates)
+  for name in ("lora_a", "lora_b"):
+    np.testing.assert_array_equal(
+      new["params"]["hidden"][name], variables["params"]["hidden"][name]
+    )
+    want = variables["params"]["out"][name] - 0.1 * grads["params"]["out"][name]
+    np.testing.assert_allclose(new["params"]["out"][name], want, rtol=1e-6, atol=1e-7)
+  for name in ("hidden", "out"):  # D still follows the delta rule
+    want = -LR * (1 - MU) * grads["delta"][name]["delta"]
+    np.testing.assert_allclose(new["delta"][name]["delta"], want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize(
+  ("labels", "match"),
+  [
+    (
+      lambda tree: jax.tree.map(lambda _: "head", tree),
+      r"labels must give each leaf one of the labels \['delta', 'lora', 'base', 'other'\]"
+      r".*, got 'head'",
+    ),
+    ({"params": "lora", "delta": 3}, r"one of the labels \['delta', 'lora', 'base', 'other'\].*3"),
+    (
+      {"params": dl.Label.LORA, "delta": dl.Label.OTHER},
+      r"labels gave no leaf the label 'delta'.*only \['lora', 'other'\]; the labels allowed "
+      r"are \['delta', 'lora', 'base', 'other'\]",
+    ),
+  ],
+)
+def test_bad_labels_raise_at_init_naming_the_labels_allowed(labels, match):
+  tx = _delta_lora(labels=labels)
+  with pytest.raises(ValueError, match=match):
+    tx.init(_variables())
+
+
+# --------------------------------------------------------------------------
+# layers: freeze_base against base_optimizer, and the tree against layers.
+# --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+  ("freeze_base", "base_optimizer", "match"),
+  [
+    (
+      (True, False),
+      None,
+      r"^layer 'out' has freeze_base=False but base_optimizer is None: pass "
+      r"base_optimizer=\.\.\., or build the layer with freeze_base=True$",
+    ),
+    ((False, False), None, r"^layers \['hidden', 'out'\] have freeze_base=False"),
+    (
+      (True, True),
+      optax.sgd(0.1),
+      r"base_optimizer is given but every layer has freeze_base=True.*drop base_optimizer",
+    ),
+  ],
+)
+def test_freeze_base_and_base_optimizer_must_agree_linen(freeze_base, base_optimizer, match):
+  layers = dl.adapted_layers(_mlp(freeze_base=freeze_base), X)
+  with pytest.raises(ValueError, match=match):
+    dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR), base_optimizer=base_optimizer)
+
+
+def test_base_optimizer_trains_the_base_of_an_unfrozen_layer_only():
+  variables, layers, grads = _mlp_setup(_mlp(freeze_base=(True, False)))
+  assert float(jnp.abs(grads["params"]["hidden"]["kernel"]).sum()) == 0  # frozen: no gradient
+  tx = dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR), base_optimizer=optax.sgd(0.1))
+  updates, _ = tx.update(grads, tx.init(variables), variables)
+  new = optax.apply_updates(variables, updates)
+  old = variables["params"]
+  np.testing.assert_array_equal(new["params"]["hidden"]["kernel"], old["hidden"]["kernel"])
+  want = old["out"]["kernel"] - 0.1 * grads["params"]["out"]["kernel"]
+  np.testing.assert_allclose(new["params"]["out"]["kernel"], want, rtol=1e-6, atol=1e-7)
+  np.testing.assert_array_equal(new["params"]["head"]["kernel"], old["head"]["kernel"])
+
+
+class _NNXModel(nnx.Module):
+  def __init__(self, *, freeze_out=True, rngs):
+    self.hidden = dl.DeltaLoRALinear(IN, 6, rank=R, rngs=rngs)
+    self.out = dl.DeltaLoRALinear(6, OUT, rank=R, freeze_base=freeze_out, rngs=rngs)
+
+  def __call__(self, x):
+    return self.out(jnp.tanh(self.hidden(x)))
+
+
+def test_freeze_base_and_base_optimizer_must_agree_nnx():
+  frozen, unfrozen = _NNXModel(rngs=nnx.Rngs(0)), _NNXModel(freeze_out=False, rngs=nnx.Rngs(0))
+  sgd = optax.sgd(LR)
+  with pytest.raises(ValueError, match=r"^layer 'out' has freeze_base=False but base_optimizer"):
+    dl.delta_lora(LR, layers=unfrozen, lora_optimizer=sgd)
+  with pytest.raises(ValueError, match=r"every layer has freeze_base=True"):
+    dl.delta_lora(LR, layers=frozen, lora_optimizer=sgd, base_optimizer=sgd)
+  # Given both, the unfrozen base trains through nnx.Optimizer(wrt=nnx.Param).
+  before = {name: getattr(unfrozen, name).kernel[...] for name in ("hidden", "out")}
+  optimizer = nnx.Optimizer(
+    unfrozen,
+    dl.delta_lora(LR, layers=unfrozen, lora_optimizer=sgd, base_optimizer=optax.sgd(0.1)),
+    wrt=nnx.Param,
+  )
+  grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(unfrozen)
+  optimizer.update(unfrozen, grads)
+  np.testing.assert_array_equal(unfrozen.hidden.kernel[...], before["hidden"])
+  want = before["out"] - 0.1 * grads["out"]["kernel"][...]
+  np.testing.assert_allclose(unfrozen.out.kernel[...], want, rtol=1e-6, atol=1e-7)
+
+
+def test_layers_must_match_the_variables_tree_linen():
+  tx = dl.delta_lora(LR, layers=dl.adapted_layers(_mlp(), X), lora_optimizer=optax.sgd(LR))
+  with pytest.raises(
+    ValueError,
+    match=r"adapted layers of the variables tree differ from those of `layers`: the tree has "
+    r"\[''\], layers has \['hidden', 'out'\]",
+  ):
+    tx.init(_variables())
+  # One layer fewer in `layers` than in the tree is refused too.
+  variables, layers, _ = _mlp_setup(_mlp())
+  del layers[("out",)]
+  tx = dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR))
+  with pytest.raises(
+    ValueError, match=r"the tree has \['hidden', 'out'\], layers has \['hidden'\]"
+  ):
+    tx.init(variables)
+
+
+def test_layers_must_match_the_variables_tree_nnx():
+  model = _NNXModel(rngs=nnx.Rngs(0))
+  other = dl.DeltaLoRALinear(IN, OUT, rank=R, rngs=nnx.Rngs(0))
+  tx = dl.delta_lora(LR, layers=other, lora_optimizer=optax.sgd(LR))
+  with pytest.raises(ValueError, match=r"the tree has \['hidden', 'out'\], layers has \[''\]"):
+    tx.init(nnx.state(model, nnx.Param))
+  tx = dl.delta_lora(LR, layers=model, lora_optimizer=optax.sgd(LR))
+  tx.init(nnx.state(model, nnx.Param))  # its own layers: accepted

@@ -142,7 +142,7 @@ def labels(variables) -> Any:
   Example:
     >>> tree = {"params": {"head": {"kernel": 0.0}, "encoder": {"q": {"kernel": 0.0}}}}
     >>> labels(tree)["params"]
-    {'encoder': {'q': {'kernel': 'other'}}, 'head': {'kernel': 'head'}}
+    {'encoder': {'q': {'kernel': <Label.OTHER: 'other'>}}, 'head': {'kernel': 'head'}}
   """
   base = dl.leaf_labels(variables)
 
@@ -155,7 +155,7 @@ def labels(variables) -> Any:
 
 def routed(**optimizers: optax.GradientTransformation) -> optax.GradientTransformation:
   """One optimizer per label of :func:`labels`; labels not given are frozen."""
-  everything = {HEAD, dl.optim.DELTA, dl.optim.LORA, dl.optim.BASE, dl.optim.OTHER}
+  everything = {HEAD, dl.Label.DELTA, dl.Label.LORA, dl.Label.BASE, dl.Label.OTHER}
   transforms = {label: optax.set_to_zero() for label in everything} | optimizers
   return optax.multi_transform(transforms, labels)
 
@@ -176,7 +176,7 @@ def head_and_encoder(
 
 def _delta_lora_optimizer(options: Options, layers: Mapping) -> optax.GradientTransformation:
   lora = _adamw(options.lora_lr)
-  rule = dl.delta_lora(options.delta_lr, options.momentum, lora_optimizer=lora)
+  rule = dl.delta_lora(options.delta_lr, options.momentum, layers=layers, lora_optimizer=lora)
   return head_and_encoder(options, rule)
 
 
@@ -205,7 +205,7 @@ register(
     "plain LoRA on the attention projections (AdamW)",
     adapter=lambda o: o.adapter(use_delta=False),
     optimizer=lambda o, layers: routed(head=_adamw(o.head_lr), lora=_adamw(o.lora_lr)),
-    trainable=frozenset({HEAD, dl.optim.LORA}),
+    trainable=frozenset({HEAD, dl.Label.LORA}),
   )
 )
 register(
@@ -214,7 +214,7 @@ register(
     "the seed's Delta-LoRA: LoRA (AdamW) + full-size D with the EMA-velocity rule",
     adapter=lambda o: o.adapter(use_delta=True),
     optimizer=_delta_lora_optimizer,
-    trainable=frozenset({HEAD, dl.optim.LORA, dl.optim.DELTA}),
+    trainable=frozenset({HEAD, dl.Label.LORA, dl.Label.DELTA}),
   )
 )
 register(
@@ -223,7 +223,7 @@ register(
     "Delta-LoRA of Zi et al. (2023): LoRA (AdamW), W follows lambda s (A B change)",
     adapter=lambda o: o.adapter(use_delta=False),
     optimizer=_paper_optimizer,
-    trainable=frozenset({HEAD, dl.optim.LORA}),
+    trainable=frozenset({HEAD, dl.Label.LORA}),
   )
 )
 register(
@@ -234,7 +234,7 @@ register(
     optimizer=lambda o, layers: routed(
       head=_adamw(o.head_lr), base=_adamw(o.full_lr), other=_adamw(o.full_lr)
     ),
-    trainable=frozenset({HEAD, dl.optim.BASE, dl.optim.OTHER}),
+    trainable=frozenset({HEAD, dl.Label.BASE, dl.Label.OTHER}),
   )
 )
 
