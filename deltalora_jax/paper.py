@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, NamedTuple
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple, TypeVar
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.typing import ArrayLike
 
 from deltalora_jax import config, core, optim, paths, projections
 
@@ -34,11 +36,17 @@ KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
 
+_T = TypeVar("_T")
+#: One adapted layer of a params tree: its leaf indices, ``s``, projection and stack axes.
+_Plan = tuple[dict[str, int], float, projections.Projection, int]
+
 
 class PaperDeltaLoRAState(NamedTuple):
   """State of :func:`paper_delta_lora`."""
 
-  count: jax.Array  # int32 scalar: optimizer steps taken
+  # int32 scalar: optimizer steps taken. The name is optax's (its states' step counts), which
+  # shadows tuple.count for the type checker only.
+  count: jax.Array  # type: ignore[assignment]
   inner_state: optax.OptState  # state of the factors' (and others') optimizers
 
 
@@ -94,8 +102,10 @@ def factor_product_change(
   rank_axis_of_b = stack + (0 if projection is None else projection.rank_axis_of_b())
   left = jnp.concatenate([ua, a + ua], axis=-1)
   right = jnp.concatenate([b, ub], axis=rank_axis_of_b)
-  product = projections.dense if projection is None else projection.lora_kernel
-  product = functools.partial(product, precision=jax.lax.Precision.HIGHEST)
+  kernel_of = projections.dense if projection is None else projection.lora_kernel
+  product: Callable[[jax.Array, jax.Array], jax.Array] = functools.partial(
+    kernel_of, precision=jax.lax.Precision.HIGHEST
+  )
   for _ in range(stack):
     product = jax.vmap(product)
   return product(left, right)
@@ -113,27 +123,28 @@ def _layer_kinds(layers: Any) -> dict[paths.Path, tuple[float, projections.Proje
   return {path: (layer.scaling, layer.projection) for path, layer in configs.items()}
 
 
-def _check_lambda(lambda_):
+def _check_lambda(lambda_: _T) -> _T:
   value = core.as_float("lambda_", lambda_)
   if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(f"lambda_ must be finite and >= 0, got lambda_={lambda_!r}")
   return lambda_
 
 
-def _check_start_step(start_step):
+def _check_start_step(start_step: _T) -> _T:
   if isinstance(start_step, jax.core.Tracer):
     return start_step
-  integer = isinstance(start_step, int | np.integer) or (
-    isinstance(start_step, np.ndarray | jax.Array) and jnp.issubdtype(start_step.dtype, jnp.integer)
+  value = start_step if isinstance(start_step, int | np.integer | np.ndarray | jax.Array) else None
+  integer = isinstance(value, int | np.integer) or (
+    isinstance(value, np.ndarray | jax.Array) and jnp.issubdtype(value.dtype, jnp.integer)
   )
-  if isinstance(start_step, bool) or not integer or np.ndim(start_step) != 0:
+  if value is None or isinstance(value, bool) or not integer or np.ndim(value) != 0:
     raise TypeError(f"start_step must be a scalar int >= 0, got start_step={start_step!r}")
-  if int(start_step) < 0:
+  if int(value) < 0:
     raise ValueError(f"start_step must be >= 0, got start_step={start_step!r}")
   return start_step
 
 
-def _adapted_layers(tree) -> dict[paths.Path, dict[str, int]]:
+def _adapted_layers(tree: Any) -> dict[paths.Path, dict[str, int]]:
   """``{layer path in the tree: {'kernel': i, 'lora_a': j, 'lora_b': k}}``, indices into the leaves.
 
   Raises ValueError for a ``delta`` leaf, for no adapted layer at all, and for
@@ -165,7 +176,13 @@ def _adapted_layers(tree) -> dict[paths.Path, dict[str, int]]:
   return layers
 
 
-def _stack_axes(path, kernel, lora_a, lora_b, projection) -> int:
+def _stack_axes(
+  path: paths.Path,
+  kernel: ArrayLike,
+  lora_a: ArrayLike,
+  lora_b: ArrayLike,
+  projection: projections.Projection,
+) -> int:
   """The number of leading stack axes of one adapted layer, its shapes checked."""
   try:
     core.check_layer_shapes(kernel, None, lora_a, lora_b, None, projection)
@@ -174,15 +191,17 @@ def _stack_axes(path, kernel, lora_a, lora_b, projection) -> int:
   return jnp.ndim(kernel) - projection.kernel_ndim
 
 
-def _match_layers(found, kinds) -> dict[paths.Path, paths.Path]:
+def _match_layers(
+  found: Mapping[paths.Path, Any], kinds: Mapping[paths.Path, Any]
+) -> dict[paths.Path, paths.Path]:
   """``{path in the tree: path in layers}``; a leading ``'params'`` collection is ignored.
 
   Raises ValueError naming both lists when the tree's adapted layers and ``layers`` differ.
   """
-  match = {}
+  match: dict[paths.Path, paths.Path] = {}
   for path in found:
     for candidate in (path, path[1:] if path[:1] == ("params",) else None):
-      if candidate in kinds:
+      if candidate is not None and candidate in kinds:
         match[path] = candidate
         break
   if len(match) != len(found) or set(match.values()) != set(kinds):
@@ -318,22 +337,29 @@ def paper_delta_lora(
     optim.leaf_labels,
   )
 
-  def layer_plans(params):
+  def layer_plans(params: optax.Params) -> list[_Plan]:
     """``[(leaf indices, s, projection, stack)]`` of each adapted layer, its shapes checked."""
     found = _adapted_layers(params)
     leaves = jax.tree.leaves(params)
-    plans = []
+    plans: list[_Plan] = []
     for path, layer_path in _match_layers(found, kinds).items():
       s, projection = kinds[layer_path]
-      arrays = (leaves[found[path][n]] for n in (KERNEL, LORA_A, LORA_B))
-      plans.append((found[path], s, projection, _stack_axes(path, *arrays, projection)))
+      kernel, lora_a, lora_b = (leaves[found[path][n]] for n in (KERNEL, LORA_A, LORA_B))
+      plans.append(
+        (found[path], s, projection, _stack_axes(path, kernel, lora_a, lora_b, projection))
+      )
     return plans
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> PaperDeltaLoRAState:
     layer_plans(params)
     return PaperDeltaLoRAState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: PaperDeltaLoRAState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, PaperDeltaLoRAState]:
     if params is None:
       raise ValueError(
         "paper_delta_lora needs the current parameters: call "
@@ -342,14 +368,15 @@ def paper_delta_lora(
     plans = layer_plans(params)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
-    param_leaves = treedef.flatten_up_to(params)
+    # jaxlib ships no stub for its PyTreeDef (jaxlib/_jax.so), so mypy knows none of its methods.
+    param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
     kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
     factors = [
       tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
       for group, *_ in plans
     ]  # (A, B, uA, uB) of each layer
 
-    def follow(factors):
+    def follow(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
       """``lambda s (A'B' - AB)`` of each layer: the full-size products."""
       changes = []
       for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
@@ -360,7 +387,7 @@ def paper_delta_lora(
         changes.append((coef * change).astype(kernel.dtype))
       return changes
 
-    def stay(factors):
+    def stay(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
       return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
 
     started = state.count > jnp.asarray(start_step).astype(jnp.int32)  # the paper's t > K
@@ -369,6 +396,7 @@ def paper_delta_lora(
     ):
       leaves[group[KERNEL]] = change
     count = optax.safe_increment(state.count)
-    return treedef.unflatten(leaves), PaperDeltaLoRAState(count=count, inner_state=inner_state)
+    new_updates = jax.tree.unflatten(treedef, leaves)
+    return new_updates, PaperDeltaLoRAState(count=count, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)

@@ -27,6 +27,8 @@ from deltalora_jax.nnx import DeltaParam
 NameMapping = Mapping[str, str | None] | Callable[[str], str | None]
 #: The NNX variables :func:`load_base` loads: parameters, not the adapter's.
 BASE_PARAMS = nnx.All(nnx.Param, nnx.Not(nnx.Any(nnx.LoRAParam, DeltaParam)))
+#: ``base names -> {base name: target name or None}``: a ``mapping`` made one function.
+_Renamer = Callable[[list[str]], dict[str, str | None]]
 
 
 def load_base(
@@ -135,7 +137,7 @@ def _kind(value: Any) -> str:
   return type(value).__name__
 
 
-def _renamer(mapping: Any) -> Callable[[list[str]], dict[str, str | None]]:
+def _renamer(mapping: object) -> _Renamer:
   """``names -> {base name: target name or None}`` for the given ``mapping``."""
   if mapping is None:
     return lambda names: {n: n for n in names}
@@ -143,8 +145,8 @@ def _renamer(mapping: Any) -> Callable[[list[str]], dict[str, str | None]]:
     return _regex_renamer(mapping)
   if callable(mapping):
 
-    def call(names):
-      renamed = {}
+    def call(names: list[str]) -> dict[str, str | None]:
+      renamed: dict[str, str | None] = {}
       for n in names:
         new = mapping(n)
         if new is not None and not isinstance(new, str):
@@ -159,8 +161,8 @@ def _renamer(mapping: Any) -> Callable[[list[str]], dict[str, str | None]]:
   )
 
 
-def _regex_renamer(mapping: Mapping) -> Callable[[list[str]], dict[str, str | None]]:
-  rules = []
+def _regex_renamer(mapping: Mapping[object, object]) -> _Renamer:
+  rules: list[tuple[str, re.Pattern[str], str | None]] = []
   for pattern, replacement in mapping.items():
     if not isinstance(pattern, str) or not (replacement is None or isinstance(replacement, str)):
       raise TypeError(
@@ -172,8 +174,9 @@ def _regex_renamer(mapping: Mapping) -> Callable[[list[str]], dict[str, str | No
     except re.error as error:
       raise ValueError(f"mapping pattern {pattern!r} is not a valid regex: {error}") from None
 
-  def rename(names):
-    renamed, used = {}, set()
+  def rename(names: list[str]) -> dict[str, str | None]:
+    renamed: dict[str, str | None] = {}
+    used: set[str] = set()
     for n in names:
       renamed[n] = n
       for pattern, regex, replacement in rules:
@@ -207,12 +210,14 @@ def _leaves(tree: Any) -> dict[str, Any]:
 
 
 def _plan(
-  wanted: dict[str, Any], given: dict[str, Any], strict: bool, rename: Callable
+  wanted: dict[str, Any], given: dict[str, Any], strict: bool, rename: _Renamer
 ) -> tuple[dict[str, Any], dict[str, list[str]]]:
   """Checks everything; ``({target name: new array}, report)``. Writes nothing."""
   renamed = rename(list(given))
   loaded: dict[str, str] = {}  # target name -> base name
-  unknown, dropped, errors = [], [], []
+  unknown: list[str] = []
+  dropped: list[str] = []
+  errors: list[str] = []
   for base_name, value in given.items():
     name = renamed[base_name]
     if name is None:
@@ -258,8 +263,8 @@ def _copy_like(value: Any, old: Any) -> jax.Array:
 
 
 def _load_linen(
-  target: Mapping, base: Any, strict: bool, rename: Callable, layers: Any
-) -> tuple[dict, dict[str, list[str]]]:
+  target: Mapping[str, Any], base: Any, strict: bool, rename: _Renamer, layers: Any
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
   if not (isinstance(base, Mapping) and isinstance(base.get("params"), Mapping)):
     raise TypeError(
       "base must be the Linen variables {'params': ...} of the pretrained model (wrap a "
@@ -272,11 +277,11 @@ def _load_linen(
       "parameters; copy other collections (batch statistics) yourself"
     )
   params = traverse_util.flatten_dict(dict(target["params"]), keep_empty_nodes=True)
-  if layers is None:
-    is_adapter = lambda key: key[-1] in optim.LORA_NAMES  # noqa: E731
-  else:
-    adapted = set(layer_configs(layers))
-    is_adapter = lambda key: key[-1] in optim.LORA_NAMES and key[:-1] in adapted  # noqa: E731
+  adapted = None if layers is None else set(layer_configs(layers))
+
+  def is_adapter(key: paths.Path) -> bool:
+    return key[-1] in optim.LORA_NAMES and (adapted is None or key[:-1] in adapted)
+
   keys = {
     paths.name(k): k
     for k, v in params.items()
@@ -293,7 +298,7 @@ def _load_linen(
 
 
 def _load_nnx(
-  model: nnx.Module, base: Any, strict: bool, rename: Callable
+  model: nnx.Module, base: Any, strict: bool, rename: _Renamer
 ) -> tuple[nnx.Module, dict[str, list[str]]]:
   if isinstance(base, nnx.Module):
     given = _leaves(nnx.state(base, BASE_PARAMS))

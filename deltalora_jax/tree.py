@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx, traverse_util
+from flax.typing import PathParts
 
 from deltalora_jax import core, optim, paths
 from deltalora_jax.config import LayerConfig, layer_configs
@@ -30,11 +31,17 @@ from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 Path = paths.Path
 #: A Linen layers mapping ``{path: layer}`` or a :class:`~deltalora_jax.DeltaLoRAModel`.
 Layers = Any
+#: An adapted layer: a Linen or an NNX one.
+AdaptedLayer = DeltaLoRADense | DeltaLoRAGeneral | DeltaLoRALinear | DeltaLoRALinearGeneral
 #: The arrays of an adapted layer, in the seed's order.
 ARRAY_NAMES = ("kernel", "bias", "lora_a", "lora_b", "delta")
 
 
-def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[Path, Any]:
+def _is_variable(x: Any) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, AdaptedLayer]:
   """Finds every adapted layer of a model, by path: the ``layers`` of the other functions.
 
   A Linen model is traced once with ``jax.eval_shape`` (no computation) on
@@ -78,12 +85,16 @@ def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[Path, Any]:
     if not layers:
       raise ValueError(f"model {type(model).__name__} has no adapted layer")
     return dict(layers)
-  found: dict[Path, DeltaLoRADense | DeltaLoRAGeneral] = {}
+  found: dict[PathParts, AdaptedLayer] = {}
 
-  def record(next_fun, call_args, call_kwargs, context):
+  def record(
+    next_fun: Callable[..., Any],
+    call_args: tuple[Any, ...],
+    call_kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+  ) -> Any:
     module = context.module
-    adapted = isinstance(module, DeltaLoRADense | DeltaLoRAGeneral)
-    if adapted and context.method_name == "__call__":
+    if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral) and context.method_name == "__call__":
       found.setdefault(tuple(module.path), module)
     return next_fun(*call_args, **call_kwargs)
 
@@ -142,7 +153,7 @@ def _check_variables(variables: Any) -> None:
     )
 
 
-def _linen_layers(variables: Mapping, layers: Layers) -> list[_Layer]:
+def _linen_layers(variables: Mapping[str, Any], layers: Layers) -> list[_Layer]:
   _check_variables(variables)
   if layers is None:
     raise TypeError(
@@ -293,7 +304,8 @@ def unflatten_parameters(model_or_variables: Any, vector: jax.Array, layers: Lay
       f"vector must be 1-D with {expected} values (the trainable parameters of "
       f"{len(found)} layer(s)), got shape {shape}"
     )
-  new, offset = {}, 0
+  new: dict[Path, dict[str, jax.Array]] = {}
+  offset = 0
   for layer in found:
     new[layer.path] = {}
     for name, array in layer.trainable().items():
@@ -304,7 +316,7 @@ def unflatten_parameters(model_or_variables: Any, vector: jax.Array, layers: Lay
   return _replaced(model_or_variables, new)
 
 
-def current_delta(model_or_variables: Any, path: str | tuple = ()) -> jax.Array:
+def current_delta(model_or_variables: Any, path: str | tuple[Any, ...] = ()) -> jax.Array:
   """A copy of the delta matrix ``D`` (the kernel's shape) of the layer at ``path``.
 
   Args:
@@ -340,13 +352,12 @@ def _velocities(model_or_variables: Any, opt_state: Any) -> dict[Path, jax.Array
   """``{layer path: V}`` of the velocity held in ``opt_state`` (an ``nnx.Optimizer`` too)."""
   if isinstance(opt_state, nnx.Optimizer):
     opt_state = opt_state.opt_state
-  is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-  leaves = jax.tree_util.tree_flatten_with_path(optim.velocity(opt_state), is_leaf=is_variable)[0]
+  leaves = jax.tree_util.tree_flatten_with_path(optim.velocity(opt_state), is_leaf=_is_variable)[0]
   linen = not isinstance(model_or_variables, nnx.Module)
   found = {}
   for entry, leaf in leaves:
     names = paths.key_path(entry)
-    value = leaf.get_value() if is_variable(leaf) else leaf
+    value = leaf.get_value() if _is_variable(leaf) else leaf
     if names and names[-1] == "delta" and isinstance(value, jax.Array):
       found[names[1 if linen else 0 : -1]] = value
   return found
@@ -381,9 +392,8 @@ def reset(model_or_variables: Any, opt_state: Any = None) -> tuple[Any, Any]:
       zeros = jax.tree.map(jnp.zeros_like, model_or_variables[DELTA_COLLECTION])
       model_or_variables[DELTA_COLLECTION] = zeros
   if isinstance(opt_state, nnx.Optimizer):
-    is_variable = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
-    for leaf in jax.tree.leaves(optim.velocity(opt_state.opt_state), is_leaf=is_variable):
-      if is_variable(leaf) and isinstance(leaf.get_value(), jax.Array):  # not a MaskedNode
+    for leaf in jax.tree.leaves(optim.velocity(opt_state.opt_state), is_leaf=_is_variable):
+      if _is_variable(leaf) and isinstance(leaf.get_value(), jax.Array):  # not a MaskedNode
         leaf[...] = jnp.zeros_like(leaf[...])
   elif opt_state is not None:
     opt_state = optim.reset_velocity(opt_state)
@@ -415,7 +425,8 @@ def _unloaded(module: DeltaLoRALinear | DeltaLoRALinearGeneral, kernel: jax.Arra
   state = {"kernel": module.kernel.copy(kernel)}
   if module.bias is not None:
     state["bias"] = module.bias.copy()
-  return nnx.merge(module.base_graphdef, nnx.State(state))
+  base: nnx.Module = nnx.merge(module.base_graphdef, nnx.State(state))
+  return base
 
 
 def merge(model_or_variables: Any, layers: Layers = None) -> Any:
@@ -451,7 +462,7 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
   found = _layers(model_or_variables, layers)
   if isinstance(model_or_variables, nnx.Module):
     kernels = {layer.path: _merged_kernel(layer) for layer in found}
-    if () in kernels:
+    if () in kernels and isinstance(model_or_variables, DeltaLoRALinear | DeltaLoRALinearGeneral):
       return _unloaded(model_or_variables, kernels[()])
     merged = nnx.clone(model_or_variables)
     modules = {paths.as_path(p): p for p, _ in nnx.iter_modules(merged)}
@@ -467,9 +478,11 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
   for layer in found:
     params[(*layer.path, "kernel")] = _merged_kernel(layer)
     del params[(*layer.path, "lora_a")], params[(*layer.path, "lora_b")]
-  merged = {c: v for c, v in model_or_variables.items() if c not in ("params", DELTA_COLLECTION)}
-  merged["params"] = traverse_util.unflatten_dict(params)
-  return merged
+  merged_variables = {
+    c: v for c, v in model_or_variables.items() if c not in ("params", DELTA_COLLECTION)
+  }
+  merged_variables["params"] = traverse_util.unflatten_dict(params)
+  return merged_variables
 
 
 # --------------------------------------------------------------------------
@@ -526,7 +539,9 @@ def layer_figures(model_or_variables: Any, layers: Layers = None) -> dict[str, d
   return {layer.name: _figures(layer) for layer in _layers(model_or_variables, layers)}
 
 
-def diagnostics(model_or_variables: Any, layers: Layers = None, opt_state: Any = None) -> dict:
+def diagnostics(
+  model_or_variables: Any, layers: Layers = None, opt_state: Any = None
+) -> dict[str, dict[str, Any]]:
   """Figures for each adapted layer and in total (the seed's diagnostics).
 
   Per layer: ``kind`` (``general_dense``, ``einsum`` or ``conv``),
@@ -570,4 +585,3 @@ def diagnostics(model_or_variables: Any, layers: Layers = None, opt_state: Any =
   for key in norms:
     total[key] = math.sqrt(sum(e.get(key, 0.0) ** 2 for e in report.values()))
   return {"layers": report, "total": total}
-
