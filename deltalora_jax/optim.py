@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
+from jax.typing import DTypeLike
 
 from deltalora_jax import config, core, paths
 
@@ -44,12 +45,14 @@ BASE_NAMES = frozenset({"kernel", "bias"})
 class ScaleByDeltaMomentumState(NamedTuple):
   """State of :func:`scale_by_delta_momentum`."""
 
-  count: jax.Array  # int32 scalar
+  # int32 scalar. The name is optax's (its states' step counts), which shadows tuple.count for
+  # the type checker only.
+  count: jax.Array  # type: ignore[assignment]
   velocity: optax.Updates
 
 
 def scale_by_delta_momentum(
-  momentum: float = 0.9, velocity_dtype: Any = None
+  momentum: float = 0.9, velocity_dtype: DTypeLike | None = None
 ) -> optax.GradientTransformationExtraArgs:
   r"""EMA velocity of the gradient: the direction of the Delta-LoRA rule.
 
@@ -79,16 +82,22 @@ def scale_by_delta_momentum(
   core.check_momentum(momentum)
   velocity_dtype = None if velocity_dtype is None else jnp.dtype(velocity_dtype)
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> ScaleByDeltaMomentumState:
     return ScaleByDeltaMomentumState(
       count=jnp.zeros([], jnp.int32),
       velocity=optax.tree.zeros_like(params, dtype=velocity_dtype),
     )
 
-  def update_fn(updates, state, params=None, **extra_args):
+  def update_fn(
+    updates: optax.Updates,
+    state: ScaleByDeltaMomentumState,
+    params: optax.Params | None = None,
+    **extra_args: Any,
+  ) -> tuple[optax.Updates, ScaleByDeltaMomentumState]:
     del params, extra_args
 
-    def ema(g, v):  # in the velocity's dtype, which may be wider than g's
+    def ema(g: jax.Array, v: jax.Array) -> jax.Array:
+      # in the velocity's dtype, which may be wider than g's
       mu, one_minus_mu = (jnp.asarray(c).astype(v.dtype) for c in (momentum, 1 - momentum))
       return mu * v + one_minus_mu * g.astype(v.dtype)
 
@@ -103,7 +112,7 @@ def scale_by_delta_momentum(
 def delta_momentum(
   learning_rate: optax.ScalarOrSchedule,
   momentum: float = 0.9,
-  velocity_dtype: Any = None,
+  velocity_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The seed's delta rule: EMA velocity, then a step against it.
 
@@ -139,7 +148,7 @@ def delta_momentum(
   )
 
 
-def leaf_labels(variables) -> Any:
+def leaf_labels(variables: Any) -> Any:
   """Labels each leaf of a variables tree with a :class:`Label`, by the names on its path.
 
   * ``Label.DELTA``: a leaf named ``delta`` in the ``'delta'`` collection
@@ -165,7 +174,7 @@ def leaf_labels(variables) -> Any:
   leaf_paths = [paths.key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   adapted = {p[:-1] for p in leaf_paths if p and p[-1] in LORA_NAMES}
 
-  def label(path, _):
+  def label(path: tuple[Any, ...], _: Any) -> Label:
     names = paths.key_path(path)
     name = names[-1] if names else None
     if name == DELTA and (names[0] == DELTA or names[:-1] in adapted):
@@ -179,7 +188,7 @@ def leaf_labels(variables) -> Any:
   return jax.tree_util.tree_map_with_path(label, variables)
 
 
-def _check_labels(labels, variables, *, default: bool) -> None:
+def _check_labels(labels: Any, variables: Any, *, default: bool) -> None:
   """Each label is a :class:`Label`, and one at least is ``'delta'``."""
   allowed = [str(label) for label in Label]
   leaves = jax.tree.leaves(labels)
@@ -210,7 +219,7 @@ def _strip_collection(path: paths.Path) -> paths.Path:
   return path[1:] if path[:1] in (("params",), (DELTA,)) else path
 
 
-def _check_layers(variables, configs: Mapping[paths.Path, Any]) -> None:
+def _check_layers(variables: Any, configs: Mapping[paths.Path, config.LayerConfig]) -> None:
   """The variables tree's adapted layers are those of ``layers``, no more, no fewer.
 
   A tree's adapted layer is where a ``lora_a``/``lora_b`` leaf sits, or a
@@ -220,7 +229,8 @@ def _check_layers(variables, configs: Mapping[paths.Path, Any]) -> None:
   leaf_paths = [paths.key_path(p) for p, _ in jax.tree_util.tree_flatten_with_path(variables)[0]]
   found = {p[:-1] for p in leaf_paths if p and p[-1] in LORA_NAMES}
   found |= {p[:-1] for p in leaf_paths if len(p) > 1 and p[0] == DELTA and p[-1] == DELTA}
-  matched, unmatched = set(), []
+  matched: set[paths.Path] = set()
+  unmatched: list[paths.Path] = []
   for path in found:
     candidate = path if path in configs else _strip_collection(path)
     if candidate in configs:
@@ -236,7 +246,10 @@ def _check_layers(variables, configs: Mapping[paths.Path, Any]) -> None:
     )
 
 
-def _check_base_optimizer(configs: Mapping[paths.Path, Any], base_optimizer) -> None:
+def _check_base_optimizer(
+  configs: Mapping[paths.Path, config.LayerConfig],
+  base_optimizer: optax.GradientTransformation | None,
+) -> None:
   """``base_optimizer`` is given exactly when some layer trains its base."""
   trained = [paths.name(path) for path, layer in configs.items() if not layer.freeze_base]
   if trained and base_optimizer is None:
@@ -262,7 +275,7 @@ def delta_lora(
   base_optimizer: optax.GradientTransformation | None = None,
   other_optimizer: optax.GradientTransformation | None = None,
   labels: Any = None,
-  velocity_dtype: Any = None,
+  velocity_dtype: DTypeLike | None = None,
 ) -> optax.GradientTransformationExtraArgs:
   r"""The Delta-LoRA optimizer for a whole variables tree.
 
@@ -379,7 +392,7 @@ def delta_lora(
     param_labels,
   )
 
-  def init_fn(params):
+  def init_fn(params: optax.Params) -> optax.OptState:
     tree_labels = param_labels(params) if callable(param_labels) else param_labels
     _check_labels(tree_labels, params, default=labels is None)
     _check_layers(params, configs)
@@ -388,7 +401,7 @@ def delta_lora(
   return optax.GradientTransformationExtraArgs(init_fn, inner.update)
 
 
-def velocity(opt_state) -> Any:
+def velocity(opt_state: optax.OptState) -> Any:
   """The velocity tree held in an optimizer state (any nesting of wrappers).
 
   Leaves that are not delta leaves are ``optax.MaskedNode``.
@@ -413,7 +426,7 @@ def velocity(opt_state) -> Any:
   return found[0][1]
 
 
-def reset_velocity(opt_state) -> Any:
+def reset_velocity(opt_state: optax.OptState) -> optax.OptState:
   """A copy of ``opt_state`` with every velocity set to zero, the rest kept.
 
   Example:
@@ -424,10 +437,12 @@ def reset_velocity(opt_state) -> Any:
     Array([0., 0.], dtype=float32)
   """
 
-  def zero(state):
+  def zero(state: Any) -> Any:
     if isinstance(state, ScaleByDeltaMomentumState):
       return state._replace(velocity=optax.tree.zeros_like(state.velocity))
     return state
 
-  is_state = lambda s: isinstance(s, ScaleByDeltaMomentumState)  # noqa: E731
+  def is_state(node: Any) -> bool:
+    return isinstance(node, ScaleByDeltaMomentumState)
+
   return jax.tree.map(zero, opt_state, is_leaf=is_state)
