@@ -345,7 +345,7 @@ def current_delta(model_or_variables: Any, path: str | tuple[Any, ...] = ()) -> 
       f"path must name an adapted layer with D, got path={paths.name(path)!r}; the layers "
       f"with D are {[paths.name(p) for p in deltas]}"
     )
-  return deltas[path][...]
+  return jnp.array(deltas[path][...], copy=True)
 
 
 def _velocities(model_or_variables: Any, opt_state: Any) -> dict[Path, jax.Array]:
