@@ -25,6 +25,7 @@ Guarantees:
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -46,12 +47,12 @@ class CheckpointMismatchError(ValueError):
   """A checkpoint whose layout or hyperparameters differ from the caller's."""
 
 
-def _is_key(leaf) -> bool:
+def _is_key(leaf: Any) -> bool:
   dtype = getattr(leaf, "dtype", None)
-  return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+  return dtype is not None and jax.numpy.issubdtype(dtype, jax.dtypes.prng_key)
 
 
-def _json_value(value, where: str):
+def _json_value(value: Any, where: str) -> Any:
   """``value`` as plain JSON data (dicts, lists, str, float, int, bool, None)."""
   if value is None or isinstance(value, bool | int | float | str):
     return value
@@ -96,9 +97,9 @@ def layer_hyperparameters(layers: Any) -> dict[str, dict[str, Any]]:
   return {paths.name(path): config.to_json() for path, config in layer_configs(layers).items()}
 
 
-def _layout(tree) -> dict[str, dict[str, Any]]:
+def _layout(tree: Any) -> dict[str, dict[str, Any]]:
   """Path, shape, dtype (and PRNG implementation) of every leaf."""
-  layout = {}
+  layout: dict[str, dict[str, Any]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if isinstance(leaf, bool | int | float):
       leaf = jax.numpy.asarray(leaf)
@@ -163,7 +164,7 @@ def _differences(
   return problems
 
 
-def _savable(path, leaf):
+def _savable(path: tuple[Any, ...], leaf: Any) -> jax.Array | np.ndarray[Any, Any]:
   if _is_key(leaf):
     return jax.random.key_data(leaf)
   if isinstance(leaf, bool | int | float):
@@ -176,7 +177,7 @@ def _savable(path, leaf):
   )
 
 
-def _abstract(leaf, default_sharding):
+def _abstract(leaf: Any, default_sharding: jax.sharding.Sharding) -> jax.ShapeDtypeStruct:
   """The ``ShapeDtypeStruct`` an array of the saved state is restored into."""
   if isinstance(leaf, bool | int | float):
     leaf = jax.numpy.asarray(leaf)
@@ -212,7 +213,9 @@ class TrainingCheckpointer:
     ((2, 3), key<fry>, 1)
   """
 
-  def __init__(self, directory, *, max_to_keep: int | None = 3, async_save: bool = True):
+  def __init__(
+    self, directory: str | os.PathLike[str], *, max_to_keep: int | None = 3, async_save: bool = True
+  ):
     if max_to_keep is not None and (
       isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
     ):
@@ -233,7 +236,9 @@ class TrainingCheckpointer:
       },
     )
 
-  def save(self, step: int, state, *, hyperparameters: Mapping | None = None) -> bool:
+  def save(
+    self, step: int, state: Any, *, hyperparameters: Mapping[str, Any] | None = None
+  ) -> bool:
     """Saves ``state`` (and ``hyperparameters``) as ``step``.
 
     Args:
@@ -249,7 +254,7 @@ class TrainingCheckpointer:
       raise ValueError(f"step must be a non-negative int, got step={step!r}")
     hyperparameters = _json_value(dict(hyperparameters or {}), "hyperparameters")
     savable = jax.tree_util.tree_map_with_path(_savable, state)
-    return self._manager.save(
+    saved: bool = self._manager.save(
       int(step),
       args=ocp.args.Composite(
         **{
@@ -259,6 +264,7 @@ class TrainingCheckpointer:
         }
       ),
     )
+    return saved
 
   def _step(self, step: int | None) -> int:
     steps = self.all_steps()
@@ -272,7 +278,7 @@ class TrainingCheckpointer:
       )
     return step
 
-  def _metadata(self, step: int) -> tuple[dict, dict]:
+  def _metadata(self, step: int) -> tuple[dict[str, Any], dict[str, Any]]:
     items = self._manager.restore(
       step,
       args=ocp.args.Composite(
@@ -281,11 +287,17 @@ class TrainingCheckpointer:
     )
     return dict(items[LAYOUT]), dict(items[HYPERPARAMETERS])
 
-  def hyperparameters(self, step: int | None = None) -> dict:
+  def hyperparameters(self, step: int | None = None) -> dict[str, Any]:
     """The hyperparameters saved with ``step`` (default: the latest step)."""
     return self._metadata(self._step(step))[1]
 
-  def restore(self, like, *, hyperparameters: Mapping | None = None, step: int | None = None):
+  def restore(
+    self,
+    like: Any,
+    *,
+    hyperparameters: Mapping[str, Any] | None = None,
+    step: int | None = None,
+  ) -> Any:
     """The state saved as ``step``, in the structure and shardings of ``like``.
 
     Args:
@@ -335,16 +347,19 @@ class TrainingCheckpointer:
       step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
     )[STATE]
 
-    def back(path, leaf, value):
+    def back(path: tuple[Any, ...], leaf: Any, value: jax.Array) -> jax.Array:
       if _is_key(leaf):
-        return jax.random.wrap_key_data(value, impl=saved_layout[paths.key_name(path)]["key_impl"])
+        impl = saved_layout[paths.key_name(path)]["key_impl"]
+        key: jax.Array = jax.random.wrap_key_data(value, impl=impl)  # jax leaves it untyped
+        return key
       return value
 
     return jax.tree_util.tree_map_with_path(back, like, restored)
 
   def latest_step(self) -> int | None:
     """The newest finished step, or None."""
-    return self._manager.latest_step()
+    step: int | None = self._manager.latest_step()
+    return step
 
   def all_steps(self) -> list[int]:
     """The finished steps, oldest first (an interrupted save is not listed)."""
@@ -361,5 +376,5 @@ class TrainingCheckpointer:
   def __enter__(self) -> TrainingCheckpointer:
     return self
 
-  def __exit__(self, *exc_info) -> None:
+  def __exit__(self, *exc_info: object) -> None:
     self.close()

@@ -45,7 +45,7 @@ import numpy as np
 Shape = tuple[int, ...]
 
 
-def _ints(name: str, value, *, allow_empty: bool = False) -> tuple[int, ...]:
+def _ints(name: str, value: Any, *, allow_empty: bool = False) -> tuple[int, ...]:
   values = (value,) if isinstance(value, int | np.integer) else tuple(value)
   if (not values and not allow_empty) or not all(
     isinstance(v, int | np.integer) and not isinstance(v, bool) for v in values
@@ -54,7 +54,9 @@ def _ints(name: str, value, *, allow_empty: bool = False) -> tuple[int, ...]:
   return tuple(int(v) for v in values)
 
 
-def _matmul(x: jax.Array, kernel: jax.Array, n_in: int, precision) -> jax.Array:
+def _matmul(
+  x: jax.Array, kernel: jax.Array, n_in: int, precision: jax.lax.PrecisionLike
+) -> jax.Array:
   """Contracts the last ``n_in`` axes of ``x`` with the first ``n_in`` of ``kernel``.
 
   Both are reshaped to matrices first (free reshapes): the gradients then
@@ -69,7 +71,7 @@ def _matmul(x: jax.Array, kernel: jax.Array, n_in: int, precision) -> jax.Array:
   return jnp.reshape(y, (*lead, *outer))
 
 
-def dense(x: jax.Array, kernel: jax.Array, precision=None) -> jax.Array:
+def dense(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = None) -> jax.Array:
   """``x @ kernel`` over the last axis of ``x``, any leading axes kept.
 
   >>> dense(jnp.ones((2, 3, 4)), jnp.ones((4, 5))).shape
@@ -99,7 +101,7 @@ class GeneralDense:
   features: tuple[int, ...]
   axis: tuple[int, ...] = (-1,)
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     object.__setattr__(self, "features", _ints("features", self.features))
     object.__setattr__(self, "axis", _ints("axis", self.axis))
     if any(f <= 0 for f in self.features):
@@ -141,7 +143,9 @@ class GeneralDense:
   def rows(self, x_shape: Shape) -> int:
     return math.prod(x_shape) // max(1, math.prod(self.kernel_shape(x_shape)[: len(self.axis)]))
 
-  def _apply(self, x, kernel, n_out: int, precision):
+  def _apply(
+    self, x: jax.Array, kernel: jax.Array, n_out: int, precision: jax.lax.PrecisionLike
+  ) -> jax.Array:
     n_in = kernel.ndim - n_out
     axes = self._axes(x.ndim)
     if axes == tuple(range(x.ndim - n_in, x.ndim)):
@@ -149,19 +153,27 @@ class GeneralDense:
     dims = ((axes, tuple(range(n_in))), ((), ()))
     return jax.lax.dot_general(x, kernel, dims, precision=precision)
 
-  def apply(self, x, kernel, precision=None):
+  def apply(
+    self, x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return self._apply(x, kernel, len(self.features), precision)
 
-  def lora_in(self, x, lora_a, precision=None):
+  def lora_in(
+    self, x: jax.Array, lora_a: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return self._apply(x, lora_a, 1, precision)
 
-  def lora_out(self, h, lora_b, precision=None):
+  def lora_out(
+    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return _matmul(h, lora_b, 1, precision)
 
-  def lora_kernel(self, lora_a, lora_b, precision=None):
+  def lora_kernel(
+    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return _matmul(lora_a, lora_b, 1, precision)
 
-  def add_bias(self, y, bias):
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
 
   def rank_axis_of_b(self) -> int:
@@ -205,7 +217,7 @@ class Einsum:
   equation: str
   shape: tuple[int, ...]
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     object.__setattr__(self, "equation", self.equation.replace(" ", ""))
     object.__setattr__(self, "shape", _ints("shape", self.shape))
     lhs, rhs, out = _parse_equation(self.equation)
@@ -290,22 +302,30 @@ class Einsum:
     lhs, rhs, out = _parse_equation(self.equation)
     return sum(1 for c in rhs if c in lhs and c not in out)
 
-  def apply(self, x, kernel, precision=None):
+  def apply(
+    self, x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return jnp.einsum(self.equation, x, kernel, precision=precision)
 
-  def lora_in(self, x, lora_a, precision=None):
+  def lora_in(
+    self, x: jax.Array, lora_a: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     lhs, _, hidden, a, _ = self._plan(x.ndim)
     return jnp.einsum(f"{lhs},{a}->{hidden}", x, lora_a, precision=precision)
 
-  def lora_out(self, h, lora_b, precision=None):
+  def lora_out(
+    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     _, out, hidden, _, b = self._plan(h.ndim - 1 + self._n_inner())
     return jnp.einsum(f"{hidden},{b}->{out}", h, lora_b, precision=precision)
 
-  def lora_kernel(self, lora_a, lora_b, precision=None):
+  def lora_kernel(
+    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     _, rhs, _, a, b, _ = self._letters()
     return jnp.einsum(f"{a},{b}->{rhs}", lora_a, lora_b, precision=precision)
 
-  def add_bias(self, y, bias):
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
     _, rhs, out = _parse_equation(self.equation)
     sizes = dict(zip(rhs, self.shape, strict=True))
     head, ellipsis, tail = out.partition("...")
@@ -321,7 +341,7 @@ class Einsum:
 Padding = str | tuple[tuple[int, int], ...]
 
 
-def _canonical_padding(padding, rank: int) -> Padding:
+def _canonical_padding(padding: Any, rank: int) -> Padding:
   """Flax's ``canonicalize_padding``: a mode string or ``rank`` ``(low, high)`` pairs."""
   if isinstance(padding, str):
     if padding not in ("SAME", "SAME_LOWER", "VALID", "CIRCULAR", "REFLECT", "CAUSAL"):
@@ -335,7 +355,7 @@ def _canonical_padding(padding, rank: int) -> Padding:
   if isinstance(padding, int | np.integer):
     return ((int(padding), int(padding)),) * rank
   if isinstance(padding, Sequence) and len(padding) == rank:
-    pairs = []
+    pairs: list[tuple[int, int]] = []
     for p in padding:
       if isinstance(p, int | np.integer):
         pairs.append((int(p), int(p)))
@@ -376,7 +396,7 @@ class Conv:
   input_dilation: tuple[int, ...] | None = None
   kernel_dilation: tuple[int, ...] | None = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     size = _ints("kernel_size", self.kernel_size)
     object.__setattr__(self, "kernel_size", size)
     if isinstance(self.features, bool) or not isinstance(self.features, int | np.integer):
@@ -413,50 +433,72 @@ class Conv:
     return min(math.prod(kernel_shape[:-1]), kernel_shape[-1])
 
   def rows(self, x_shape: Shape) -> int:
-    return math.prod(x_shape[:-1]) // math.prod(self.strides)
+    return math.prod(x_shape[:-1]) // math.prod(self.window()[0])
 
-  def _conv(self, x, kernel, precision):
+  def window(self) -> tuple[Shape, Shape, Shape]:
+    """``(strides, input_dilation, kernel_dilation)``, one entry per window axis each.
+
+    >>> Conv(features=2, kernel_size=(3, 3), strides=2).window()
+    ((2, 2), (1, 1), (1, 1))
+    """
+    strides, input_dilation, kernel_dilation = (
+      self.strides,
+      self.input_dilation,
+      self.kernel_dilation,
+    )
+    # __post_init__ has replaced None (and an int) by a tuple: never None here.
+    assert strides is not None and input_dilation is not None and kernel_dilation is not None
+    return strides, input_dilation, kernel_dilation
+
+  def _conv(self, x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike) -> jax.Array:
     n = len(self.kernel_size)
+    strides, input_dilation, kernel_dilation = self.window()
     batch = x.shape[: x.ndim - n - 1]
     x = jnp.reshape(x, (-1, *x.shape[x.ndim - n - 1 :]))
     padding = self.padding
     if padding in ("CIRCULAR", "REFLECT"):
-      window = [
-        (k - 1) * d + 1 for k, d in zip(self.kernel_size, self.kernel_dilation, strict=True)
-      ]
+      window = [(k - 1) * d + 1 for k, d in zip(self.kernel_size, kernel_dilation, strict=True)]
       pads = [(0, 0), *[((k - 1) // 2, k // 2) for k in window], (0, 0)]
       x = jnp.pad(x, pads, mode={"CIRCULAR": "wrap", "REFLECT": "reflect"}[padding])
       padding = "VALID"
     elif padding == "CAUSAL":
-      x = jnp.pad(x, [(0, 0), (self.kernel_dilation[0] * (self.kernel_size[0] - 1), 0), (0, 0)])
+      x = jnp.pad(x, [(0, 0), (kernel_dilation[0] * (self.kernel_size[0] - 1), 0), (0, 0)])
       padding = "VALID"
     spec = (0, n + 1, *range(1, n + 1))
     numbers = jax.lax.ConvDimensionNumbers(spec, (n + 1, n, *range(n)), spec)
     y = jax.lax.conv_general_dilated(
       x,
       kernel,
-      self.strides,
+      strides,
       padding,
-      lhs_dilation=self.input_dilation,
-      rhs_dilation=self.kernel_dilation,
+      lhs_dilation=input_dilation,
+      rhs_dilation=kernel_dilation,
       dimension_numbers=numbers,
       precision=precision,
     )
     return jnp.reshape(y, (*batch, *y.shape[1:]))
 
-  def apply(self, x, kernel, precision=None):
+  def apply(
+    self, x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return self._conv(x, kernel, precision)
 
-  def lora_in(self, x, lora_a, precision=None):
+  def lora_in(
+    self, x: jax.Array, lora_a: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return self._conv(x, lora_a, precision)
 
-  def lora_out(self, h, lora_b, precision=None):
+  def lora_out(
+    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return _matmul(h, lora_b, 1, precision)
 
-  def lora_kernel(self, lora_a, lora_b, precision=None):
+  def lora_kernel(
+    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
     return _matmul(lora_a, lora_b, 1, precision)
 
-  def add_bias(self, y, bias):
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + bias.shape)
 
   def rank_axis_of_b(self) -> int:
@@ -467,7 +509,7 @@ Projection = GeneralDense | Einsum | Conv
 KINDS = {"general_dense": GeneralDense, "einsum": Einsum, "conv": Conv}
 
 
-def to_json(projection: Projection) -> dict:
+def to_json(projection: Projection) -> dict[str, Any]:
   """A projection as plain JSON data: ``{'kind': name, field: value, ...}``.
 
   >>> to_json(GeneralDense(features=(4,)))
@@ -477,13 +519,13 @@ def to_json(projection: Projection) -> dict:
   return {"kind": projection.name, **fields}
 
 
-def _lists(value):
+def _lists(value: Any) -> Any:
   if isinstance(value, tuple | list):
     return [_lists(v) for v in value]
   return value
 
 
-def from_json(data) -> Projection:
+def from_json(data: Any) -> Projection:
   """The projection that :func:`to_json` wrote.
 
   >>> from_json(to_json(Conv(features=2, kernel_size=(3,)))) == Conv(2, (3,))
@@ -492,10 +534,11 @@ def from_json(data) -> Projection:
   if not isinstance(data, dict) or data.get("kind") not in KINDS:
     raise ValueError(f"a projection must be {{'kind': one of {sorted(KINDS)}, ...}}, got {data!r}")
   fields = {k: _tuples(v) for k, v in data.items() if k != "kind"}
-  return KINDS[data["kind"]](**fields)
+  kind: type[Projection] = KINDS[data["kind"]]
+  return kind(**fields)
 
 
-def _tuples(value):
+def _tuples(value: Any) -> Any:
   if isinstance(value, list):
     return tuple(_tuples(v) for v in value)
   return value
