@@ -1,22 +1,30 @@
-"""Flax Linen front end: :class:`DeltaLoRADense`, a drop-in for ``nn.Dense``."""
+"""Flax Linen front end: :class:`DeltaLoRADense` (for ``nn.Dense``), :class:`DeltaLoRAGeneral`."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax.linen import dtypes as linen_dtypes
+from flax.typing import Initializer, PrecisionLike
+from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
 from deltalora_jax.config import LayerConfig
 
+if TYPE_CHECKING:
+  from flax import nnx
+
 DELTA_COLLECTION = "delta"
 
 
-def adapter_dtype(adapter_dtype, param_dtype):
+def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
   """The dtype of ``A``, ``B`` and ``D``: ``adapter_dtype``, or at least float32.
 
   By default the factors and ``D`` are float32 (float64 beside a float64
@@ -31,29 +39,78 @@ def adapter_dtype(adapter_dtype, param_dtype):
   return core.widest_dtype(param_dtype, at_least=jnp.float32)
 
 
-def _config(module) -> LayerConfig:
-  """The :class:`~deltalora_jax.config.LayerConfig` of a layer (which checks the options)."""
-  return LayerConfig(
-    module.projection,
-    rank=module.rank,
-    alpha=module.alpha,
-    delta_scaling=module.delta_scaling,
-    freeze_base=module.freeze_base,
-    use_bias=module.use_bias,
-    use_delta=module.use_delta,
-    evaluation=module.evaluation,
-    adapter_dtype=module.adapter_dtype,
-  )
+class _Options(Protocol):
+  """The attributes of an adapted layer that its :class:`ConfigMixin` properties read."""
+
+  @property
+  def rank(self) -> int: ...
+  @property
+  def alpha(self) -> float | None: ...
 
 
-def _adapter_variables(module: nn.Module, kind, shape, collection=DELTA_COLLECTION) -> tuple:
-  """Creates (or reads) ``lora_a``, ``lora_b`` and ``D`` of ``module`` for a kernel ``shape``.
+class ConfigMixin:
+  """``scaling`` and ``config`` of an adapted layer (Linen or NNX), read from its attributes.
 
-  ``D`` is the variable ``delta`` of ``collection``: the ``'delta'``
-  collection, or ``'params'`` while :class:`~deltalora_jax.DeltaLoRAModel`
-  maps it there.
+  The layer's attributes carry the names of the
+  :class:`~deltalora_jax.config.LayerConfig` fields (``projection``,
+  ``rank``, ``alpha``, ...), so ``config`` is built the same way for every
+  layer class.
   """
-  core.check_rank(module.rank)
+
+  @property
+  def scaling(self: _Options) -> float:
+    """The LoRA scaling ``s = alpha / rank``."""
+    return core.lora_scaling(self.alpha, self.rank)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig` (which checks the options)."""
+    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
+
+
+class _DeltaLoRALayer(ConfigMixin, nn.Module):
+  """The options :class:`DeltaLoRADense` and :class:`DeltaLoRAGeneral` share (keyword-only)."""
+
+  _: dataclasses.KW_ONLY
+  # The base layer's settings, as nn.Dense has them,
+  use_bias: bool = True
+  dtype: DTypeLike | None = None
+  param_dtype: DTypeLike = jnp.float32
+  precision: PrecisionLike = None
+  kernel_init: Initializer = nn.initializers.lecun_normal()
+  bias_init: Initializer = nn.initializers.zeros_init()
+  # and the adapter's.
+  rank: int
+  alpha: float | None = None
+  delta_scaling: float = 0.1
+  freeze_base: bool = True
+  lora_a_init: Initializer | None = None
+  lora_b_init: Initializer = nn.initializers.zeros_init()
+  evaluation: core.Evaluation = "auto"
+  use_delta: bool = True
+  adapter_dtype: DTypeLike | None = None
+
+  def __post_init__(self) -> None:
+    self.config  # noqa: B018  (checks the LoRA options)
+    super().__post_init__()
+
+
+def _layer(
+  module: DeltaLoRADense | DeltaLoRAGeneral,
+  inputs: jax.Array,
+  shape: tuple[int, ...],
+  kernel_init: Initializer,
+  bias_init: Initializer,
+  collection: str,
+) -> jax.Array:
+  """Creates (or reads) the variables of ``module`` for a kernel ``shape``, and applies it.
+
+  ``kernel`` and ``bias`` are in ``params``, as are ``lora_a`` and
+  ``lora_b``; ``D`` is the variable ``delta`` of ``collection``: the
+  ``'delta'`` collection, or ``'params'`` while
+  :class:`~deltalora_jax.DeltaLoRAModel` maps it there.
+  """
+  kind = module.projection
   bound = kind.rank_bound(shape)
   if module.rank > bound:
     raise ValueError(
@@ -70,6 +127,10 @@ def _adapter_variables(module: nn.Module, kind, shape, collection=DELTA_COLLECTI
       f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
       "model.init(...), not only variables['params']"
     )
+  kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
+  bias = None
+  if module.use_bias:
+    bias = module.param("bias", bias_init, kind.bias_shape(shape), module.param_dtype)
   dtype = adapter_dtype(module.adapter_dtype, module.param_dtype)
   a_shape, b_shape = kind.factor_shapes(shape, module.rank)
   a_init = module.lora_a_init or core.lora_a_init(module.rank)
@@ -78,10 +139,10 @@ def _adapter_variables(module: nn.Module, kind, shape, collection=DELTA_COLLECTI
   delta = None
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
-  return lora_a, lora_b, delta
+  return core.delta_lora_layer(module, inputs, kernel, bias, lora_a, lora_b, delta)
 
 
-class DeltaLoRADense(nn.Module):
+class DeltaLoRADense(_DeltaLoRALayer):
   r"""A dense layer adapted with LoRA and a full-size delta matrix.
 
   .. math::
@@ -94,22 +155,20 @@ class DeltaLoRADense(nn.Module):
   ``params`` too; ``delta [in, out]`` is in its own collection ``'delta'``,
   so an optimizer (:func:`deltalora_jax.delta_lora`) and a checkpoint can tell
   them apart. At initialisation ``B = 0`` and ``D = 0``: the output equals the
-  base layer's exactly.
+  base layer's exactly. ``features`` is the only positional attribute.
 
   Attributes:
     features: number of output features.
+    use_bias: whether the base layer has a bias.
+    dtype: computation dtype (None: inferred from inputs and parameters).
+    param_dtype: dtype of the base kernel and bias.
+    precision: precision of the matrix products.
+    kernel_init: initializer of the base kernel.
+    bias_init: initializer of the base bias.
     rank: LoRA rank ``r``, ``0 < r <= min(in, out)``.
     alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
-    use_bias: whether the base layer has a bias.
-    dtype: computation dtype (None: inferred from inputs and parameters).
-    param_dtype: dtype of the base kernel and bias.
-    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
-      kernel's dtype when that is wider (:func:`adapter_dtype`).
-    precision: precision of the matrix products.
-    kernel_init: initializer of the base kernel.
-    bias_init: initializer of the base bias.
     lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
     lora_b_init: initializer of ``B`` (zeros).
     evaluation: ``'auto'`` picks the cheaper of one merged kernel and separate
@@ -117,10 +176,12 @@ class DeltaLoRADense(nn.Module):
       ``'factored'`` force one. Both give the same numbers.
     use_delta: create ``D`` (the seed's rule). ``False`` gives plain LoRA,
       the layer of the paper's rule: no ``'delta'`` collection at all.
+    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
+      kernel's dtype when that is wider (:func:`adapter_dtype`).
 
   Example:
     >>> import jax, jax.numpy as jnp
-    >>> layer = DeltaLoRADense(features=4, rank=2)
+    >>> layer = DeltaLoRADense(4, rank=2)
     >>> variables = layer.init(jax.random.key(0), jnp.ones((3, 8)))
     >>> jax.tree.map(jnp.shape, variables["params"])
     {'bias': (4,), 'kernel': (8, 4), 'lora_a': (8, 2), 'lora_b': (2, 4)}
@@ -129,26 +190,10 @@ class DeltaLoRADense(nn.Module):
   """
 
   features: int
-  rank: int
-  alpha: float | None = None
-  delta_scaling: float = 0.1
-  freeze_base: bool = True
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-  lora_a_init: Any = None
-  lora_b_init: Any = nn.initializers.zeros_init()
-  evaluation: core.Evaluation = "auto"
-  use_delta: bool = True
-  adapter_dtype: Any = None
 
-  def __post_init__(self):
+  def __post_init__(self) -> None:
     core.check_features("features", self.features)
     core.check_rank(self.rank, out_features=self.features)
-    _config(self)  # checks the LoRA options
     super().__post_init__()
 
   @property
@@ -156,21 +201,11 @@ class DeltaLoRADense(nn.Module):
     """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
     return projections.GeneralDense(features=(self.features,))
 
-  @property
-  def scaling(self) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
-
-  @property
-  def config(self) -> LayerConfig:
-    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
-    return _config(self)
-
   @nn.compact
   def __call__(self, inputs: jax.Array) -> jax.Array:
     in_features = jnp.shape(inputs)[-1]
     if self.has_variable("params", "kernel"):
-      expected = self.get_variable("params", "kernel").shape[0]
+      expected = jnp.shape(self.get_variable("params", "kernel"))[0]
       if in_features != expected:
         raise ValueError(
           f"inputs must have {expected} features in their last axis (the kernel "
@@ -178,22 +213,7 @@ class DeltaLoRADense(nn.Module):
         )
     core.check_rank(self.rank, in_features, self.features)
     shape = (in_features, self.features)
-    kernel = self.param("kernel", self.kernel_init, shape, self.param_dtype)
-    bias = (
-      self.param("bias", self.bias_init, (self.features,), self.param_dtype)
-      if self.use_bias
-      else None
-    )
-    lora_a, lora_b, delta = _adapter_variables(self, self.projection, shape)
-    return core.delta_lora_layer(
-      self,
-      inputs,
-      kernel,
-      bias,
-      lora_a,
-      lora_b,
-      delta,
-    )
+    return _layer(self, inputs, shape, self.kernel_init, self.bias_init, DELTA_COLLECTION)
 
 
 def projection_of(module: nn.Module, einsum_str: str | None = None) -> projections.Projection:
@@ -214,45 +234,71 @@ def projection_of(module: nn.Module, einsum_str: str | None = None) -> projectio
     raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
 
 
+def ints(value: int | np.integer[Any] | Sequence[int], n: int = 1) -> tuple[int, ...]:
+  """A Flax layer's size setting as a tuple: an int stands for ``n`` equal entries.
+
+  >>> ints(3), ints(2, n=3), ints([2, 4])
+  ((3,), (2, 2, 2), (2, 4))
+  """
+  if isinstance(value, int | np.integer):
+    return (int(value),) * n
+  return tuple(value)
+
+
+def conv_projection(module: nn.Conv | nnx.Conv, features: int) -> projections.Conv:
+  """The product of a Linen or NNX ``Conv`` (they name their settings alike).
+
+  Raises:
+    TypeError: for ``feature_group_count != 1`` or a ``mask``.
+  """
+  name = type(module).__name__
+  if module.feature_group_count != 1:
+    raise TypeError(
+      f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
+      "only feature_group_count=1"
+    )
+  if module.mask is not None:
+    raise TypeError(f"{name} with a mask cannot be adapted")
+  size = ints(module.kernel_size)
+
+  def per_axis(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else ints(value, len(size))  # an int: every spatial axis
+
+  return projections.Conv(
+    features,
+    size,
+    strides=per_axis(module.strides),
+    padding=module.padding,
+    input_dilation=per_axis(module.input_dilation),
+    kernel_dilation=per_axis(module.kernel_dilation),
+  )
+
+
 def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projections.Projection:
   name = type(module).__name__
   if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
     raise TypeError(f"{name} is already adapted")
-  defaults: list[tuple[str, Any]] = []
+  kind: projections.Projection
+  defaults: list[tuple[str, object]] = []
   if isinstance(module, nn.Dense):
     kind = projections.GeneralDense(features=(module.features,))
     defaults = [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nn.DenseGeneral):
-    if tuple(module.batch_dims):
+    if tuple(ints(module.batch_dims)):
       raise TypeError(
         f"{name} with batch_dims={module.batch_dims} cannot be adapted: only DenseGeneral "
         "without batch axes"
       )
-    kind = projections.GeneralDense(features=module.features, axis=module.axis)
+    kind = projections.GeneralDense(features=ints(module.features), axis=ints(module.axis))
     defaults = [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nn.Einsum):
     equation = einsum_str or module.einsum_str
     if equation is None:
       raise TypeError(f"{name} was called without an einsum_str")
-    kind = projections.Einsum(equation, module.shape)
+    kind = projections.Einsum(equation, tuple(module.shape))
     defaults = [("preferred_element_type", None)]
   elif isinstance(module, nn.Conv):
-    if module.feature_group_count != 1:
-      raise TypeError(
-        f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
-        "only feature_group_count=1"
-      )
-    if module.mask is not None:
-      raise TypeError(f"{name} with a mask cannot be adapted")
-    kernel_size = module.kernel_size
-    kind = projections.Conv(
-      features=module.features,
-      kernel_size=(kernel_size,) if isinstance(kernel_size, int) else tuple(kernel_size),
-      strides=module.strides,
-      padding=module.padding,
-      input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation,
-    )
+    kind = conv_projection(module, module.features)
     defaults = [("conv_general_dilated", None), ("conv_general_dilated_cls", None)]
   else:
     raise TypeError(
@@ -271,12 +317,12 @@ def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projecti
 SUPPORTED = "nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv"
 
 
-def _flat_init(init, n_out: int):
+def _flat_init(init: Initializer, n_out: int) -> Initializer:
   """``nn.DenseGeneral``'s initialisation: ``init`` on the ``[in, out]`` matrix, reshaped."""
 
-  def wrapped(key, shape, dtype=jnp.float32):
+  def wrapped(key: jax.Array, shape: Sequence[int], dtype: DTypeLike = jnp.float32) -> jax.Array:
     n_in = len(shape) - n_out
-    flat = (math.prod(shape[n_in:]),)
+    flat: tuple[int, ...] = (math.prod(shape[n_in:]),)
     if n_in:
       flat = (math.prod(shape[:n_in]), *flat)
     return jnp.reshape(init(key, flat, dtype), shape)
@@ -284,7 +330,7 @@ def _flat_init(init, n_out: int):
   return wrapped
 
 
-class DeltaLoRAGeneral(nn.Module):
+class DeltaLoRAGeneral(_DeltaLoRALayer):
   r"""Delta-LoRA on any projection layer: dense-general, einsum or convolution (Linen).
 
   .. math::
@@ -300,31 +346,20 @@ class DeltaLoRAGeneral(nn.Module):
   ``params``, ``D`` in the ``'delta'`` collection, as in
   :class:`DeltaLoRADense`. :func:`deltalora_jax.adapt_linen` builds these
   for a model's own ``nn.DenseGeneral``, ``nn.Einsum`` and ``nn.Conv``
-  layers; the arguments below are those of :class:`DeltaLoRADense`.
+  layers.
 
   Attributes:
-    projection: the base layer's product (a frozen dataclass).
-    rank: LoRA rank ``r``, at most the kernel's matrix rank bound.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
-    delta_scaling: ``ds``, finite and ``> 0``.
-    freeze_base: the base kernel and bias get no gradient.
-    use_bias: whether the base layer has a bias.
-    dtype: computation dtype (None: inferred).
-    param_dtype: dtype of the base kernel and bias.
-    adapter_dtype: dtype of ``A``, ``B``, ``D`` (None: at least float32).
-    precision: precision of the products.
-    kernel_init: initializer of the base kernel (on the ``[in, out]`` matrix
-      for a dense-general kernel, as ``nn.DenseGeneral`` does).
-    bias_init: initializer of the base bias.
-    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
-    lora_b_init: initializer of ``B`` (zeros).
-    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
-    use_delta: create ``D``; False gives plain LoRA.
+    projection: the base layer's product (a frozen dataclass), the only
+      positional attribute.
     delta_collection: the collection that holds ``D`` (as the variable
       ``delta``): ``'delta'``. :class:`~deltalora_jax.DeltaLoRAModel` sets
       ``'params'`` while it maps the ``'delta'`` collection into ``'params'``,
       so that ``D`` goes through ``nn.scan`` and ``nn.vmap`` stacks that lift
       ``'params'`` only.
+    use_bias, ...: the other attributes are those of :class:`DeltaLoRADense`
+      but ``features``; ``rank`` is at most the kernel's matrix rank bound,
+      and ``kernel_init`` draws the ``[in, out]`` matrix of a dense-general
+      kernel, as ``nn.DenseGeneral`` does.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -337,48 +372,16 @@ class DeltaLoRAGeneral(nn.Module):
     (3, 3, 3, 4)
   """
 
-  projection: Any
-  rank: int
-  alpha: float | None = None
-  delta_scaling: float = 0.1
-  freeze_base: bool = True
-  use_bias: bool = True
-  dtype: Any = None
-  param_dtype: Any = jnp.float32
-  precision: Any = None
-  kernel_init: Any = nn.initializers.lecun_normal()
-  bias_init: Any = nn.initializers.zeros_init()
-  lora_a_init: Any = None
-  lora_b_init: Any = nn.initializers.zeros_init()
-  evaluation: core.Evaluation = "auto"
-  use_delta: bool = True
-  adapter_dtype: Any = None
-  delta_collection: str = DELTA_COLLECTION
+  projection: projections.Projection
+  delta_collection: str = dataclasses.field(default=DELTA_COLLECTION, kw_only=True)
 
-  def __post_init__(self):
-    if not isinstance(self.projection, projections.Projection):
-      raise TypeError(
-        "projection must be a GeneralDense, Einsum or Conv of deltalora_jax.projections, "
-        f"got projection={self.projection!r}"
-      )
-    core.check_rank(self.rank)
-    _config(self)  # checks the LoRA options
+  def __post_init__(self) -> None:
     if not isinstance(self.delta_collection, str):
       raise TypeError(
         f"delta_collection must be a collection name (str), got "
         f"delta_collection={self.delta_collection!r}"
       )
     super().__post_init__()
-
-  @property
-  def scaling(self) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
-
-  @property
-  def config(self) -> LayerConfig:
-    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
-    return _config(self)
 
   @nn.compact
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
@@ -392,27 +395,14 @@ class DeltaLoRAGeneral(nn.Module):
       )
     shape = kind.kernel_shape(jnp.shape(inputs))
     if self.has_variable("params", "kernel"):
-      stored = self.get_variable("params", "kernel").shape
-      if tuple(stored) != tuple(shape):
+      stored = tuple(jnp.shape(self.get_variable("params", "kernel")))
+      if stored != tuple(shape):
         raise ValueError(
           f"inputs of shape {jnp.shape(inputs)} need a kernel {shape} at "
-          f"{'/'.join(self.path) or '<root>'}, but its kernel is {tuple(stored)}"
+          f"{'/'.join(self.path) or '<root>'}, but its kernel is {stored}"
         )
     kernel_init, bias_init = self.kernel_init, self.bias_init
     if isinstance(kind, projections.GeneralDense):
       kernel_init = _flat_init(kernel_init, len(kind.features))
       bias_init = _flat_init(bias_init, len(kind.features))
-    kernel = self.param("kernel", kernel_init, shape, self.param_dtype)
-    bias = None
-    if self.use_bias:
-      bias = self.param("bias", bias_init, kind.bias_shape(shape), self.param_dtype)
-    lora_a, lora_b, delta = _adapter_variables(self, kind, shape, self.delta_collection)
-    return core.delta_lora_layer(
-      self,
-      inputs,
-      kernel,
-      bias,
-      lora_a,
-      lora_b,
-      delta,
-    )
+    return _layer(self, inputs, shape, kernel_init, bias_init, self.delta_collection)

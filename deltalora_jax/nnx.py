@@ -1,56 +1,72 @@
-"""Flax NNX front end: :class:`DeltaLoRALinear`, a drop-in for ``nnx.Linear``.
+"""Flax NNX front end: :class:`DeltaLoRALinear` (for ``nnx.Linear``) and the general layer.
 
-The layer owns its parameters as NNX Variables and calls
-:func:`deltalora_jax.core.delta_lora_dense` for the math, the same function
-as the Linen :class:`~deltalora_jax.DeltaLoRADense`. Its state keeps the names
-of ``nnx.Linear`` (``kernel``, ``bias``); the LoRA factors are
+The layers own their parameters as NNX Variables and call
+:func:`deltalora_jax.core.delta_lora_layer` for the math, the same function
+as the Linen :class:`~deltalora_jax.DeltaLoRADense`. Their state keeps the
+names of the base layer (``kernel``, ``bias``); the LoRA factors are
 ``nnx.LoRAParam`` and ``D`` is a :class:`DeltaParam`, so that
 ``nnx.Optimizer(model, tx, wrt=nnx.Any(nnx.LoRAParam, DeltaParam))`` and
 ``nnx.state(model, DeltaParam)`` select exactly the trainable parts.
 
-Each layer keeps the graph definition of its base layer (``base_graphdef``):
-:func:`deltalora_jax.merge` rebuilds the base layer's own class from it with
-the merged kernel.
+:class:`DeltaLoRALinearGeneral` is built around an existing layer;
+:class:`DeltaLoRALinear` is the same layer around an ``nnx.Linear`` that it
+builds from sizes. Each keeps the graph definition of its base layer
+(``base_graphdef``): :func:`deltalora_jax.merge` rebuilds the base layer's
+own class from it with the merged kernel.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Self, Unpack
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
+from flax.typing import Initializer, PrecisionLike
+from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
-from deltalora_jax.config import LayerConfig
+from deltalora_jax.config import Options
+from deltalora_jax.linen import ConfigMixin, conv_projection, ints
 from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
 ZEROS_INIT = nnx.initializers.zeros_init()
 
+#: The layers :class:`DeltaLoRALinearGeneral` adapts (and their subclasses).
+Adaptable = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 
-class DeltaParam(nnx.Param):
-  """The Variable type of the delta matrix ``D [in, out]`` of a :class:`DeltaLoRALinear`.
+
+class DeltaParam(nnx.Param[jax.Array]):
+  """The Variable type of the delta matrix ``D`` (the kernel's shape) of an adapted layer.
 
   A subclass of ``nnx.Param`` (``D`` is trained), distinct from
   ``nnx.LoRAParam`` (the factors) so that filters can tell them apart.
   """
 
 
-def _check_bool(name: str, value) -> bool:
+class LayerOptions(Options, total=False):
+  """The LoRA options of :class:`DeltaLoRALinearGeneral` as keyword arguments.
+
+  Those of :class:`~deltalora_jax.config.Options` and ``lora_b_init``.
+  """
+
+  lora_b_init: Initializer
+
+
+def _check_bool(name: str, value: object) -> bool:
   if not isinstance(value, bool):
     raise TypeError(f"{name} must be a bool, got {name}={value!r}")
   return value
 
 
-def _arrays(layer) -> tuple:
-  """``(kernel, bias, lora_a, lora_b, delta)`` of an NNX adapted layer (None where absent)."""
-  value = lambda v: None if v is None else v[...]  # noqa: E731
-  return tuple(value(getattr(layer, n)) for n in ("kernel", "bias", "lora_a", "lora_b", "delta"))
+def _check_rngs(rngs: object) -> None:
+  if not isinstance(rngs, nnx.Rngs):
+    raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
 
 
-def _check_out_sharding(out_sharding) -> None:
+def _check_out_sharding(out_sharding: object) -> None:
   """Flax layers take ``out_sharding`` (explicit-sharding mode); adapted layers leave it to XLA."""
   if out_sharding is not None:
     raise NotImplementedError(
@@ -59,12 +75,136 @@ def _check_out_sharding(out_sharding) -> None:
     )
 
 
-def _constant(array):
+def _constant(array: jax.Array | None) -> Initializer:
   """An initializer that returns ``array`` (the weights of an existing layer)."""
   return lambda key, shape, dtype: array
 
 
-class DeltaLoRALinear(nnx.Module):
+class _AdaptedLayer(ConfigMixin, nnx.Module):
+  """What :class:`DeltaLoRALinearGeneral` and :class:`DeltaLoRALinear` share: adapting ``base``."""
+
+  def __init__(
+    self,
+    base: Adaptable,
+    *,
+    rank: int,
+    alpha: float | None = None,
+    delta_scaling: float = 0.1,
+    freeze_base: bool = True,
+    lora_a_init: Initializer | None = None,
+    lora_b_init: Initializer = ZEROS_INIT,
+    evaluation: core.Evaluation = "auto",
+    use_delta: bool = True,
+    adapter_dtype: DTypeLike | None = None,
+    rngs: nnx.Rngs,
+  ) -> None:
+    self.projection = projection_of(base)
+    self.rank = core.check_rank(rank)
+    core.lora_scaling(alpha, rank)
+    self.alpha = None if alpha is None else float(alpha)
+    self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
+    self.evaluation = core.check_evaluation(evaluation)
+    self.freeze_base = _check_bool("freeze_base", freeze_base)
+    self.use_delta = _check_bool("use_delta", use_delta)
+    _check_rngs(rngs)
+    self.adapter_dtype = adapter_dtype
+    self.use_bias = base.bias is not None
+    self.dtype: DTypeLike | None = base.dtype
+    self.precision: PrecisionLike = base.precision
+    self.base_graphdef = nnx.graphdef(base)
+    self.kernel: nnx.Variable[jax.Array] = base.kernel.copy()
+    self.bias: nnx.Variable[jax.Array] | None = nnx.data(None)
+    if base.bias is not None:
+      self.bias = base.bias.copy()
+    shape = tuple(self.kernel.shape)
+    stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
+    layer_shape = shape[stack:]
+    bound = self.projection.rank_bound(layer_shape)
+    if rank > bound:
+      raise ValueError(
+        f"rank must satisfy 0 < rank <= {bound} for the kernel {layer_shape} of a "
+        f"{type(base).__name__}, got rank={rank}"
+      )
+    dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
+    a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
+    stacked = shape[:stack]
+    a_init = lora_a_init or core.lora_a_init(rank)
+    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, *a_shape), dtype))
+    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (*stacked, *b_shape), dtype))
+    self.delta: DeltaParam | None = nnx.data(None)
+    if use_delta:
+      self.delta = DeltaParam(jnp.zeros(shape, dtype))
+
+  def _apply(self, inputs: jax.Array, out_sharding: object) -> jax.Array:
+    _check_out_sharding(out_sharding)
+    bias = None if self.bias is None else self.bias[...]
+    delta = None if self.delta is None else self.delta[...]
+    lora_a, lora_b = self.lora_a[...], self.lora_b[...]
+    return core.delta_lora_layer(self, inputs, self.kernel[...], bias, lora_a, lora_b, delta)
+
+
+class DeltaLoRALinearGeneral(_AdaptedLayer):
+  r"""Delta-LoRA on any NNX projection layer: ``Linear``, ``LinearGeneral``, ``Einsum`` or ``Conv``.
+
+  .. math::
+
+    y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
+
+  Built around an existing layer (``base``, which is not modified): its
+  ``kernel`` and ``bias`` Variables are kept under the same names, shapes
+  and metadata (their arrays are shared); ``lora_a`` and ``lora_b`` are
+  ``nnx.LoRAParam``, ``D`` (exactly the kernel's shape) a :class:`DeltaParam`.
+  At construction ``B = 0`` and ``D = 0``: the output equals the base
+  layer's exactly. ``P`` is the base's product (:func:`projection_of`); the
+  factors' layout is that of :mod:`deltalora_jax.projections`. A layer
+  created by ``nnx.vmap`` (a stack, kernel ``[L, ...]``) gets stacked
+  factors and ``D``; apply it inside ``nnx.scan`` as the base was.
+  :func:`deltalora_jax.merge` gives back the base's own class with the
+  merged kernel. The layer keeps the base's ``use_bias``, ``dtype`` and
+  ``precision``; ``D`` and the factors are float32 (or ``adapter_dtype``)
+  whatever the kernel's dtype.
+
+  Args:
+    base: the layer to adapt (see :func:`projection_of` for the kinds).
+    rank: LoRA rank ``r``, at most the kernel's matrix rank bound
+      (``min(in, out)`` for a dense kernel).
+    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    delta_scaling: ``ds``, finite and ``> 0``.
+    freeze_base: the base kernel and bias get no gradient (XLA computes none).
+    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
+    lora_b_init: initializer of ``B`` (zeros).
+    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``
+      (:func:`deltalora_jax.core.choose_evaluation`); same numbers either way.
+    use_delta: create ``D``; ``False`` gives plain LoRA (no :class:`DeltaParam`).
+    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
+      kernel's dtype when that is wider.
+    rngs: the ``nnx.Rngs`` that draws ``A``.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from flax import nnx
+    >>> conv = nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
+    >>> layer = DeltaLoRALinearGeneral(conv, rank=2, rngs=nnx.Rngs(1))
+    >>> layer.lora_a.shape, layer.lora_b.shape, layer.delta.shape
+    ((3, 3, 3, 2), (2, 4), (3, 3, 3, 4))
+    >>> x = jnp.ones((1, 8, 8, 3))
+    >>> bool(jnp.allclose(layer(x), conv(x), atol=1e-6))
+    True
+  """
+
+  def __call__(
+    self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: object = None
+  ) -> jax.Array:
+    kind = self.projection
+    if einsum_str is not None and einsum_str.replace(" ", "") != getattr(kind, "equation", None):
+      raise ValueError(
+        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
+        f"{getattr(kind, 'equation', None)!r}"
+      )
+    return self._apply(inputs, out_sharding)
+
+
+class DeltaLoRALinear(_AdaptedLayer):
   r"""A linear layer adapted with LoRA and a full-size delta matrix (NNX).
 
   .. math::
@@ -72,36 +212,27 @@ class DeltaLoRALinear(nnx.Module):
     y = x W + b + s\,(x A) B + ds\,(x D), \qquad s = \alpha / r
 
   The same layer as the Linen :class:`~deltalora_jax.DeltaLoRADense` (both
-  call :func:`deltalora_jax.core.delta_lora_dense`). State: ``kernel [in,
-  out]`` and ``bias [out]`` as in ``nnx.Linear`` (``nnx.Param``), ``lora_a
-  [in, r]`` and ``lora_b [r, out]`` (``nnx.LoRAParam``), ``delta [in, out]``
-  (:class:`DeltaParam`). At construction ``B = 0`` and ``D = 0``: the output
-  equals the base layer's exactly. Build it from sizes, or around a
-  pretrained ``nnx.Linear`` with :meth:`from_linear`;
+  call :func:`deltalora_jax.core.delta_lora_layer`), built as
+  :class:`DeltaLoRALinearGeneral` is, around the ``nnx.Linear`` it makes
+  from sizes. State: ``kernel [in, out]`` and ``bias [out]`` as in ``nnx.Linear``
+  (``nnx.Param``), ``lora_a [in, r]`` and ``lora_b [r, out]``
+  (``nnx.LoRAParam``), ``delta [in, out]`` (:class:`DeltaParam`). Build it
+  from sizes, or around a pretrained ``nnx.Linear`` with :meth:`from_linear`;
   :func:`deltalora_jax.merge` gives back a plain ``nnx.Linear`` with the
   merged kernel.
 
   Args:
     in_features: number of input features.
     out_features: number of output features.
-    rank: LoRA rank ``r``, ``0 < r <= min(in, out)``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
-    delta_scaling: ``ds``, finite and ``> 0``.
-    freeze_base: the base kernel and bias get no gradient (XLA computes none).
-    use_bias: whether the base layer has a bias.
-    dtype: computation dtype (None: inferred from inputs and parameters).
-    param_dtype: dtype of the base kernel and bias.
-    adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
-      kernel's dtype when that is wider.
-    precision: precision of the matrix products.
-    kernel_init: initializer of the base kernel.
-    bias_init: initializer of the base bias.
-    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
-    lora_b_init: initializer of ``B`` (zeros).
-    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``
-      (:func:`deltalora_jax.core.choose_evaluation`); same numbers either way.
-    use_delta: create ``D``; ``False`` gives plain LoRA (no :class:`DeltaParam`).
+    use_bias, dtype, param_dtype, precision, kernel_init, bias_init: the
+      settings of the base ``nnx.Linear``, with its defaults (the attributes
+      of the Linen :class:`~deltalora_jax.DeltaLoRADense` of the same names).
     rngs: the ``nnx.Rngs`` that draws the kernel and ``A``.
+    **options: the LoRA options of :class:`DeltaLoRALinearGeneral`
+      (:class:`LayerOptions`): ``rank`` (required, ``0 < r <= min(in,
+      out)``), ``alpha``, ``delta_scaling``, ``freeze_base``,
+      ``lora_a_init``, ``lora_b_init``, ``evaluation``, ``use_delta``,
+      ``adapter_dtype``.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -120,65 +251,37 @@ class DeltaLoRALinear(nnx.Module):
     in_features: int,
     out_features: int,
     *,
-    rank: int,
-    alpha: float | None = None,
-    delta_scaling: float = 0.1,
-    freeze_base: bool = True,
     use_bias: bool = True,
-    dtype: Any = None,
-    param_dtype: Any = jnp.float32,
-    precision: Any = None,
-    kernel_init: Any = DEFAULT_KERNEL_INIT,
-    bias_init: Any = ZEROS_INIT,
-    lora_a_init: Any = None,
-    lora_b_init: Any = ZEROS_INIT,
-    evaluation: core.Evaluation = "auto",
-    use_delta: bool = True,
-    adapter_dtype: Any = None,
+    dtype: DTypeLike | None = None,
+    param_dtype: DTypeLike = jnp.float32,
+    precision: PrecisionLike = None,
+    kernel_init: Initializer = DEFAULT_KERNEL_INIT,
+    bias_init: Initializer = ZEROS_INIT,
     rngs: nnx.Rngs,
-  ):
+    **options: Unpack[LayerOptions],
+  ) -> None:
     self.in_features = core.check_features("in_features", in_features)
     self.out_features = core.check_features("out_features", out_features)
-    self.rank = core.check_rank(rank, in_features, out_features)
-    core.lora_scaling(alpha, rank)
-    self.alpha = None if alpha is None else float(alpha)
-    self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
-    self.evaluation = core.check_evaluation(evaluation)
-    self.freeze_base = _check_bool("freeze_base", freeze_base)
-    self.use_bias = _check_bool("use_bias", use_bias)
-    self.use_delta = _check_bool("use_delta", use_delta)
-    if not isinstance(rngs, nnx.Rngs):
-      raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
-    self.dtype = dtype
+    core.check_rank(options.get("rank"), in_features, out_features)
+    _check_rngs(rngs)
     self.param_dtype = param_dtype
-    self.precision = precision
-
-    shape = (in_features, out_features)
-    self.kernel = nnx.Param(kernel_init(rngs.params(), shape, param_dtype))
-    self.bias: nnx.Param | None = nnx.data(None)
-    if use_bias:
-      self.bias = nnx.Param(bias_init(rngs.params(), (out_features,), param_dtype))
-    dtype_a = _adapter_dtype(adapter_dtype, param_dtype)
-    self.adapter_dtype = adapter_dtype
-    a_init = lora_a_init or core.lora_a_init(rank)
-    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, rank), dtype_a))
-    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (rank, out_features), dtype_a))
-    self.delta: DeltaParam | None = nnx.data(None)
-    if use_delta:
-      self.delta = DeltaParam(jnp.zeros(shape, dtype_a))
-    base = lambda: nnx.Linear(  # noqa: E731  (only its structure is kept)
+    linear = nnx.Linear(
       in_features,
       out_features,
-      use_bias=use_bias,
+      rngs=rngs,
+      use_bias=_check_bool("use_bias", use_bias),
       dtype=dtype,
       param_dtype=param_dtype,
       precision=precision,
-      rngs=nnx.Rngs(0),
+      kernel_init=kernel_init,
+      bias_init=bias_init,
     )
-    self.base_graphdef = nnx.graphdef(nnx.eval_shape(base))
+    super().__init__(linear, rngs=rngs, **options)
 
   @classmethod
-  def from_linear(cls, linear: nnx.Linear, *, rank: int, rngs: nnx.Rngs, **kwargs):
+  def from_linear(
+    cls, linear: nnx.Linear, *, rngs: nnx.Rngs, **options: Unpack[LayerOptions]
+  ) -> Self:
     """An adapter around a pretrained ``nnx.Linear``, keeping its kernel and bias.
 
     The kernel and bias Variables are copied with their metadata (sharding
@@ -188,11 +291,9 @@ class DeltaLoRALinear(nnx.Module):
 
     Args:
       linear: the ``nnx.Linear`` to adapt; ``linear`` itself is not modified.
-      rank: LoRA rank ``r``.
       rngs: the ``nnx.Rngs`` that draws ``A``.
-      **kwargs: the LoRA arguments of :class:`DeltaLoRALinear` (``alpha``,
-        ``delta_scaling``, ``freeze_base``, ``lora_a_init``, ``lora_b_init``,
-        ``evaluation``, ``use_delta``, ``adapter_dtype``).
+      **options: the LoRA options of :class:`DeltaLoRALinearGeneral`
+        (``rank`` required).
 
     Returns:
       A new :class:`DeltaLoRALinear` whose output equals ``linear``'s.
@@ -200,7 +301,7 @@ class DeltaLoRALinear(nnx.Module):
     Raises:
       TypeError: when ``linear`` is not an ``nnx.Linear``, or computes with a
         custom ``dot_general``, ``promote_dtype`` or ``preferred_element_type``
-        (the adapter would silently compute something else), or ``kwargs``
+        (the adapter would silently compute something else), or ``options``
         names a base-layer argument.
 
     Example:
@@ -214,14 +315,13 @@ class DeltaLoRALinear(nnx.Module):
     """
     check_linear(linear)
     base_args = {"use_bias", "dtype", "param_dtype", "precision", "kernel_init", "bias_init"}
-    if clash := sorted(base_args & set(kwargs)):
+    if clash := sorted(base_args & set(options)):
       raise TypeError(f"from_linear takes the base layer's settings from linear, got {clash}")
     kernel = linear.kernel[...]
     bias = None if linear.bias is None else linear.bias[...]
     layer = cls(
       linear.in_features,
       linear.out_features,
-      rank=rank,
       use_bias=bias is not None,
       dtype=linear.dtype,
       param_dtype=kernel.dtype,
@@ -229,45 +329,20 @@ class DeltaLoRALinear(nnx.Module):
       kernel_init=_constant(kernel),
       bias_init=_constant(bias),
       rngs=rngs,
-      **kwargs,
+      **options,
     )
+    # The linear's own Variables (with their metadata) and class.
     layer.kernel = linear.kernel.copy()
-    if bias is not None:
+    if linear.bias is not None:
       layer.bias = linear.bias.copy()
     layer.base_graphdef = nnx.graphdef(linear)
     return layer
 
-  @property
-  def scaling(self) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
-
-  @property
-  def config(self) -> LayerConfig:
-    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
-    return LayerConfig(
-      self.projection,
-      rank=self.rank,
-      alpha=self.alpha,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      use_bias=self.use_bias,
-      use_delta=self.use_delta,
-      evaluation=self.evaluation,
-      adapter_dtype=self.adapter_dtype,
-    )
-
-  @property
-  def projection(self) -> projections.GeneralDense:
-    """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
-    return projections.GeneralDense(features=(self.out_features,))
-
-  def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-    _check_out_sharding(out_sharding)
-    return core.delta_lora_layer(self, inputs, *_arrays(self))
+  def __call__(self, inputs: jax.Array, out_sharding: object = None) -> jax.Array:
+    return self._apply(inputs, out_sharding)
 
 
-def check_linear(linear) -> nnx.Linear:
+def check_linear(linear: object) -> nnx.Linear:
   """Raises unless ``linear`` is an ``nnx.Linear`` whose math the adapter reproduces.
 
   Returns:
@@ -292,7 +367,7 @@ def check_linear(linear) -> nnx.Linear:
   return linear
 
 
-def projection_of(module) -> projections.Projection:
+def projection_of(module: object) -> projections.Projection:
   """The product of an NNX projection layer, or a ``TypeError`` saying why it cannot be adapted.
 
   ``nnx.Linear``, ``nnx.LinearGeneral`` (no ``batch_axis``), ``nnx.Einsum``
@@ -310,11 +385,15 @@ def projection_of(module) -> projections.Projection:
     raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
 
 
-def _projection_of(module) -> projections.Projection:
+def _projection_of(module: object) -> projections.Projection:
   name = type(module).__name__
-  if isinstance(module, nnx.LoRALinear | DeltaLoRALinear | DeltaLoRALinearGeneral):
+  if isinstance(module, nnx.LoRALinear | _AdaptedLayer):
     raise TypeError(f"{name} is already adapted")
-  defaults = [("promote_dtype", nnx_dtypes.promote_dtype), ("preferred_element_type", None)]
+  kind: projections.Projection
+  defaults: list[tuple[str, object]] = [
+    ("promote_dtype", nnx_dtypes.promote_dtype),
+    ("preferred_element_type", None),
+  ]
   if isinstance(module, nnx.Linear):
     kind = projections.GeneralDense(features=(module.out_features,))
     defaults.append(("dot_general", jax.lax.dot_general))
@@ -324,29 +403,15 @@ def _projection_of(module) -> projections.Projection:
         f"{name} with batch_axis={dict(module.batch_axis)} cannot be adapted: only "
         "LinearGeneral without batch axes"
       )
-    kind = projections.GeneralDense(features=module.out_features, axis=module.axis)
+    kind = projections.GeneralDense(features=ints(module.out_features), axis=ints(module.axis))
     defaults += [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nnx.Einsum):
     if module.einsum_str is None:
       raise TypeError(f"{name} without an einsum_str at construction cannot be adapted")
-    kind = projections.Einsum(module.einsum_str, module.kernel_shape)
+    kind = projections.Einsum(module.einsum_str, tuple(module.kernel_shape))
     defaults.append(("einsum_op", jnp.einsum))
   elif isinstance(module, nnx.Conv):
-    if module.feature_group_count != 1:
-      raise TypeError(
-        f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
-        "only feature_group_count=1"
-      )
-    if module.mask is not None:
-      raise TypeError(f"{name} with a mask cannot be adapted")
-    kind = projections.Conv(
-      features=module.out_features,
-      kernel_size=module.kernel_size,
-      strides=module.strides,
-      padding=module.padding,
-      input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation,
-    )
+    kind = conv_projection(module, module.out_features)
     defaults.append(("conv_general_dilated", jax.lax.conv_general_dilated))
   else:
     raise TypeError(
@@ -364,132 +429,3 @@ def _projection_of(module) -> projections.Projection:
       f"{name} computes with a custom {custom}: an adapter would compute something else"
     )
   return kind
-
-
-class DeltaLoRALinearGeneral(nnx.Module):
-  r"""Delta-LoRA on any NNX projection layer: ``LinearGeneral``, ``Einsum`` or ``Conv``.
-
-  .. math::
-
-    y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
-
-  Built around an existing layer (``base``, which is not modified): its
-  ``kernel`` and ``bias`` Variables are kept under the same names, shapes
-  and metadata (their arrays are shared); ``lora_a`` and ``lora_b`` are
-  ``nnx.LoRAParam``, ``D`` (exactly the kernel's shape) a :class:`DeltaParam`.
-  ``P`` is the base's product (:func:`projection_of`); the factors' layout
-  is that of :mod:`deltalora_jax.projections`. A layer created by
-  ``nnx.vmap`` (a stack, kernel ``[L, ...]``) gets stacked factors and
-  ``D``; apply it inside ``nnx.scan`` as the base was.
-  :func:`deltalora_jax.merge` gives back the base's own class with the
-  merged kernel.
-
-  Args:
-    base: the layer to adapt (see :func:`projection_of` for the kinds).
-    rank: LoRA rank ``r``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
-    delta_scaling: ``ds``, finite and ``> 0``.
-    freeze_base: the base kernel and bias get no gradient.
-    lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
-    lora_b_init: initializer of ``B`` (zeros).
-    evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
-    use_delta: create ``D``; False gives plain LoRA.
-    adapter_dtype: dtype of ``A``, ``B``, ``D`` (None: at least float32).
-    rngs: draws ``A``.
-
-  Example:
-    >>> import jax.numpy as jnp
-    >>> from flax import nnx
-    >>> conv = nnx.Conv(3, 4, kernel_size=(3, 3), rngs=nnx.Rngs(0))
-    >>> layer = DeltaLoRALinearGeneral(conv, rank=2, rngs=nnx.Rngs(1))
-    >>> layer.lora_a.shape, layer.lora_b.shape, layer.delta.shape
-    ((3, 3, 3, 2), (2, 4), (3, 3, 3, 4))
-    >>> x = jnp.ones((1, 8, 8, 3))
-    >>> bool(jnp.allclose(layer(x), conv(x), atol=1e-6))
-    True
-  """
-
-  def __init__(
-    self,
-    base: nnx.Module,
-    *,
-    rank: int,
-    alpha: float | None = None,
-    delta_scaling: float = 0.1,
-    freeze_base: bool = True,
-    lora_a_init: Any = None,
-    lora_b_init: Any = ZEROS_INIT,
-    evaluation: core.Evaluation = "auto",
-    use_delta: bool = True,
-    adapter_dtype: Any = None,
-    rngs: nnx.Rngs,
-  ):
-    self.projection = projection_of(base)
-    self.rank = core.check_rank(rank)
-    core.lora_scaling(alpha, rank)
-    self.alpha = None if alpha is None else float(alpha)
-    self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
-    self.evaluation = core.check_evaluation(evaluation)
-    self.freeze_base = _check_bool("freeze_base", freeze_base)
-    self.use_delta = _check_bool("use_delta", use_delta)
-    if not isinstance(rngs, nnx.Rngs):
-      raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
-    self.use_bias = base.bias is not None
-    self.dtype = base.dtype
-    self.precision = base.precision
-    self.adapter_dtype = adapter_dtype
-    self.base_graphdef = nnx.graphdef(base)
-    self.kernel = base.kernel.copy()
-    self.bias: nnx.Param | None = nnx.data(None)
-    if self.use_bias:
-      self.bias = base.bias.copy()
-    shape = tuple(self.kernel.shape)
-    stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
-    layer_shape = shape[stack:]
-    bound = self.projection.rank_bound(layer_shape)
-    if rank > bound:
-      raise ValueError(
-        f"rank must satisfy 0 < rank <= {bound} for the kernel {layer_shape} of a "
-        f"{type(base).__name__}, got rank={rank}"
-      )
-    dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
-    a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
-    stacked = shape[:stack]
-    a_init = lora_a_init or core.lora_a_init(rank)
-    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, *a_shape), dtype))
-    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (*stacked, *b_shape), dtype))
-    self.delta: DeltaParam | None = nnx.data(None)
-    if use_delta:
-      self.delta = DeltaParam(jnp.zeros(shape, dtype))
-
-  @property
-  def scaling(self) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
-
-  @property
-  def config(self) -> LayerConfig:
-    """The layer's :class:`~deltalora_jax.config.LayerConfig`."""
-    return LayerConfig(
-      self.projection,
-      rank=self.rank,
-      alpha=self.alpha,
-      delta_scaling=self.delta_scaling,
-      freeze_base=self.freeze_base,
-      use_bias=self.use_bias,
-      use_delta=self.use_delta,
-      evaluation=self.evaluation,
-      adapter_dtype=self.adapter_dtype,
-    )
-
-  def __call__(
-    self, inputs: jax.Array, einsum_str: str | None = None, out_sharding=None
-  ) -> jax.Array:
-    _check_out_sharding(out_sharding)
-    kind = self.projection
-    if einsum_str is not None and einsum_str.replace(" ", "") != getattr(kind, "equation", None):
-      raise ValueError(
-        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
-        f"{getattr(kind, 'equation', None)!r}"
-      )
-    return core.delta_lora_layer(self, inputs, *_arrays(self))

@@ -9,7 +9,7 @@ layer name ``'a/b/c'``: each layer's config is its
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 import flax.linen as nn
 import jax
@@ -46,13 +46,11 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
   Example:
     >>> from flax import nnx
     >>> import deltalora_jax as dl
-    >>> class MLP(nnx.Module):
-    ...   def __init__(self, rngs):
-    ...     self.up = nnx.Linear(4, 8, rngs=rngs)
-    >>> model, _ = dl.adapt_nnx(MLP(nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+    >>> model = nnx.Sequential(nnx.Linear(4, 8, rngs=nnx.Rngs(0)), nnx.relu)
+    >>> model, _ = dl.adapt_nnx(model, rank=2, freeze_base=False, rngs=nnx.Rngs(1))
     >>> adapter = export_adapter(model)
-    >>> adapter["config"]["up"]["rank"], sorted(adapter["weights"]["up"])
-    (2, ['delta', 'lora_a', 'lora_b'])
+    >>> adapter["config"]["layers/0"]["kernel_shape"], sorted(adapter["weights"]["layers/0"])
+    ([4, 8], ['bias', 'delta', 'kernel', 'lora_a', 'lora_b'])
   """
   config, weights = {}, {}
   for name, layer in tree.layer_arrays(model_or_variables, layers).items():
@@ -66,7 +64,7 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
   return {"config": config, "weights": weights}
 
 
-def _check_adapter(adapter: Any) -> tuple[dict, dict]:
+def _check_adapter(adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   if not isinstance(adapter, Mapping) or set(adapter) != {"config", "weights"}:
     raise ValueError(
       "adapter must be the {'config', 'weights'} mapping of export_adapter, got "
@@ -81,7 +79,7 @@ def _check_adapter(adapter: Any) -> tuple[dict, dict]:
   return dict(config), dict(weights)
 
 
-def _layer_config(name: str, entry: Mapping) -> tuple[LayerConfig, tuple[int, ...]]:
+def _layer_config(name: str, entry: object) -> tuple[LayerConfig, tuple[int, ...]]:
   """``(config, kernel shape)`` of one layer of an adapter's config."""
   if not isinstance(entry, Mapping) or "kernel_shape" not in entry:
     raise ValueError(f"adapter config of {name!r} must be a mapping with a kernel_shape")
@@ -91,7 +89,7 @@ def _layer_config(name: str, entry: Mapping) -> tuple[LayerConfig, tuple[int, ..
 
 
 def _checked_weights(
-  name: str, config: LayerConfig, kernel_shape: tuple[int, ...], arrays: Mapping
+  name: str, config: LayerConfig, kernel_shape: tuple[int, ...], arrays: Mapping[str, Any]
 ) -> dict[str, jax.Array]:
   """The weights of one layer, checked against the shapes its config implies."""
   kind = config.projection
@@ -127,7 +125,9 @@ def _checked(adapter: Any) -> dict[str, tuple[LayerConfig, tuple[int, ...], dict
   return checked
 
 
-def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> tuple[nnx.Module, dict[str, Any]]:
+def attach_adapter_nnx(
+  model: nnx.Module, adapter: Mapping[str, Any]
+) -> tuple[nnx.Module, dict[str, Any]]:
   """Puts an exported adapter back on a fresh copy of the same NNX base model, in place.
 
   Each named layer becomes an adapter with the exported options and
@@ -176,7 +176,7 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> tuple[nnx.Module,
       raise TypeError(
         f"adapter layer {name!r} is a {kinds[name]} in the model, not {targets.ADAPTABLE}"
       )
-    module = modules[name][1]
+    module = cast(nnx_front.Adaptable, modules[name][1])  # of the kind "dense"
     given = (nnx_front.projection_of(module), tuple(module.kernel.shape))
     if given != (config.projection, kernel_shape):
       raise ValueError(
@@ -193,8 +193,8 @@ def attach_adapter_nnx(model: nnx.Module, adapter: Mapping) -> tuple[nnx.Module,
 
 
 def attach_adapter_linen(
-  model: nn.Module, variables: Mapping, adapter: Mapping
-) -> tuple[linen_adapt.DeltaLoRAModel, dict, dict[str, Any]]:
+  model: nn.Module, variables: Mapping[str, Any], adapter: Mapping[str, Any]
+) -> tuple[linen_adapt.DeltaLoRAModel, dict[str, Any], dict[str, Any]]:
   """Puts an exported adapter back on the same Linen base model and its variables.
 
   No trace is needed: the adapter's paths are checked against the kernels in

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Unpack
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import traverse_util
-from flax.core import unfreeze
+from flax.core import FrozenDict, unfreeze
 
 from deltalora_jax import core, paths, projections
 from deltalora_jax import linen as linen_front
@@ -19,6 +19,8 @@ from deltalora_jax.config import Options
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
 
 Path = paths.Path
+#: ``((path, ((option, value), ...)), ...)``: the adapted layers of a :class:`DeltaLoRAModel`.
+Adapters = tuple[tuple[Path, tuple[tuple[str, Any], ...]], ...]
 
 
 class DeltaLoRAModel(nn.Module):
@@ -52,9 +54,9 @@ class DeltaLoRAModel(nn.Module):
   """
 
   model: nn.Module
-  adapters: tuple = ()
+  adapters: Adapters = ()
 
-  def setup(self):
+  def setup(self) -> None:
     nn.share_scope(self, self.model)
 
   @property
@@ -62,11 +64,16 @@ class DeltaLoRAModel(nn.Module):
     """``{path: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
     return {path: DeltaLoRAGeneral(**dict(options), parent=None) for path, options in self.adapters}
 
-  def __call__(self, *args, **kwargs):
+  def __call__(self, *args: Any, **kwargs: Any) -> Any:
     configs = dict(self.adapters)
     prefix = tuple(self.path)
 
-    def intercept(next_fun, call_args, call_kwargs, context):
+    def intercept(
+      next_fun: Callable[..., Any],
+      call_args: tuple[Any, ...],
+      call_kwargs: dict[str, Any],
+      context: nn.module.InterceptorContext,
+    ) -> Any:
       module = context.module
       path = tuple(module.path)
       if context.method_name != "__call__" or path[: len(prefix)] != prefix:
@@ -79,40 +86,43 @@ class DeltaLoRAModel(nn.Module):
         kind = linen_front.projection_of(module, _einsum_str(call_args, call_kwargs))
       except TypeError as error:
         raise TypeError(f"the adapter at {name!r} cannot run on this layer: {error}") from None
-      options = dict(options)
-      if (kind, module.use_bias) != (options["projection"], options["use_bias"]):
+      arguments = dict(options)
+      made_for = arguments["projection"], arguments["use_bias"]
+      if (kind, module.use_bias) != made_for:
         raise ValueError(
           f"the {type(module).__name__} at {name!r} is {kind} with use_bias={module.use_bias}; "
-          f"its adapter was made for {options['projection']} with use_bias={options['use_bias']}"
+          f"its adapter was made for {made_for[0]} with use_bias={made_for[1]}"
         )
       layer = DeltaLoRAGeneral(
-        **options,
+        **arguments,
         dtype=module.dtype,
         param_dtype=module.param_dtype,
         precision=module.precision,
         kernel_init=module.kernel_init,
         bias_init=module.bias_init,
         delta_collection="params",  # where run() below puts D
-        parent=module.scope,
+        parent=module.scope,  # type: ignore[arg-type]  # Flax takes a Scope; its field omits it
       )
       return layer(*call_args, **call_kwargs)
 
-    def run(wrapper, *args, **kwargs):
+    def run(wrapper: DeltaLoRAModel, *args: Any, **kwargs: Any) -> Any:
       with nn.intercept_methods(intercept):
         return wrapper.model(*args, **kwargs)
 
     adapted_paths = list(configs)
-    run = nn.map_variables(
+    mapped = nn.map_variables(
       run,
       ("params", DELTA_COLLECTION),
       trans_in_fn=functools.partial(_move_deltas, adapted_paths, DELTA_COLLECTION, "params"),
       trans_out_fn=functools.partial(_move_deltas, adapted_paths, "params", DELTA_COLLECTION),
       mutable=True,
     )
-    return run(self, *args, **kwargs)
+    return mapped(self, *args, **kwargs)
 
 
-def _move_deltas(layer_paths: Sequence[Path], source: str, target: str, variables: Mapping) -> dict:
+def _move_deltas(
+  layer_paths: Sequence[Path], source: str, target: str, variables: Mapping[str, Any]
+) -> dict[str, Any]:
   """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
 
   Example:
@@ -135,12 +145,18 @@ def _move_deltas(layer_paths: Sequence[Path], source: str, target: str, variable
 _LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
 
 
-def _einsum_str(args, kwargs) -> str | None:
+def _einsum_str(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
   """The ``einsum_str`` given to an ``nn.Einsum`` call, by keyword or in second place."""
-  return kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+  einsum_str: str | None = kwargs.get("einsum_str", args[1] if len(args) > 1 else None)
+  return einsum_str
 
 
-def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, dict]:
+def _trace_linen(
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  inputs: Sequence[Any],
+  call_kwargs: Mapping[str, Any],
+) -> dict[str, dict[str, Any]]:
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
   Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
@@ -148,9 +164,14 @@ def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, 
   name, with the reason when it is a projection layer that cannot be
   adapted). Runs under ``jax.eval_shape``: nothing is computed.
   """
-  found: dict[str, dict] = {}
+  found: dict[str, dict[str, Any]] = {}
 
-  def record(next_fun, args, kwargs, context):
+  def record(
+    next_fun: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    context: nn.module.InterceptorContext,
+  ) -> Any:
     module = context.module
     if module.path:
       entry = found.setdefault("/".join(module.path), {"kind": type(module).__name__})
@@ -165,7 +186,7 @@ def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, 
             entry["kind"] = f"{type(module).__name__} ({error})"
     return next_fun(*args, **kwargs)
 
-  def run(variables):
+  def run(variables: Mapping[str, Any]) -> Any:
     return model.apply(
       variables, *inputs, **call_kwargs, mutable=True, rngs={"dropout": jax.random.key(0)}
     )
@@ -175,7 +196,9 @@ def _trace_linen(model: nn.Module, variables, inputs, call_kwargs) -> dict[str, 
   return found
 
 
-def linen_parts(model: Any, variables: Any) -> tuple[nn.Module, dict, dict, dict]:
+def linen_parts(
+  model: Any, variables: Any
+) -> tuple[nn.Module, dict[Path, Any], dict[Path, Any], dict[str, Any]]:
   """``(base model, existing adapters, flat params, variables as dicts)``."""
   if not isinstance(model, nn.Module):
     raise TypeError(f"model must be a flax.linen Module, got {type(model).__name__}")
@@ -184,14 +207,17 @@ def linen_parts(model: Any, variables: Any) -> tuple[nn.Module, dict, dict, dict
       "variables must be the model's variables {'params': ...}, got "
       f"{list(variables) if isinstance(variables, Mapping) else type(variables).__name__}"
     )
-  variables = unfreeze(variables) if not isinstance(variables, dict) else dict(variables)
-  base, existing = model, {}
+  variables = unfreeze(variables) if isinstance(variables, FrozenDict) else dict(variables)
+  base: nn.Module = model
+  existing: dict[Path, Any] = {}
   if isinstance(model, DeltaLoRAModel):
     base, existing = model.model, dict(model.adapters)
   return base, existing, traverse_util.flatten_dict(unfreeze(variables["params"])), variables
 
 
-def with_adapters(variables: dict, params_flat: dict, new: dict[Path, dict]) -> dict:
+def with_adapters(
+  variables: dict[str, Any], params_flat: dict[Path, Any], new: dict[Path, dict[str, jax.Array]]
+) -> dict[str, Any]:
   """``variables`` with each ``new[path]``'s arrays stored at ``path``."""
   deltas = traverse_util.flatten_dict(unfreeze(variables.get(DELTA_COLLECTION, {})))
   for path, arrays in new.items():
@@ -209,7 +235,7 @@ def with_adapters(variables: dict, params_flat: dict, new: dict[Path, dict]) -> 
 
 def adapt_linen(
   model: nn.Module,
-  variables: Mapping,
+  variables: Mapping[str, Any],
   *inputs: Any,
   targets: str | Sequence[str] | None = None,
   key: jax.Array,
@@ -218,7 +244,7 @@ def adapt_linen(
   call_kwargs: Mapping[str, Any] | None = None,
   verbose: bool = False,
   **options: Unpack[Options],
-) -> tuple[DeltaLoRAModel, dict, dict[str, Any]]:
+) -> tuple[DeltaLoRAModel, dict[str, Any], dict[str, Any]]:
   """Adapts the chosen projection layers of an existing Linen model and its variables.
 
   The layers that can be adapted are ``nn.Dense``, ``nn.DenseGeneral`` (the
@@ -252,10 +278,9 @@ def adapt_linen(
     :func:`~deltalora_jax.adapt_nnx`'s.
 
   Raises:
-    ValueError: when the targets choose nothing (the message lists the
-      layers that can be adapted), or a chosen layer is already adapted.
-    TypeError: when a chosen module cannot be adapted (its type and the
-      supported kinds are named), or an option is unknown.
+    ValueError, TypeError: as :func:`~deltalora_jax.adapt_nnx` raises them
+      (targets that choose nothing or a layer already adapted; a module that
+      cannot be adapted or an unknown option).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -272,7 +297,7 @@ def adapt_linen(
     >>> bool(jnp.array_equal(adapted.apply(new, x), MLP().apply(variables, x)))
     True
   """
-  options = check_options(options)
+  checked = check_options(options)
   base, existing, params, variables = linen_parts(model, variables)
   found = _trace_linen(model, variables, inputs, dict(call_kwargs or {}))
   for name, entry in found.items():
@@ -280,7 +305,7 @@ def adapt_linen(
       entry["kind"] = "adapted"
   kinds = {name: entry["kind"] for name, entry in found.items()}
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
-  per_layer = layer_options(chosen, options, overrides)
+  per_layer = layer_options(chosen, checked, overrides)
   adapters, new = dict(existing), {}
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
     module, kind = found[name]["module"], found[name]["projection"]
@@ -294,7 +319,9 @@ def adapt_linen(
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 
-def layer_shape(name: str, kind: projections.Projection, kernel_shape) -> tuple[tuple, tuple]:
+def layer_shape(
+  name: str, kind: projections.Projection, kernel_shape: Sequence[int]
+) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(stack axes, one layer's kernel shape)`` of a kernel: ``nn.scan`` stacks lead."""
   stack = len(kernel_shape) - kind.kernel_ndim
   if stack < 0:
@@ -305,7 +332,9 @@ def layer_shape(name: str, kind: projections.Projection, kernel_shape) -> tuple[
   return tuple(kernel_shape[:stack]), tuple(kernel_shape[stack:])
 
 
-def _new_adapter(name: str, layer: DeltaLoRAGeneral, kernel, key) -> dict[str, jax.Array]:
+def _new_adapter(
+  name: str, layer: DeltaLoRAGeneral, kernel: jax.Array, key: jax.Array
+) -> dict[str, jax.Array]:
   """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
   kind = layer.projection
   stack, shape = layer_shape(name, kind, jnp.shape(kernel))

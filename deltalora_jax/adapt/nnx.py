@@ -27,14 +27,16 @@ def kind(module: Any) -> str:
   return "dense"
 
 
-def adapter(module: Any, options: dict, rngs: nnx.Rngs) -> nnx.Module:
+def adapter(
+  module: Any, options: Mapping[str, Any], rngs: nnx.Rngs
+) -> DeltaLoRALinear | DeltaLoRALinearGeneral:
   """The adapter of an NNX layer: :class:`DeltaLoRALinear` for one ``nnx.Linear``, else general."""
   if type(module) is nnx.Linear and module.kernel.ndim == 2:
     return DeltaLoRALinear.from_linear(module, rngs=rngs, **options)
   return DeltaLoRALinearGeneral(module, rngs=rngs, **options)
 
 
-def modules(model: Any) -> dict[str, tuple[tuple, nnx.Module]]:
+def modules(model: Any) -> dict[str, tuple[tuple[Any, ...], nnx.Module]]:
   """``{name: (NNX path, module)}`` of every module of ``model`` but the root."""
   if not isinstance(model, nnx.Module):
     raise TypeError(f"model must be an nnx.Module, got {type(model).__name__}")
@@ -107,11 +109,11 @@ def adapt_nnx(
     >>> type(model.up).__name__, type(model.down).__name__, report["total"]["parameter_count"]
     ('DeltaLoRALinear', 'Linear', 56)
   """
-  options = check_options(options)
+  checked = check_options(options)
   found = modules(model)
   kinds = {name: kind(m) for name, (_, m) in found.items()}
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
-  per_layer = layer_options(chosen, options, overrides)
+  per_layer = layer_options(chosen, checked, overrides)
   new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
   return model, report(model, None, chosen, verbose)

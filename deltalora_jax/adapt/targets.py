@@ -24,7 +24,11 @@ ADAPTABLE = (
 OPTIONS = frozenset(Options.__annotations__)
 
 
-def _check_spec(arg: str, spec):
+#: A ``targets`` or ``exclude`` value: a regular expression, layer names, or None.
+Spec = str | Sequence[str] | None
+
+
+def _check_spec(arg: str, spec: object) -> str | tuple[str, ...] | None:
   if spec is None:
     return None
   if isinstance(spec, str):
@@ -43,14 +47,19 @@ def _check_spec(arg: str, spec):
   )
 
 
-def _matches(spec, name: str) -> bool:
+def _matches(spec: str | tuple[str, ...], name: str) -> bool:
   if isinstance(spec, str):
     return re.fullmatch(spec, name) is not None
   return any(name == s or name.endswith("/" + s) for s in spec)
 
 
 def select_targets(
-  modules: Mapping[str, str], targets=None, exclude=None, *, dense: str, adapted: str
+  modules: Mapping[str, str],
+  targets: Spec = None,
+  exclude: Spec = None,
+  *,
+  dense: str,
+  adapted: str,
 ) -> list[str]:
   """The names of the modules that ``targets`` chooses and ``exclude`` keeps.
 
@@ -112,7 +121,7 @@ def select_targets(
 
 def layer_options(
   chosen: Sequence[str], options: Mapping[str, Any], overrides: Any
-) -> dict[str, dict]:
+) -> dict[str, dict[str, Any]]:
   """The options of each chosen layer: ``options`` updated by the first matching override."""
   if overrides is None:
     return {name: dict(options) for name in chosen}
@@ -149,7 +158,9 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
   return dict(options)
 
 
-def report(model_or_variables: Any, layers: Any, names: Sequence[str], verbose: bool) -> dict:
+def report(
+  model_or_variables: Any, layers: Any, names: Sequence[str], verbose: bool
+) -> dict[str, Any]:
   """What was adapted: the :func:`deltalora_jax.tree.layer_figures` of ``names`` and a total.
 
   Printed as a table (:func:`format_report`) when ``verbose``.
@@ -166,7 +177,7 @@ def report(model_or_variables: Any, layers: Any, names: Sequence[str], verbose: 
   return result
 
 
-def format_report(report: Mapping) -> str:
+def format_report(report: Mapping[str, Any]) -> str:
   """A table of a report of :func:`~deltalora_jax.adapt_nnx` or :func:`~deltalora_jax.adapt_linen`.
 
   Example:
