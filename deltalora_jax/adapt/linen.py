@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Unpack
+from typing import Any, TypeAlias, Unpack
 
 import flax.linen as nn
 import jax
@@ -21,6 +21,12 @@ from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGener
 Path = paths.Path
 #: ``((path, ((option, value), ...)), ...)``: the adapted layers of a :class:`DeltaLoRAModel`.
 Adapters = tuple[tuple[Path, tuple[tuple[str, Any], ...]], ...]
+#: What ``nn.intercept_methods`` passes an interceptor: the call to go on with, the call's
+#: positional and keyword arguments, and the context (the module and method called).
+Next: TypeAlias = Callable[..., Any]
+CallArgs: TypeAlias = tuple[Any, ...]
+CallKwargs: TypeAlias = dict[str, Any]
+Context: TypeAlias = nn.module.InterceptorContext
 
 
 class DeltaLoRAModel(nn.Module):
@@ -69,10 +75,7 @@ class DeltaLoRAModel(nn.Module):
     prefix = tuple(self.path)
 
     def intercept(
-      next_fun: Callable[..., Any],
-      call_args: tuple[Any, ...],
-      call_kwargs: dict[str, Any],
-      context: nn.module.InterceptorContext,
+      next_fun: Next, call_args: CallArgs, call_kwargs: CallKwargs, context: Context
     ) -> Any:
       module = context.module
       path = tuple(module.path)
@@ -166,12 +169,7 @@ def _trace_linen(
   """
   found: dict[str, dict[str, Any]] = {}
 
-  def record(
-    next_fun: Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    context: nn.module.InterceptorContext,
-  ) -> Any:
+  def record(next_fun: Next, args: CallArgs, kwargs: CallKwargs, context: Context) -> Any:
     module = context.module
     if module.path:
       entry = found.setdefault("/".join(module.path), {"kind": type(module).__name__})
