@@ -39,7 +39,7 @@ from deltalora_jax.checkpoint import (
   TrainingCheckpointer,
   layer_hyperparameters,
 )
-from deltalora_jax.core import delta_lora_apply, delta_lora_dense, lora_scaling, merged_kernel
+from deltalora_jax.core import delta_lora_apply, lora_scaling, merged_kernel
 from deltalora_jax.linen import DeltaLoRADense, DeltaLoRAGeneral
 from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral, DeltaParam
 from deltalora_jax.optim import (
@@ -99,7 +99,6 @@ __all__ = [
   "current_delta",
   "delta_lora",
   "delta_lora_apply",
-  "delta_lora_dense",
   "delta_momentum",
   "diagnostics",
   "export_adapter",

@@ -357,9 +357,9 @@ def delta_lora_apply(
   lora_b: jax.Array,
   delta: jax.Array | None,
   *,
-  projection: projections.Projection,
   scaling: float,
   delta_scaling: float,
+  projection: projections.Projection | None = None,
   freeze_base: bool = True,
   evaluation: Evaluation = "auto",
   dtype: DTypeLike | None = None,
@@ -387,9 +387,11 @@ def delta_lora_apply(
     lora_a: ``A``, shaped by ``projection.factor_shapes``.
     lora_b: ``B``, shaped by ``projection.factor_shapes``.
     delta: ``D`` (the kernel's shape) or None (no delta term).
-    projection: the layer kind (:mod:`deltalora_jax.projections`).
     scaling: LoRA scaling ``s``.
     delta_scaling: delta scaling ``ds``.
+    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+      the dense product ``x W`` of a kernel ``W [in, out]`` (``A [in, r]``,
+      ``B [r, out]``, ``D [in, out]``, ``b [out]``).
     freeze_base: stop the gradient of ``kernel`` and ``bias``.
     evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
     dtype: computation dtype; None infers it as above.
@@ -404,7 +406,12 @@ def delta_lora_apply(
   >>> delta_lora_apply(jnp.ones((5, 7, 2)), w, None, a, b, jnp.zeros_like(w),
   ...                  projection=kind, scaling=1.0, delta_scaling=0.1).shape
   (5, 7, 4)
+  >>> x, w = jnp.ones((3, 2)), jnp.eye(2)  # a dense layer: no projection
+  >>> delta_lora_apply(x, w, None, jnp.ones((2, 1)), jnp.zeros((1, 2)), None,
+  ...                  scaling=1.0, delta_scaling=0.1).shape
+  (3, 2)
   """
+  projection = _projection(projection, kernel)
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
   _check_input(x, kernel, projection)
   if freeze_base:
@@ -491,29 +498,21 @@ class LayerSettings(Protocol):
   def precision(self) -> jax.lax.PrecisionLike: ...
 
 
-def delta_lora_layer(
-  layer: LayerSettings,
-  x: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
-  lora_a: jax.Array,
-  lora_b: jax.Array,
-  delta: jax.Array | None,
-) -> jax.Array:
+#: ``(kernel, bias, lora_a, lora_b, delta)`` of a layer; bias and ``D`` may be None.
+LayerArrays = tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, jax.Array | None]
+
+
+def delta_lora_layer(layer: LayerSettings, x: jax.Array, arrays: LayerArrays) -> jax.Array:
   """:func:`delta_lora_apply` with the settings of an adapted ``layer``.
 
   ``layer`` is any object with the attributes ``projection``, ``scaling``,
   ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype`` and
   ``precision``: the Linen and NNX layers of this library call it with
-  their own arrays.
+  their own ``(kernel, bias, lora_a, lora_b, delta)``.
   """
   return delta_lora_apply(
     x,
-    kernel,
-    bias,
-    lora_a,
-    lora_b,
-    delta,
+    *arrays,
     projection=layer.projection,
     scaling=layer.scaling,
     delta_scaling=layer.delta_scaling,
@@ -521,50 +520,6 @@ def delta_lora_layer(
     evaluation=layer.evaluation,
     dtype=layer.dtype,
     precision=layer.precision,
-  )
-
-
-def delta_lora_dense(
-  x: jax.Array,
-  kernel: jax.Array,
-  bias: jax.Array | None,
-  lora_a: jax.Array,
-  lora_b: jax.Array,
-  delta: jax.Array | None,
-  *,
-  scaling: float,
-  delta_scaling: float,
-  freeze_base: bool = True,
-  evaluation: Evaluation = "auto",
-  dtype: DTypeLike | None = None,
-  precision: jax.lax.PrecisionLike = None,
-) -> jax.Array:
-  """The Delta-LoRA dense layer: ``x W + b + s (x A) B + ds (x D)``.
-
-  :func:`delta_lora_apply` for a dense kernel ``W [in, out]``, ``A [in, r]``,
-  ``B [r, out]``, ``D [in, out]`` and ``b [out]`` (see it for the arguments
-  and the computation dtype).
-
-  >>> x = jnp.ones((3, 2))
-  >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.zeros((1, 2)), jnp.zeros((2, 2))
-  >>> delta_lora_dense(x, w, None, a, b, d, scaling=1.0, delta_scaling=0.1).shape
-  (3, 2)
-  """
-  projection = _projection(None, kernel)
-  return delta_lora_apply(
-    x,
-    kernel,
-    bias,
-    lora_a,
-    lora_b,
-    delta,
-    projection=projection,
-    scaling=scaling,
-    delta_scaling=delta_scaling,
-    freeze_base=freeze_base,
-    evaluation=evaluation,
-    dtype=dtype,
-    precision=precision,
   )
 
 

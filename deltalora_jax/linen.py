@@ -139,7 +139,7 @@ def _layer(
   delta = None
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
-  return core.delta_lora_layer(module, inputs, kernel, bias, lora_a, lora_b, delta)
+  return core.delta_lora_layer(module, inputs, (kernel, bias, lora_a, lora_b, delta))
 
 
 class DeltaLoRADense(_DeltaLoRALayer):

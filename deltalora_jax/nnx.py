@@ -140,7 +140,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     bias = None if self.bias is None else self.bias[...]
     delta = None if self.delta is None else self.delta[...]
     lora_a, lora_b = self.lora_a[...], self.lora_b[...]
-    return core.delta_lora_layer(self, inputs, self.kernel[...], bias, lora_a, lora_b, delta)
+    return core.delta_lora_layer(self, inputs, (self.kernel[...], bias, lora_a, lora_b, delta))
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):

@@ -80,8 +80,25 @@ def dense(x: jax.Array, kernel: jax.Array, precision: jax.lax.PrecisionLike = No
   return _matmul(x, kernel, 1, precision)
 
 
+class _MatrixB:
+  """The kinds whose ``B [r, *out]`` is a matrix on the rank axis: ``x A`` then ``(x A) B``."""
+
+  def lora_out(
+    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
+    return _matmul(h, lora_b, 1, precision)
+
+  def lora_kernel(
+    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
+  ) -> jax.Array:
+    return _matmul(lora_a, lora_b, 1, precision)
+
+  def rank_axis_of_b(self) -> int:
+    return 0
+
+
 @dataclasses.dataclass(frozen=True)
-class GeneralDense:
+class GeneralDense(_MatrixB):
   """``nn.DenseGeneral``'s product: ``x``'s ``axis`` contracted with the kernel's leading axes.
 
   The kernel is ``[*x.shape[axis], *features]``; the output keeps ``x``'s
@@ -163,21 +180,8 @@ class GeneralDense:
   ) -> jax.Array:
     return self._apply(x, lora_a, 1, precision)
 
-  def lora_out(
-    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
-  ) -> jax.Array:
-    return _matmul(h, lora_b, 1, precision)
-
-  def lora_kernel(
-    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
-  ) -> jax.Array:
-    return _matmul(lora_a, lora_b, 1, precision)
-
   def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
-
-  def rank_axis_of_b(self) -> int:
-    return 0
 
 
 def _parse_equation(equation: str) -> tuple[str, str, str]:
@@ -371,7 +375,7 @@ def _canonical_padding(padding: Any, rank: int) -> Padding:
 
 
 @dataclasses.dataclass(frozen=True)
-class Conv:
+class Conv(_MatrixB):
   """``nn.Conv``'s product: a channels-last convolution (``feature_group_count=1``).
 
   The kernel is ``[*kernel_size, in, features]``. Inputs with more than one
@@ -488,21 +492,8 @@ class Conv:
   ) -> jax.Array:
     return self._conv(x, lora_a, precision)
 
-  def lora_out(
-    self, h: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
-  ) -> jax.Array:
-    return _matmul(h, lora_b, 1, precision)
-
-  def lora_kernel(
-    self, lora_a: jax.Array, lora_b: jax.Array, precision: jax.lax.PrecisionLike = None
-  ) -> jax.Array:
-    return _matmul(lora_a, lora_b, 1, precision)
-
   def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
     return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + bias.shape)
-
-  def rank_axis_of_b(self) -> int:
-    return 0
 
 
 Projection = GeneralDense | Einsum | Conv

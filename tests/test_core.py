@@ -46,7 +46,7 @@ NAMES = ("x", "kernel", "bias", "lora_a", "lora_b", "delta")
 def _gradients(a, *, freeze_base, evaluation):
   def loss(*args):
     kw = dict(zip(NAMES, args, strict=True))
-    y = core.delta_lora_dense(
+    y = core.delta_lora_apply(
       **kw, scaling=S, delta_scaling=DS, freeze_base=freeze_base, evaluation=evaluation
     )
     return jnp.sum(y * a["g"])
@@ -78,7 +78,7 @@ def test_forward_equals_reference_formula_float64():
     )
     want = x @ w + b + S * (x @ la) @ lb + DS * (x @ d)
     for evaluation in ("merged", "factored"):
-      got = core.delta_lora_dense(
+      got = core.delta_lora_apply(
         *(a[k] for k in NAMES), scaling=S, delta_scaling=DS, evaluation=evaluation
       )
       np.testing.assert_allclose(got, want, rtol=1e-12, atol=1e-12)
@@ -128,7 +128,7 @@ def test_choose_evaluation(rows, has_delta, base_trainable, want):
 def test_wrong_input_features_is_an_error_naming_shapes():
   a = _arrays(jnp.float32)
   with pytest.raises(ValueError, match=r"x must have 5 input features.*x.shape=\(2, 3\)"):
-    core.delta_lora_dense(jnp.ones((2, 3)), *(a[k] for k in NAMES[1:]), scaling=S, delta_scaling=DS)
+    core.delta_lora_apply(jnp.ones((2, 3)), *(a[k] for k in NAMES[1:]), scaling=S, delta_scaling=DS)
 
 
 @pytest.mark.parametrize(

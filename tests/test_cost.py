@@ -52,7 +52,7 @@ def _layer_grad(evaluation, use_delta, freeze_base=True):
   """Value and gradient of ``sum(c * y)`` w.r.t. x, A, B (and D or W): an inner layer."""
 
   def loss(x, w, b, a, bb, d, c):
-    y = core.delta_lora_dense(
+    y = core.delta_lora_apply(
         x, w, b, a, bb, d if use_delta else None,
         scaling=S, delta_scaling=DS, freeze_base=freeze_base, evaluation=evaluation,
     )  # fmt: skip

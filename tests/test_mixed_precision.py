@@ -36,7 +36,7 @@ def test_bf16_compute_is_close_to_float32_and_keeps_float32_gradients(evaluation
   bias = jax.random.normal(ks[5], (16,))
 
   def layer(dtype, a, b, d):
-    return core.delta_lora_dense(
+    return core.delta_lora_apply(
       x, w, bias, a, b, d, scaling=2.0, delta_scaling=0.5, evaluation=evaluation, dtype=dtype
     )
 

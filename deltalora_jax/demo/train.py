@@ -199,31 +199,43 @@ register(
     trainable=frozenset({HEAD}),
   )
 )
+
+
+def _adapted(name: str, description: str, optimizer: Any, *, use_delta: bool) -> Method:
+  """A method on the adapted encoder: the head, the LoRA factors and (with ``D``) ``D`` train."""
+  trained = {HEAD, dl.Label.LORA, *([dl.Label.DELTA] if use_delta else [])}
+  return Method(
+    name,
+    description,
+    adapter=lambda o: o.adapter(use_delta=use_delta),
+    optimizer=optimizer,
+    trainable=frozenset(trained),
+  )
+
+
+def _lora_optimizer(options: Options, layers: Mapping) -> optax.GradientTransformation:
+  return routed(head=_adamw(options.head_lr), lora=_adamw(options.lora_lr))
+
+
 register(
-  Method(
-    "lora",
-    "plain LoRA on the attention projections (AdamW)",
-    adapter=lambda o: o.adapter(use_delta=False),
-    optimizer=lambda o, layers: routed(head=_adamw(o.head_lr), lora=_adamw(o.lora_lr)),
-    trainable=frozenset({HEAD, dl.Label.LORA}),
+  _adapted(
+    "lora", "plain LoRA on the attention projections (AdamW)", _lora_optimizer, use_delta=False
   )
 )
 register(
-  Method(
+  _adapted(
     "delta-lora",
     "the seed's Delta-LoRA: LoRA (AdamW) + full-size D with the EMA-velocity rule",
-    adapter=lambda o: o.adapter(use_delta=True),
-    optimizer=_delta_lora_optimizer,
-    trainable=frozenset({HEAD, dl.Label.LORA, dl.Label.DELTA}),
+    _delta_lora_optimizer,
+    use_delta=True,
   )
 )
 register(
-  Method(
+  _adapted(
     "paper",
     "Delta-LoRA of Zi et al. (2023): LoRA (AdamW), W follows lambda s (A B change)",
-    adapter=lambda o: o.adapter(use_delta=False),
-    optimizer=_paper_optimizer,
-    trainable=frozenset({HEAD, dl.Label.LORA}),
+    _paper_optimizer,
+    use_delta=False,
   )
 )
 register(
