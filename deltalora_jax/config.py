@@ -26,8 +26,9 @@ class Options(TypedDict, total=False):
 
   The LoRA options of :class:`LayerConfig` (all but ``projection`` and
   ``use_bias``, which come from the base layer) and ``lora_a_init``, the
-  initializer of ``A`` (None: the seed's ``N(0, 1/r)``). The defaults are
-  the layers' own.
+  initializer of ``A`` (None: the seed's ``N(0, 1/r)``; PEFT's are
+  :func:`~deltalora_jax.core.kaiming_uniform_init` and
+  :func:`~deltalora_jax.core.gaussian_init`). The defaults are the layers' own.
   """
 
   rank: Required[int]
@@ -37,6 +38,7 @@ class Options(TypedDict, total=False):
   use_delta: bool
   evaluation: core.Evaluation
   adapter_dtype: Any
+  use_rslora: bool
   lora_a_init: Any
 
 
@@ -79,6 +81,9 @@ class LayerConfig:
     evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
     adapter_dtype: dtype name of ``A``, ``B`` and ``D``, or None (at least
       float32, :func:`deltalora_jax.linen.adapter_dtype`).
+    use_rslora: rank-stabilised scaling ``s = alpha / sqrt(rank)`` (PEFT's
+      ``use_rslora``); :meth:`to_json` writes it only when True, so the JSON
+      of a layer without it is as before.
 
   Example:
     >>> from deltalora_jax.projections import GeneralDense
@@ -98,6 +103,7 @@ class LayerConfig:
   use_delta: bool = True
   evaluation: core.Evaluation = "auto"
   adapter_dtype: str | None = None
+  use_rslora: bool = False
 
   def __post_init__(self) -> None:
     if not isinstance(
@@ -108,7 +114,7 @@ class LayerConfig:
         f"got projection={self.projection!r}"
       )
     core.check_rank(self.rank)
-    core.lora_scaling(self.alpha, self.rank)
+    core.lora_scaling(self.alpha, self.rank, _check_bool("use_rslora", self.use_rslora))
     core.check_delta_scaling(self.delta_scaling)
     core.check_evaluation(self.evaluation)
     for field in ("freeze_base", "use_bias", "use_delta"):
@@ -121,8 +127,8 @@ class LayerConfig:
 
   @property
   def scaling(self) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
+    """The LoRA scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``)."""
+    return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
 
   def options(self) -> dict[str, Any]:
     """The LoRA options (:data:`OPTIONS`) as keyword arguments of a layer."""
@@ -132,6 +138,8 @@ class LayerConfig:
     """Plain JSON data: the projection as :func:`~deltalora_jax.projections.to_json`."""
     data = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
     data["projection"] = projections.to_json(self.projection)
+    if not self.use_rslora:  # the JSON of a layer without rsLoRA is as it was before it
+      del data["use_rslora"]
     return data
 
   @classmethod

@@ -151,26 +151,41 @@ def check_evaluation(evaluation: object) -> Evaluation:
   return cast(Evaluation, evaluation)  # one of EVALUATIONS, checked above
 
 
-def lora_scaling(alpha: float | None, rank: int) -> float:
-  """The LoRA scaling ``s = alpha / rank``; ``alpha`` unset or ``<= 0`` means ``rank``.
+def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
+  """The LoRA scaling ``s = alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``).
+
+  ``alpha`` unset or ``<= 0`` means ``alpha = rank``. Rank-stabilised LoRA
+  (Kalajdzievski, 2023), PEFT's ``use_rslora``, divides by ``sqrt(rank)``
+  instead of ``rank``.
 
   Args:
     alpha: the LoRA alpha, or None.
     rank: the LoRA rank.
+    use_rslora: divide by ``sqrt(rank)`` (rsLoRA) instead of ``rank``.
 
   Returns:
-    ``alpha / rank`` as a Python float (1.0 when alpha defaults to rank).
+    The scaling as a Python float (1.0, or ``sqrt(rank)`` with rsLoRA, when
+    alpha defaults to rank).
 
   >>> lora_scaling(None, 8), lora_scaling(16, 8), lora_scaling(-1, 8)
   (1.0, 2.0, 1.0)
+  >>> lora_scaling(16, 4, use_rslora=True), lora_scaling(None, 4, use_rslora=True)
+  (8.0, 2.0)
+
+  References:
+    Kalajdzievski, *A Rank Stabilization Scaling Factor for Fine-Tuning with
+    LoRA*, 2023 (arXiv:2312.03732).
   """
   check_rank(rank)
+  if not isinstance(use_rslora, bool):
+    raise TypeError(f"use_rslora must be a bool, got use_rslora={use_rslora!r}")
+  denominator = math.sqrt(rank) if use_rslora else float(rank)
   if alpha is None:
-    return 1.0
+    return rank / denominator
   value = as_float("alpha", alpha)
   if value is None or not math.isfinite(value):
     raise ValueError(f"alpha must be a finite number or None, got alpha={alpha!r}")
-  return 1.0 if value <= 0 else value / rank
+  return (rank if value <= 0 else value) / denominator
 
 
 # --------------------------------------------------------------------------
@@ -186,6 +201,36 @@ def lora_a_init(rank: int) -> jax.nn.initializers.Initializer:
   (16, 4)
   """
   return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(check_rank(rank)))
+
+
+def kaiming_uniform_init(batch_axis: int | tuple[int, ...] = ()) -> jax.nn.initializers.Initializer:
+  """PEFT's default initializer of ``A``: Kaiming-uniform with ``a = sqrt(5)``.
+
+  PyTorch's ``kaiming_uniform_(weight, a=sqrt(5))`` on PEFT's ``lora_A``
+  weight ``[r, in]`` (``[r, in, *window]`` for a convolution) draws
+  ``U(-bound, bound)`` with ``bound = sqrt(6 / ((1 + a^2) fan_in)) =
+  1 / sqrt(fan_in)``, ``fan_in`` the input size (times the window). In this
+  library's layout ``A [*in, r]`` (``[*window, in, r]``) that fan-in is the
+  product of every axis but the last, less the ``batch_axis`` (a stack of
+  layers: pass its leading axes).
+
+  >>> a = kaiming_uniform_init()(jax.random.key(0), (16, 4))
+  >>> a.shape, bool(jnp.abs(a).max() <= 1 / 4)
+  ((16, 4), True)
+  """
+  return jax.nn.initializers.variance_scaling(
+    1.0 / 3.0, "fan_in", "uniform", in_axis=-2, out_axis=-1, batch_axis=batch_axis
+  )
+
+
+def gaussian_init(rank: int) -> jax.nn.initializers.Initializer:
+  """PEFT's ``init_lora_weights='gaussian'`` for ``A``: ``N(0, 1/rank^2)`` (std ``1/rank``).
+
+  >>> a = gaussian_init(4)(jax.random.key(0), (4096, 4))
+  >>> round(float(a.std()), 2)
+  0.25
+  """
+  return jax.nn.initializers.normal(stddev=1.0 / check_rank(rank))
 
 
 # --------------------------------------------------------------------------

@@ -46,6 +46,8 @@ class _Options(Protocol):
   def rank(self) -> int: ...
   @property
   def alpha(self) -> float | None: ...
+  @property
+  def use_rslora(self) -> bool: ...
 
 
 class ConfigMixin:
@@ -59,8 +61,8 @@ class ConfigMixin:
 
   @property
   def scaling(self: _Options) -> float:
-    """The LoRA scaling ``s = alpha / rank``."""
-    return core.lora_scaling(self.alpha, self.rank)
+    """The LoRA scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``)."""
+    return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
 
   @property
   def config(self) -> LayerConfig:
@@ -89,6 +91,7 @@ class _DeltaLoRALayer(ConfigMixin, nn.Module):
   evaluation: core.Evaluation = "auto"
   use_delta: bool = True
   adapter_dtype: DTypeLike | None = None
+  use_rslora: bool = False
 
   def __post_init__(self) -> None:
     self.config  # noqa: B018  (checks the LoRA options)
@@ -178,6 +181,7 @@ class DeltaLoRADense(_DeltaLoRALayer):
       the layer of the paper's rule: no ``'delta'`` collection at all.
     adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
       kernel's dtype when that is wider (:func:`adapter_dtype`).
+    use_rslora: rank-stabilised scaling ``s = alpha / sqrt(r)`` (PEFT's ``use_rslora``).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -96,11 +96,13 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     evaluation: core.Evaluation = "auto",
     use_delta: bool = True,
     adapter_dtype: DTypeLike | None = None,
+    use_rslora: bool = False,
     rngs: nnx.Rngs,
   ) -> None:
     self.projection = projection_of(base)
     self.rank = core.check_rank(rank)
-    core.lora_scaling(alpha, rank)
+    self.use_rslora = _check_bool("use_rslora", use_rslora)
+    core.lora_scaling(alpha, rank, use_rslora)
     self.alpha = None if alpha is None else float(alpha)
     self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
     self.evaluation = core.check_evaluation(evaluation)
@@ -178,6 +180,7 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
     use_delta: create ``D``; ``False`` gives plain LoRA (no :class:`DeltaParam`).
     adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
       kernel's dtype when that is wider.
+    use_rslora: rank-stabilised scaling ``s = alpha / sqrt(r)`` (PEFT's ``use_rslora``).
     rngs: the ``nnx.Rngs`` that draws ``A``.
 
   Example:
@@ -232,7 +235,7 @@ class DeltaLoRALinear(_AdaptedLayer):
       (:class:`LayerOptions`): ``rank`` (required, ``0 < r <= min(in,
       out)``), ``alpha``, ``delta_scaling``, ``freeze_base``,
       ``lora_a_init``, ``lora_b_init``, ``evaluation``, ``use_delta``,
-      ``adapter_dtype``.
+      ``adapter_dtype``, ``use_rslora``.
 
   Example:
     >>> import jax, jax.numpy as jnp
