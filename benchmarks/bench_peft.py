@@ -18,10 +18,20 @@ Variants (``jax-*`` is this library, ``peft-*`` PyTorch):
   layers; PEFT has no counterpart, so it is compared with PEFT LoRA and PEFT
   full fine-tuning.
 
+PyTorch runs each of ``lora`` and ``full`` three ways (:data:`TORCH_VARIANTS`):
+``peft-<method>`` eager with the per-tensor AdamW (PyTorch's default on a CPU),
+``peft-<method>-fused`` eager with ``AdamW(fused=True)``, and
+``peft-<method>-compiled`` with ``fused=True`` and the model under
+``torch.compile`` (forward and backward). Every one of them passes the same
+loss and gradient check, and the ratios divide this library's median by the
+fastest PyTorch variant of the same method (``fastest_peft`` in the JSON).
+The figures depend on the CPU, which the JSON names (``machine.cpu``).
+
 Needs the benchmark-only extra (never the library or its tests)::
 
     pip install torch==2.13.0 peft transformers
     python benchmarks/bench_peft.py            # --rounds 3 --steps 20
+    python benchmarks/bench_peft.py --no-compile   # without the torch.compile variants
 """
 
 from __future__ import annotations
@@ -48,6 +58,8 @@ from deltalora_jax.demo.bert import Adapter, BertConfig, SentimentClassifier
 RANK, ALPHA, TARGETS = 8, 16.0, ("query", "value")
 LR, WEIGHT_DECAY, EPS = 1e-4, 0.01, 1e-8
 CLASSES = 3
+# PyTorch's variants of each method: name suffix -> (AdamW(fused=True), torch.compile).
+TORCH_VARIANTS = {"": (False, False), "-fused": (True, False), "-compiled": (True, True)}
 
 
 def make_batch(batch: int, length: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -134,8 +146,13 @@ def _merge(a: dict, b: dict) -> dict:
 # --------------------------------------------------------------------------
 
 
-def torch_variant(method: str, jax_trainable: dict):
-  """(model, optimizer, step) in PyTorch, weights copied from the JAX side."""
+def torch_variant(method: str, jax_trainable: dict, fused: bool = False, compiled: bool = False):
+  """(model, optimizer, step) in PyTorch, weights copied from the JAX side.
+
+  ``fused``: ``AdamW(fused=True)``, one kernel for every tensor, instead of the
+  per-tensor loop; ``compiled``: the model (loss excluded) under
+  ``torch.compile``, which compiles on its first call, forward and backward.
+  """
   import torch
   from peft import LoraConfig, get_peft_model
   from transformers import BertModel
@@ -178,8 +195,10 @@ def torch_variant(method: str, jax_trainable: dict):
   model.train()
   params = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(
-    params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WEIGHT_DECAY
+    params, lr=LR, betas=(0.9, 0.999), eps=EPS, weight_decay=WEIGHT_DECAY, fused=fused
   )
+  if compiled:
+    model.compile()
 
   def step(ids, mask, targets):
     logits = model(ids, mask)
@@ -320,8 +339,55 @@ def print_products(result: dict) -> None:
 # --------------------------------------------------------------------------
 
 
-def check_same_math(method, jax_parts, torch_model, batch, torch_batch) -> dict:
-  """Loss and a few gradients of one batch on both sides; raises if they differ."""
+def cpu() -> dict:
+  """The CPU as ``/proc/cpuinfo`` names it, with its family and model numbers.
+
+  The ratios depend on it (on two 2-core VMs, an Intel Xeon and an AMD EPYC,
+  the LoRA ratio was 1.34 and 1.05). A virtual machine may name the part
+  vaguely ("AMD EPYC"); family and model then tell the core.
+  """
+  try:
+    first = pathlib.Path("/proc/cpuinfo").read_text().split("\n\n")[0]
+  except OSError:  # not Linux
+    return {"model_name": platform.processor() or platform.machine()}
+  lines = (line.partition(":") for line in first.splitlines())
+  fields = {key.strip(): value.strip() for key, _, value in lines}
+  flags = fields.get("flags", "").split()
+  return {
+    "model_name": fields.get("model name"),
+    "vendor": fields.get("vendor_id"),
+    "family": fields.get("cpu family"),
+    "model": fields.get("model"),
+    "avx512f": "avx512f" in flags,
+    "virtual_machine": "hypervisor" in flags,
+  }
+
+
+def compile_torch(torch_model, torch_batch) -> dict:
+  """Runs ``torch.compile``'s first forward and backward; raises if it traced nothing.
+
+  Returns the seconds it took and the number of graphs (more than one: graph breaks).
+  """
+  from torch._dynamo.utils import counters
+
+  graphs = counters["stats"]["unique_graphs"]
+  start = time.perf_counter()
+  torch_model(*torch_batch[:2]).sum().backward()
+  seconds = time.perf_counter() - start
+  torch_model.zero_grad(set_to_none=True)
+  graphs = counters["stats"]["unique_graphs"] - graphs
+  if graphs == 0:
+    raise RuntimeError("torch.compile traced no graph: the model ran eagerly")
+  return {"compile_s": seconds, "graphs": graphs}
+
+
+def check_same_math(method, jax_parts, torch_model, batch, torch_batch, variant=None) -> dict:
+  """Loss and a few gradients of one batch on both sides; raises if they differ.
+
+  ``variant``: the PyTorch variant's name, for the error message (``method`` by
+  default). The optimizer step is not part of the check: a ``-fused`` variant
+  differs from the eager one in its optimizer only.
+  """
   import torch
 
   _, trainable, frozen, _, _, grads_fn = jax_parts
@@ -346,7 +412,7 @@ def check_same_math(method, jax_parts, torch_model, batch, torch_batch) -> dict:
     a, b = np.asarray(a), b.detach().numpy()
     report[name] = float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-12))
   if report["loss"] > 1e-5 or max(report.values()) > 1e-3:
-    raise AssertionError(f"{method}: the two sides disagree: {report}")
+    raise AssertionError(f"{variant or method}: the two sides disagree: {report}")
   return report
 
 
@@ -358,6 +424,9 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--length", type=int, default=32)
   parser.add_argument("--output", default="benchmarks/results/peft.json")
+  parser.add_argument(
+    "--no-compile", action="store_true", help="leave out the torch.compile variants"
+  )
   args = parser.parse_args()
 
   import torch
@@ -370,15 +439,29 @@ def main() -> None:
     torch.from_numpy(targets.astype(np.int64)),
   )
   pretrained = weights.load_encoder()["params"]
+  load_at_start = os.getloadavg()  # other jobs on the machine slow both sides, unevenly
 
-  runners, checks = {}, {}
+  runners, checks, compiles = {}, {}, {}
   for method in ("lora", "delta-lora", "full"):
     parts = jax_variant(method, pretrained, *batch)
     _, trainable, frozen, tx, step, _ = parts
-    if method != "delta-lora":
-      torch_model, _, torch_step = torch_variant(method, trainable)
-      checks[method] = check_same_math(method, parts, torch_model, batch, torch_batch)
-      runners[f"peft-{method}"] = lambda s=torch_step: s(*torch_batch).item()
+    torch_variants = TORCH_VARIANTS.items() if method != "delta-lora" else ()  # no PEFT rule
+    for suffix, (fused, compiled) in torch_variants:
+      name = f"peft-{method}{suffix}"
+      if compiled and args.no_compile:
+        compiles[name] = {"skipped": "--no-compile"}
+        continue
+      torch_model, _, torch_step = torch_variant(method, trainable, fused, compiled)
+      if compiled:
+        try:
+          compiles[name] = compile_torch(torch_model, torch_batch)
+        except Exception as error:  # recorded in the JSON and printed, not hidden
+          compiles[name] = {"failed": f"{type(error).__name__}: {error}"}
+          print(f"{name} left out: torch.compile failed: {compiles[name]['failed']}")
+          continue
+        print(f"{name}: torch.compile took {compiles[name]['compile_s']:.1f} s")
+      checks[name] = check_same_math(method, parts, torch_model, batch, torch_batch, name)
+      runners[name] = lambda s=torch_step: s(*torch_batch).item()
     state = {"trainable": trainable, "opt": tx.init(trainable)}
 
     def run(state=state, step=step, frozen=frozen):
@@ -405,17 +488,27 @@ def main() -> None:
     name: [float(np.percentile(t, 25) * 1e3), float(np.percentile(t, 75) * 1e3)]
     for name, t in times.items()
   }
+  # Against the fastest PyTorch variant of each method, and against each one.
+  peft = {m: [n for n in medians if n.startswith(f"peft-{m}")] for m in ("lora", "full")}
+  fastest = {m: min(names, key=medians.__getitem__) for m, names in peft.items()}
   ratios = {
-    "jax-lora / peft-lora": medians["jax-lora"] / medians["peft-lora"],
-    "jax-full / peft-full": medians["jax-full"] / medians["peft-full"],
-    "jax-delta-lora / peft-full": medians["jax-delta-lora"] / medians["peft-full"],
-    "jax-delta-lora / peft-lora": medians["jax-delta-lora"] / medians["peft-lora"],
+    "jax-lora / fastest peft-lora": medians["jax-lora"] / medians[fastest["lora"]],
+    "jax-full / fastest peft-full": medians["jax-full"] / medians[fastest["full"]],
+    "jax-delta-lora / fastest peft-full": medians["jax-delta-lora"] / medians[fastest["full"]],
+    "jax-delta-lora / fastest peft-lora": medians["jax-delta-lora"] / medians[fastest["lora"]],
   }
-  print(f"{'variant':<18}{'median ms':>12}{'p25-p75 ms':>18}")
+  ratios_by_variant = {
+    f"{jax_name} / {name}": medians[jax_name] / medians[name]
+    for method, names in peft.items()
+    for jax_name in (f"jax-{method}", "jax-delta-lora")
+    for name in names
+  }
+  print(f"{'variant':<20}{'median ms':>12}{'p25-p75 ms':>18}")
   for name in runners:
-    print(f"{name:<18}{medians[name]:>12.1f}{spread[name][0]:>9.1f}-{spread[name][1]:<8.1f}")
-  for name, value in ratios.items():
-    print(f"{name:<28}{value:>6.2f}")
+    print(f"{name:<20}{medians[name]:>12.1f}{spread[name][0]:>9.1f}-{spread[name][1]:<8.1f}")
+  print("fastest PyTorch variants:", fastest)
+  for name, value in (ratios | ratios_by_variant).items():
+    print(f"{name:<40}{value:>6.2f}")
   print("agreement (max relative gradient difference):", json.dumps(checks))
   products = time_products(args.batch * args.length)
   print_products(products)
@@ -423,7 +516,10 @@ def main() -> None:
     "settings": vars(args) | {"rank": RANK, "alpha": ALPHA, "targets": TARGETS, "lr": LR},
     "median_ms": medians,
     "p25_p75_ms": spread,
+    "fastest_peft": fastest,
     "ratios": ratios,
+    "ratios_by_variant": ratios_by_variant,
+    "torch_compile": compiles,
     "agreement": checks,
     **products,
     "versions": {
@@ -435,16 +531,19 @@ def main() -> None:
       "transformers": __import__("transformers").__version__,
     },
     "machine": {
+      "cpu": cpu(),
       "platform": platform.platform(),
       "processor": platform.processor(),
       "cpus": os.cpu_count(),
       "torch_threads": torch.get_num_threads(),
+      "load_average_1_5_15_min": {"start": load_at_start, "end": os.getloadavg()},
     },
   }
   output = pathlib.Path(args.output)
   output.parent.mkdir(parents=True, exist_ok=True)
   output.write_text(json.dumps(result, indent=2))
   print(f"saved {output}")
+  print(f"CPU: {result['machine']['cpu']}")
 
 
 if __name__ == "__main__":
