@@ -33,6 +33,8 @@ from deltalora_jax.adapt import (
   attach_adapter_linen,
   attach_adapter_nnx,
   export_adapter,
+  load_peft,
+  save_peft,
 )
 from deltalora_jax.checkpoint import (
   CheckpointMismatchError,
@@ -107,6 +109,7 @@ __all__ = [
   "layer_hyperparameters",
   "leaf_labels",
   "load_base",
+  "load_peft",
   "lora_scaling",
   "make_mesh",
   "merge",
@@ -119,6 +122,7 @@ __all__ = [
   "projections",
   "reset",
   "reset_velocity",
+  "save_peft",
   "scale_by_delta_momentum",
   "unflatten_parameters",
   "variable_shardings",

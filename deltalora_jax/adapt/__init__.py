@@ -9,6 +9,9 @@
 * :mod:`~deltalora_jax.adapt.files`: :func:`export_adapter` splits the
   trained adapter from the base; :func:`attach_adapter_nnx` and
   :func:`attach_adapter_linen` put it back on a fresh copy of the base.
+* :mod:`~deltalora_jax.adapt.peft`: :func:`save_peft` writes the adapter as a
+  Hugging Face PEFT LoRA directory (or merged PyTorch weights);
+  :func:`load_peft` reads one back into the adapter format above.
 
 :func:`deltalora_jax.merge` turns an adapted model back into its base
 architecture with merged kernels.
@@ -17,6 +20,7 @@ architecture with merged kernels.
 from deltalora_jax.adapt.files import attach_adapter_linen, attach_adapter_nnx, export_adapter
 from deltalora_jax.adapt.linen import DeltaLoRAModel, adapt_linen
 from deltalora_jax.adapt.nnx import adapt_nnx
+from deltalora_jax.adapt.peft import load_peft, save_peft
 from deltalora_jax.adapt.targets import format_report, select_targets
 
 __all__ = [
@@ -27,5 +31,7 @@ __all__ = [
   "attach_adapter_nnx",
   "export_adapter",
   "format_report",
+  "load_peft",
+  "save_peft",
   "select_targets",
 ]
