@@ -154,7 +154,7 @@ def _einsum_str(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
   return einsum_str
 
 
-def _trace_linen(
+def trace_linen(
   model: nn.Module,
   variables: Mapping[str, Any],
   inputs: Sequence[Any],
@@ -297,7 +297,7 @@ def adapt_linen(
   """
   checked = check_options(options)
   base, existing, params, variables = linen_parts(model, variables)
-  found = _trace_linen(model, variables, inputs, dict(call_kwargs or {}))
+  found = trace_linen(model, variables, inputs, dict(call_kwargs or {}))
   for name, entry in found.items():
     if (*paths.as_path(name), "lora_a") in params:
       entry["kind"] = "adapted"

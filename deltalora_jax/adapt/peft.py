@@ -51,20 +51,18 @@ Example:
   >>> import jax.numpy as jnp
   >>> from flax import nnx
   >>> import deltalora_jax as dl
-  >>> class MLP(nnx.Module):
-  ...   def __init__(self, rngs):
-  ...     self.up = nnx.Linear(4, 8, rngs=rngs)
-  >>> model, _ = dl.adapt_nnx(MLP(nnx.Rngs(0)), rank=2, use_delta=False, rngs=nnx.Rngs(1))
-  >>> model.up.lora_b[...] = jnp.ones((2, 8))  # as if trained
+  >>> names = {"up": "mlp.up_proj"}  # Flax layer name -> PyTorch module name
+  >>> model = nnx.Dict(up=nnx.Linear(4, 8, rngs=nnx.Rngs(0)))
+  >>> model, _ = dl.adapt_nnx(model, rank=2, use_delta=False, rngs=nnx.Rngs(1))
+  >>> model["up"].lora_b[...] = jnp.ones((2, 8))  # as if trained
   >>> directory = tempfile.mkdtemp()
-  >>> report = save_peft(directory, model, module_names={"up": "mlp.up_proj"})
+  >>> report = save_peft(directory, model, module_names=names)
   >>> report["layers"]["up"]["module"], report["layers"]["up"]["rank"]
   ('mlp.up_proj', 2)
-  >>> fresh = MLP(nnx.Rngs(0))
-  >>> fresh, _ = dl.attach_adapter_nnx(fresh, load_peft(directory, fresh,
-  ...                                  module_names={"up": "mlp.up_proj"}))
+  >>> fresh = nnx.Dict(up=nnx.Linear(4, 8, rngs=nnx.Rngs(0)))
+  >>> fresh, _ = dl.attach_adapter_nnx(fresh, load_peft(directory, fresh, module_names=names))
   >>> x = jnp.ones((1, 4))
-  >>> bool(jnp.allclose(fresh.up(x), model.up(x), rtol=1e-6))
+  >>> bool(jnp.allclose(fresh["up"](x), model["up"](x), rtol=1e-6))
   True
 """
 
@@ -707,7 +705,7 @@ def _target_layers(
       "a Linen model needs variables= (its base variables) and sample inputs, as adapt_linen"
     )
   base, _, params, variables = linen_adapt.linen_parts(model, variables)
-  found = linen_adapt._trace_linen(base, variables, inputs, dict(call_kwargs or {}))
+  found = linen_adapt.trace_linen(base, variables, inputs, dict(call_kwargs or {}))
   return {
     name: (entry["projection"], tuple(params[(*paths.as_path(name), "kernel")].shape),
            bool(entry["module"].use_bias))
