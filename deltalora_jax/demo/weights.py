@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import importlib.util
 import pathlib
+import re
 import sys
 from typing import Any
 
@@ -66,6 +67,70 @@ def model_dir() -> pathlib.Path:
   return package_dir(MODEL_MODULE, MODEL_PACKAGE) / "model"
 
 
+#: The Flax name of each dense layer of a BERT layer and its Hugging Face ``BertLayer`` module.
+LINEARS = {
+  "query": "attention.self.query",
+  "key": "attention.self.key",
+  "value": "attention.self.value",
+  "attention_output": "attention.output.dense",
+  "intermediate": "intermediate.dense",
+  "output": "output.dense",
+}
+
+
+def hf_module_name(layer: str) -> str | None:
+  """The Hugging Face ``BertModel`` module of a Flax dense layer's name; None for another layer.
+
+  ``layer`` is a name of :func:`deltalora_jax.adapted_layers`, ``'a/b'``, of a
+  :class:`~deltalora_jax.demo.bert.BertEncoder` or of a model holding one as
+  ``encoder`` (:class:`~deltalora_jax.demo.bert.SentimentClassifier`). It is
+  the ``module_names`` of :func:`deltalora_jax.save_peft` and
+  :func:`deltalora_jax.load_peft` for the demo's BERT.
+
+  Example:
+    >>> hf_module_name("encoder/layer_2/query")
+    'encoder.layer.2.attention.self.query'
+    >>> hf_module_name("layer_0/output"), hf_module_name("encoder/pooler")
+    ('encoder.layer.0.output.dense', 'pooler.dense')
+    >>> hf_module_name("head") is None
+    True
+  """
+  parts = layer.split("/")
+  if parts[0] == "encoder" and len(parts) > 1:
+    parts = parts[1:]
+  if parts == ["pooler"]:
+    return "pooler.dense"
+  if len(parts) == 2 and re.fullmatch(r"layer_\d+", parts[0]) and parts[1] in LINEARS:
+    return f"encoder.layer.{parts[0].removeprefix('layer_')}.{LINEARS[parts[1]]}"
+  return None
+
+
+def config_from_hf(hf_config: dict[str, Any]) -> BertConfig:
+  """The :class:`BertConfig` of a Hugging Face BERT ``config.json`` (as a dict).
+
+  Raises:
+    ValueError: for a BERT this encoder does not compute (another activation
+      than exact GELU, relative position embeddings).
+  """
+  act = hf_config.get("hidden_act") or "gelu"
+  position = hf_config.get("position_embedding_type") or "absolute"
+  if act != "gelu" or position != "absolute":
+    raise ValueError(
+      "the demo's BERT computes hidden_act='gelu' and position_embedding_type='absolute', got "
+      f"hidden_act={act!r}, position_embedding_type={position!r}"
+    )
+  return BertConfig(
+    vocab_size=hf_config["vocab_size"],
+    hidden_size=hf_config["hidden_size"],
+    num_layers=hf_config["num_hidden_layers"],
+    num_heads=hf_config["num_attention_heads"],
+    intermediate_size=hf_config["intermediate_size"],
+    max_position=hf_config["max_position_embeddings"],
+    type_vocab_size=hf_config["type_vocab_size"],
+    layer_norm_eps=float(hf_config["layer_norm_eps"]),
+  )
+
+
 def checkpoint_layout(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tuple[int, ...]]]:
   """``{checkpoint name: (Flax path, checkpoint shape)}`` for every parameter.
 
@@ -98,14 +163,8 @@ def checkpoint_layout(config: BertConfig) -> dict[str, tuple[tuple[str, ...], tu
     "pooler.dense.weight": (("pooler", "kernel"), (h, h)),
     "pooler.dense.bias": (("pooler", "bias"), (h,)),
   }
-  linears = {
-    "attention.self.query": ("query", h, h),
-    "attention.self.key": ("key", h, h),
-    "attention.self.value": ("value", h, h),
-    "attention.output.dense": ("attention_output", h, h),
-    "intermediate.dense": ("intermediate", h, f),
-    "output.dense": ("output", f, h),
-  }
+  fans = {"intermediate": (h, f), "output": (f, h)}
+  linears = {name: (flax_name, *fans.get(flax_name, (h, h))) for flax_name, name in LINEARS.items()}
   norms = {"attention.output.LayerNorm": "attention_norm", "output.LayerNorm": "output_norm"}
   for i in range(config.num_layers):
     prefix, layer = f"encoder.layer.{i}.", f"layer_{i}"
@@ -190,6 +249,25 @@ def load_encoder(path: pathlib.Path | str | None = None, config: BertConfig | No
   config = config or BertConfig()
   path = model_dir() / "model.safetensors" if path is None else pathlib.Path(path)
   return convert(_read(path), config)
+
+
+def load_hf(directory: pathlib.Path | str) -> tuple[BertConfig, dict]:
+  """The config and variables of a Hugging Face ``BertModel`` saved with ``save_pretrained``.
+
+  Reads ``config.json`` and ``model.safetensors`` (no PyTorch). Recent
+  ``transformers`` releases do not save the ``position_ids`` buffer: it is
+  then taken as ``0, 1, ...``, the positions the encoder uses.
+
+  Returns:
+    ``(config, variables)`` for ``BertEncoder(config)``.
+  """
+  import json
+
+  directory = pathlib.Path(directory)
+  config = config_from_hf(json.loads((directory / "config.json").read_text()))
+  tensors = dict(_read(directory / "model.safetensors"))
+  tensors.setdefault(POSITION_IDS, np.arange(config.max_position)[None])
+  return config, convert(tensors, config)
 
 
 def load_tokenizer(max_length: int, directory: pathlib.Path | str | None = None):
