@@ -285,3 +285,17 @@ def test_an_nnx_model_trades_adapters_with_a_torch_module(tmp_path):
   print(f"\nNNX MLP -> PEFT: {out:.1e}; PEFT -> NNX MLP: {back:.1e}")
   assert out < TOLERANCE and back < TOLERANCE
   assert _relative(NnxMLP(nnx.Rngs(0))(x), want) > 100 * TOLERANCE
+
+
+def test_the_readme_section_runs(tmp_path, monkeypatch, capsys):
+  import pathlib
+  import re
+
+  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
+  section = readme.split("## Trading adapters with PEFT (PyTorch)", 1)[1].split("\n## ", 1)[0]
+  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+  monkeypatch.chdir(tmp_path)
+  exec(compile(code, "README-peft", "exec"), {})
+  first, second = (float(line) for line in capsys.readouterr().out.split())
+  print(f"\nREADME, MiniLM: JAX -> PyTorch {first:.1e}, PyTorch -> JAX {second:.1e} (max abs)")
+  assert first < 1e-4 and second < 1e-4

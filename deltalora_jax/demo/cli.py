@@ -58,7 +58,7 @@ def _method_names(text: str) -> tuple[str, ...]:
 
 def parser() -> argparse.ArgumentParser:
   """The arguments of ``demo``; defaults from :class:`~deltalora_jax.demo.train.Options`."""
-  from deltalora_jax.demo.train import METHODS, Options
+  from deltalora_jax.demo.train import METHODS, PEFT_RANK, Options
 
   defaults = Options()
   p = argparse.ArgumentParser(
@@ -99,6 +99,20 @@ def parser() -> argparse.ArgumentParser:
     default=pathlib.Path("results/demo"),
     help="folder of results.json, results.md, learning_curves.png (%(default)s)",
   )
+  p.add_argument(
+    "--export-peft",
+    type=pathlib.Path,
+    default=None,
+    metavar="DIR",
+    help="write a Hugging Face PEFT LoRA directory DIR/<method> for each adapted method run "
+    "(lora, paper, delta-lora), for BertModel of PyTorch",
+  )
+  p.add_argument(
+    "--peft-rank",
+    type=int,
+    default=PEFT_RANK,
+    help="rank of delta-lora's PEFT export, the truncated SVD of s A B + ds D (%(default)s)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -138,7 +152,12 @@ def main(argv: list[str] | None = None) -> int:
     f"{min(len(test_rows), options.eval_size or len(test_rows))} of {len(test_rows)}); {shown}",
     flush=True,
   )
-  results = train.run(options, pretrained, train_rows, test_rows)
+  if args.peft_rank <= 0:
+    parser().error(f"--peft-rank must be a positive int, got {args.peft_rank}")
+  export = (
+    None if args.export_peft is None else train.peft_exporter(args.export_peft, args.peft_rank)
+  )
+  results = train.run(options, pretrained, train_rows, test_rows, export)
   paths = train.save(results, args.output)
   print()
   print(train.table(results))
@@ -161,6 +180,14 @@ def main(argv: list[str] | None = None) -> int:
         f"{row['method']}: MERGE CHECK FAILED: {check['same_predictions']}/{check['scored']} "
         f"identical predictions, accuracy {check['merged_accuracy']:.3f} merged vs "
         f"{row['test_accuracy']:.3f} unmerged."
+      )
+  for row in results["methods"]:
+    if "peft" in row:
+      peft = row["peft"]
+      print(
+        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, rank "
+        f"{peft['rank']}; largest relative weight error of a layer "
+        f"{peft['max_relative_error']:.2e})"
       )
   print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
   return 1 if failed else 0

@@ -377,8 +377,14 @@ def run_method(
   pretrained: Pretrained,
   train: tuple[np.ndarray, np.ndarray, np.ndarray],
   test: tuple[np.ndarray, np.ndarray, np.ndarray],
+  export: Callable[..., dict] | None = None,
 ) -> dict:
-  """Trains one method and measures it; returns its row of the results."""
+  """Trains one method and measures it; returns its row of the results.
+
+  ``export``, when given, is called as ``export(method name, variables,
+  initial variables, layers)`` after training an adapted method (as
+  :func:`peft_exporter`'s function); its result is the row's ``'peft'``.
+  """
   from tqdm.auto import tqdm
 
   cpu_start, wall_start = time.process_time(), time.perf_counter()
@@ -457,9 +463,58 @@ def run_method(
       "max_abs_logit_difference": float(np.max(np.abs(merged_logits - logits))),
       "identical": bool(same.all() and merged_accuracy == accuracy),
     }
+  if adapter is not None and export is not None:
+    row["peft"] = export(method.name, variables, initial, layers)
   row["seconds"] = time.perf_counter() - wall_start
   row["cpu_seconds"] = time.process_time() - cpu_start
   return row
+
+
+#: The seed rule's export rank of ``--export-peft`` (its ``s A B + ds D`` is full rank).
+PEFT_RANK = 32
+
+
+def peft_exporter(directory: pathlib.Path, rank: int = PEFT_RANK) -> Callable[..., dict]:
+  """The ``export`` of :func:`run`: one PEFT LoRA directory per adapted method.
+
+  Writes ``directory / method`` with :func:`deltalora_jax.save_peft` and the
+  module names of Hugging Face's ``BertModel``
+  (:func:`~deltalora_jax.demo.weights.hf_module_name`): ``lora`` exactly
+  (rule ``'lora'``), ``paper`` as its rank-``2r`` change (rule ``'paper'``,
+  from the pretrained kernels), ``delta-lora`` as the rank-``rank``
+  truncated SVD of ``s A B + ds D`` (rule ``'seed'``). The classifier head
+  is not part of ``BertModel`` and is not written.
+
+  Returns:
+    ``export(method, variables, initial, layers) -> {'directory', 'rule',
+    'rank', 'max_relative_error'}`` (the largest relative weight error of a
+    layer; 0.0 when exact).
+  """
+  rules = {"lora": "lora", "paper": "paper", "delta-lora": "seed"}
+
+  def export(method: str, variables, initial, layers) -> dict:
+    rule = rules.get(method)
+    if rule is None:
+      raise ValueError(f"no PEFT export for the method {method!r}; among {sorted(rules)}")
+    report = dl.save_peft(
+      directory / method,
+      jax.tree.map(np.asarray, variables),
+      layers,
+      module_names=weights.hf_module_name,
+      rule=rule,
+      rank=rank if rule == "seed" else None,
+      base=initial if rule == "paper" else None,
+      base_model_name_or_path=weights.MODEL_PACKAGE,
+    )
+    entries = report["layers"].values()
+    return {
+      "directory": str(directory / method),
+      "rule": rule,
+      "rank": max(e["rank"] for e in entries),
+      "max_relative_error": max(e["relative_error"] for e in entries),
+    }
+
+  return export
 
 
 def encode_rows(tokenizer, rows: Sequence[tuple[str, int]]):
@@ -490,14 +545,20 @@ def run(
   pretrained: Pretrained,
   train_rows: Sequence[tuple[str, int]],
   test_rows: Sequence[tuple[str, int]],
+  export: Callable[..., dict] | None = None,
 ) -> dict:
-  """Runs every method of ``options`` and returns the results (JSON-ready)."""
+  """Runs every method of ``options`` and returns the results (JSON-ready).
+
+  ``export``: see :func:`run_method` (None: nothing is exported).
+  """
   train = encode_rows(pretrained.tokenizer, train_rows)
   test_rows = test_rows[: options.eval_size] if options.eval_size else test_rows
   test = encode_rows(pretrained.tokenizer, test_rows)
   counts = np.bincount(test[2], minlength=len(LABELS))
   start = time.perf_counter()
-  rows = [run_method(METHODS[name], options, pretrained, train, test) for name in options.methods]
+  rows = [
+    run_method(METHODS[name], options, pretrained, train, test, export) for name in options.methods
+  ]
   return {
     "environment": environment(),
     "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
