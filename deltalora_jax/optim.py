@@ -120,7 +120,11 @@ def delta_momentum(
 
     V_t = \mu V_{t-1} + (1 - \mu) g_t, \qquad D_t = D_{t-1} - \eta_t V_t
 
-  After one step from ``V = 0``, ``D = -eta (1 - mu) g``.
+  After one step from ``V = 0``, ``D = -eta (1 - mu) g``. Under a constant gradient the
+  velocity fills up, ``V_n = (1 - mu^n) g``, so the step approaches ``-eta g``: in steady state the
+  rule moves ``D`` as SGD at ``eta`` does, and its first step is ``1 - mu`` of that. On an adapted
+  layer's ``D`` the effective weight moves ``delta_scaling**2`` times as much (see
+  :func:`delta_lora`).
 
   Args:
     learning_rate: ``eta``, a float or an optax schedule of the step.
@@ -140,6 +144,10 @@ def delta_momentum(
     >>> u, state = tx.update(jnp.array([1.0, -2.0]), state)
     >>> optax.apply_updates(d, u)  # -0.1 * (1 - 0.9) * g
     Array([-0.01,  0.02], dtype=float32)
+    >>> for _ in range(200):
+    ...   u, state = tx.update(jnp.array([1.0, -2.0]), state)
+    >>> [round(float(v), 4) for v in u]  # steady state: -0.1 * g
+    [-0.1, 0.2]
   """
   core.check_learning_rate(learning_rate)
   return optax.chain(
@@ -298,16 +306,24 @@ def delta_lora(
   optimizer and rate, and ``lora_optimizer`` has no default because one rate
   cannot suit both. ``D`` enters the effective weight scaled by
   ``ds = delta_scaling``: ``W_eff = W + s A B + ds D``, so
-  ``dL/dD = ds dL/dW_eff``, and a step ``-eta dL/dD`` on ``D`` moves ``W_eff``
-  by ``ds`` times that:
+  ``dL/dD = ds dL/dW_eff``, and a step ``-eta V`` on ``D`` moves ``W_eff`` by
+  ``ds`` times that. The first step from ``V = 0`` has ``V_1 = (1 - mu) g_D``, so
+  ``D``'s share of the change (the factors add their own) is
 
   .. math::
 
-    \Delta W_\mathrm{eff} = -\,\mathrm{ds}^2\,\eta\,\frac{\partial L}{\partial W_\mathrm{eff}}
+    \Delta W_\mathrm{eff} = -\,\eta\,(1 - \mu)\,\mathrm{ds}^2\,
+      \frac{\partial L}{\partial W_\mathrm{eff}},
 
-  At ``ds = 0.1`` that is 1% of ``eta``: beside AdamW at ``3e-4`` on the
-  factors, ``learning_rate=10`` is a fair start (the demo's ``delta_lr``). For
-  the seed's shared rate, pass ``lora_optimizer=optax.sgd(learning_rate)``.
+  exactly one step of full fine-tuning SGD on ``W_eff`` at rate
+  ``eta_full = eta (1 - mu) ds^2``. Under a steady gradient the velocity fills
+  up, ``V_n = (1 - mu^n) g_D``, and the step approaches SGD at ``eta ds^2``. To
+  match a full fine-tuning SGD rate ``eta_full``, take
+  ``learning_rate = eta_full / ds^2`` (steady state; step ``n`` of a constant
+  gradient is ``1 - mu^n`` of it). At ``ds = 0.1`` that is ``100 eta_full``: beside AdamW
+  at ``3e-4`` on the factors, ``learning_rate=10`` (SGD at 0.1 on ``W_eff``) is
+  a fair start (the demo's ``delta_lr``). For the seed's shared rate, pass
+  ``lora_optimizer=optax.sgd(learning_rate)``.
 
   A frozen part is never updated, so a frozen base cannot be trained by
   mistake: training it needs both ``freeze_base=False`` on the layer (or it
