@@ -77,14 +77,7 @@ def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, Ada
   if isinstance(model, nnx.Module):
     if args or kwargs:
       raise TypeError("adapted_layers takes no inputs with an NNX model (its layers are in it)")
-    layers = [
-      (path, module)
-      for path, module in nnx.iter_modules(model)
-      if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral)
-    ]
-    if not layers:
-      raise ValueError(f"model {type(model).__name__} has no adapted layer")
-    return dict(layers)
+    return dict(_nnx_layers(model))
   found: dict[PathParts, AdaptedLayer] = {}
 
   def record(
@@ -134,15 +127,24 @@ class _Layer:
     return {n: a for n, a in self.arrays.items() if n not in frozen}
 
 
-def _nnx_adapters(model: nnx.Module) -> dict[Path, DeltaLoRALinear | DeltaLoRALinearGeneral]:
-  found = {
-    paths.as_path(path): module
+def _nnx_layers(
+  model: nnx.Module,
+) -> list[tuple[PathParts, DeltaLoRALinear | DeltaLoRALinearGeneral]]:
+  """The adapted layers of an NNX model with their NNX paths; raises when there is none."""
+  found = [
+    (path, module)
     for path, module in nnx.iter_modules(model)
     if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral)
-  }
+  ]
   if not found:
     raise ValueError(f"model {type(model).__name__} has no adapted layer")
-  return dict(sorted(found.items()))
+  return found
+
+
+def _nnx_adapters(model: nnx.Module) -> dict[Path, DeltaLoRALinear | DeltaLoRALinearGeneral]:
+  """:func:`adapted_layers` of an NNX model, by path of strings, sorted."""
+  found = {paths.as_path(path): module for path, module in _nnx_layers(model)}
+  return dict(sorted(found.items(), key=lambda item: item[0]))
 
 
 def _check_variables(variables: Any) -> None:
@@ -213,8 +215,20 @@ def layer_arrays(
   }
 
 
-def _replaced(model_or_variables: Any, new: Mapping[Path, Mapping[str, jax.Array]]) -> Any:
-  """The model with the arrays of ``{path: {name: array}}`` put in: NNX in place, Linen new."""
+def with_arrays(model_or_variables: Any, new: Mapping[Path, Mapping[str, Any]]) -> Any:
+  """The model with the adapted layers' arrays ``{path: {name: array}}`` put in.
+
+  NNX: the model, changed in place; Linen: new variables (``D`` goes to the
+  ``'delta'`` collection, the rest to ``'params'``). The arrays are not checked.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = DeltaLoRADense(features=3, rank=2)
+    >>> variables = layer.init(jax.random.key(0), jnp.ones((1, 4)))
+    >>> new = with_arrays(variables, {(): {"delta": jnp.ones((4, 3))}})
+    >>> float(new["delta"]["delta"].sum()), float(variables["delta"]["delta"].sum())
+    (12.0, 0.0)
+  """
   if isinstance(model_or_variables, nnx.Module):
     modules = _nnx_adapters(model_or_variables)
     for path, arrays in new.items():
@@ -313,7 +327,7 @@ def unflatten_parameters(model_or_variables: Any, vector: jax.Array, layers: Lay
       value = jnp.reshape(vector[offset : offset + size], array.shape).astype(array.dtype)
       new[layer.path][name] = value
       offset += size
-  return _replaced(model_or_variables, new)
+  return with_arrays(model_or_variables, new)
 
 
 def current_delta(model_or_variables: Any, path: str | tuple[Any, ...] = ()) -> jax.Array:
@@ -465,12 +479,11 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
     if () in kernels and isinstance(model_or_variables, DeltaLoRALinear | DeltaLoRALinearGeneral):
       return _unloaded(model_or_variables, kernels[()])
     merged = nnx.clone(model_or_variables)
-    modules = {paths.as_path(p): p for p, _ in nnx.iter_modules(merged)}
     paths.replace_modules(
       merged,
       {
-        modules[path]: _unloaded(paths.module_at(merged, modules[path]), kernel)
-        for path, kernel in kernels.items()
+        path: _unloaded(module, kernels[paths.as_path(path)])
+        for path, module in _nnx_layers(merged)
       },
     )
     return merged

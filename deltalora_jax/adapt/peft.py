@@ -86,7 +86,6 @@ from deltalora_jax import paths, projections, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.config import LayerConfig
-from deltalora_jax.linen import DELTA_COLLECTION
 
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -421,35 +420,26 @@ def _output_error(
   kernels: Mapping[str, np.ndarray],
 ) -> float:
   """The relative output error on ``sample`` of the model with ``kernels`` and no adapter."""
-  if isinstance(model_or_variables, nnx.Module):
-    model = model_or_variables
-    want = model(*sample)
-    copy = nnx.clone(model)
-    modules = nnx_adapt.modules(copy)
-    for name, kernel in kernels.items():
-      layer: Any = modules[name][1]
-      layer.kernel[...] = kernel.astype(layer.kernel[...].dtype)
-      layer.lora_b[...] = np.zeros(layer.lora_b.shape, layer.lora_b[...].dtype)
-      if layer.delta is not None:
-        layer.delta[...] = np.zeros(layer.delta.shape, layer.delta[...].dtype)
-    got = copy(*sample)
-  else:
-    if not isinstance(layers, linen_adapt.DeltaLoRAModel):
-      raise TypeError(
-        "sample with Linen variables needs layers= to be the DeltaLoRAModel (to run the model), "
-        f"got {type(layers).__name__}"
-      )
+  linen = not isinstance(model_or_variables, nnx.Module)
+  if linen and not isinstance(layers, linen_adapt.DeltaLoRAModel):
+    raise TypeError(
+      "sample with Linen variables needs layers= to be the DeltaLoRAModel (to run the model), "
+      f"got {type(layers).__name__}"
+    )
+  arrays = tree.layer_arrays(model_or_variables, layers if linen else None)
+  new: dict[paths.Path, dict[str, Any]] = {}
+  for name, kernel in kernels.items():
+    current = arrays[name][1]
+    new[paths.as_path(name)] = {
+      "kernel": kernel.astype(current["kernel"].dtype),
+      **{n: np.zeros_like(current[n]) for n in ("lora_b", "delta") if n in current},
+    }
+  if linen:
     want = layers.apply(model_or_variables, *sample)
-    flat = {c: traverse_util.flatten_dict(dict(v)) for c, v in model_or_variables.items()}
-    for name, kernel in kernels.items():
-      path = paths.as_path(name)
-      flat["params"][(*path, "kernel")] = kernel.astype(flat["params"][(*path, "kernel")].dtype)
-      lora_b = flat["params"][(*path, "lora_b")]
-      flat["params"][(*path, "lora_b")] = np.zeros(lora_b.shape, lora_b.dtype)
-      if (key := (*path, "delta")) in flat.get(DELTA_COLLECTION, {}):
-        delta = flat[DELTA_COLLECTION][key]
-        flat[DELTA_COLLECTION][key] = np.zeros(delta.shape, delta.dtype)
-    got = layers.apply({c: traverse_util.unflatten_dict(v) for c, v in flat.items()}, *sample)
+    got = layers.apply(tree.with_arrays(model_or_variables, new), *sample)
+  else:
+    want = model_or_variables(*sample)
+    got = tree.with_arrays(nnx.clone(model_or_variables), new)(*sample)
   want_flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(want)])
   got_flat = np.concatenate([np.ravel(np.asarray(x, np.float64)) for x in jax.tree.leaves(got)])
   norm = float(np.linalg.norm(want_flat))
