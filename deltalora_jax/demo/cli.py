@@ -191,3 +191,116 @@ def main(argv: list[str] | None = None) -> int:
       )
   print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
   return 1 if failed else 0
+
+
+def _numbers(kind):
+  def parse(text: str) -> tuple:
+    try:
+      values = tuple(kind(v) for v in text.split(",") if v.strip())
+    except ValueError:
+      message = f"expected comma-separated {kind.__name__}s, got {text!r}"
+      raise argparse.ArgumentTypeError(message) from None
+    if not values:
+      raise argparse.ArgumentTypeError(f"expected at least one {kind.__name__}, got {text!r}")
+    return values
+
+  return parse
+
+
+def study_parser() -> argparse.ArgumentParser:
+  """The arguments of ``study``; defaults from :class:`~deltalora_jax.demo.study.StudyOptions`."""
+  from deltalora_jax.demo.study import StudyOptions
+
+  defaults = StudyOptions()
+  p = argparse.ArgumentParser(
+    prog="python -m deltalora_jax study",
+    description=(
+      "Sweep each method's settings on a validation split, then train every method at its "
+      "chosen setting over several seeds and score it on the whole test split (mean and "
+      "standard deviation of accuracy and macro-F1). Resumable: finished runs are kept in "
+      "--cache and not trained again."
+    ),
+  )
+  p.add_argument("--methods", type=_method_names, default=defaults.methods, help="(%(default)s)")
+  p.add_argument("--seeds", type=_numbers(int), default=defaults.seeds, help="(%(default)s)")
+  p.add_argument(
+    "--epochs", type=float, default=defaults.epochs, help="of a final run (%(default)s)"
+  )
+  p.add_argument(
+    "--steps", type=int, default=defaults.steps, help="of a final run, 0: from --epochs"
+  )
+  p.add_argument("--sweep-steps", type=int, default=defaults.sweep_steps, help="(%(default)s)")
+  p.add_argument(
+    "--validation-size", type=int, default=defaults.validation_size, help="(%(default)s)"
+  )
+  p.add_argument("--train-size", type=int, default=defaults.train_size, help="0: all")
+  p.add_argument("--test-size", type=int, default=defaults.test_size, help="0: all")
+  p.add_argument("--max-length", type=int, default=defaults.demo.max_length, help="(%(default)s)")
+  p.add_argument("--batch-size", type=int, default=defaults.demo.batch_size, help="(%(default)s)")
+  for name, kind in (
+    ("lora_lrs", float),
+    ("delta_rates", float),
+    ("delta_scalings", float),
+    ("paper_lambdas", float),
+    ("paper_starts", int),
+  ):
+    p.add_argument(
+      f"--{name.replace('_', '-')}",
+      type=_numbers(kind),
+      default=getattr(defaults, name),
+      help="comma-separated (%(default)s)",
+    )
+  p.add_argument(
+    "--output",
+    type=pathlib.Path,
+    default=pathlib.Path("results/study"),
+    help="folder of study.json, study.md, study.png (%(default)s)",
+  )
+  p.add_argument(
+    "--cache",
+    type=pathlib.Path,
+    default=pathlib.Path("results/study-runs"),
+    help="one JSON file per finished run; a study started again reads them (%(default)s)",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
+def study_main(argv: list[str] | None = None) -> int:
+  """Runs the study; returns the exit status."""
+  args = study_parser().parse_args(argv)
+  problem = missing_requirements()
+  if problem is not None:
+    print(f"deltalora_jax study: {problem}", file=sys.stderr)
+    return 2
+  from deltalora_jax.demo import data, study, train
+
+  try:
+    options = study.StudyOptions(
+      methods=args.methods,
+      seeds=args.seeds,
+      epochs=args.epochs,
+      steps=args.steps,
+      sweep_steps=args.sweep_steps,
+      validation_size=args.validation_size,
+      train_size=args.train_size,
+      test_size=args.test_size,
+      lora_lrs=args.lora_lrs,
+      delta_rates=args.delta_rates,
+      delta_scalings=args.delta_scalings,
+      paper_lambdas=args.paper_lambdas,
+      paper_starts=args.paper_starts,
+      demo=train.Options(max_length=args.max_length, batch_size=args.batch_size, progress=False),
+    )
+  except ValueError as error:
+    study_parser().error(str(error))
+  pretrained = train.load_pretrained(options.demo.max_length)
+  train_rows, test_rows = data.split(data.load_corpus())
+  results = study.run(
+    options, pretrained, train_rows, test_rows, args.cache, progress=not args.no_progress
+  )
+  paths = study.save(results, args.output)
+  print()
+  print(study.markdown(results))
+  print(f"wrote {', '.join(str(p) for p in paths.values())}")
+  return 0

@@ -352,6 +352,21 @@ def predict(model, variables, ids: np.ndarray, mask: np.ndarray, batch: int = 25
   return np.concatenate(out)[:n]
 
 
+def macro_f1(targets: np.ndarray, predictions: np.ndarray, classes: int) -> float:
+  """The mean over classes of F1 = 2 TP / (2 TP + FP + FN); 0 for a class never seen or said.
+
+  Example:
+    >>> round(macro_f1(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 1]), 3), 4)
+    0.3889
+  """
+  scores = []
+  for c in range(classes):
+    tp = np.sum((predictions == c) & (targets == c))
+    wrong = np.sum((predictions == c) != (targets == c))
+    scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + wrong))
+  return float(np.mean(scores))
+
+
 def _peak_bytes(compiled) -> int | None:
   analysis = compiled.memory_analysis()
   if analysis is None:
@@ -424,7 +439,8 @@ def run_method(
 
   test_ids, test_mask, test_targets = test
   logits = predict(model, variables, test_ids, test_mask)
-  accuracy = float(np.mean(np.argmax(logits, -1) == test_targets))
+  predictions = np.argmax(logits, -1)
+  accuracy = float(np.mean(predictions == test_targets))
   final = _flat(variables)
   start_flat = _flat(initial)
   stored = sum(
@@ -440,6 +456,7 @@ def run_method(
     "method": method.name,
     "description": method.description,
     "test_accuracy": accuracy,
+    "test_macro_f1": macro_f1(test_targets, predictions, len(LABELS)),
     "trainable_params": int(trainable),
     "stored_params": int(stored),
     "median_step_s": float(np.median(times[1:] if len(times) > 1 else times)),
