@@ -20,7 +20,7 @@ The public names are re-exported here; the modules are:
 * :mod:`deltalora_jax.sharding`: partition rules and shardings for a device mesh;
 * :mod:`deltalora_jax.checkpoint`: checkpoints of the whole training state (orbax);
 * :mod:`deltalora_jax.tree`: whole-model utilities (count, flatten, merge,
-  reset, diagnostics).
+  reset, diagnostics);
 * :mod:`deltalora_jax.pretrained`: :func:`load_base`, pretrained weights into an
   adapted model, by name (strict or not, renamed by a mapping).
 """

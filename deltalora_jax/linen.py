@@ -202,7 +202,7 @@ class DeltaLoRADense(_DeltaLoRALayer):
 
   @property
   def projection(self) -> projections.GeneralDense:
-    """The layer's product: a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
+    """The layer's product, a dense one (:class:`deltalora_jax.projections.GeneralDense`)."""
     return projections.GeneralDense(features=(self.features,))
 
   @nn.compact
@@ -360,10 +360,11 @@ class DeltaLoRAGeneral(_DeltaLoRALayer):
       ``'params'`` while it maps the ``'delta'`` collection into ``'params'``,
       so that ``D`` goes through ``nn.scan`` and ``nn.vmap`` stacks that lift
       ``'params'`` only.
-    use_bias, ...: the other attributes are those of :class:`DeltaLoRADense`
-      but ``features``; ``rank`` is at most the kernel's matrix rank bound,
-      and ``kernel_init`` draws the ``[in, out]`` matrix of a dense-general
-      kernel, as ``nn.DenseGeneral`` does.
+
+  The other attributes are those of :class:`DeltaLoRADense` but ``features``;
+  ``rank`` is at most the kernel's matrix rank bound, and ``kernel_init`` draws
+  the ``[in, out]`` matrix of a dense-general kernel, as ``nn.DenseGeneral``
+  does.
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -43,7 +43,12 @@ BASE_NAMES = frozenset({"kernel", "bias"})
 
 
 class ScaleByDeltaMomentumState(NamedTuple):
-  """State of :func:`scale_by_delta_momentum`."""
+  """State of :func:`scale_by_delta_momentum`.
+
+  Attributes:
+    count: the number of updates taken, an int32 scalar.
+    velocity: the EMA velocity ``V``, a tree of the parameters' structure.
+  """
 
   # int32 scalar. The name is optax's (its states' step counts), which shadows tuple.count for
   # the type checker only.

@@ -42,7 +42,14 @@ _Plan = tuple[dict[str, int], float, projections.Projection, int]
 
 
 class PaperDeltaLoRAState(NamedTuple):
-  """State of :func:`paper_delta_lora`."""
+  """State of :func:`paper_delta_lora`.
+
+  Attributes:
+    count: the number of optimizer steps taken, an int32 scalar (``t`` of
+      :func:`paper_delta_lora`).
+    inner_state: the state of the factors' (and the other parameters')
+      optimizers.
+  """
 
   # int32 scalar: optimizer steps taken. The name is optax's (its states' step counts), which
   # shadows tuple.count for the type checker only.
