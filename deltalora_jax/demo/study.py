@@ -76,7 +76,7 @@ class StudyOptions:
   train_size: int = 0
   test_size: int = 0
   lora_lrs: tuple[float, ...] = (1e-4, 3e-4, 1e-3)
-  delta_rates: tuple[float, ...] = (0.01, 0.1, 1.0)
+  delta_rates: tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
   delta_scalings: tuple[float, ...] = (0.1, 1.0)
   paper_lambdas: tuple[float, ...] = (0.5, 2.0)
   paper_starts: tuple[int, ...] = (0, 40)
