@@ -18,8 +18,8 @@ and ``nn.Dense``, adapted with ``adapt_linen``):
 
 Writes ``<out>/bench_step.json`` (every figure, versions, machine),
 ``<out>/bench_step.png`` (step time and memory against width, rank and rows),
-``<out>/bench_step.md`` (the README's tables) and prints a table and the
-issue's targets.
+``<out>/bench_step.md`` (the tables of ``docs/guides/performance.md``) and prints a
+table and the issue's targets.
 """
 
 from __future__ import annotations

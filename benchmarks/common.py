@@ -681,7 +681,7 @@ def plot(records: list[dict[str, Any]], path: str) -> None:
 
 
 def markdown(records: list[dict[str, Any]], targets: list[dict[str, Any]], points) -> str:
-  """Markdown tables for the README: every variant at ``points``, then the targets.
+  """Markdown tables for the performance guide: every variant at ``points``, then the targets.
 
   Args:
     records: the measurements.

@@ -7,9 +7,8 @@ and exported / re-attached. The trained state is shared by module fixtures.
 
 import json
 import math
-import pathlib
-import re
 
+import _docs
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -523,21 +522,18 @@ def test_attach_refuses_a_mismatched_base(linen_base):
     dl.attach_adapter_linen(*linen_base, adapter)
 
 
-# ------------------------------------------------------------------- README
-
-README = pathlib.Path(__file__).parents[1] / "README.md"
+# ----------------------------------------------------- docs/guides/adapting.md
 
 
-def run_readme_section(heading):
-  section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def run_guide_section(heading):
+  (code,) = _docs.code_blocks("adapting.md", heading)
   namespace = {}
-  exec(compile(code, heading, "exec"), namespace)
+  exec(compile(code, f"adapting.md: {heading}", "exec"), namespace)
   return namespace
 
 
-def test_readme_linen_section_runs(capsys):
-  ns = run_readme_section("## Adapting an existing Linen model")
+def test_guide_linen_section_runs(capsys):
+  ns = run_guide_section("An existing Linen model")
   assert "hidden" in capsys.readouterr().out
   model, x, y = ns["model"], ns["x"], ns["y"]
   base_loss = jnp.mean((model.apply(ns["pretrained"], x) - y) ** 2)
@@ -547,8 +543,8 @@ def test_readme_linen_section_runs(capsys):
   np.testing.assert_array_equal(ns["again"].apply(ns["restored"], x), trained)
 
 
-def test_readme_nnx_section_runs(capsys):
-  ns = run_readme_section("## Adapting an existing NNX model")
+def test_guide_nnx_section_runs(capsys):
+  ns = run_guide_section("An existing NNX model")
   assert "hidden" in capsys.readouterr().out
   x, y = ns["x"], ns["y"]
   base_loss = jnp.mean((ns["MLP"](nnx.Rngs(1))(x) - y) ** 2)

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import time
 
+import _docs
 import _training as training
 import jax
 import jax.numpy as jnp
@@ -264,24 +265,17 @@ def test_a_layer_config_differing_in_the_checkpoint_is_named(saved):
   )
 
 
-def _readme_code(heading: str) -> str:
-  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  section = text.split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
-  return section.split("```python\n", 1)[1].split("```", 1)[0]
-
-
-def test_readme_sharding_and_checkpoint_sections_run(capsys):
+def test_guide_sharding_and_checkpoint_sections_run(capsys):
+  (sharding,) = _docs.code_blocks("sharding.md")
+  (checkpoints,) = _docs.code_blocks("checkpoints.md")  # continues the sharding example
   namespace = {}
-  exec(
-    compile(_readme_code("## Sharded training on a device mesh"), "README-sharding", "exec"),
-    namespace,
-  )
+  exec(compile(sharding, "sharding.md", "exec"), namespace)
   assert np.isfinite(float(namespace["loss"]))
   delta = namespace["variables"]["delta"]
   total = sum(leaf.nbytes for leaf in jax.tree.leaves(delta))
   assert set(dl.bytes_per_device(delta).values()) == {total // jax.device_count()}
   assert str(dl.bytes_per_device(delta)) in capsys.readouterr().out
-  exec(compile(_readme_code("## Checkpoints"), "README-checkpoints", "exec"), namespace)
+  exec(compile(checkpoints, "checkpoints.md", "exec"), namespace)
   restored = namespace["state"]
   training.assert_bit_identical(restored["variables"], namespace["variables"])
   assert restored["variables"]["delta"]["up"]["delta"].sharding == delta["up"]["delta"].sharding

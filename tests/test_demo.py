@@ -17,8 +17,8 @@ import json
 import math
 import os
 import pathlib
-import re
 
+import _docs
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -581,12 +581,10 @@ def test_every_method_sees_the_same_batches():
   assert sorted(first.ravel()[:10]) == list(range(10))  # one epoch before repeating
 
 
-def test_the_readme_registers_a_method_in_a_few_lines():
-  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  section = readme.split("\n## Demo\n", 1)[1].split("\n## ", 1)[0]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_the_guide_registers_a_method_in_a_few_lines():
+  (code,) = _docs.code_blocks("demo.md", "Options, and a new method")
   try:
-    exec(compile(code, "README.md: Demo", "exec"), {})
+    exec(compile(code, "docs/guides/demo.md", "exec"), {})
     method = train.METHODS["lora-sgd"]
     options = train.Options(methods=("lora-sgd",), rank=2)
     assert method.adapter(options) == bert.Adapter(rank=2, use_delta=False)

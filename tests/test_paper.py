@@ -1,15 +1,15 @@
 """paper_delta_lora: the published Delta-LoRA rule (Zi et al., arXiv 2309.02411).
 
-Each identity of the README's "Which rule?" section is proved here: the one-step
-rule by hand, the paper's start condition ``t > K``, the telescoping sum and its
-rank, the equivalence with plain LoRA at alpha * (1 + lambda) under Adam, the
-wrappers, the absence of a base kernel gradient in the compiled step, and the
-absence of any full-size product before the start step.
+Each identity of the "Which rule?" guide (``docs/guides/which_rule.md``) is proved
+here: the one-step rule by hand, the paper's start condition ``t > K``, the
+telescoping sum and its rank, the equivalence with plain LoRA at alpha * (1 + lambda)
+under Adam, the wrappers, the absence of a base kernel gradient in the compiled step,
+and the absence of any full-size product before the start step.
 """
 
-import pathlib
 import re
 
+import _docs
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -841,17 +841,15 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 
 
 # --------------------------------------------------------------------------
-# The README's example.
+# The guide's example.
 # --------------------------------------------------------------------------
 
 
-def test_readme_which_rule_example_runs_and_moves_the_base():
-  text = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  section = text.split("## Which rule?", 1)[1].split("\n## ", 1)[0]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+def test_guide_which_rule_example_runs_and_moves_the_base():
+  (code,) = _docs.code_blocks("which_rule.md")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as a user runs it
-    exec(compile(code, "README-which-rule", "exec"), namespace)
+    exec(compile(code, "which_rule.md", "exec"), namespace)
   model, x, y = namespace["model"], namespace["x"], namespace["y"]
   start = model.init(jax.random.key(1), x)
   first = float(jnp.mean((model.apply(start, x) - y) ** 2))

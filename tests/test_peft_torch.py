@@ -287,15 +287,12 @@ def test_an_nnx_model_trades_adapters_with_a_torch_module(tmp_path):
   assert _relative(NnxMLP(nnx.Rngs(0))(x), want) > 100 * TOLERANCE
 
 
-def test_the_readme_section_runs(tmp_path, monkeypatch, capsys):
-  import pathlib
-  import re
+def test_the_guide_section_runs(tmp_path, monkeypatch, capsys):
+  import _docs
 
-  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  section = readme.split("## Trading adapters with PEFT (PyTorch)", 1)[1].split("\n## ", 1)[0]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+  (code,) = _docs.code_blocks("peft.md")
   monkeypatch.chdir(tmp_path)
-  exec(compile(code, "README-peft", "exec"), {})
+  exec(compile(code, "peft.md", "exec"), {})
   first, second = (float(line) for line in capsys.readouterr().out.split())
-  print(f"\nREADME, MiniLM: JAX -> PyTorch {first:.1e}, PyTorch -> JAX {second:.1e} (max abs)")
+  print(f"\npeft.md, MiniLM: JAX -> PyTorch {first:.1e}, PyTorch -> JAX {second:.1e} (max abs)")
   assert first < 1e-4 and second < 1e-4

@@ -1,8 +1,8 @@
 """load_base: pretrained weights into Linen variables and NNX models, by name, all or nothing."""
 
-import pathlib
 import re
 
+import _docs
 import chex
 import flax.linen as nn
 import jax
@@ -434,12 +434,10 @@ def test_the_demo_refuses_a_checkpoint_that_does_not_fit_its_encoder(damage):
     train.initial_variables(model, tiny, jax.random.key(0), sample)
 
 
-def test_the_readme_example_runs(capsys):
-  readme = (pathlib.Path(__file__).parents[1] / "README.md").read_text()
-  section = readme.split("\n## Loading pretrained weights\n", 1)[1].split("\n## ", 1)[0]
-  (code,) = re.findall(r"```python\n(.*?)```", section, re.S)
+def test_the_guide_example_runs(capsys):
+  (code,) = _docs.code_blocks("pretrained.md")
   ns = {}
-  exec(compile(code, "README-load-base", "exec"), ns)
+  exec(compile(code, "pretrained.md", "exec"), ns)
   assert capsys.readouterr().out.startswith("['head/bias', 'head/kernel']")
   assert ns["report"]["skipped"] == [] and len(ns["report"]["loaded"]) == 4
   np.testing.assert_array_equal(

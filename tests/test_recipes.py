@@ -1,14 +1,12 @@
-"""The README's training-loop recipes (TrainState, nnx.Optimizer) train and equal the plain step.
+"""The training-loop recipes (TrainState, nnx.Optimizer) train and equal the plain step.
 
-Each recipe is run from the README as written: its setup block, then its loop
-block; the test keeps the state between the two and replays the loop with the
-library's own plain step (``tx.update`` and ``optax.apply_updates`` on the whole
-tree), which must give exactly the same parameters.
+Each recipe is run from its guide (``docs/guides/training_loops.md``) as written: its
+setup block, then its loop block; the test keeps the state between the two and replays
+the loop with the library's own plain step (``tx.update`` and ``optax.apply_updates``
+on the whole tree), which must give exactly the same parameters.
 """
 
-import pathlib
-import re
-
+import _docs
 import chex
 import jax
 import jax.numpy as jnp
@@ -18,20 +16,14 @@ import pytest
 from flax import nnx
 from flax.training import train_state
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
-STEPS = 30  # the README's loops
-
-
-def _blocks(heading):
-  section = README.read_text().split(f"\n{heading}\n", 1)[1].split("\n## ", 1)[0]
-  return re.findall(r"```python\n(.*?)```", section, re.S)
+STEPS = 30  # the guide's loops
 
 
 def _run(code, namespace, name):
   # A user runs with JAX's default (standard) dtype promotion; optax.adam's bias
   # correction mixes a float with its int32 count, which strict mode refuses.
   with jax.numpy_dtype_promotion("standard"):
-    exec(compile(code, f"README-{name}", "exec"), namespace)
+    exec(compile(code, f"training_loops.md: {name}", "exec"), namespace)
 
 
 def _mse(apply, x, y):
@@ -40,8 +32,10 @@ def _mse(apply, x, y):
 
 @pytest.fixture(scope="module")
 def recipes():
-  blocks = _blocks("## Training loops: TrainState and nnx.Optimizer")
+  blocks = _docs.code_blocks("training_loops.md", "Linen: TrainState")
+  blocks += _docs.code_blocks("training_loops.md", "NNX: nnx.Optimizer")
   assert len(blocks) == 4, "TrainState setup and loop, nnx.Optimizer setup and loop"
+  assert blocks == _docs.code_blocks("training_loops.md")
   return blocks
 
 
