@@ -1,18 +1,20 @@
-"""The README's quickstart runs as written and trains."""
+"""The README, the front page: its quickstart runs as written and trains, its links resolve.
 
-import pathlib
+The README's one ```python block is the quickstart guide's first model, character for
+character, so that this test runs both.
+"""
+
 import re
 
+import _docs
 import jax
-import numpy as np
 
-README = pathlib.Path(__file__).parents[1] / "README.md"
+LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)\)")
 
 
 def test_quickstart_runs_and_loss_falls(capsys):
-  text = README.read_text()
-  section = text.split("## Quickstart", 1)[1]
-  code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+  (code,) = _docs.python_blocks(_docs.README.read_text())
+  assert [code] == _docs.code_blocks("quickstart.md", "A first model")
   namespace = {}
   # A user runs with JAX's default (standard) dtype promotion; optax.adam's bias
   # correction mixes a float with its int32 count, which strict mode refuses.
@@ -23,46 +25,28 @@ def test_quickstart_runs_and_loss_falls(capsys):
   assert "loss after 200 steps" in capsys.readouterr().out
 
 
-def _section_blocks(heading):
-  section = README.read_text().split(heading, 1)[1].split("\n## ", 1)[0]
-  return re.findall(r"```python\n(.*?)```", section, re.S)
+def test_the_readme_is_a_front_page_with_a_map_of_every_guide():
+  text = _docs.README.read_text()
+  assert len(text.splitlines()) <= 150
+  linked = {link.split("#")[0] for link in LINK.findall(text) if link.startswith("docs/guides/")}
+  assert linked == {f"docs/guides/{path.name}" for path in _docs.GUIDES.glob("*.md")}
 
 
-def test_adapting_attention_einsum_conv_section_runs(capsys):
-  attention, einsum_conv = _section_blocks(
-    "## Adapting attention, Einsum, Conv and scanned models"
-  )[:2]
-  ns = {}
-  with jax.numpy_dtype_promotion("standard"):  # optax.adam mixes its int32 count
-    exec(compile(attention, "README-attention", "exec"), ns)
-  x, y = ns["x"], ns["y"]
-  start = jax.numpy.mean((ns["Block"]().apply(ns["pretrained"], x) - y) ** 2)
-  assert float(ns["loss"]) < 0.5 * float(start)
-  # The merged plain model computes what the adapted one does.
-  np.testing.assert_allclose(
-    ns["model"].apply(ns["merged"], x),
-    ns["adapted"].apply(ns["variables"], x),
-    rtol=1e-4,
-    atol=1e-5,
-  )
-  out = capsys.readouterr().out
-  assert "attn/query" in out and "(4, 4, 8)" in out
-  ns = {}
-  exec(compile(einsum_conv, "README-einsum-conv", "exec"), ns)
-  out = capsys.readouterr().out
-  assert "DeltaLoRALinearGeneral (16, 2) (2, 2, 8)" in out
-  assert "DeltaLoRALinearGeneral (3, 16, 2) (2, 4)" in out
-  assert type(ns["merged"].proj).__name__ == "Einsum"
-  assert type(ns["merged"].conv).__name__ == "Conv"
+def _anchors(markdown: str) -> set[str]:
+  """The anchors of a page's headings, as GitHub and MyST write them."""
+  headings = re.findall(r"^#{1,6} (.+)$", re.sub(r"```.*?```", "", markdown, flags=re.S), re.M)
+  return {re.sub(r"[^\w\- ]", "", h.lower()).strip().replace(" ", "-") for h in headings}
 
 
-def test_adapting_scanned_stack_section_runs(capsys):
-  stack = _section_blocks("## Adapting attention, Einsum, Conv and scanned models")[2]
-  ns = {}
-  exec(compile(stack, "README-scan", "exec"), ns)
-  out = capsys.readouterr().out
-  assert "(4, 16, 2)" in out and "(4, 16, 16)" in out
-  assert ns["grads"]["delta"]["blocks"]["mlp"]["delta"].shape == (4, 16, 16)
-  np.testing.assert_allclose(
-    ns["model"].apply(ns["merged"], ns["x"]), ns["adapted"].apply(ns["variables"], ns["x"])
-  )
+def test_every_relative_link_of_the_readme_and_the_guides_resolves():
+  pages = [_docs.README, *sorted(_docs.GUIDES.glob("*.md"))]
+  broken = []
+  for page in pages:
+    for target in LINK.findall(page.read_text()):
+      if re.match(r"[a-z]+:", target):
+        continue  # https: and the like
+      path, _, anchor = target.partition("#")
+      file = (page.parent / path).resolve() if path else page
+      if not file.exists() or (anchor and anchor not in _anchors(file.read_text())):
+        broken.append(f"{page.relative_to(_docs.ROOT)}: {target}")
+  assert not broken, broken
