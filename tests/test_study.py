@@ -144,6 +144,12 @@ def test_command_line_flags(capsys):
     (0, 5),
     2,
   )
+  # Every option but the sweeps' seed has its flag, and the flags reach the options.
+  names = {f.name for f in dataclasses.fields(study.StudyOptions)} - {"demo", "sweep_seed"}
+  assert set(cli._fields(args, study.StudyOptions)) == names
+  demo = cli.parser().parse_args(["--lora-lr", "0.5", "--seed", "3"])
+  options = train.Options(**cli._fields(demo, train.Options))
+  assert (options.lora_lr, options.seed, options.steps) == (0.5, 3, train.Options().steps)
   with pytest.raises(SystemExit):
     cli.study_parser().parse_args(["--seeds", "a,b"])
   assert "expected comma-separated ints, got 'a,b'" in capsys.readouterr().err

@@ -117,6 +117,12 @@ def parser() -> argparse.ArgumentParser:
   return p
 
 
+def _fields(args: argparse.Namespace, options: type) -> dict:
+  """The parsed arguments named as fields of the dataclass ``options``."""
+  names = {field.name for field in dataclasses.fields(options)} - {"progress", "demo"}
+  return {name: value for name, value in vars(args).items() if name in names}
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the demo; returns the exit status (0 when every check passed)."""
   args = parser().parse_args(argv)
@@ -127,21 +133,7 @@ def main(argv: list[str] | None = None) -> int:
   from deltalora_jax.demo import data, train
 
   try:
-    options = train.Options(
-      methods=args.methods,
-      steps=args.steps,
-      batch_size=args.batch_size,
-      max_length=args.max_length,
-      rank=args.rank,
-      alpha=args.alpha,
-      seed=args.seed,
-      eval_size=args.eval_size,
-      head_lr=args.head_lr,
-      lora_lr=args.lora_lr,
-      delta_lr=args.delta_lr,
-      full_lr=args.full_lr,
-      progress=not args.no_progress,
-    )
+    options = train.Options(**_fields(args, train.Options), progress=not args.no_progress)
   except ValueError as error:
     parser().error(str(error))
   pretrained = train.load_pretrained(options.max_length)
@@ -276,22 +268,8 @@ def study_main(argv: list[str] | None = None) -> int:
   from deltalora_jax.demo import data, study, train
 
   try:
-    options = study.StudyOptions(
-      methods=args.methods,
-      seeds=args.seeds,
-      epochs=args.epochs,
-      steps=args.steps,
-      sweep_steps=args.sweep_steps,
-      validation_size=args.validation_size,
-      train_size=args.train_size,
-      test_size=args.test_size,
-      lora_lrs=args.lora_lrs,
-      delta_rates=args.delta_rates,
-      delta_scalings=args.delta_scalings,
-      paper_lambdas=args.paper_lambdas,
-      paper_starts=args.paper_starts,
-      demo=train.Options(max_length=args.max_length, batch_size=args.batch_size, progress=False),
-    )
+    demo = train.Options(max_length=args.max_length, batch_size=args.batch_size, progress=False)
+    options = study.StudyOptions(**_fields(args, study.StudyOptions), demo=demo)
   except ValueError as error:
     study_parser().error(str(error))
   pretrained = train.load_pretrained(options.demo.max_length)

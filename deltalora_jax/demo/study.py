@@ -501,7 +501,7 @@ def markdown(results: dict) -> str:
       f"| {row['method']} | {_setting(row['settings'])} | {row['accuracy']:.3f} | "
       f"{row['macro_f1']:.3f} | {row['final_train_loss']:.3f} |"
     )
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines)
 
 
 def plot(results: dict, path: pathlib.Path) -> None:
@@ -549,13 +549,5 @@ def plot(results: dict, path: pathlib.Path) -> None:
 
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``study.json``, ``study.md`` and ``study.png`` to ``output``."""
-  output.mkdir(parents=True, exist_ok=True)
-  paths = {
-    "json": output / "study.json",
-    "table": output / "study.md",
-    "png": output / "study.png",
-  }
-  paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-  paths["table"].write_text(markdown(results))
-  plot(results, paths["png"])
-  return paths
+  names = {"json": "study.json", "table": "study.md", "png": "study.png"}
+  return train.write(results, output, names, markdown, plot)

@@ -650,15 +650,23 @@ def plot(results: dict, path: pathlib.Path) -> None:
   figure.savefig(path)
 
 
+def write(
+  results: dict, output: pathlib.Path, names: dict[str, str], table: Callable, plot: Callable
+) -> dict[str, pathlib.Path]:
+  """Writes ``results`` as JSON, ``table(results)`` and ``plot(results, path)`` under ``output``.
+
+  ``names`` gives the file name of each (keys ``'json'``, ``'table'``, ``'png'``);
+  returns their paths.
+  """
+  output.mkdir(parents=True, exist_ok=True)
+  paths = {kind: output / name for kind, name in names.items()}
+  paths["json"].write_text(json.dumps(results, indent=1) + "\n")
+  paths["table"].write_text(table(results) + "\n")
+  plot(results, paths["png"])
+  return paths
+
+
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``learning_curves.png`` and ``results.md`` to ``output``."""
-  output.mkdir(parents=True, exist_ok=True)
-  paths = {
-    "json": output / "results.json",
-    "png": output / "learning_curves.png",
-    "table": output / "results.md",
-  }
-  paths["json"].write_text(json.dumps(results, indent=1))
-  plot(results, paths["png"])
-  paths["table"].write_text(table(results) + "\n")
-  return paths
+  names = {"json": "results.json", "table": "results.md", "png": "learning_curves.png"}
+  return write(results, output, names, table, plot)
