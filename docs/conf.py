@@ -28,7 +28,8 @@ extensions = [
 
 # Markdown pages (MyST); the results file next to the demo's figure is data, not a page.
 source_suffix = {".md": "markdown", ".rst": "restructuredtext"}
-exclude_patterns = ["_build"]
+# study.md is written by `python -m deltalora_jax study` and included by guides/demo.md.
+exclude_patterns = ["_build", "study.md"]
 myst_enable_extensions = ["colon_fence", "dollarmath"]
 myst_heading_anchors = 3
 

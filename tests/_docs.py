@@ -21,7 +21,7 @@ ROOT = pathlib.Path(__file__).parents[1]
 GUIDES = ROOT / "docs" / "guides"
 README = ROOT / "README.md"
 
-_FENCE = re.compile(r"^```(\S*)\s*$")
+_FENCE = re.compile(r"^```(\S*)")  # ```python, ```bash, ```{include} path, ...
 
 
 def sections(text: str) -> dict[str | None, list[str]]:

@@ -518,21 +518,24 @@ def plot(results: dict, path: pathlib.Path) -> None:
     bars.bar(x + offset, means, 0.4, yerr=stds, capsize=4, label=label)
   bars.axhline(results["majority_accuracy"], color="gray", linestyle="--", label="majority class")
   bars.set_xticks(x, methods)
-  lows = [results["summary"][m]["macro_f1"] for m in methods]
-  bars.set(ylim=(max(0.0, min(lows) - 0.1), 1.0), ylabel="test score")
+  scores = [results["summary"][m][k] for m in methods for k in ("accuracy", "macro_f1")]
+  low = min(*scores, results["majority_accuracy"]) - 0.03
+  bars.set(ylim=(max(0.0, low), min(1.0, max(scores) + 0.08)), ylabel="test score")
   bars.set_title(
     f"Test split ({results['sizes']['test']} tweets), "
-    f"{len(results['options']['seeds'])} seeds, mean +- std"
+    f"{len(results['options']['seeds'])} seeds, mean \u00b1 std"
   )
-  bars.legend(loc="lower right")
+  bars.legend(loc="upper center", ncol=3)
   seed_rows = [r for r in results["sweeps"] if r["method"] == "delta-lora"]
-  for ds in sorted({r["settings"]["delta_scaling"] for r in seed_rows}):
+  scalings = sorted({r["settings"]["delta_scaling"] for r in seed_rows})
+  for i, ds in enumerate(scalings):
     points = sorted(
       (r["settings"]["eta"], r["accuracy"])
       for r in seed_rows
       if r["settings"]["delta_scaling"] == ds
     )
-    sweep.plot(*zip(*points, strict=True), marker="o", label=f"delta-lora, ds = {ds:g}")
+    style = {"marker": "ox+"[i % 3], "markersize": 10 - 3 * (i % 3), "fillstyle": "none"}
+    sweep.plot(*zip(*points, strict=True), **style, label=f"delta-lora, ds = {ds:g}")
   lora_rows = [r for r in results["sweeps"] if r["method"] == "lora"]
   if lora_rows:
     sweep.axhline(_best(lora_rows)["accuracy"], color="C2", linestyle=":", label="best lora")
