@@ -11,6 +11,7 @@ import dataclasses
 import importlib.util
 import json
 import os
+import pathlib
 
 import numpy as np
 import pytest
@@ -262,3 +263,20 @@ def test_save_writes_json_markdown_and_plot(smoke, tmp_path):
     assert f"| {method} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} |" in text
   assert text.count("| delta-lora | lora_lr") == 2  # the two sweep rows
   assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+# ------------------------------------------------------------- committed run
+def test_the_committed_study_agrees_with_its_tables_and_the_readme():
+  """docs/study.md is what study.markdown writes from docs/study.json; the README quotes it."""
+  docs = pathlib.Path(__file__).parents[1] / "docs"
+  results = json.loads((docs / "study.json").read_text())
+  assert (docs / "study.md").read_text() == study.markdown(results) + "\n"
+  assert results["sizes"]["test"] == 2928 and len(results["options"]["seeds"]) >= 3
+  assert results["steps"] * results["options"]["demo"]["batch_size"] >= results["sizes"]["train"]
+  readme = (docs.parent / "README.md").read_text()
+  for method, s in results["summary"].items():
+    row = (
+      f"| {method} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | "
+      f"{s['macro_f1']:.3f} +- {s['macro_f1_std']:.3f} |"
+    )
+    assert row in readme, row
