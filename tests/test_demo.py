@@ -659,3 +659,12 @@ def test_command_line_flags(capsys):
   with pytest.raises(SystemExit):
     cli.main(["--methods", "nope", "--steps", "1"])
   assert "methods must be among" in capsys.readouterr().err
+
+
+def test_the_committed_demo_run_is_the_table_the_readme_and_guide_show():
+  docs = pathlib.Path(__file__).parents[1] / "docs"
+  results = json.loads((docs / "demo_results.json").read_text())
+  table = train.table(results)
+  assert table in (docs.parent / "README.md").read_text()
+  assert table in (docs / "guides" / "demo.md").read_text()
+  assert results["options"]["paper_start_step"] == train.Options().paper_start_step
