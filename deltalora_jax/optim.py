@@ -9,7 +9,7 @@ optimizer on the LoRA factors, and nothing on a frozen base.
 from __future__ import annotations
 
 import enum
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
@@ -232,6 +232,26 @@ def _strip_collection(path: paths.Path) -> paths.Path:
   return path[1:] if path[:1] in (("params",), (DELTA,)) else path
 
 
+#: The internal label of a frozen layer's ``kernel``/``bias`` under the default routing: never
+#: updated, so that ``base_optimizer`` (its weight decay) sees only the bases that train.
+_FROZEN_BASE = "frozen-base"
+
+
+def _default_labels(configs: Mapping[paths.Path, config.LayerConfig]) -> Callable[[Any], Any]:
+  """:func:`leaf_labels`, with the bases of the ``freeze_base=True`` layers set apart."""
+  frozen = {path for path, layer in configs.items() if layer.freeze_base}
+
+  def labels(variables: Any) -> Any:
+    def relabel(path: Any, label: Label) -> str:
+      layer = paths.key_path(path)[:-1]
+      layer = layer if layer in configs else _strip_collection(layer)
+      return _FROZEN_BASE if label == BASE and layer in frozen else label
+
+    return jax.tree_util.tree_map_with_path(relabel, leaf_labels(variables))
+
+  return labels
+
+
 def _check_layers(variables: Any, configs: Mapping[paths.Path, config.LayerConfig]) -> None:
   """The variables tree's adapted layers are those of ``layers``, no more, no fewer.
 
@@ -333,9 +353,10 @@ def delta_lora(
   A frozen part is never updated, so a frozen base cannot be trained by
   mistake: training it needs both ``freeze_base=False`` on the layer (or it
   receives a zero gradient) and a ``base_optimizer`` here, and each without
-  the other raises. With some layers frozen and some not, ``base_optimizer``
-  also sees the frozen bases (with a zero gradient): prefer one without
-  weight decay, or route them with ``labels``.
+  the other raises. With some layers frozen and some not, the default routing
+  gives ``base_optimizer`` only the bases that train: the frozen ones are left
+  exactly as they are, weight decay included (your own ``labels`` route as
+  they say).
 
   Args:
     learning_rate: ``eta`` of the delta rule, a float or a schedule.
@@ -402,19 +423,23 @@ def delta_lora(
       "paper_delta_lora (the published rule) or a plain optimizer for LoRA alone"
     )
   _check_base_optimizer(configs, base_optimizer)
-  param_labels = leaf_labels if labels is None else labels
+  param_labels = _default_labels(configs) if labels is None else labels
   inner = optax.multi_transform(
     {
       DELTA.value: delta_momentum(learning_rate, momentum, velocity_dtype),
       LORA.value: lora_optimizer,
       BASE.value: base_optimizer or optax.set_to_zero(),
       OTHER.value: other_optimizer or optax.set_to_zero(),
+      _FROZEN_BASE: optax.set_to_zero(),
     },
     param_labels,
   )
 
   def init_fn(params: optax.Params) -> optax.OptState:
-    tree_labels = param_labels(params) if callable(param_labels) else param_labels
+    if labels is None:
+      tree_labels = leaf_labels(params)
+    else:
+      tree_labels = labels(params) if callable(labels) else labels
     _check_labels(tree_labels, params, default=labels is None)
     _check_layers(params, configs)
     return inner.init(params)

@@ -561,6 +561,33 @@ def test_base_optimizer_trains_the_base_of_an_unfrozen_layer_only():
   np.testing.assert_array_equal(new["params"]["head"]["kernel"], old["head"]["kernel"])
 
 
+DECAYING = optax.chain(optax.add_decayed_weights(0.5), optax.sgd(0.1))  # as AdamW's decay
+
+
+def test_weight_decay_of_base_optimizer_leaves_frozen_bases_alone_linen():
+  """A frozen base has a zero gradient, but decay would still shrink it: it never sees it."""
+  variables, layers, grads = _mlp_setup(_mlp(freeze_base=(True, False)))
+  tx = dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR), base_optimizer=DECAYING)
+  updates, _ = tx.update(grads, tx.init(variables), variables)
+  new, old = optax.apply_updates(variables, updates)["params"], variables["params"]
+  for leaf in ("kernel", "bias"):
+    np.testing.assert_array_equal(new["hidden"][leaf], old["hidden"][leaf])
+    want = old["out"][leaf] - 0.1 * (grads["params"]["out"][leaf] + 0.5 * old["out"][leaf])
+    np.testing.assert_allclose(new["out"][leaf], want, rtol=1e-6, atol=1e-7)
+
+
+def test_weight_decay_of_base_optimizer_leaves_frozen_bases_alone_nnx():
+  model = _NNXModel(freeze_out=False, rngs=nnx.Rngs(0))
+  before = {name: getattr(model, name).kernel[...] for name in ("hidden", "out")}
+  tx = dl.delta_lora(LR, layers=model, lora_optimizer=optax.sgd(LR), base_optimizer=DECAYING)
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.Param)
+  grads = nnx.grad(lambda m: jnp.sum(m(X) ** 2))(model)
+  optimizer.update(model, grads)
+  np.testing.assert_array_equal(model.hidden.kernel[...], before["hidden"])
+  want = before["out"] - 0.1 * (grads["out"]["kernel"][...] + 0.5 * before["out"])
+  np.testing.assert_allclose(model.out.kernel[...], want, rtol=1e-6, atol=1e-7)
+
+
 class _NNXModel(nnx.Module):
   def __init__(self, *, freeze_out=True, rngs):
     self.hidden = dl.DeltaLoRALinear(IN, 6, rank=R, rngs=rngs)
