@@ -35,6 +35,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from deltalora_jax.demo import data, train
@@ -237,7 +238,7 @@ class _Runner:
     else:
       options = dataclasses.replace(run.options, progress=self.progress)
       train_split, scored = self.encoded["train"], self.encoded[run.data]
-      with _standard_promotion():
+      with jax.numpy_dtype_promotion("standard"):
         result = train.run_method(
           train.METHODS[run.method], options, self.pretrained, train_split, scored
         )
@@ -262,12 +263,6 @@ class _Runner:
     self.bar.update()
     self.bar.set_postfix_str(f"{run.method} {run.data} acc {row['accuracy']:.3f}")
     return row
-
-
-def _standard_promotion():
-  import jax
-
-  return jax.numpy_dtype_promotion("standard")
 
 
 def final_steps(options: StudyOptions, train_size: int) -> int:
@@ -438,10 +433,6 @@ def differences(finals: list[dict], methods: Sequence[str]) -> list[dict]:
   return pairs
 
 
-def _count(n: int) -> str:
-  return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
-
-
 def _setting(settings: dict) -> str:
   shown = {k: v for k, v in settings.items() if k not in ("steps", "seed")}
   return ", ".join(f"{k} {v:.3g}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items())
@@ -471,8 +462,8 @@ def markdown(results: dict) -> str:
   for method, s in results["summary"].items():
     lines.append(
       f"| {method} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {s['macro_f1']:.3f} +- "
-      f"{s['macro_f1_std']:.3f} | {_count(s['trainable_params'])} | "
-      f"{_count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
+      f"{s['macro_f1_std']:.3f} | {train.count(s['trainable_params'])} | "
+      f"{train.count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
       f"{_setting(results['chosen'][method])} |"
     )
   lines += [

@@ -588,7 +588,8 @@ def run(
   }
 
 
-def _count(n: int) -> str:
+def count(n: int) -> str:
+  """A parameter count as the tables print it: ``1.2 k``, ``0.15 M``."""
   return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
 
 
@@ -611,8 +612,8 @@ def table(results: dict) -> str:
       )
     peak = row["peak_step_memory_bytes"]
     lines.append(
-      f"| {row['method']} | {row['test_accuracy']:.3f} | {_count(row['trainable_params'])} | "
-      f"{_count(row['stored_params'])} | {1e3 * row['median_step_s']:.0f} ms | "
+      f"| {row['method']} | {row['test_accuracy']:.3f} | {count(row['trainable_params'])} | "
+      f"{count(row['stored_params'])} | {1e3 * row['median_step_s']:.0f} ms | "
       f"{'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'} | {merged} |"
     )
   return "\n".join(lines)
