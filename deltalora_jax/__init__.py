@@ -43,7 +43,13 @@ from deltalora_jax.checkpoint import (
 )
 from deltalora_jax.core import delta_lora_apply, lora_scaling, merged_kernel
 from deltalora_jax.linen import DeltaLoRADense, DeltaLoRAGeneral
-from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral, DeltaParam
+from deltalora_jax.nnx import (
+  DeltaLoRALinear,
+  DeltaLoRALinearGeneral,
+  DeltaParam,
+  LayerDescription,
+  register_projection,
+)
 from deltalora_jax.optim import (
   Label,
   ScaleByDeltaMomentumState,
@@ -87,6 +93,7 @@ __all__ = [
   "DeltaLoRAModel",
   "DeltaParam",
   "Label",
+  "LayerDescription",
   "PaperDeltaLoRAState",
   "ScaleByDeltaMomentumState",
   "TrainingCheckpointer",
@@ -120,6 +127,7 @@ __all__ = [
   "partition_specs",
   "paths",
   "projections",
+  "register_projection",
   "reset",
   "reset_velocity",
   "save_peft",
