@@ -31,6 +31,7 @@ TUNIX_WARNINGS = (
   r"ignore::DeprecationWarning:tunix\..*",  # raised in tunix's lines (JAX's deprecated names)
   "ignore:'.value' access is now deprecated:DeprecationWarning",
   "ignore:'sharding' is deprecated, use 'out_sharding' instead:DeprecationWarning",
+  "ignore:optax.global_norm is deprecated:DeprecationWarning",  # PeftTrainer's step
 )
 
 

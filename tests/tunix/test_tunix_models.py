@@ -233,3 +233,66 @@ def test_the_merged_model_saves_with_tunix_safetensors_saver(tmp_path):
   state = nnx.to_pure_dict(nnx.state(merged))
   assert "w" in state["layers"][0]["attn"]["q_proj"]
   assert hasattr(safetensors_saver, "save_lora_merged_model_as_safetensors")
+
+
+def _peft_inputs(batch):
+  """tunix's gen_model_input_fn: positions and the causal mask from the tokens and their mask."""
+  from tunix.sft import utils
+
+  tokens, mask = batch.input_tokens, batch.input_mask
+  return {
+    "input_tokens": tokens,
+    "input_mask": mask,
+    "positions": utils.build_positions_from_mask(mask),
+    "attention_mask": utils.make_causal_attn_mask(mask),
+  }
+
+
+@pytest.mark.parametrize("rule", ["seed", "lora"])
+def test_tunix_peft_trainer_trains_the_adapters_unchanged(rule, tmp_path):
+  """PeftTrainer differentiates and steps ``nnx.LoRAParam`` alone: the factors and D."""
+  from tunix.sft import peft_trainer
+
+  model = _qwen3()
+  dl.adapt_nnx(model, None, rank=2, use_delta=rule == "seed", rngs=nnx.Rngs(1))
+  before = flat_state(model)
+  loss_before = float(loss_fn(model))
+  if rule == "seed":
+    tx = dl.delta_lora(10.0, 0.9, layers=model, lora_optimizer=optax.adam(5e-2))
+  else:
+    tx = optax.adam(5e-2)
+  config = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=6, pbar_description=None)
+  trainer = peft_trainer.PeftTrainer(model, tx, config).with_gen_model_input_fn(_peft_inputs)
+  batch = peft_trainer.TrainingInput(input_tokens=TOKENS, input_mask=jnp.ones_like(TOKENS, bool))
+  trainer.train([batch] * 6)
+  after = flat_state(model)
+  trained = sorted({k[-1] for k in after if not np.array_equal(after[k], before[k])})
+  assert trained == (["delta", "lora_a", "lora_b"] if rule == "seed" else ["lora_a", "lora_b"])
+  assert float(loss_fn(model)) < 0.99 * loss_before
+
+
+def test_gemma3_270m_adapts_in_full_and_one_jitted_step_runs():
+  """The real configuration (18 layers, bfloat16 parameters, random weights): 126 projections."""
+  model = gemma3.Gemma3(gemma3.ModelConfig.gemma3_270m(), rngs=nnx.Rngs(0))
+  _, report = dl.adapt_nnx(model, None, rank=4, rngs=nnx.Rngs(1))
+  assert report["total"]["layers"] == 18 * 6 and report["skipped"] == {}
+  kv = model.layers[0].attn.kv_einsum
+  assert (kv.kernel.dtype, kv.lora_a.dtype, kv.delta.shape) == (jnp.bfloat16, jnp.float32, (
+    2, 1, 640, 256))
+  tx = dl.delta_lora(10.0, 0.9, layers=model, lora_optimizer=optax.adam(1e-3))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  tokens = jnp.array([[2, 1000, 2000, 3000]])
+
+  @nnx.jit
+  def step(model, optimizer):
+    def loss(model):
+      out = model(tokens, jnp.arange(4)[None], None, jnp.tril(jnp.ones((1, 4, 4), bool)))[0]
+      out = out[:, :-1].astype(jnp.float32)
+      return optax.softmax_cross_entropy_with_integer_labels(out, tokens[:, 1:]).mean()
+
+    value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+    optimizer.update(model, grads)
+    return value
+
+  assert np.isfinite(float(step(model, optimizer)))
+  assert float(jnp.abs(kv.delta[...]).max()) > 0  # D took its first step
