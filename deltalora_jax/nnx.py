@@ -42,7 +42,7 @@ ZEROS_INIT = nnx.initializers.zeros_init()
 Adaptable = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 
 
-class DeltaParam(nnx.LoRAParam):
+class DeltaParam(nnx.LoRAParam[jax.Array]):
   """The Variable type of the delta matrix ``D`` (the kernel's shape) of an adapted layer.
 
   A subclass of ``nnx.LoRAParam`` (itself an ``nnx.Param``): ``D`` trains
