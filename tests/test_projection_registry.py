@@ -101,7 +101,8 @@ def test_the_einsum_rule_adapts_a_tunix_style_module(dtype):
   layer = dl.DeltaLoRALinearGeneral(base, rank=2, rngs=nnx.Rngs(1))
   x = jax.random.normal(jax.random.key(2), (2, 3, 8))
   np.testing.assert_allclose(layer(x), base(x), rtol=1e-6, atol=1e-6)
-  assert layer.shape == (8, 2, 4) and layer.einsum_str == "BTD,DNH->BTNH" and layer.w is layer.kernel
+  assert (layer.shape, layer.einsum_str) == ((8, 2, 4), "BTD,DNH->BTNH")
+  assert layer.w is layer.kernel
   assert layer.lora_b.shape == (2, 2, 4)
   assert sorted(nnx.to_pure_dict(nnx.state(dl.merge(layer)))) == ["w"]
 
