@@ -13,6 +13,12 @@ names of the base layer (``kernel``, ``bias``); the LoRA factors are
 builds from sizes. Each keeps the graph definition of its base layer
 (``base_graphdef``): :func:`deltalora_jax.merge` rebuilds the base layer's
 own class from it with the merged kernel.
+
+Which modules are projections is a registry below both layers
+(:func:`register_projection`, :func:`describe`): Flax's ``Linear``,
+``LinearGeneral``, ``Einsum`` and ``Conv`` are registered, a module like
+tunix's ``Einsum`` (an ``einsum_str`` and one ``nnx.Param``) is recognised
+and checked, and a user's own kind is taught in a few lines.
 """
 
 from __future__ import annotations
@@ -37,9 +43,6 @@ from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
 ZEROS_INIT = nnx.initializers.zeros_init()
-
-#: The layers :class:`DeltaLoRALinearGeneral` adapts (and their subclasses).
-Adaptable = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 
 
 class DeltaParam(nnx.LoRAParam[jax.Array]):
@@ -165,7 +168,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
       own = vars(self)
       if name == own.get("kernel_name"):
         return own["kernel"]
-      if name is not None and name == own.get("bias_name"):
+      if name == own.get("bias_name"):  # None when the base has no bias: never a name
         return own["bias"]
       raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
@@ -178,15 +181,19 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):
-  r"""Delta-LoRA on any NNX projection layer: ``Linear``, ``LinearGeneral``, ``Einsum`` or ``Conv``.
+  r"""Delta-LoRA on any NNX projection layer: ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``, ...
 
   .. math::
 
     y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
 
-  Built around an existing layer (``base``, which is not modified): its
-  ``kernel`` and ``bias`` Variables are kept under the same names, shapes
-  and metadata (their arrays are shared); ``lora_a`` and ``lora_b`` are
+  Built around an existing layer (``base``, which is not modified) of a
+  kind :func:`describe` knows (Flax's four, those of
+  :func:`register_projection`, tunix's ``Einsum``): its kernel and bias
+  Variables are kept as ``kernel`` and ``bias`` with their shapes and
+  metadata (their arrays are shared), and the base's own names for them
+  (tunix's ``w``) and its plain attributes (``shape``, ``einsum_str``) read
+  on the adapter as on the base; ``lora_a`` and ``lora_b`` are
   ``nnx.LoRAParam``, ``D`` (exactly the kernel's shape) a :class:`DeltaParam`.
   At construction ``B = 0`` and ``D = 0``: the output equals the base
   layer's exactly. ``P`` is the base's product (:func:`projection_of`); the
@@ -414,7 +421,7 @@ class LayerDescription:
   A describer (:func:`register_projection`) gives one for each module of its
   class; :class:`DeltaLoRALinearGeneral` reads it when it adapts the module,
   and :func:`deltalora_jax.merge` rebuilds the module's own class with the
-  merged kernel under ``kernel`` again.
+  merged kernel under the module's own name for it (``kernel``, ``w``).
 
   Attributes:
     projection: the layer's product ``y = P(x, W)``: a

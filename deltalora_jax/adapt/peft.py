@@ -74,7 +74,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -338,11 +338,18 @@ def _targeted(target_modules: Any, module: str) -> bool:
 # --------------------------------------------------------------------------
 
 
+def _kernel_of(module: Any) -> Any:
+  """An NNX layer's kernel: an adapter's ``kernel``, or the one its base kind names (``w``)."""
+  if nnx_adapt.kind(module) == "dense":
+    return getattr(module, nnx_front.describe(module).kernel)[...]
+  return module.kernel[...]
+
+
 def _base_kernels(base: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
   """The pretrained kernel of each layer of ``names``, from an NNX model or Linen variables."""
   if isinstance(base, nnx.Module):
     modules = nnx_adapt.modules(base)
-    found = {n: cast(Any, modules[n][1]).kernel[...] for n in names if n in modules}
+    found = {n: _kernel_of(modules[n][1]) for n in names if n in modules}
   elif isinstance(base, Mapping) and "params" in base:
     flat = traverse_util.flatten_dict(dict(base["params"]))
     found = {n: flat[key] for n in names if (key := (*paths.as_path(n), "kernel")) in flat}
@@ -741,9 +748,9 @@ def _target_layers(
     layers = {}
     for name, (_, candidate) in nnx_adapt.modules(model).items():
       if nnx_adapt.kind(candidate) == "dense":
-        module = cast(nnx_front.Adaptable, candidate)  # of the kind "dense"
-        kind = nnx_front.projection_of(module)
-        layers[name] = (kind, tuple(module.kernel.shape), module.bias is not None)
+        description = nnx_front.describe(candidate)  # of the kind "dense"
+        kernel = getattr(candidate, description.kernel)
+        layers[name] = (description.projection, tuple(kernel.shape), description.bias is not None)
     return layers
   if variables is None:
     raise TypeError(

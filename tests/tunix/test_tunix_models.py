@@ -296,3 +296,31 @@ def test_gemma3_270m_adapts_in_full_and_one_jitted_step_runs():
 
   assert np.isfinite(float(step(model, optimizer)))
   assert float(jnp.abs(kv.delta[...]).max()) > 0  # D took its first step
+
+
+def test_save_peft_writes_gemma_fused_kv_as_hugging_face_k_and_v(tmp_path):
+  """kv_einsum (2, K, D, H) -> k_proj and v_proj; the pretrained tunix model as the base."""
+  from safetensors import numpy as safetensors_numpy
+
+  original = _gemma3(1)
+  model = _gemma3(1)
+  dl.adapt_nnx(model, None, rank=2, use_delta=False, rngs=nnx.Rngs(1))
+  for module in dl.adapted_layers(model).values():
+    module.lora_b[...] = jax.random.normal(jax.random.key(3), module.lora_b.shape)
+
+  def names(layer):  # tunix's names -> Hugging Face's
+    parts = layer.split("/")
+    prefix = f"model.layers.{parts[1]}."
+    return {
+      "q_einsum": prefix + "self_attn.q_proj",
+      "kv_einsum": (prefix + "self_attn.k_proj", prefix + "self_attn.v_proj"),
+      "attn_vec_einsum": prefix + "self_attn.o_proj",
+    }.get(parts[-1], prefix + "mlp." + parts[-1])
+
+  report = dl.save_peft(tmp_path, model, module_names=names, rule="paper", base=original)
+  assert max(entry["relative_error"] for entry in report["layers"].values()) < 1e-6
+  tensors = safetensors_numpy.load_file(tmp_path / "adapter_model.safetensors")
+  k_b = tensors["base_model.model.model.layers.0.self_attn.k_proj.lora_B.weight"]
+  v_a = tensors["base_model.model.model.layers.0.self_attn.v_proj.lora_A.weight"]
+  assert k_b.shape == (1 * 8, 4) and v_a.shape == (4, 16)  # K * H rows; rank 2r = 4
+  assert len(tensors) == 2 * 2 * 7  # 7 modules a layer (k and v apart), A and B each
