@@ -181,7 +181,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):
-  r"""Delta-LoRA on any NNX projection layer: ``Linear``, ``LinearGeneral``, ``Einsum``, ``Conv``, ...
+  r"""Delta-LoRA on any NNX projection layer: Flax's four kinds, tunix's ``Einsum``, your own.
 
   .. math::
 

@@ -165,3 +165,14 @@ def test_a_describer_that_names_no_variable_is_refused():
   dl.register_projection(Odd, lambda m: "dense")
   with pytest.raises(TypeError, match="must return a LayerDescription, got 'dense'"):
     describe(Odd())
+
+
+def test_what_is_projection_like():
+  from deltalora_jax.adapt.nnx import projection_like
+
+  rngs = nnx.Rngs(0)
+  assert projection_like(nnx.ConvTranspose(2, 3, (3,), rngs=rngs))  # Flax's, not adapted
+  assert projection_like(Experts(rngs)) and projection_like(Shifted("BD,DF->BF", (4, 4), rngs))
+  assert not projection_like(nnx.Embed(10, 4, rngs=rngs))  # a lookup table
+  assert not projection_like(Table(rngs))  # no __call__
+  assert not projection_like(nnx.LayerNorm(4, rngs=rngs))

@@ -38,16 +38,19 @@ def projection_like(module: Any) -> bool:
 
   One of: an instance of a registered kind (Flax's ``Linear``,
   ``LinearGeneral``, ``Einsum``, ``Conv``, or a kind of
-  :func:`~deltalora_jax.register_projection`) that its describer refused; a
-  module with an ``einsum_str`` attribute; a module with its own
-  ``__call__`` that holds an ``nnx.Param`` of two axes or more itself (a
-  weight its call may multiply by: a mixture of experts' stacked kernels),
-  other than an ``nnx.Embed`` (a lookup table). A module without
-  ``__call__`` (tunix's ``Embedder``: ``encode`` and ``decode``) is not one.
+  :func:`~deltalora_jax.register_projection`) that its describer refused;
+  Flax's ``ConvTranspose``; a module with an ``einsum_str`` attribute; a
+  module of a class outside Flax with its own ``__call__`` that holds an
+  ``nnx.Param`` of two axes or more itself (a weight its call may multiply
+  by: a mixture of experts' stacked kernels). Flax's other modules (its
+  norms, ``Embed``, even stacked by ``nnx.vmap``) are not, nor is a module
+  without ``__call__`` (tunix's ``Embedder``: ``encode`` and ``decode``).
   """
-  if isinstance(module, tuple(nnx_front._DESCRIBERS)) or hasattr(module, "einsum_str"):
+  if isinstance(module, (*nnx_front._DESCRIBERS, nnx.ConvTranspose)) or hasattr(
+    module, "einsum_str"
+  ):
     return True
-  if isinstance(module, nnx.Embed) or not any(
+  if type(module).__module__.startswith("flax.") or not any(
     "__call__" in vars(cls) for cls in type(module).__mro__ if cls not in _MODULE_BASES
   ):
     return False
