@@ -224,17 +224,6 @@ def test_greedy_sampling_gives_the_same_tokens_adapted_and_merged():
   assert any(len(t) for t in outputs[0])
 
 
-def test_the_merged_model_saves_with_tunix_safetensors_saver(tmp_path):
-  from tunix.models import safetensors_saver
-
-  model = _qwen3()
-  dl.adapt_nnx(model, None, rank=2, rngs=nnx.Rngs(1))
-  merged = dl.merge(model)
-  state = nnx.to_pure_dict(nnx.state(merged))
-  assert "w" in state["layers"][0]["attn"]["q_proj"]
-  assert hasattr(safetensors_saver, "save_lora_merged_model_as_safetensors")
-
-
 def _peft_inputs(batch):
   """tunix's gen_model_input_fn: positions and the causal mask from the tokens and their mask."""
   from tunix.sft import utils
@@ -249,7 +238,7 @@ def _peft_inputs(batch):
 
 
 @pytest.mark.parametrize("rule", ["seed", "lora"])
-def test_tunix_peft_trainer_trains_the_adapters_unchanged(rule, tmp_path):
+def test_tunix_peft_trainer_trains_the_adapters_unchanged(rule):
   """PeftTrainer differentiates and steps ``nnx.LoRAParam`` alone: the factors and D."""
   from tunix.sft import peft_trainer
 
