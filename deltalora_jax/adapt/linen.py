@@ -14,7 +14,13 @@ from flax.core import FrozenDict, unfreeze
 
 from deltalora_jax import core, paths, projections
 from deltalora_jax import linen as linen_front
-from deltalora_jax.adapt.targets import check_options, layer_options, report, select_targets
+from deltalora_jax.adapt.targets import (
+  check_layer_rank,
+  check_options,
+  layer_options,
+  report,
+  select_targets,
+)
 from deltalora_jax.config import Options
 from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
 
@@ -336,12 +342,7 @@ def _new_adapter(
   """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
   kind = layer.projection
   stack, shape = layer_shape(name, kind, jnp.shape(kernel))
-  bound = kind.rank_bound(shape)
-  if layer.rank > bound:
-    raise ValueError(
-      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} at {name!r}, "
-      f"got rank={layer.rank}"
-    )
+  check_layer_rank(name, kind, shape, layer.rank)
   dtype = linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype)
   a_shape, b_shape = kind.factor_shapes(shape, layer.rank)
   a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as the layer does

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any, Unpack
+from typing import Any, Unpack, cast
 
 from flax import nnx
 
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax import paths
-from deltalora_jax.adapt.targets import check_options, layer_options, report, select_targets
+from deltalora_jax.adapt.targets import (
+  check_layer_rank,
+  check_options,
+  layer_options,
+  report,
+  select_targets,
+)
 from deltalora_jax.config import Options
 from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
@@ -114,6 +120,11 @@ def adapt_nnx(
   kinds = {name: kind(m) for name, (_, m) in found.items()}
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
   per_layer = layer_options(chosen, checked, overrides)
+  for name in chosen:  # before any layer is built, naming the layer
+    module = cast(nnx_front.Adaptable, found[name][1])  # of the kind "dense"
+    product, shape = nnx_front.projection_of(module), tuple(module.kernel.shape)
+    layer_shape = shape[len(shape) - product.kernel_ndim :]  # nnx.vmap's stack axes lead
+    check_layer_rank(name, product, layer_shape, per_layer[name]["rank"])
   new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
   return model, report(model, None, chosen, verbose)
