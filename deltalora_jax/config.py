@@ -53,17 +53,27 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def dtype_name(dtype: Any) -> str | None:
-  """The name of a dtype (``'bfloat16'``), None for None.
+  """The name of an adapter's floating dtype (``'bfloat16'``), None for None.
+
+  The one check of ``adapter_dtype``: ``A`` is drawn at random and ``D``
+  takes small steps, which an integer dtype cannot hold.
 
   >>> dtype_name(jnp.bfloat16), dtype_name(None)
   ('bfloat16', None)
+  >>> dtype_name("int32")
+  Traceback (most recent call last):
+  TypeError: adapter_dtype must be a floating dtype (...) or None, got adapter_dtype='int32'
   """
   if dtype is None:
     return None
+  allowed = "a floating dtype (float16, bfloat16, float32, float64) or None"
   try:
-    return str(jnp.dtype(dtype).name)
+    checked = jnp.dtype(dtype)
   except TypeError:
-    raise TypeError(f"adapter_dtype must be a dtype or None, got adapter_dtype={dtype!r}") from None
+    raise TypeError(f"adapter_dtype must be {allowed}, got adapter_dtype={dtype!r}") from None
+  if not jnp.issubdtype(checked, jnp.floating):
+    raise TypeError(f"adapter_dtype must be {allowed}, got adapter_dtype={dtype!r}")
+  return str(checked.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +83,7 @@ class LayerConfig:
   Attributes:
     projection: the base layer's product (:mod:`deltalora_jax.projections`).
     rank: LoRA rank ``r > 0``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r``.
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient.
     use_bias: whether the base layer has a bias.

@@ -131,15 +131,21 @@ def check_momentum(momentum: _T) -> _T:
 
 
 def check_learning_rate(learning_rate: _T) -> _T:
-  """Raises unless ``learning_rate`` is a finite number or a schedule.
+  """Raises unless ``learning_rate`` is a finite number ``>= 0`` or a schedule.
+
+  A negative rate would climb the loss; ``0`` freezes. A traced value (under
+  ``optax.inject_hyperparams``) and a schedule's values cannot be checked.
 
   >>> check_learning_rate(1e-3)
   0.001
+  >>> check_learning_rate(-1e-3)
+  Traceback (most recent call last):
+  ValueError: learning_rate must be finite and >= 0, or a schedule, got learning_rate=-0.001
   """
   value = as_float("learning_rate", learning_rate, schedule_ok=True)
-  if value is not None and not math.isfinite(value):
+  if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(
-      f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
+      f"learning_rate must be finite and >= 0, or a schedule, got learning_rate={learning_rate!r}"
     )
   return learning_rate
 
@@ -154,7 +160,8 @@ def check_evaluation(evaluation: object) -> Evaluation:
 def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
   """The LoRA scaling ``s = alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``).
 
-  ``alpha`` unset or ``<= 0`` means ``alpha = rank``. Rank-stabilised LoRA
+  ``alpha`` unset (None) means ``alpha = rank``; a given alpha must be
+  finite and ``> 0`` (0 or less is refused, not read as unset). Rank-stabilised LoRA
   (Kalajdzievski, 2023), PEFT's ``use_rslora``, divides by ``sqrt(rank)``
   instead of ``rank``.
 
@@ -167,8 +174,11 @@ def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> fl
     The scaling as a Python float (1.0, or ``sqrt(rank)`` with rsLoRA, when
     alpha defaults to rank).
 
-  >>> lora_scaling(None, 8), lora_scaling(16, 8), lora_scaling(-1, 8)
-  (1.0, 2.0, 1.0)
+  >>> lora_scaling(None, 8), lora_scaling(16, 8)
+  (1.0, 2.0)
+  >>> lora_scaling(0, 8)
+  Traceback (most recent call last):
+  ValueError: alpha must be a finite number > 0 or None (None: alpha = rank), got alpha=0
   >>> lora_scaling(16, 4, use_rslora=True), lora_scaling(None, 4, use_rslora=True)
   (8.0, 2.0)
 
@@ -183,9 +193,11 @@ def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> fl
   if alpha is None:
     return rank / denominator
   value = as_float("alpha", alpha)
-  if value is None or not math.isfinite(value):
-    raise ValueError(f"alpha must be a finite number or None, got alpha={alpha!r}")
-  return (rank if value <= 0 else value) / denominator
+  if value is None or not (math.isfinite(value) and value > 0):
+    raise ValueError(
+      f"alpha must be a finite number > 0 or None (None: alpha = rank), got alpha={alpha!r}"
+    )
+  return value / denominator
 
 
 # --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from flax.typing import Initializer, PrecisionLike
 from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
-from deltalora_jax.config import LayerConfig
+from deltalora_jax.config import LayerConfig, dtype_name
 
 if TYPE_CHECKING:
   from flax import nnx
@@ -35,7 +35,7 @@ def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np
   (dtype('float32'), dtype(bfloat16))
   """
   if adapter_dtype is not None:
-    return jnp.dtype(adapter_dtype)
+    return jnp.dtype(dtype_name(adapter_dtype))  # a floating dtype, or a TypeError naming it
   return core.widest_dtype(param_dtype, at_least=jnp.float32)
 
 
@@ -169,7 +169,7 @@ class DeltaLoRADense(_DeltaLoRALayer):
     kernel_init: initializer of the base kernel.
     bias_init: initializer of the base bias.
     rank: LoRA rank ``r``, ``0 < r <= min(in, out)``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r`` (``s = 1``).
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.

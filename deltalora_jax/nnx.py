@@ -170,7 +170,7 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
     base: the layer to adapt (see :func:`projection_of` for the kinds).
     rank: LoRA rank ``r``, at most the kernel's matrix rank bound
       (``min(in, out)`` for a dense kernel).
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r`` (``s = 1``).
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.

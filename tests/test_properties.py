@@ -46,7 +46,7 @@ def _expected_errors(case) -> dict[str, type]:
   elif not 0 < rank <= min(case["in_features"], case["features"]):
     bad["rank"] = ValueError
   alpha = case["alpha"]
-  if alpha is not None and not math.isfinite(alpha):
+  if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
     bad["alpha"] = ValueError
   if not (math.isfinite(case["delta_scaling"]) and case["delta_scaling"] > 0):
     bad["delta_scaling"] = ValueError
@@ -80,7 +80,9 @@ def layer_cases(draw):
     "x_dtype": draw(st.sampled_from([*FLOATS, jnp.int32])),
     "param_dtype": draw(st.sampled_from(FLOATS)),
     "dtype": pick("dtype", st.sampled_from([None, None, jnp.float32]), st.just(jnp.int32)),
-    "alpha": pick("alpha", st.sampled_from([None, -1.0, 0.5, 4.0]), st.sampled_from([NAN, INF])),
+    "alpha": pick(
+      "alpha", st.sampled_from([None, 0.5, 4.0]), st.sampled_from([NAN, INF, 0.0, -1.0])
+    ),
     "delta_scaling": pick(
       "delta_scaling", st.sampled_from([0.1, 1.0, 3.0]), st.sampled_from([0.0, -0.5, NAN, INF])
     ),

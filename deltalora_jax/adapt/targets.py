@@ -134,7 +134,7 @@ def check_layer_rank(
     >>> kind = projections.GeneralDense(features=(1,))
     >>> check_layer_rank("head", kind, (8, 1), 2)
     Traceback (most recent call last):
-    ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', got rank=2
+    ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', ...
   """
   checked = core.check_rank(rank)
   bound = kind.rank_bound(tuple(layer_shape))
