@@ -78,6 +78,7 @@ from typing import Any, Literal, cast
 
 import jax
 import numpy as np
+import safetensors
 from flax import nnx, traverse_util
 from safetensors import numpy as safetensors_numpy
 
@@ -135,6 +136,7 @@ UNSUPPORTED = {
   "modules_to_save": (None, ()),
   "layer_replication": (None, ()),
   "layers_to_transform": (None, ()),
+  "layers_pattern": (None, ()),  # PEFT reads it only with layers_to_transform
   "trainable_token_indices": (None, ()),
   "target_parameters": (None, ()),
 }
@@ -286,15 +288,18 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
   return None
 
 
-def _targeted(target_modules: Any, module: str) -> bool:
-  """Whether PEFT's ``target_modules`` (a regex string or a list of names) takes ``module``."""
+def _targeted(target_modules: Any, module: str, field: str = "target_modules") -> bool:
+  """Whether PEFT's ``target_modules`` (a regex string or a list of names) takes ``module``.
+
+  ``exclude_modules`` (``field``) matches as PEFT matches it, the same way.
+  """
   if isinstance(target_modules, str):
     return re.fullmatch(target_modules, module) is not None
   if isinstance(target_modules, Sequence):
     return any(module == t or module.endswith(f".{t}") for t in target_modules)
   raise ValueError(
-    f"adapter_config.json field target_modules must be a list of names or a regex string, got "
-    f"target_modules={target_modules!r}"
+    f"adapter_config.json field {field} must be a list of names or a regex string, got "
+    f"{field}={target_modules!r}"
   )
 
 
@@ -627,7 +632,10 @@ def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"directory={os.fspath(directory)!r} has no {CONFIG_FILE}")
   with open(path) as file:
-    config = json.load(file)
+    try:
+      config = json.load(file)
+    except json.JSONDecodeError as error:  # a truncated or hand-edited file
+      raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {error}") from None
   if not isinstance(config, dict):
     raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
   if config.get("peft_type", "LORA") != "LORA":
@@ -661,8 +669,12 @@ def _read_weights(directory: str | os.PathLike[str]) -> dict[str, dict[str, np.n
         "safe_serialization=True)"
       )
     raise FileNotFoundError(f"directory={os.fspath(directory)!r} has no {WEIGHTS_FILE}")
+  try:
+    tensors = safetensors_numpy.load_file(path)
+  except safetensors.SafetensorError as error:  # a truncated, empty or corrupt file
+    raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
   modules: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in safetensors_numpy.load_file(path).items():
+  for key, value in tensors.items():
     match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
     if match is None:
       raise ValueError(
@@ -740,9 +752,11 @@ def load_peft(
   Raises:
     ValueError: for a field this library cannot honour (``use_dora``,
       ``lora_bias``, ``bias`` other than ``'none'``, ``fan_in_fan_out``,
-      ``modules_to_save``, ...; named), a ``.bin`` file, a module of the
-      file that no layer maps to or that ``target_modules`` does not take,
-      or a weight whose shape is not the layer's.
+      ``modules_to_save``, ``layers_to_transform``, ``layers_pattern``,
+      ...; named), a ``.bin`` file, a truncated or corrupt file (named), a
+      module of the file that no layer maps to, that ``target_modules``
+      does not take or that ``exclude_modules`` leaves out, or a weight
+      whose shape is not the layer's.
     FileNotFoundError: for a directory without the two files.
 
   Example:
@@ -769,6 +783,7 @@ def load_peft(
     if module is not None:
       by_module[module] = name
   target_modules = config.get("target_modules")
+  exclude_modules = config.get("exclude_modules")
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
   use_rslora = bool(config.get("use_rslora", False))
@@ -782,6 +797,10 @@ def load_peft(
     if target_modules is not None and not _targeted(target_modules, module):
       raise ValueError(
         f"{WEIGHTS_FILE} adapts {module!r}, which target_modules={target_modules!r} does not take"
+      )
+    if exclude_modules and _targeted(exclude_modules, module, "exclude_modules"):
+      raise ValueError(
+        f"{WEIGHTS_FILE} adapts {module!r}, which exclude_modules={exclude_modules!r} leaves out"
       )
     name = by_module[module]
     kind, kernel_shape, use_bias = layers[name]
