@@ -120,16 +120,21 @@ def _layer(
       f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
       f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
     )
-  if (
-    module.use_delta
-    and not module.is_initializing()
-    and not module.has_variable(collection, "delta")
-  ):
-    raise ValueError(
-      f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
-      f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
-      "model.init(...), not only variables['params']"
-    )
+  where = f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'}"
+  lift = (  # what the user sees is the 'delta' collection, whatever DeltaLoRAModel maps
+    f"inside a hand-written nn.scan or nn.vmap, lift '{DELTA_COLLECTION}' as 'params' is: "
+    f"variable_axes={{'params': 0, '{DELTA_COLLECTION}': 0}}"
+  )
+  if module.use_delta and not module.has_variable(collection, "delta"):
+    if not module.is_initializing():
+      raise ValueError(
+        f"{where} needs the '{DELTA_COLLECTION}' collection: apply with the whole variables of "
+        f"model.init(...), not only variables['params']; {lift}"
+      )
+    if not module.is_mutable_collection(collection):  # Flax's error would not say why
+      raise ValueError(
+        f"{where} cannot create D: the '{DELTA_COLLECTION}' collection is not lifted; {lift}"
+      )
   kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
   if module.use_bias:

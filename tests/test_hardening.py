@@ -352,3 +352,51 @@ def test_a_stack_of_layers_is_refused_by_save_and_load_peft(tmp_path):
   peft.save_peft(tmp_path, _trained_nnx(), module_names={"up": "layers.dense"})
   with pytest.raises(ValueError, match=match):
     peft.load_peft(tmp_path, LinenScan(), X, variables=pretrained, module_names=names)
+
+
+# ------------------------------------------------------------ 9, 10. scans
+
+
+class DeltaBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return dl.DeltaLoRADense(4, rank=1, name="dense")(x), None
+
+
+class HandScan(nn.Module):
+  """A stack of ``DeltaLoRADense`` written by hand with ``nn.scan``."""
+
+  variable_axes: tuple = (("params", 0),)
+
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(
+      DeltaBlock, variable_axes=dict(self.variable_axes), split_rngs={"params": True}, length=3
+    )
+    return blocks(name="blocks")(x, None)[0]
+
+
+def test_a_hand_written_scan_without_delta_says_to_lift_it():
+  lift = r"variable_axes=\{'params': 0, 'delta': 0\}"
+  with pytest.raises(ValueError, match=rf"blocks/dense cannot create D: .* not lifted; .*{lift}"):
+    HandScan().init(jax.random.key(0), X)
+  lifted = HandScan((("params", 0), ("delta", 0)))
+  variables = lifted.init(jax.random.key(0), X)
+  assert variables["delta"]["blocks"]["dense"]["delta"].shape == (3, 4, 4)
+  np.testing.assert_array_equal(lifted.apply(variables, X).shape, (2, 4))
+  with pytest.raises(ValueError, match=rf"needs the 'delta' collection: .*{lift}"):
+    HandScan().apply(variables, X)  # the scan does not lift 'delta' at apply either
+
+
+@pytest.mark.parametrize("axis", [1, -1])
+def test_adapting_a_stack_on_another_axis_than_0_is_refused(axis):
+  pretrained = LinenScan(axis).init(jax.random.key(0), X)
+  assert pretrained["params"]["blocks"]["dense"]["kernel"].shape != (3, 4, 4)  # not leading
+  with pytest.raises(
+    ValueError,
+    match=r"the kernel at 'blocks/dense' is stored with shape .*, but one call of the layer uses "
+    r"a kernel \(4, 4\): the stack axes of nn.scan / nn.vmap must lead",
+  ):
+    dl.adapt_linen(LinenScan(axis), pretrained, X, rank=1, key=jax.random.key(1))
+  dl.adapt_linen(LinenScan(0), LinenScan(0).init(jax.random.key(0), X), X, rank=1,
+                 key=jax.random.key(1))  # fmt: skip

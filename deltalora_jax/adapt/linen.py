@@ -169,9 +169,10 @@ def trace_linen(
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
   Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
-  adapted, with its ``module`` and ``projection``; ``'adapted'``; or its type
-  name, with the reason when it is a projection layer that cannot be
-  adapted). Runs under ``jax.eval_shape``: nothing is computed.
+  adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
+  call uses; ``'adapted'``; or its type name, with the reason when it is a
+  projection layer that cannot be adapted). Runs under ``jax.eval_shape``:
+  nothing is computed.
   """
   found: dict[str, dict[str, Any]] = {}
 
@@ -184,7 +185,9 @@ def trace_linen(
       elif entry["kind"] != "adapted" and context.method_name == "__call__":
         try:
           kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
-          entry.update(kind="dense", module=module, projection=kind)
+          inputs = args[0] if args else kwargs.get("inputs")
+          shape = None if inputs is None else kind.kernel_shape(jnp.shape(inputs))  # one layer's
+          entry.update(kind="dense", module=module, projection=kind, kernel_shape=shape)
         except TypeError as error:
           if isinstance(module, _LINEN_KINDS):
             entry["kind"] = f"{type(module).__name__} ({error})"
@@ -314,6 +317,7 @@ def adapt_linen(
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
     module, kind = found[name]["module"], found[name]["projection"]
     path = paths.as_path(name)
+    _check_stack(name, jnp.shape(params[(*path, "kernel")]), found[name]["kernel_shape"])
     arguments = {"projection": kind, "use_bias": module.use_bias, **per_layer[name]}
     layer = DeltaLoRAGeneral(**arguments, parent=None)  # checks the options
     new[path] = _new_adapter(name, layer, params[(*path, "kernel")], subkey)
@@ -321,6 +325,24 @@ def adapt_linen(
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
+
+
+def _check_stack(name: str, stored: Sequence[int], called: Sequence[int] | None) -> None:
+  """Raises unless the kernel ``stored`` is a stack of the kernel ``called`` on leading axes.
+
+  ``nn.scan`` / ``nn.vmap`` with ``variable_axes={'params': 1}`` (or any axis
+  but 0) put the stack inside the kernel, where the adapter would read the
+  wrong axes. (When the sizes coincide the shapes cannot tell.)
+  """
+  if called is None:  # the inputs were not found in the call: nothing to compare
+    return
+  stored, called = tuple(stored), tuple(called)
+  if stored[len(stored) - len(called) :] != called:
+    raise ValueError(
+      f"the kernel at {name!r} is stored with shape {stored}, but one call of the layer uses a "
+      f"kernel {called}: the stack axes of nn.scan / nn.vmap must lead "
+      "(variable_axes={'params': 0}) for the layer to be adapted"
+    )
 
 
 def layer_shape(
