@@ -432,10 +432,12 @@ def delta_lora_apply(
   With ``freeze_base`` the base kernel and bias are wrapped in
   ``stop_gradient``: they get a zero gradient and XLA computes none for them.
 
-  The computation dtype is ``dtype``, or else the widest dtype of ``x``, the
-  kernel, the factors and ``D`` (float32 factors beside a bfloat16 kernel
-  compute in float32). The merged kernel is formed in at least float32,
-  then cast to the computation dtype.
+  The computation dtype is ``dtype``, or else the base layer's own rule
+  (Flax's ``promote_dtype`` with ``dtype=None``): the widest dtype of ``x``,
+  the kernel and the bias, so a bfloat16 model fed bfloat16 computes and
+  returns bfloat16 as it did before it was adapted, whatever the factors' and
+  ``D``'s dtype. The factors and ``D`` are cast to it; the merged kernel is
+  formed in at least float32, then cast to it.
 
   Args:
     x: input, with the axes ``projection`` expects.
@@ -474,8 +476,8 @@ def delta_lora_apply(
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-  parts = [x, kernel, lora_a, lora_b] + ([] if delta is None else [delta])
-  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in parts))
+  base = [x, kernel] + ([] if bias is None else [bias])  # what the base layer promotes
+  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in base))
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
       f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "

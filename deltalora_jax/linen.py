@@ -168,7 +168,7 @@ class DeltaLoRADense(_DeltaLoRALayer):
   Attributes:
     features: number of output features.
     use_bias: whether the base layer has a bias.
-    dtype: computation dtype (None: inferred from inputs and parameters).
+    dtype: computation dtype (None: as ``nn.Dense``: the widest of the inputs, kernel and bias).
     param_dtype: dtype of the base kernel and bias.
     precision: precision of the matrix products.
     kernel_init: initializer of the base kernel.

@@ -400,3 +400,64 @@ def test_adapting_a_stack_on_another_axis_than_0_is_refused(axis):
     dl.adapt_linen(LinenScan(axis), pretrained, X, rank=1, key=jax.random.key(1))
   dl.adapt_linen(LinenScan(0), LinenScan(0).init(jax.random.key(0), X), X, rank=1,
                  key=jax.random.key(1))  # fmt: skip
+
+
+# --------------------------------------- 10. bfloat16 model, dtype=None
+
+
+class BF16MLP(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(4, 8, param_dtype=jnp.bfloat16, rngs=rngs)
+    self.down = nnx.Linear(8, 1, param_dtype=jnp.bfloat16, rngs=rngs)
+
+  def __call__(self, x):
+    return self.down(nnx.relu(self.up(x)))
+
+
+class LinenBF16MLP(nn.Module):
+  @nn.compact
+  def __call__(self, x):
+    h = nn.relu(nn.Dense(8, param_dtype=jnp.bfloat16, name="up")(x))
+    return nn.Dense(1, param_dtype=jnp.bfloat16, name="down")(h)
+
+
+@pytest.mark.parametrize("evaluation", ["merged", "factored"])
+def test_a_bfloat16_model_keeps_the_base_dtype_rule_when_adapted(evaluation):
+  x16 = jax.random.normal(jax.random.key(3), (5, 4), jnp.bfloat16)
+  base = BF16MLP(nnx.Rngs(0))
+  model, _ = dl.adapt_nnx(BF16MLP(nnx.Rngs(0)), rank=1, evaluation=evaluation, rngs=nnx.Rngs(1))
+  assert model.up.lora_a.dtype == jnp.float32 and model.up.delta.dtype == jnp.float32
+  pretrained = LinenBF16MLP().init(jax.random.key(0), x16)
+  adapted, variables, _ = dl.adapt_linen(
+    LinenBF16MLP(), pretrained, x16, rank=1, evaluation=evaluation, key=jax.random.key(1)
+  )
+  # bfloat16 in: bfloat16 out; float32 in: float32 out (Flax's base layer needs standard
+  # promotion for that one).
+  with jax.numpy_dtype_promotion("standard"):
+    for x in (x16, x16.astype(jnp.float32)):
+      assert model(x).dtype == base(x).dtype == x.dtype
+      np.testing.assert_array_equal(model(x), base(x))  # B = D = 0: the base's very numbers
+      want = LinenBF16MLP().apply(pretrained, x)
+      assert adapted.apply(variables, x).dtype == want.dtype == x.dtype
+      np.testing.assert_array_equal(adapted.apply(variables, x), want)
+  layer = dl.DeltaLoRADense(3, rank=1, param_dtype=jnp.bfloat16)  # the layer written by hand
+  assert layer.apply(layer.init(jax.random.key(0), x16), x16).dtype == jnp.bfloat16
+
+
+def test_a_trained_bfloat16_adapter_matches_float64_to_bfloat16_rounding():
+  x = jax.random.normal(jax.random.key(3), (5, 4), jnp.bfloat16)
+  model, _ = dl.adapt_nnx(BF16MLP(nnx.Rngs(0)), ["up"], rank=2, alpha=4.0, rngs=nnx.Rngs(1))
+  rng = np.random.default_rng(2)
+  up = model.up
+  up.lora_b[...] = jnp.asarray(rng.standard_normal(up.lora_b.shape), jnp.float32)
+  up.delta[...] = jnp.asarray(rng.standard_normal(up.delta.shape), jnp.float32)
+  got = up(x)
+  assert got.dtype == jnp.bfloat16
+  f = {k: np.asarray(getattr(up, k)[...], np.float64) for k in ("kernel", "bias", "lora_a",
+                                                               "lora_b", "delta")}  # fmt: skip
+  x64 = np.asarray(x, np.float64)
+  want = x64 @ (f["kernel"] + 2.0 * f["lora_a"] @ f["lora_b"] + 0.1 * f["delta"]) + f["bias"]
+  scale = np.abs(x64) @ (np.abs(f["kernel"]) + 2.0 * np.abs(f["lora_a"]) @ np.abs(f["lora_b"])
+                         + 0.1 * np.abs(f["delta"])) + np.abs(f["bias"])  # fmt: skip
+  eps = float(jnp.finfo(jnp.bfloat16).eps)
+  np.testing.assert_allclose(np.asarray(got, np.float64), want, rtol=0, atol=8 * eps * scale.max())
