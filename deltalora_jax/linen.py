@@ -22,6 +22,8 @@ if TYPE_CHECKING:
   from flax import nnx
 
 DELTA_COLLECTION = "delta"
+#: The collection of the snapshot factors of a layer with ``paper_lambda`` (the paper's rule).
+SNAPSHOT_COLLECTION = "snapshot"
 
 
 def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
@@ -92,6 +94,7 @@ class _DeltaLoRALayer(ConfigMixin, nn.Module):
   use_delta: bool = True
   adapter_dtype: DTypeLike | None = None
   use_rslora: bool = False
+  paper_lambda: float | None = None
 
   def __post_init__(self) -> None:
     self.config  # noqa: B018  (checks the LoRA options)
@@ -111,7 +114,10 @@ def _layer(
   ``kernel`` and ``bias`` are in ``params``, as are ``lora_a`` and
   ``lora_b``; ``D`` is the variable ``delta`` of ``collection``: the
   ``'delta'`` collection, or ``'params'`` while
-  :class:`~deltalora_jax.DeltaLoRAModel` maps it there.
+  :class:`~deltalora_jax.DeltaLoRAModel` maps it there. The snapshot factors
+  of a layer with ``paper_lambda`` (``snapshot_a``, ``snapshot_b``, copies
+  of ``A`` and ``B`` at initialisation) are in the ``'snapshot'``
+  collection, or in ``collection`` when that is not ``'delta'``.
   """
   kind = module.projection
   bound = kind.rank_bound(shape)
@@ -120,16 +126,17 @@ def _layer(
       f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
       f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
     )
-  if (
-    module.use_delta
-    and not module.is_initializing()
-    and not module.has_variable(collection, "delta")
+  snapshots = SNAPSHOT_COLLECTION if collection == DELTA_COLLECTION else collection
+  for needed, where, name, shown in (
+    (module.use_delta, collection, "delta", DELTA_COLLECTION),
+    (module.paper_lambda is not None, snapshots, core.SNAPSHOT_A, SNAPSHOT_COLLECTION),
   ):
-    raise ValueError(
-      f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
-      f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
-      "model.init(...), not only variables['params']"
-    )
+    if needed and not module.is_initializing() and not module.has_variable(where, name):
+      raise ValueError(
+        f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
+        f"'{shown}' collection: apply with the whole variables of "
+        "model.init(...), not only variables['params']"
+      )
   kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
   if module.use_bias:
@@ -142,7 +149,13 @@ def _layer(
   delta = None
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
-  return core.delta_lora_layer(module, inputs, (kernel, bias, lora_a, lora_b, delta))
+  snapshot = None
+  if module.paper_lambda is not None:  # A^ = A, B^ = B at initialisation
+    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, lambda: lora_a).value
+    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, lambda: lora_b).value
+    snapshot = (snapshot_a, snapshot_b)
+  arrays = (kernel, bias, lora_a, lora_b, delta)
+  return core.delta_lora_layer(module, inputs, arrays, snapshot)
 
 
 class DeltaLoRADense(_DeltaLoRALayer):
@@ -182,6 +195,12 @@ class DeltaLoRADense(_DeltaLoRALayer):
     adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
       kernel's dtype when that is wider (:func:`adapter_dtype`).
     use_rslora: rank-stabilised scaling ``s = alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+    paper_lambda: the published rule's ``lambda`` for its telescoped form
+      (:func:`deltalora_jax.paper_delta_lora`, which then never writes the
+      kernel): the layer gets ``snapshot_a``, ``snapshot_b`` in the
+      ``'snapshot'`` collection and adds ``lambda s (A B - A^ B^)``, with no
+      gradient through that term (:func:`deltalora_jax.core.delta_lora_apply`).
+      None: no snapshot. Needs ``use_delta=False``.
 
   Example:
     >>> import jax, jax.numpy as jnp
