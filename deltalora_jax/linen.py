@@ -26,6 +26,17 @@ DELTA_COLLECTION = "delta"
 SNAPSHOT_COLLECTION = "snapshot"
 
 
+def collection_of(name: str) -> str:
+  """The Linen collection of an adapted layer's array ``name``.
+
+  >>> collection_of("delta"), collection_of("snapshot_a"), collection_of("lora_a")
+  ('delta', 'snapshot', 'params')
+  """
+  if name == "delta":
+    return DELTA_COLLECTION
+  return SNAPSHOT_COLLECTION if name in core.SNAPSHOT_NAMES else "params"
+
+
 def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
   """The dtype of ``A``, ``B`` and ``D``: ``adapter_dtype``, or at least float32.
 

@@ -251,23 +251,13 @@ def with_adapters(
   flat["params"] = params_flat
   for path, arrays in new.items():
     for name, value in arrays.items():
-      flat[collection_of(name)][(*path, name)] = value
+      flat[linen_front.collection_of(name)][(*path, name)] = value
   out = dict(variables)
   for collection, leaves in flat.items():
     if leaves or collection == "params":
       out[collection] = traverse_util.unflatten_dict(leaves)
   return out
 
-
-def collection_of(name: str) -> str:
-  """The Linen collection of an adapted layer's array ``name``.
-
-  >>> collection_of("delta"), collection_of("snapshot_a"), collection_of("lora_a")
-  ('delta', 'snapshot', 'params')
-  """
-  if name == "delta":
-    return DELTA_COLLECTION
-  return SNAPSHOT_COLLECTION if name in core.SNAPSHOT_NAMES else "params"
 
 
 def adapt_linen(
