@@ -526,7 +526,10 @@ def _check_snapshot(
   path: paths.Path, lora_a: Any, lora_b: Any, snapshot_a: Any, snapshot_b: Any
 ) -> None:
   """Raises unless the snapshot factors have the factors' shapes and dtypes."""
-  for name, factor, snapshot in ((SNAPSHOT_A, lora_a, snapshot_a), (SNAPSHOT_B, lora_b, snapshot_b)):
+  for name, factor, snapshot in (
+    (SNAPSHOT_A, lora_a, snapshot_a),
+    (SNAPSHOT_B, lora_b, snapshot_b),
+  ):
     if (jnp.shape(snapshot), jnp.result_type(snapshot)) != (
       jnp.shape(factor),
       jnp.result_type(factor),

@@ -203,11 +203,7 @@ def _layers(model_or_variables: Any, layers: Layers = None) -> list[_Layer]:
       _Layer(
         path,
         module.config,
-        {
-          n: getattr(module, n)[...]
-          for n in ARRAY_NAMES
-          if getattr(module, n, None) is not None
-        },
+        {n: getattr(module, n)[...] for n in ARRAY_NAMES if getattr(module, n, None) is not None},
       )
       for path, module in _nnx_adapters(model_or_variables).items()
     ]
@@ -475,10 +471,11 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
 
   Each adapted layer's ``kernel`` becomes ``W + s A B + ds D`` (a layer of
   the paper's telescoped form: ``W + s (1 + lambda) A B - lambda s A^ B^``,
-  the kernel Algorithm 1 would have written) in its own layout (each layer of a stack on its own), formed at
-  ``Precision.HIGHEST`` in at least float32 and stored in the kernel's dtype
-  (a bfloat16 kernel rounds the adapter's contribution); its bias is
-  unchanged. The argument is not modified.
+  the kernel Algorithm 1 would have written) in its own layout (each layer
+  of a stack on its own), formed at ``Precision.HIGHEST`` in at least
+  float32 and stored in the kernel's dtype (a bfloat16 kernel rounds the
+  adapter's contribution); its bias is unchanged. The argument is not
+  modified.
 
   Args:
     model_or_variables: an NNX model, or Linen variables.

@@ -16,9 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltalora_jax import core, paths, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import core, paths, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.adapt import targets
@@ -63,7 +63,7 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
       **layer_config.to_json(),
       "kernel_shape": [int(n) for n in arrays["kernel"].shape],
     }
-    trained = ("lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
+    trained: tuple[str, ...] = ("lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
     trained += () if layer_config.freeze_base else tuple(arrays)
     weights[name] = {k: v for k, v in arrays.items() if k in trained}
   return {"config": config, "weights": weights}

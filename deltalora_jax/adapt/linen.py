@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, Unpack
 
@@ -257,7 +256,6 @@ def with_adapters(
     if leaves or collection == "params":
       out[collection] = traverse_util.unflatten_dict(leaves)
   return out
-
 
 
 def adapt_linen(

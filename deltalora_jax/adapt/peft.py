@@ -81,8 +81,8 @@ import numpy as np
 from flax import nnx, traverse_util
 from safetensors import numpy as safetensors_numpy
 
-from deltalora_jax import nnx as nnx_front
 from deltalora_jax import core, paths, projections, tree
+from deltalora_jax import nnx as nnx_front
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.config import LayerConfig
