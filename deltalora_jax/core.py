@@ -538,8 +538,11 @@ def delta_lora_apply(
   (``sg``: ``stop_gradient``): the kernel Algorithm 1 would have written,
   ``W + lambda s (A B - A^ B^)``, with the base only read. The gradients of
   ``A`` and ``B`` stay those of ``s A B``; the snapshot gets none; the input
-  gets the whole layer's. While ``A^ = A`` and ``B^ = B`` the two products
-  are the same computation and the extra term is exactly zero.
+  gets the whole layer's. Factored, the LoRA path and this term are one
+  product at rank ``3 r``, ``P_B(P_A(x, [A, sg(A), A^]), [B; lambda sg(B);
+  -lambda B^])``: no activation more than plain LoRA's. While ``A^ = A`` and
+  ``B^ = B`` the term is zero (its two halves cancel, up to the order of the
+  sum over the rank).
 
   Args:
     x: input, with the axes ``projection`` expects.
@@ -620,15 +623,20 @@ def delta_lora_apply(
       hidden = projection.lora_in(x, a.astype(dtype), precision)
       return projection.lora_out(hidden, b.astype(dtype), precision)
 
-    y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
+    if snapshot is None:
+      y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
+    else:  # one product at rank 3r: [A, sg(A), A^] [B; lambda sg(B); -lambda B^]
+      lam = jnp.asarray(paper_lambda, dtype)
+      a = jnp.concatenate(
+        [f.astype(dtype) for f in (lora_a, jax.lax.stop_gradient(lora_a), snapshot[0])], -1
+      )
+      blocks = (lora_b.astype(dtype), lam * jax.lax.stop_gradient(lora_b.astype(dtype)))
+      b = jnp.concatenate([*blocks, -lam * snapshot[1].astype(dtype)], projection.rank_axis_of_b())
+      y = y + jnp.asarray(scaling, dtype) * low(a, b)
     if delta is not None:
       y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
         x, delta.astype(dtype), precision
       )
-    if snapshot is not None:
-      frozen = low(jax.lax.stop_gradient(lora_a), jax.lax.stop_gradient(lora_b))
-      coef = jnp.asarray(paper_lambda, dtype) * jnp.asarray(scaling, dtype)
-      y = y + coef * (frozen - low(*snapshot))
   if bias is not None:
     y = projection.add_bias(y, bias.astype(dtype))
   return y

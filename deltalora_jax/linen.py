@@ -161,9 +161,9 @@ def _layer(
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
   snapshot = None
-  if module.paper_lambda is not None:  # A^ = A, B^ = B at initialisation
-    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, lambda: lora_a).value
-    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, lambda: lora_b).value
+  if module.paper_lambda is not None:  # A^ = A, B^ = B at initialisation, in buffers of their own
+    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, jnp.array, lora_a, copy=True).value
+    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, jnp.array, lora_b, copy=True).value
     snapshot = (snapshot_a, snapshot_b)
   arrays = (kernel, bias, lora_a, lora_b, delta)
   return core.delta_lora_layer(module, inputs, arrays, snapshot)

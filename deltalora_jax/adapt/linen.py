@@ -379,6 +379,7 @@ def _new_adapter(
   }
   if layer.use_delta:
     arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
-  if layer.paper_lambda is not None:  # A^ = A, B^ = B at the start
-    arrays[core.SNAPSHOT_A], arrays[core.SNAPSHOT_B] = arrays["lora_a"], arrays["lora_b"]
+  if layer.paper_lambda is not None:  # A^ = A, B^ = B at the start, in buffers of their own
+    for factor, snapshot in zip(("lora_a", "lora_b"), core.SNAPSHOT_NAMES, strict=True):
+      arrays[snapshot] = jnp.array(arrays[factor], copy=True)  # the step may donate both
   return arrays
