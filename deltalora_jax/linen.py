@@ -160,10 +160,14 @@ def _layer(
   delta = None
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
-  snapshot = None
+  snapshot: core.Snapshot | None = None
   if module.paper_lambda is not None:  # A^ = A, B^ = B at initialisation, in buffers of their own
-    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, jnp.array, lora_a, copy=True).value
-    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, jnp.array, lora_b, copy=True).value
+
+    def copy(array: jax.Array) -> jax.Array:
+      return jnp.array(array, copy=True)
+
+    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, copy, lora_a).value
+    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, copy, lora_b).value
     snapshot = (snapshot_a, snapshot_b)
   arrays = (kernel, bias, lora_a, lora_b, delta)
   return core.delta_lora_layer(module, inputs, arrays, snapshot)
