@@ -382,11 +382,16 @@ def paper_delta_lora(
     ``static_args="layers"`` when ``layers`` is a model, which is callable).
 
   Example:
+    The telescoped form (``paper_lambda`` on the layer): the kernel stays,
+    the snapshot follows the factors up to ``K`` and then stays.
+
     >>> import jax, jax.numpy as jnp, optax
     >>> import deltalora_jax as dl
-    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False)
+    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False, paper_lambda=2.0)
     >>> x = jnp.ones((4, 5))
     >>> variables = layer.init(jax.random.key(0), x)
+    >>> sorted(variables["snapshot"])
+    ['snapshot_a', 'snapshot_b']
     >>> tx = dl.paper_delta_lora(
     ...     lora_optimizer=optax.sgd(0.1), layers=dl.adapted_layers(layer, x), start_step=0)
     >>> opt_state = tx.init(variables)
@@ -394,9 +399,23 @@ def paper_delta_lora(
     >>> def step(v, opt_state):
     ...   updates, opt_state = tx.update(jax.grad(loss)(v), opt_state, v)
     ...   return optax.apply_updates(v, updates), opt_state
-    >>> first, opt_state = step(variables, opt_state)  # t = 0: W stays
-    >>> bool(jnp.all(first["params"]["kernel"] == variables["params"]["kernel"]))
+    >>> first, opt_state = step(variables, opt_state)  # t = 0 <= K: A^ follows A
+    >>> bool(jnp.all(first["snapshot"]["snapshot_b"] == first["params"]["lora_b"]))
     True
+    >>> second, opt_state = step(first, opt_state)  # t = 1 > K = 0: A^ stays, W too
+    >>> bool(jnp.all(second["snapshot"]["snapshot_b"] == first["params"]["lora_b"]))
+    True
+    >>> bool(jnp.all(second["params"]["kernel"] == variables["params"]["kernel"]))
+    True
+
+    The in-place form (a layer without ``paper_lambda``) writes ``W``:
+
+    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> tx = dl.paper_delta_lora(
+    ...     lora_optimizer=optax.sgd(0.1), layers=dl.adapted_layers(layer, x), start_step=0)
+    >>> opt_state = tx.init(variables)
+    >>> first, opt_state = step(variables, opt_state)  # t = 0: W stays
     >>> second, opt_state = step(first, opt_state)  # t = 1 > K = 0: W moves
     >>> p, q = first["params"], second["params"]
     >>> change = 2.0 * (q["lora_a"] @ q["lora_b"] - p["lora_a"] @ p["lora_b"])
