@@ -72,7 +72,8 @@ VARIANTS = (
 
 def build(variant: str, width: int, rank: int) -> tuple[nn.Module, optax.GradientTransformation]:
   """The layer and optimizer of a variant."""
-  base_dtype = jnp.bfloat16 if variant.endswith("_bf16") else jnp.float32
+  bf16_base = variant.endswith(("_base_bf16", "_compute_bf16"))
+  base_dtype = jnp.bfloat16 if bf16_base else jnp.float32
   compute = jnp.bfloat16 if variant.endswith("_compute_bf16") else None
   name = variant.removesuffix("_base_bf16").removesuffix("_compute_bf16")
   if name == "full_adamw":

@@ -648,3 +648,15 @@ def test_a_fresh_model_can_be_donated_the_snapshot_has_buffers_of_its_own():
   for name in ("dense", "einsum"):
     for n in "ab":
       assert adapted["snapshot"][name][f"snapshot_{n}"] is not adapted["params"][name][f"lora_{n}"]
+
+
+def test_step_memory_is_plain_loras_and_the_in_place_form_twice_it():
+  """XLA's memory_analysis of the donated step (exact, not timed): 512 x 512, rank 8, 64 rows."""
+  from benchmarks import bench_paper_memory
+
+  total = {
+    variant: bench_paper_memory.prepare(variant, 512, 8, 64)["record"]["memory"]["total"]
+    for variant in ("lora_adamw", "paper", "paper_in_place")
+  }
+  assert total["paper"] <= 1.05 * total["lora_adamw"], total  # measured 1.049
+  assert total["paper_in_place"] >= 2.0 * total["lora_adamw"], total  # measured 2.12
