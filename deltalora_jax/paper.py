@@ -9,12 +9,20 @@ moves by the change of their product, at the steps ``t > K`` (``t`` from 0):
   W_{t+1} = W_t + \lambda\, s\,(A_{t+1} B_{t+1} - A_t B_t)
 
 :func:`paper_delta_lora` wraps the factors' optimizer (AdamW by default, as in
-the paper) and emits that kernel update from the factors' own updates and the
-current ``params``, reading each layer's scaling and kind from the adapted
-layers it is given. Those are built with ``use_delta=False`` (plain LoRA
-layers, base frozen) and may be of any kind of :mod:`deltalora_jax.projections`
-(dense, dense-general, einsum, convolution), stacked or not: ``W`` is updated
-in the kernel's own layout.
+the paper), reading each layer's scaling, kind and ``paper_lambda`` from the
+adapted layers it is given. Those are built with ``use_delta=False`` (base
+frozen) and may be of any kind of :mod:`deltalora_jax.projections` (dense,
+dense-general, einsum, convolution), stacked or not.
+
+The sum telescopes, ``W_T = W_0 + lambda s (A_T B_T - A_{K+1} B_{K+1})``: a
+layer built with ``paper_lambda`` holds a snapshot ``(A^, B^)`` of its factors
+and adds ``lambda s (A B - A^ B^)`` in its forward
+(:func:`deltalora_jax.core.delta_lora_apply`), and the rule writes the snapshot
+(the factors' update while ``t <= K``, then nothing), never ``W``: the
+telescoped form, the default. A layer without ``paper_lambda`` gets the
+in-place form, Algorithm 1 as written: the rule emits the kernel update above
+from the factors' own updates and the current ``params``, in the kernel's own
+layout.
 """
 
 from __future__ import annotations
@@ -289,10 +297,12 @@ def paper_delta_lora(
   r"""The published Delta-LoRA rule: the base kernel follows the change of ``A B``.
 
   Leaves are routed by :func:`deltalora_jax.leaf_labels`: the LoRA factors
-  get ``lora_optimizer``; the adapted layers' kernels get the rule below (their
-  gradient is ignored: build the layers with ``freeze_base=True``, the default,
-  and XLA computes none); their biases stay frozen; every other parameter gets
-  ``other_optimizer`` (None freezes it). With ``t`` the number of optimizer
+  get ``lora_optimizer``; the snapshot factors (``snapshot_a``, ``snapshot_b``)
+  and the kernels of telescoped layers get the updates below; the in-place
+  layers' kernels get the rule below (their gradient is ignored: build the
+  layers with ``freeze_base=True``, the default, and XLA computes none); their
+  biases stay frozen; every other parameter gets ``other_optimizer`` (None
+  freezes it). With ``t`` the number of optimizer
   steps taken before this one (the state's ``count``: ``0`` at the first call
   of ``update``; under ``optax.MultiSteps`` it counts the accumulated steps,
   and a step that ``optax.apply_if_finite`` skips is not counted) and
@@ -333,9 +343,9 @@ def paper_delta_lora(
   (:func:`deltalora_jax.core.delta_lora_apply`, the ``lambda`` part under
   ``stop_gradient``). This transformation writes the snapshot: its update is
   the factors' own while ``t <= K``, so that ``A^ = A`` and the extra term is
-  exactly zero, and zero from ``t = K + 1`` on, which leaves
-  ``A^ = A_{K+1}``, ``B^ = B_{K+1}``. The base is only read (a bfloat16 or
-  quantized base loses nothing of ``W``'s change), the step holds no
+  zero, and zero from ``t = K + 1`` on, which leaves
+  ``A^ = A_{K+1}``, ``B^ = B_{K+1}``. The base is only read (a bfloat16 base
+  loses nothing of ``W``'s change), the step holds no
   full-size buffer, and :func:`~deltalora_jax.export_adapter`,
   :func:`~deltalora_jax.merge` and checkpoints carry the whole change.
   ``lambda`` is then the layers' ``paper_lambda``, fixed for the run: a
