@@ -8,7 +8,7 @@ The public names are re-exported here; the modules are:
 * :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense` and :class:`DeltaLoRAGeneral`,
   the Linen layers;
 * :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear` and :class:`DeltaLoRALinearGeneral`,
-  the NNX layers, and :class:`DeltaParam`;
+  the NNX layers, :class:`DeltaParam` and :class:`PaperSnapshot`;
 * :mod:`deltalora_jax.config`: :class:`~deltalora_jax.config.LayerConfig`, an
   adapted layer's kind and options, and its one JSON encoding;
 * :mod:`deltalora_jax.paths`: layer paths and their names ``'a/b/c'``;
@@ -43,7 +43,12 @@ from deltalora_jax.checkpoint import (
 )
 from deltalora_jax.core import delta_lora_apply, lora_scaling, merged_kernel
 from deltalora_jax.linen import DeltaLoRADense, DeltaLoRAGeneral
-from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral, DeltaParam
+from deltalora_jax.nnx import (
+  DeltaLoRALinear,
+  DeltaLoRALinearGeneral,
+  DeltaParam,
+  PaperSnapshot,
+)
 from deltalora_jax.optim import (
   Label,
   ScaleByDeltaMomentumState,
@@ -88,6 +93,7 @@ __all__ = [
   "DeltaParam",
   "Label",
   "PaperDeltaLoRAState",
+  "PaperSnapshot",
   "ScaleByDeltaMomentumState",
   "TrainingCheckpointer",
   "adapt_linen",

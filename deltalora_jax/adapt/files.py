@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import paths, projections, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.adapt import targets
@@ -41,9 +41,13 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
     :meth:`LayerConfig.to_json <deltalora_jax.config.LayerConfig.to_json>`
     with its ``kernel_shape`` (stack axes included): Python numbers, bools,
     strings, lists and None (JSON-ready). The weights are ``lora_a``,
-    ``lora_b``, ``delta`` (unless ``use_delta=False``), and the base
+    ``lora_b``, ``delta`` (unless ``use_delta=False``), ``snapshot_a`` and
+    ``snapshot_b`` for a layer of the paper's telescoped form (``paper_lambda``:
+    with them the adapter carries the whole change of the kernel), and the base
     ``kernel``/``bias`` only for a layer trained with ``freeze_base=False``.
-    Arrays are shared, not copied.
+    Arrays are shared, not copied. A layer trained by the paper's in-place
+    form (no ``paper_lambda``) had its kernel written: its adapter does not
+    hold that change (build it with ``paper_lambda``).
 
   Example:
     >>> from flax import nnx
@@ -61,7 +65,8 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
       **layer_config.to_json(),
       "kernel_shape": [int(n) for n in arrays["kernel"].shape],
     }
-    trained = ("lora_a", "lora_b", "delta") if layer_config.freeze_base else tuple(arrays)
+    trained: tuple[str, ...] = ("lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
+    trained += () if layer_config.freeze_base else tuple(arrays)
     weights[name] = {k: v for k, v in arrays.items() if k in trained}
   return {"config": config, "weights": weights}
 
@@ -129,6 +134,8 @@ def _checked_weights(
   stack, shape = linen_adapt.layer_shape(name, kind, kernel_shape)
   a_shape, b_shape = kind.factor_shapes(shape, config.rank)
   expected = {"lora_a": (*stack, *a_shape), "lora_b": (*stack, *b_shape)}
+  if config.paper_lambda is not None:
+    expected[core.SNAPSHOT_A], expected[core.SNAPSHOT_B] = expected["lora_a"], expected["lora_b"]
   if config.use_delta:
     expected["delta"] = kernel_shape
   if not config.freeze_base:

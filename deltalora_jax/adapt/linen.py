@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, Unpack
 
@@ -22,7 +21,12 @@ from deltalora_jax.adapt.targets import (
   select_targets,
 )
 from deltalora_jax.config import Options
-from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.linen import (
+  DELTA_COLLECTION,
+  SNAPSHOT_COLLECTION,
+  DeltaLoRADense,
+  DeltaLoRAGeneral,
+)
 
 Path = paths.Path
 #: ``((path, ((option, value), ...)), ...)``: the adapted layers of a :class:`DeltaLoRAModel`.
@@ -119,20 +123,37 @@ class DeltaLoRAModel(nn.Module):
         return wrapper.model(*args, **kwargs)
 
     adapted_paths = list(configs)
+
+    def move_in(variables: Mapping[str, Any]) -> dict[str, Any]:
+      variables = _move_deltas(adapted_paths, DELTA_COLLECTION, "params", variables)
+      return _move_deltas(
+        adapted_paths, SNAPSHOT_COLLECTION, "params", variables, names=core.SNAPSHOT_NAMES
+      )
+
+    def move_out(variables: Mapping[str, Any]) -> dict[str, Any]:
+      variables = _move_deltas(adapted_paths, "params", DELTA_COLLECTION, variables)
+      return _move_deltas(
+        adapted_paths, "params", SNAPSHOT_COLLECTION, variables, names=core.SNAPSHOT_NAMES
+      )
+
     mapped = nn.map_variables(
       run,
-      ("params", DELTA_COLLECTION),
-      trans_in_fn=functools.partial(_move_deltas, adapted_paths, DELTA_COLLECTION, "params"),
-      trans_out_fn=functools.partial(_move_deltas, adapted_paths, "params", DELTA_COLLECTION),
+      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION),
+      trans_in_fn=move_in,
+      trans_out_fn=move_out,
       mutable=True,
     )
     return mapped(self, *args, **kwargs)
 
 
 def _move_deltas(
-  layer_paths: Sequence[Path], source: str, target: str, variables: Mapping[str, Any]
+  layer_paths: Sequence[Path],
+  source: str,
+  target: str,
+  variables: Mapping[str, Any],
+  names: Sequence[str] = ("delta",),
 ) -> dict[str, Any]:
-  """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
+  """``variables`` with the ``D`` (``delta``; or ``names``) of the layers at ``paths`` moved.
 
   Example:
     >>> variables = {"params": {"up": {"kernel": 1}}, "delta": {"up": {"delta": 2}}}
@@ -143,8 +164,9 @@ def _move_deltas(
   moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
   kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
   for path in layer_paths:
-    if (*path, "delta") in moved:
-      kept[(*path, "delta")] = moved.pop((*path, "delta"))
+    for name in names:
+      if (*path, name) in moved:
+        kept[(*path, name)] = moved.pop((*path, name))
   for name, flat in ((source, moved), (target, kept)):
     if flat:
       variables[name] = traverse_util.unflatten_dict(flat)
@@ -225,18 +247,23 @@ def linen_parts(
 def with_adapters(
   variables: dict[str, Any], params_flat: dict[Path, Any], new: dict[Path, dict[str, jax.Array]]
 ) -> dict[str, Any]:
-  """``variables`` with each ``new[path]``'s arrays stored at ``path``."""
-  deltas = traverse_util.flatten_dict(unfreeze(variables.get(DELTA_COLLECTION, {})))
+  """``variables`` with each ``new[path]``'s arrays stored at ``path``.
+
+  ``D`` goes to the ``'delta'`` collection, the snapshot factors to ``'snapshot'``, the rest
+  to ``'params'``.
+  """
+  flat = {
+    c: traverse_util.flatten_dict(unfreeze(variables.get(c, {})))
+    for c in (DELTA_COLLECTION, SNAPSHOT_COLLECTION)
+  }
+  flat["params"] = params_flat
   for path, arrays in new.items():
     for name, value in arrays.items():
-      if name == "delta":
-        deltas[(*path, name)] = value
-      else:
-        params_flat[(*path, name)] = value
+      flat[linen_front.collection_of(name)][(*path, name)] = value
   out = dict(variables)
-  out["params"] = traverse_util.unflatten_dict(params_flat)
-  if deltas:
-    out[DELTA_COLLECTION] = traverse_util.unflatten_dict(deltas)
+  for collection, leaves in flat.items():
+    if leaves or collection == "params":
+      out[collection] = traverse_util.unflatten_dict(leaves)
   return out
 
 
@@ -375,4 +402,7 @@ def _new_adapter(
   }
   if layer.use_delta:
     arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
+  if layer.paper_lambda is not None:  # A^ = A, B^ = B at the start, in buffers of their own
+    for factor, snapshot in zip(("lora_a", "lora_b"), core.SNAPSHOT_NAMES, strict=True):
+      arrays[snapshot] = jnp.array(arrays[factor], copy=True)  # the step may donate both
   return arrays

@@ -82,8 +82,8 @@ import safetensors
 from flax import nnx, traverse_util
 from safetensors import numpy as safetensors_numpy
 
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import paths, projections, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.config import LayerConfig
@@ -348,11 +348,33 @@ def _change(
   a = np.asarray(arrays["lora_a"], np.float64)
   b = np.asarray(arrays["lora_b"], np.float64)
   change = config.scaling * np.reshape(a, (-1, config.rank)) @ np.reshape(b, (config.rank, -1))
+  if config.paper_lambda is not None:  # the paper's telescoped form: + lambda s (A B - A^ B^)
+    a0 = np.asarray(arrays[core.SNAPSHOT_A], np.float64)
+    b0 = np.asarray(arrays[core.SNAPSHOT_B], np.float64)
+    frozen = np.reshape(a0, (-1, config.rank)) @ np.reshape(b0, (config.rank, -1))
+    change = (1 + config.paper_lambda) * change - config.paper_lambda * config.scaling * frozen
   if rule == "seed" and config.use_delta:
     change = change + config.delta_scaling * _matrix(kind, arrays["delta"])
   if base_kernel is not None:
     change = change + _matrix(kind, arrays["kernel"]) - _matrix(kind, base_kernel)
   return change
+
+
+def _telescoped_factors(
+  config: LayerConfig, arrays: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+  r"""``([A, A^], [(1 + lambda) B; -lambda B^])``: a telescoped paper layer's change at rank ``2r``.
+
+  With the scaling ``s`` their product is the layer's whole change of its kernel,
+  :math:`s (1 + \lambda) A B - \lambda s \hat A \hat B`, exactly (float32, as trained).
+  """
+  lam = config.paper_lambda or 0.0
+  a = np.concatenate([np.asarray(arrays["lora_a"]), np.asarray(arrays[core.SNAPSHOT_A])], -1)
+  b = np.concatenate(
+    [(1 + lam) * np.asarray(arrays["lora_b"]), -lam * np.asarray(arrays[core.SNAPSHOT_B])],
+    axis=config.projection.rank_axis_of_b(),
+  )
+  return a.astype(np.float32), b.astype(np.float32)
 
 
 def _check_rule(
@@ -386,8 +408,17 @@ def _check_rule(
         f"rule='lora' writes the factors alone; the layer {name!r} trained its base "
         "(freeze_base=False): use rule='paper' with base=, or merged=True"
       )
-  if rule == "paper" and base is None:
-    raise ValueError("rule='paper' needs base=, the pretrained model or variables (W_0)")
+    if rule == "lora" and config.paper_lambda is not None and not merged:
+      raise ValueError(
+        f"rule='lora' writes the factors alone; the layer {name!r} is of the paper's "
+        f"telescoped form (paper_lambda={config.paper_lambda}): use rule='paper', or merged=True"
+      )
+  in_place = [n for n, c in configs.items() if c.paper_lambda is None]
+  if rule == "paper" and base is None and in_place:
+    raise ValueError(
+      "rule='paper' needs base=, the pretrained model or variables (W_0), for the layers "
+      f"trained in place (without paper_lambda): {sorted(in_place)}"
+    )
 
 
 def _number(value: float) -> float | int:
@@ -480,8 +511,12 @@ def save_peft(
 
   * ``'lora'``: plain LoRA layers (``use_delta=False``, frozen base): the
     factors as they are, with each layer's alpha and ``use_rslora`` (exact).
-  * ``'paper'``: the published rule trains ``W`` too,
-    :math:`W_T = W_0 + \lambda s (A_T B_T - A_0 B_0)`, so the change
+  * ``'paper'``: a layer of the telescoped form (``paper_lambda``) holds its
+    whole change :math:`\Delta = s (1 + \lambda) A B - \lambda s \hat A \hat B`:
+    it is written exactly at rank ``2r``, ``lora_A = [A, A^]``, ``lora_B =
+    [(1 + lambda) B; -lambda B^]`` with the layer's scaling (no ``base``
+    needed). A layer trained in place wrote ``W`` too,
+    :math:`W_T = W_0 + \lambda s (A_T B_T - A_{K+1} B_{K+1})`, so the change
     :math:`\Delta = W_T - W_0 + s A_T B_T` has rank at most ``2r``; it is
     written at rank ``min(2r, in, out)`` from its SVD (float64), scaling 1
     (``lora_alpha = r``), with the error of the float32 factors in the report.
@@ -551,7 +586,9 @@ def save_peft(
   _check_rule(rule, rank, merged, base, configs)
   for name, config in configs.items():
     _check_layer(name, config.projection, found[name][1]["kernel"].shape)
-  needs_base = rule == "paper" or any(not c.freeze_base for c in configs.values())
+  needs_base = any(
+    not c.freeze_base or (rule == "paper" and c.paper_lambda is None) for c in configs.values()
+  )
   kernels0 = _base_kernels(base, list(names)) if base is not None and needs_base else {}
   os.makedirs(directory, exist_ok=True)
   report: dict[str, Any] = {"rule": rule, "layers": {}}
@@ -585,6 +622,10 @@ def save_peft(
     if rule == "lora":
       a, b = np.asarray(arrays["lora_a"], np.float32), np.asarray(arrays["lora_b"], np.float32)
       k, scaling, error = config.rank, config.scaling, 0.0
+      kernel_change = None
+    elif rule == "paper" and config.paper_lambda is not None and config.freeze_base:
+      a, b = _telescoped_factors(config, arrays)  # exact at rank 2r
+      k, scaling, error = 2 * config.rank, config.scaling, 0.0
       kernel_change = None
     else:
       change = _change(rule, config, arrays, kernels0.get(name))
