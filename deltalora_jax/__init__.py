@@ -8,7 +8,7 @@ The public names are re-exported here; the modules are:
 * :mod:`deltalora_jax.linen`: :class:`DeltaLoRADense` and :class:`DeltaLoRAGeneral`,
   the Linen layers;
 * :mod:`deltalora_jax.nnx`: :class:`DeltaLoRALinear` and :class:`DeltaLoRALinearGeneral`,
-  the NNX layers, and :class:`DeltaParam`;
+  the NNX layers, :class:`DeltaParam` and :class:`PaperSnapshot`;
 * :mod:`deltalora_jax.config`: :class:`~deltalora_jax.config.LayerConfig`, an
   adapted layer's kind and options, and its one JSON encoding;
 * :mod:`deltalora_jax.paths`: layer paths and their names ``'a/b/c'``;
@@ -48,6 +48,7 @@ from deltalora_jax.nnx import (
   DeltaLoRALinearGeneral,
   DeltaParam,
   LayerDescription,
+  PaperSnapshot,
   register_projection,
 )
 from deltalora_jax.optim import (
@@ -95,6 +96,7 @@ __all__ = [
   "Label",
   "LayerDescription",
   "PaperDeltaLoRAState",
+  "PaperSnapshot",
   "ScaleByDeltaMomentumState",
   "TrainingCheckpointer",
   "adapt_linen",

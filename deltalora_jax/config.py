@@ -39,6 +39,7 @@ class Options(TypedDict, total=False):
   evaluation: core.Evaluation
   adapter_dtype: Any
   use_rslora: bool
+  paper_lambda: float | None
   lora_a_init: Any
 
 
@@ -53,17 +54,27 @@ def _check_bool(name: str, value: Any) -> bool:
 
 
 def dtype_name(dtype: Any) -> str | None:
-  """The name of a dtype (``'bfloat16'``), None for None.
+  """The name of an adapter's floating dtype (``'bfloat16'``), None for None.
+
+  The one check of ``adapter_dtype``: ``A`` is drawn at random and ``D``
+  takes small steps, which an integer dtype cannot hold.
 
   >>> dtype_name(jnp.bfloat16), dtype_name(None)
   ('bfloat16', None)
+  >>> dtype_name("int32")
+  Traceback (most recent call last):
+  TypeError: adapter_dtype must be a floating dtype (...) or None, got adapter_dtype='int32'
   """
   if dtype is None:
     return None
+  allowed = "a floating dtype (float16, bfloat16, float32, float64) or None"
   try:
-    return str(jnp.dtype(dtype).name)
+    checked = jnp.dtype(dtype)
   except TypeError:
-    raise TypeError(f"adapter_dtype must be a dtype or None, got adapter_dtype={dtype!r}") from None
+    raise TypeError(f"adapter_dtype must be {allowed}, got adapter_dtype={dtype!r}") from None
+  if not jnp.issubdtype(checked, jnp.floating):
+    raise TypeError(f"adapter_dtype must be {allowed}, got adapter_dtype={dtype!r}")
+  return str(checked.name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,7 +84,7 @@ class LayerConfig:
   Attributes:
     projection: the base layer's product (:mod:`deltalora_jax.projections`).
     rank: LoRA rank ``r > 0``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r``.
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r``.
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient.
     use_bias: whether the base layer has a bias.
@@ -84,6 +95,13 @@ class LayerConfig:
     use_rslora: rank-stabilised scaling ``s = alpha / sqrt(rank)`` (PEFT's
       ``use_rslora``); :meth:`to_json` writes it only when True, so the JSON
       of a layer without it is as before.
+    paper_lambda: the published rule's ``lambda`` (finite, ``>= 0``) for the
+      telescoped form of :func:`~deltalora_jax.paper_delta_lora`, which never
+      writes the base kernel: the layer gets the snapshot factors
+      ``snapshot_a``, ``snapshot_b`` and its forward adds
+      ``lambda s (A B - A^ B^)`` (:func:`~deltalora_jax.core.delta_lora_apply`).
+      None (the default) is a layer without snapshot. Needs ``use_delta=False``;
+      :meth:`to_json` writes it only when set.
 
   Example:
     >>> from deltalora_jax.projections import GeneralDense
@@ -104,6 +122,7 @@ class LayerConfig:
   evaluation: core.Evaluation = "auto"
   adapter_dtype: str | None = None
   use_rslora: bool = False
+  paper_lambda: float | None = None
 
   def __post_init__(self) -> None:
     if not isinstance(
@@ -124,6 +143,7 @@ class LayerConfig:
     set_(self, "alpha", None if self.alpha is None else float(self.alpha))
     set_(self, "delta_scaling", float(self.delta_scaling))
     set_(self, "adapter_dtype", dtype_name(self.adapter_dtype))
+    set_(self, "paper_lambda", core.check_paper_lambda(self.paper_lambda, self.use_delta))
 
   @property
   def scaling(self) -> float:
@@ -140,6 +160,8 @@ class LayerConfig:
     data["projection"] = projections.to_json(self.projection)
     if not self.use_rslora:  # the JSON of a layer without rsLoRA is as it was before it
       del data["use_rslora"]
+    if self.paper_lambda is None:  # nor that of a layer without snapshot
+      del data["paper_lambda"]
     return data
 
   @classmethod

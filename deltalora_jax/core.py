@@ -27,6 +27,11 @@ from deltalora_jax import projections
 from deltalora_jax.projections import dense  # noqa: F401  (re-exported: core.dense)
 
 Evaluation = Literal["auto", "merged", "factored"]
+#: The names of the snapshot factors ``A^``, ``B^`` of a layer with ``paper_lambda``.
+SNAPSHOT_A, SNAPSHOT_B = "snapshot_a", "snapshot_b"
+SNAPSHOT_NAMES = (SNAPSHOT_A, SNAPSHOT_B)
+#: ``(A^, B^)``: the snapshot factors of a layer of the published rule's telescoped form.
+Snapshot = tuple[jax.Array, jax.Array]
 EVALUATIONS = ("auto", "merged", "factored")
 _T = TypeVar("_T")
 
@@ -130,16 +135,52 @@ def check_momentum(momentum: _T) -> _T:
   return momentum
 
 
+def check_paper_lambda(paper_lambda: object, use_delta: bool = False) -> float | None:
+  """Raises unless ``paper_lambda`` is None or a finite number ``>= 0`` on a layer without ``D``.
+
+  Returns it as a float (None for None). A traced value is refused: the
+  telescoped form needs one ``lambda`` for the whole run.
+
+  >>> check_paper_lambda(2), check_paper_lambda(None)
+  (2.0, None)
+  >>> check_paper_lambda(-1.0)
+  Traceback (most recent call last):
+  ValueError: paper_lambda must be None or finite and >= 0, got paper_lambda=-1.0
+  """
+  if paper_lambda is None:
+    return None
+  value = as_float("paper_lambda", paper_lambda)
+  if value is None:
+    raise TypeError(
+      "paper_lambda must be a concrete number (a layer option, fixed for the run), got a "
+      f"traced value {paper_lambda!r}"
+    )
+  if not (math.isfinite(value) and value >= 0):
+    raise ValueError(f"paper_lambda must be None or finite and >= 0, got paper_lambda={value!r}")
+  if use_delta:
+    raise ValueError(
+      "paper_lambda (the published rule's snapshot) needs use_delta=False: the seed's D and "
+      f"the paper's rule do not mix; got paper_lambda={value!r} with use_delta=True"
+    )
+  return value
+
+
 def check_learning_rate(learning_rate: _T) -> _T:
-  """Raises unless ``learning_rate`` is a finite number or a schedule.
+  """Raises unless ``learning_rate`` is a finite number ``>= 0`` or a schedule.
+
+  A negative rate would climb the loss; ``0`` freezes. A traced value (under
+  ``optax.inject_hyperparams``) and a schedule's values cannot be checked.
 
   >>> check_learning_rate(1e-3)
   0.001
+  >>> check_learning_rate(-1e-3)
+  Traceback (most recent call last):
+  ValueError: learning_rate must be finite and >= 0, or a schedule, got learning_rate=-0.001
   """
   value = as_float("learning_rate", learning_rate, schedule_ok=True)
-  if value is not None and not math.isfinite(value):
+  if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(
-      f"learning_rate must be finite or a schedule, got learning_rate={learning_rate!r}"
+      f"learning_rate must be finite and >= 0, or a schedule, got learning_rate={learning_rate!r}"
     )
   return learning_rate
 
@@ -154,7 +195,8 @@ def check_evaluation(evaluation: object) -> Evaluation:
 def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> float:
   """The LoRA scaling ``s = alpha / rank`` (rsLoRA: ``alpha / sqrt(rank)``).
 
-  ``alpha`` unset or ``<= 0`` means ``alpha = rank``. Rank-stabilised LoRA
+  ``alpha`` unset (None) means ``alpha = rank``; a given alpha must be
+  finite and ``> 0`` (0 or less is refused, not read as unset). Rank-stabilised LoRA
   (Kalajdzievski, 2023), PEFT's ``use_rslora``, divides by ``sqrt(rank)``
   instead of ``rank``.
 
@@ -167,8 +209,11 @@ def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> fl
     The scaling as a Python float (1.0, or ``sqrt(rank)`` with rsLoRA, when
     alpha defaults to rank).
 
-  >>> lora_scaling(None, 8), lora_scaling(16, 8), lora_scaling(-1, 8)
-  (1.0, 2.0, 1.0)
+  >>> lora_scaling(None, 8), lora_scaling(16, 8)
+  (1.0, 2.0)
+  >>> lora_scaling(0, 8)
+  Traceback (most recent call last):
+  ValueError: alpha must be a finite number > 0 or None (None: alpha = rank), got alpha=0
   >>> lora_scaling(16, 4, use_rslora=True), lora_scaling(None, 4, use_rslora=True)
   (8.0, 2.0)
 
@@ -183,9 +228,11 @@ def lora_scaling(alpha: float | None, rank: int, use_rslora: bool = False) -> fl
   if alpha is None:
     return rank / denominator
   value = as_float("alpha", alpha)
-  if value is None or not math.isfinite(value):
-    raise ValueError(f"alpha must be a finite number or None, got alpha={alpha!r}")
-  return (rank if value <= 0 else value) / denominator
+  if value is None or not (math.isfinite(value) and value > 0):
+    raise ValueError(
+      f"alpha must be a finite number > 0 or None (None: alpha = rank), got alpha={alpha!r}"
+    )
+  return value / denominator
 
 
 # --------------------------------------------------------------------------
@@ -322,8 +369,15 @@ def merged_kernel(
   delta_scaling: float,
   precision: jax.lax.PrecisionLike = None,
   projection: projections.Projection | None = None,
+  snapshot: Snapshot | None = None,
+  paper_lambda: float | None = None,
 ) -> jax.Array:
   """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
+
+  With a ``snapshot`` ``(A^, B^)`` (a layer of the published rule's telescoped
+  form, :func:`delta_lora_apply`) it is ``W + s (1 + lambda) A B - lambda s A^ B^``,
+  the extra ``lambda`` part under ``stop_gradient`` (so the gradients of
+  ``A`` and ``B`` through it are those of ``s A B``, as in the forward).
 
   Formed in at least float32 (the widest of float32 and the inputs' dtypes),
   so that a small ``D`` or ``A B`` is not rounded away against a bfloat16
@@ -339,6 +393,9 @@ def merged_kernel(
     precision: precision of the ``A B`` product.
     projection: the layer kind (:mod:`deltalora_jax.projections`); None is
       a dense layer with a 2-D kernel.
+    snapshot: ``(A^, B^)``, the snapshot factors (the shapes of ``A`` and
+      ``B``), or None.
+    paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
 
   Returns:
     An array of the kernel's shape, in float32 or wider.
@@ -350,6 +407,7 @@ def merged_kernel(
   """
   projection = _projection(projection, kernel)
   check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
+  check_snapshot(lora_a, lora_b, snapshot, paper_lambda)
   stack = jnp.ndim(kernel) - projection.kernel_ndim
   if stack > 0:  # a stack of layers (nn.scan, nnx.vmap): merge each
     merge = functools.partial(
@@ -358,17 +416,70 @@ def merged_kernel(
       delta_scaling=delta_scaling,
       precision=precision,
       projection=projection,
+      paper_lambda=paper_lambda,
     )
+
+    def merge_one(
+      kernel: jax.Array,
+      lora_a: jax.Array,
+      lora_b: jax.Array,
+      delta: jax.Array | None,
+      snapshot: Snapshot | None,
+    ) -> jax.Array:
+      return merge(kernel, lora_a, lora_b, delta, snapshot=snapshot)
+
+    stacked: Any = merge_one
     for _ in range(stack):
-      merge = jax.vmap(merge)
-    return merge(kernel, lora_a, lora_b, delta)
+      stacked = jax.vmap(stacked)
+    merged: jax.Array = stacked(kernel, lora_a, lora_b, delta, snapshot)
+    return merged
   parts = (kernel, lora_a, lora_b) + (() if delta is None else (delta,))
+  parts += () if snapshot is None else tuple(snapshot)
   wide = widest_dtype(*(p.dtype for p in parts), at_least=jnp.float32)
-  low = projection.lora_kernel(lora_a.astype(wide), lora_b.astype(wide), precision)
-  out = kernel.astype(wide) + jnp.asarray(scaling, wide) * low
+
+  def low(a: jax.Array, b: jax.Array) -> jax.Array:
+    return projection.lora_kernel(a.astype(wide), b.astype(wide), precision)
+
+  out = kernel.astype(wide) + jnp.asarray(scaling, wide) * low(lora_a, lora_b)
   if delta is not None:
     out = out + jnp.asarray(delta_scaling, wide) * delta.astype(wide)
+  if snapshot is not None:
+    frozen = low(jax.lax.stop_gradient(lora_a), jax.lax.stop_gradient(lora_b))
+    coef = jnp.asarray(paper_lambda, wide) * jnp.asarray(scaling, wide)
+    out = out + coef * (frozen - low(*snapshot))
   return out
+
+
+def check_snapshot(
+  lora_a: ArrayLike,
+  lora_b: ArrayLike,
+  snapshot: Snapshot | None,
+  paper_lambda: float | None,
+) -> None:
+  """Raises unless ``snapshot`` and ``paper_lambda`` are both None, or a pair shaped as ``A, B``.
+
+  >>> check_snapshot(jnp.ones((3, 2)), jnp.ones((2, 4)), None, None)
+  >>> check_snapshot(jnp.ones((3, 2)), jnp.ones((2, 4)), (jnp.ones((3, 2)), jnp.ones((4, 2))), 2.0)
+  Traceback (most recent call last):
+  ValueError: snapshot_b must have shape (2, 4) (lora_b's), got snapshot_b.shape=(4, 2)
+  """
+  if (snapshot is None) != (paper_lambda is None):
+    raise ValueError(
+      "snapshot and paper_lambda go together (a layer of the telescoped paper rule has "
+      f"both), got snapshot={'None' if snapshot is None else 'a pair'}, "
+      f"paper_lambda={paper_lambda!r}"
+    )
+  if snapshot is None:
+    return
+  if not isinstance(snapshot, tuple) or len(snapshot) != 2:
+    raise TypeError(f"snapshot must be a pair (snapshot_a, snapshot_b), got {type(snapshot)}")
+  for name, factor, value in zip(SNAPSHOT_NAMES, ("lora_a", "lora_b"), snapshot, strict=True):
+    expected = jnp.shape(lora_a if factor == "lora_a" else lora_b)
+    if jnp.shape(value) != expected:
+      raise ValueError(
+        f"{name} must have shape {tuple(expected)} ({factor}'s), got "
+        f"{name}.shape={jnp.shape(value)}"
+      )
 
 
 def choose_evaluation(
@@ -409,8 +520,10 @@ def delta_lora_apply(
   evaluation: Evaluation = "auto",
   dtype: DTypeLike | None = None,
   precision: jax.lax.PrecisionLike = None,
+  snapshot: Snapshot | None = None,
+  paper_lambda: float | None = None,
 ) -> jax.Array:
-  """A Delta-LoRA layer of any kind: ``P(x, W) + b + s P_B(P_A(x, A), B) + ds P(x, D)``.
+  r"""A Delta-LoRA layer of any kind: ``P(x, W) + b + s P_B(P_A(x, A), B) + ds P(x, D)``.
 
   ``P`` is the base layer's product (``projection.apply``: a dense,
   dense-general, einsum or convolution product), linear in the kernel, so
@@ -420,10 +533,30 @@ def delta_lora_apply(
   With ``freeze_base`` the base kernel and bias are wrapped in
   ``stop_gradient``: they get a zero gradient and XLA computes none for them.
 
-  The computation dtype is ``dtype``, or else the widest dtype of ``x``, the
-  kernel, the factors and ``D`` (float32 factors beside a bfloat16 kernel
-  compute in float32). The merged kernel is formed in at least float32,
-  then cast to the computation dtype.
+  The computation dtype is ``dtype``, or else the base layer's own rule
+  (Flax's ``promote_dtype`` with ``dtype=None``): the widest dtype of ``x``,
+  the kernel and the bias, so a bfloat16 model fed bfloat16 computes and
+  returns bfloat16 as it did before it was adapted, whatever the factors' and
+  ``D``'s dtype. The factors and ``D`` are cast to it; the merged kernel is
+  formed in at least float32, then cast to it.
+
+  With a ``snapshot`` ``(A^, B^)`` and ``paper_lambda`` ``lambda`` (the
+  telescoped form of the published rule, :func:`deltalora_jax.paper_delta_lora`),
+  the layer adds
+
+  .. math::
+
+    \lambda s\,\big[P_B(P_A(x, \bar A), \bar B) - P_B(P_A(x, \hat A), \hat B)\big],
+    \qquad \bar A = \mathrm{sg}(A),\ \bar B = \mathrm{sg}(B)
+
+  (``sg``: ``stop_gradient``): the kernel Algorithm 1 would have written,
+  ``W + lambda s (A B - A^ B^)``, with the base only read. The gradients of
+  ``A`` and ``B`` stay those of ``s A B``; the snapshot gets none; the input
+  gets the whole layer's. Factored, the LoRA path and this term are one
+  product at rank ``3 r``, ``P_B(P_A(x, [A, sg(A), A^]), [B; lambda sg(B);
+  -lambda B^])``: no activation more than plain LoRA's. While ``A^ = A`` and
+  ``B^ = B`` the term is zero (its two halves cancel, up to the order of the
+  sum over the rank).
 
   Args:
     x: input, with the axes ``projection`` expects.
@@ -441,6 +574,8 @@ def delta_lora_apply(
     evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
     dtype: computation dtype; None infers it as above.
     precision: ``jax.lax.Precision`` of the products.
+    snapshot: ``(A^, B^)`` shaped as ``(A, B)``, or None (no snapshot term).
+    paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
 
   Returns:
     The layer's output.
@@ -458,12 +593,15 @@ def delta_lora_apply(
   """
   projection = _projection(projection, kernel)
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
+  check_snapshot(lora_a, lora_b, snapshot, paper_lambda)
   _check_input(x, kernel, projection)
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
-  parts = [x, kernel, lora_a, lora_b] + ([] if delta is None else [delta])
-  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in parts))
+  if snapshot is not None:  # written by the optimizer only: no gradient
+    snapshot = (jax.lax.stop_gradient(snapshot[0]), jax.lax.stop_gradient(snapshot[1]))
+  base = [x, kernel] + ([] if bias is None else [bias])  # what the base layer promotes
+  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in base))
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
       f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
@@ -488,14 +626,27 @@ def delta_lora_apply(
       delta_scaling=delta_scaling,
       precision=precision,
       projection=projection,
+      snapshot=snapshot,
+      paper_lambda=paper_lambda,
     )
     y = projection.apply(x, full.astype(dtype), precision)
   else:
     y = projection.apply(x, kernel.astype(dtype), precision)
-    hidden = projection.lora_in(x, lora_a.astype(dtype), precision)
-    y = y + jnp.asarray(scaling, dtype) * projection.lora_out(
-      hidden, lora_b.astype(dtype), precision
-    )
+
+    def low(a: jax.Array, b: jax.Array) -> jax.Array:
+      hidden = projection.lora_in(x, a.astype(dtype), precision)
+      return projection.lora_out(hidden, b.astype(dtype), precision)
+
+    if snapshot is None:
+      y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
+    else:  # one product at rank 3r: [A, sg(A), A^] [B; lambda sg(B); -lambda B^]
+      lam = jnp.asarray(paper_lambda, dtype)
+      a = jnp.concatenate(
+        [f.astype(dtype) for f in (lora_a, jax.lax.stop_gradient(lora_a), snapshot[0])], -1
+      )
+      blocks = (lora_b.astype(dtype), lam * jax.lax.stop_gradient(lora_b.astype(dtype)))
+      b = jnp.concatenate([*blocks, -lam * snapshot[1].astype(dtype)], projection.rank_axis_of_b())
+      y = y + jnp.asarray(scaling, dtype) * low(a, b)
     if delta is not None:
       y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
         x, delta.astype(dtype), precision
@@ -541,20 +692,31 @@ class LayerSettings(Protocol):
   def dtype(self) -> DTypeLike | None: ...
   @property
   def precision(self) -> jax.lax.PrecisionLike: ...
+  @property
+  def paper_lambda(self) -> float | None: ...
 
 
 #: ``(kernel, bias, lora_a, lora_b, delta)`` of a layer; bias and ``D`` may be None.
 LayerArrays = tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, jax.Array | None]
 
 
-def delta_lora_layer(layer: LayerSettings, x: jax.Array, arrays: LayerArrays) -> jax.Array:
+def delta_lora_layer(
+  layer: LayerSettings, x: jax.Array, arrays: LayerArrays, snapshot: Snapshot | None = None
+) -> jax.Array:
   """:func:`delta_lora_apply` with the settings of an adapted ``layer``.
 
   ``layer`` is any object with the attributes ``projection``, ``scaling``,
-  ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype`` and
-  ``precision``: the Linen and NNX layers of this library call it with
-  their own ``(kernel, bias, lora_a, lora_b, delta)``.
+  ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype``,
+  ``precision`` and ``paper_lambda``: the Linen and NNX layers of this
+  library call it with their own ``(kernel, bias, lora_a, lora_b, delta)``
+  and, when ``paper_lambda`` is set, their snapshot ``(A^, B^)``.
   """
+  paper_lambda = layer.paper_lambda
+  if (snapshot is None) != (paper_lambda is None):
+    raise ValueError(
+      f"a layer with paper_lambda={paper_lambda!r} needs its snapshot (snapshot_a, "
+      "snapshot_b), and a layer without paper_lambda has none"
+    )
   return delta_lora_apply(
     x,
     *arrays,
@@ -565,6 +727,8 @@ def delta_lora_layer(layer: LayerSettings, x: jax.Array, arrays: LayerArrays) ->
     evaluation=layer.evaluation,
     dtype=layer.dtype,
     precision=layer.precision,
+    snapshot=snapshot,
+    paper_lambda=paper_lambda,
   )
 
 

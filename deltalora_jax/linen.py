@@ -16,12 +16,25 @@ from flax.typing import Initializer, PrecisionLike
 from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
-from deltalora_jax.config import LayerConfig
+from deltalora_jax.config import LayerConfig, dtype_name
 
 if TYPE_CHECKING:
   from flax import nnx
 
 DELTA_COLLECTION = "delta"
+#: The collection of the snapshot factors of a layer with ``paper_lambda`` (the paper's rule).
+SNAPSHOT_COLLECTION = "snapshot"
+
+
+def collection_of(name: str) -> str:
+  """The Linen collection of an adapted layer's array ``name``.
+
+  >>> collection_of("delta"), collection_of("snapshot_a"), collection_of("lora_a")
+  ('delta', 'snapshot', 'params')
+  """
+  if name == "delta":
+    return DELTA_COLLECTION
+  return SNAPSHOT_COLLECTION if name in core.SNAPSHOT_NAMES else "params"
 
 
 def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
@@ -35,7 +48,7 @@ def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np
   (dtype('float32'), dtype(bfloat16))
   """
   if adapter_dtype is not None:
-    return jnp.dtype(adapter_dtype)
+    return jnp.dtype(dtype_name(adapter_dtype))  # a floating dtype, or a TypeError naming it
   return core.widest_dtype(param_dtype, at_least=jnp.float32)
 
 
@@ -92,6 +105,7 @@ class _DeltaLoRALayer(ConfigMixin, nn.Module):
   use_delta: bool = True
   adapter_dtype: DTypeLike | None = None
   use_rslora: bool = False
+  paper_lambda: float | None = None
 
   def __post_init__(self) -> None:
     self.config  # noqa: B018  (checks the LoRA options)
@@ -111,7 +125,10 @@ def _layer(
   ``kernel`` and ``bias`` are in ``params``, as are ``lora_a`` and
   ``lora_b``; ``D`` is the variable ``delta`` of ``collection``: the
   ``'delta'`` collection, or ``'params'`` while
-  :class:`~deltalora_jax.DeltaLoRAModel` maps it there.
+  :class:`~deltalora_jax.DeltaLoRAModel` maps it there. The snapshot factors
+  of a layer with ``paper_lambda`` (``snapshot_a``, ``snapshot_b``, copies
+  of ``A`` and ``B`` at initialisation) are in the ``'snapshot'``
+  collection, or in ``collection`` when that is not ``'delta'``.
   """
   kind = module.projection
   bound = kind.rank_bound(shape)
@@ -120,16 +137,33 @@ def _layer(
       f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
       f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
     )
-  if (
-    module.use_delta
-    and not module.is_initializing()
-    and not module.has_variable(collection, "delta")
+  where = f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'}"
+  snapshots = SNAPSHOT_COLLECTION if collection == DELTA_COLLECTION else collection
+  for needed, place, name, what, shown in (
+    (module.use_delta, collection, "delta", "D", DELTA_COLLECTION),
+    (
+      module.paper_lambda is not None,
+      snapshots,
+      core.SNAPSHOT_A,
+      "the snapshot",
+      SNAPSHOT_COLLECTION,
+    ),
   ):
-    raise ValueError(
-      f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'} needs the "
-      f"'{DELTA_COLLECTION}' collection: apply with the whole variables of "
-      "model.init(...), not only variables['params']"
+    if not needed or module.has_variable(place, name):
+      continue
+    lift = (  # what the user sees is the named collection, whatever DeltaLoRAModel maps
+      f"inside a hand-written nn.scan or nn.vmap, lift '{shown}' as 'params' is: "
+      f"variable_axes={{'params': 0, '{shown}': 0}}"
     )
+    if not module.is_initializing():
+      raise ValueError(
+        f"{where} needs the '{shown}' collection: apply with the whole variables of "
+        f"model.init(...), not only variables['params']; {lift}"
+      )
+    if not module.is_mutable_collection(place):  # Flax's error would not say why
+      raise ValueError(
+        f"{where} cannot create {what}: the '{shown}' collection is not lifted; {lift}"
+      )
   kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
   if module.use_bias:
@@ -142,7 +176,17 @@ def _layer(
   delta = None
   if module.use_delta:
     delta = module.variable(collection, "delta", jnp.zeros, shape, dtype).value
-  return core.delta_lora_layer(module, inputs, (kernel, bias, lora_a, lora_b, delta))
+  snapshot: core.Snapshot | None = None
+  if module.paper_lambda is not None:  # A^ = A, B^ = B at initialisation, in buffers of their own
+
+    def copy(array: jax.Array) -> jax.Array:
+      return jnp.array(array, copy=True)
+
+    snapshot_a = module.variable(snapshots, core.SNAPSHOT_A, copy, lora_a).value
+    snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, copy, lora_b).value
+    snapshot = (snapshot_a, snapshot_b)
+  arrays = (kernel, bias, lora_a, lora_b, delta)
+  return core.delta_lora_layer(module, inputs, arrays, snapshot)
 
 
 class DeltaLoRADense(_DeltaLoRALayer):
@@ -163,13 +207,13 @@ class DeltaLoRADense(_DeltaLoRALayer):
   Attributes:
     features: number of output features.
     use_bias: whether the base layer has a bias.
-    dtype: computation dtype (None: inferred from inputs and parameters).
+    dtype: computation dtype (None: as ``nn.Dense``: the widest of the inputs, kernel and bias).
     param_dtype: dtype of the base kernel and bias.
     precision: precision of the matrix products.
     kernel_init: initializer of the base kernel.
     bias_init: initializer of the base bias.
     rank: LoRA rank ``r``, ``0 < r <= min(in, out)``.
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r`` (``s = 1``).
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
@@ -182,6 +226,12 @@ class DeltaLoRADense(_DeltaLoRALayer):
     adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
       kernel's dtype when that is wider (:func:`adapter_dtype`).
     use_rslora: rank-stabilised scaling ``s = alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+    paper_lambda: the published rule's ``lambda`` for its telescoped form
+      (:func:`deltalora_jax.paper_delta_lora`, which then never writes the
+      kernel): the layer gets ``snapshot_a``, ``snapshot_b`` in the
+      ``'snapshot'`` collection and adds ``lambda s (A B - A^ B^)``, with no
+      gradient through that term (:func:`deltalora_jax.core.delta_lora_apply`).
+      None: no snapshot. Needs ``use_delta=False``.
 
   Example:
     >>> import jax, jax.numpy as jnp

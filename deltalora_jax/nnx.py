@@ -57,6 +57,18 @@ class DeltaParam(nnx.LoRAParam[jax.Array]):
   """
 
 
+class PaperSnapshot(nnx.LoRAParam[jax.Array]):
+  """The Variable type of the snapshot factors ``A^``, ``B^`` of a layer with ``paper_lambda``.
+
+  Written by :func:`deltalora_jax.paper_delta_lora` (they follow the factors
+  up to the paper's step ``K``, then stay), never by a gradient: the forward
+  reads them under ``stop_gradient``. A subclass of ``nnx.LoRAParam`` so that
+  an ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)`` (tunix's ``PeftTrainer``)
+  hands them to the optax transformation, which can only write what it is
+  given; ``nnx.state(model, PaperSnapshot)`` selects them alone.
+  """
+
+
 class LayerOptions(Options, total=False):
   """The LoRA options of :class:`DeltaLoRALinearGeneral` as keyword arguments.
 
@@ -108,6 +120,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     use_delta: bool = True,
     adapter_dtype: DTypeLike | None = None,
     use_rslora: bool = False,
+    paper_lambda: float | None = None,
     rngs: nnx.Rngs,
   ) -> None:
     description = describe(base)
@@ -120,6 +133,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     self.evaluation = core.check_evaluation(evaluation)
     self.freeze_base = _check_bool("freeze_base", freeze_base)
     self.use_delta = _check_bool("use_delta", use_delta)
+    self.paper_lambda = core.check_paper_lambda(paper_lambda, use_delta)
     _check_rngs(rngs)
     self.adapter_dtype = adapter_dtype
     # The base's names of its kernel and bias: merge writes them back under these names, and
@@ -160,6 +174,11 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     self.delta: DeltaParam | None = nnx.data(None)
     if use_delta:
       self.delta = DeltaParam(jnp.zeros(shape, dtype))
+    self.snapshot_a: PaperSnapshot | None = nnx.data(None)
+    self.snapshot_b: PaperSnapshot | None = nnx.data(None)
+    if self.paper_lambda is not None:  # A^ = A, B^ = B at construction
+      self.snapshot_a = PaperSnapshot(jnp.array(self.lora_a[...], copy=True))
+      self.snapshot_b = PaperSnapshot(jnp.array(self.lora_b[...], copy=True))
 
   if not TYPE_CHECKING:  # typed code reads .kernel and .bias; the base's names are for its users
 
@@ -177,7 +196,11 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     bias = None if self.bias is None else self.bias[...]
     delta = None if self.delta is None else self.delta[...]
     lora_a, lora_b = self.lora_a[...], self.lora_b[...]
-    return core.delta_lora_layer(self, inputs, (self.kernel[...], bias, lora_a, lora_b, delta))
+    snapshot = None
+    if self.snapshot_a is not None and self.snapshot_b is not None:
+      snapshot = (self.snapshot_a[...], self.snapshot_b[...])
+    arrays = (self.kernel[...], bias, lora_a, lora_b, delta)
+    return core.delta_lora_layer(self, inputs, arrays, snapshot)
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):
@@ -209,7 +232,7 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
     base: the layer to adapt (see :func:`projection_of` for the kinds).
     rank: LoRA rank ``r``, at most the kernel's matrix rank bound
       (``min(in, out)`` for a dense kernel).
-    alpha: LoRA alpha; None or ``<= 0`` means ``alpha = r`` (``s = 1``).
+    alpha: LoRA alpha, finite and ``> 0``; None means ``alpha = r`` (``s = 1``).
     delta_scaling: ``ds``, finite and ``> 0``.
     freeze_base: the base kernel and bias get no gradient (XLA computes none).
     lora_a_init: initializer of ``A``; None is the seed's ``N(0, 1/r)``.
@@ -220,6 +243,11 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
     adapter_dtype: dtype of ``A``, ``B`` and ``D``; None is float32, or the
       kernel's dtype when that is wider.
     use_rslora: rank-stabilised scaling ``s = alpha / sqrt(r)`` (PEFT's ``use_rslora``).
+    paper_lambda: the published rule's ``lambda`` for its telescoped form
+      (:func:`deltalora_jax.paper_delta_lora` then never writes the kernel):
+      the layer gets ``snapshot_a``, ``snapshot_b`` (:class:`PaperSnapshot`,
+      copies of ``A`` and ``B``) and adds ``lambda s (A B - A^ B^)``, with
+      no gradient through that term. None: no snapshot. Needs ``use_delta=False``.
     rngs: the ``nnx.Rngs`` that draws ``A``.
 
   Example:
@@ -623,9 +651,12 @@ for _cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv):
 #: The names of the adapter's own attributes, which a base attribute kept by the adapter
 #: (``LayerDescription.attributes``) may not take.
 _OWN = frozenset(
-  {"projection", "rank", "alpha", "delta_scaling", "freeze_base", "evaluation", "use_delta",
-   "use_rslora", "adapter_dtype", "use_bias", "dtype", "precision", "base_graphdef", "kernel",
-   "bias", "lora_a", "lora_b", "delta", "kernel_name", "bias_name", "config", "scaling"}
+  {
+    *("projection", "rank", "alpha", "delta_scaling", "freeze_base", "evaluation"),
+    *("use_delta", "paper_lambda", "use_rslora", "adapter_dtype", "use_bias", "dtype"),
+    *("precision", "base_graphdef", "kernel", "bias", "lora_a", "lora_b", "delta"),
+    *("snapshot_a", "snapshot_b", "kernel_name", "bias_name", "config", "scaling"),
+  }
 )
 
 

@@ -422,6 +422,12 @@ def delta_lora(
       f"({sorted(map(paths.name, configs))}): build them with use_delta=True, or use "
       "paper_delta_lora (the published rule) or a plain optimizer for LoRA alone"
     )
+  if paper := sorted(paths.name(p) for p, c in configs.items() if c.paper_lambda is not None):
+    raise ValueError(
+      f"the layers {paper} have paper_lambda (the published rule's snapshot, written by "
+      "paper_delta_lora): delta_lora would leave their snapshot to other_optimizer; build "
+      "them without paper_lambda"
+    )
   _check_base_optimizer(configs, base_optimizer)
   param_labels = _default_labels(configs) if labels is None else labels
   inner = optax.multi_transform(

@@ -9,12 +9,20 @@ moves by the change of their product, at the steps ``t > K`` (``t`` from 0):
   W_{t+1} = W_t + \lambda\, s\,(A_{t+1} B_{t+1} - A_t B_t)
 
 :func:`paper_delta_lora` wraps the factors' optimizer (AdamW by default, as in
-the paper) and emits that kernel update from the factors' own updates and the
-current ``params``, reading each layer's scaling and kind from the adapted
-layers it is given. Those are built with ``use_delta=False`` (plain LoRA
-layers, base frozen) and may be of any kind of :mod:`deltalora_jax.projections`
-(dense, dense-general, einsum, convolution), stacked or not: ``W`` is updated
-in the kernel's own layout.
+the paper), reading each layer's scaling, kind and ``paper_lambda`` from the
+adapted layers it is given. Those are built with ``use_delta=False`` (base
+frozen) and may be of any kind of :mod:`deltalora_jax.projections` (dense,
+dense-general, einsum, convolution), stacked or not.
+
+The sum telescopes, ``W_T = W_0 + lambda s (A_T B_T - A_{K+1} B_{K+1})``: a
+layer built with ``paper_lambda`` holds a snapshot ``(A^, B^)`` of its factors
+and adds ``lambda s (A B - A^ B^)`` in its forward
+(:func:`deltalora_jax.core.delta_lora_apply`), and the rule writes the snapshot
+(the factors' update while ``t <= K``, then nothing), never ``W``: the
+telescoped form, the default. A layer without ``paper_lambda`` gets the
+in-place form, Algorithm 1 as written: the rule emits the kernel update above
+from the factors' own updates and the current ``params``, in the kernel's own
+layout.
 """
 
 from __future__ import annotations
@@ -31,14 +39,25 @@ import optax
 from jax.typing import ArrayLike
 
 from deltalora_jax import config, core, optim, paths, projections
+from deltalora_jax.linen import SNAPSHOT_COLLECTION
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
 LORA_B = "lora_b"
+SNAPSHOT_A, SNAPSHOT_B = core.SNAPSHOT_NAMES
+_NAMES = (KERNEL, LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)
 
 _T = TypeVar("_T")
-#: One adapted layer of a params tree: its leaf indices, ``s``, projection and stack axes.
+#: One in-place layer of a params tree: its leaf indices, ``s``, projection and stack axes.
 _Plan = tuple[dict[str, int], float, projections.Projection, int]
+
+
+class _Kind(NamedTuple):
+  """What the rule reads of one adapted layer."""
+
+  scaling: float
+  projection: projections.Projection
+  paper_lambda: float | None  # None: the in-place form
 
 
 class PaperDeltaLoRAState(NamedTuple):
@@ -118,8 +137,8 @@ def factor_product_change(
   return product(left, right)
 
 
-def _layer_kinds(layers: Any) -> dict[paths.Path, tuple[float, projections.Projection]]:
-  """``{layer path: (s, projection)}`` of the adapted layers; refuses a layer with ``D``."""
+def _layer_kinds(layers: Any) -> dict[paths.Path, _Kind]:
+  """``{layer path: _Kind}`` of the adapted layers; refuses a layer with ``D``."""
   configs = config.layer_configs(layers)
   with_delta = [paths.name(path) for path, layer in configs.items() if layer.use_delta]
   if with_delta:
@@ -127,13 +146,35 @@ def _layer_kinds(layers: Any) -> dict[paths.Path, tuple[float, projections.Proje
       "paper_delta_lora is the rule without D: build the adapted layers with use_delta=False; "
       f"layers has use_delta=True at {with_delta}"
     )
-  return {path: (layer.scaling, layer.projection) for path, layer in configs.items()}
+  return {
+    path: _Kind(layer.scaling, layer.projection, layer.paper_lambda)
+    for path, layer in configs.items()
+  }
 
 
-def _check_lambda(lambda_: _T) -> _T:
+def _check_lambda(lambda_: _T, kinds: Mapping[paths.Path, _Kind]) -> _T:
+  """Checks ``lambda_``; with snapshot layers it must be None or their ``paper_lambda``."""
+  if lambda_ is None:
+    return lambda_
   value = core.as_float("lambda_", lambda_)
   if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(f"lambda_ must be finite and >= 0, got lambda_={lambda_!r}")
+  telescoped = {p: k.paper_lambda for p, k in kinds.items() if k.paper_lambda is not None}
+  if not telescoped:
+    return lambda_
+  if value is None:
+    raise TypeError(
+      "lambda_ is traced (optax.inject_hyperparams or a schedule), but the layers "
+      f"{sorted(map(paths.name, telescoped))} take the telescoped form, whose lambda is the "
+      "layers' paper_lambda, fixed for the run (a lambda that changes after K does not "
+      "telescope): leave lambda_ out, or build layers without paper_lambda for the in-place form"
+    )
+  differ = {paths.name(p): v for p, v in telescoped.items() if v != value}
+  if differ:
+    raise ValueError(
+      f"lambda_={value!r} differs from the paper_lambda of the layers {differ}: leave "
+      "lambda_ out (the layers' paper_lambda is used)"
+    )
   return lambda_
 
 
@@ -152,10 +193,12 @@ def _check_start_step(start_step: _T) -> _T:
 
 
 def _adapted_layers(tree: Any) -> dict[paths.Path, dict[str, int]]:
-  """``{layer path in the tree: {'kernel': i, 'lora_a': j, 'lora_b': k}}``, indices into the leaves.
+  """``{layer path in the tree: {'kernel': i, 'lora_a': j, ...}}``, indices into the leaves.
 
-  Raises ValueError for a ``delta`` leaf, for no adapted layer at all, and for
-  a layer whose kernel or factors are missing.
+  A Linen snapshot (``('snapshot', *layer, 'snapshot_a')``) joins the layer
+  ``('params', *layer)``. Raises ValueError for a ``delta`` leaf, for no
+  adapted layer at all, for a layer without both factors, and for snapshot
+  factors beside no factors.
   """
   flat = jax.tree_util.tree_flatten_with_path(tree)[0]
   groups: dict[paths.Path, dict[str, int]] = {}
@@ -166,21 +209,42 @@ def _adapted_layers(tree: Any) -> dict[paths.Path, dict[str, int]]:
         "paper_delta_lora is the rule without D: build the layers with "
         f"use_delta=False; the tree has a 'delta' leaf at {paths.name(names)!r}"
       )
-    if names and names[-1] in (KERNEL, LORA_A, LORA_B):
+    if names and names[-1] in _NAMES:
       groups.setdefault(names[:-1], {})[names[-1]] = i
-  layers = {p: g for p, g in groups.items() if LORA_A in g or LORA_B in g}
+  for path in list(groups):
+    linen = ("params", *path[1:])
+    if path[:1] == (SNAPSHOT_COLLECTION,) and LORA_A not in groups[path] and linen in groups:
+      groups[linen].update(groups.pop(path))
+  layers = {p: g for p, g in groups.items() if {LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B} & set(g)}
   if not layers:
     raise ValueError(
       "paper_delta_lora found no adapted layer (leaves named 'lora_a', 'lora_b' "
       "beside a 'kernel') in the params"
     )
   for path, group in layers.items():
-    if len(group) != 3:
+    if not {LORA_A, LORA_B} <= set(group):
       raise ValueError(
-        f"adapted layer {paths.name(path)!r} must have 'kernel', 'lora_a' and 'lora_b', "
-        f"got {sorted(group)}"
+        f"adapted layer {paths.name(path)!r} must have 'lora_a' and 'lora_b', got {sorted(group)}"
       )
   return layers
+
+
+def _check_layer_names(path: paths.Path, group: Mapping[str, int], kind: _Kind) -> None:
+  """Raises unless the layer has what its form needs: the kernel (in place) or the snapshot."""
+  if kind.paper_lambda is None:
+    needed, form = {KERNEL, LORA_A, LORA_B}, "in-place"
+    if extra := sorted({SNAPSHOT_A, SNAPSHOT_B} & set(group)):
+      raise ValueError(
+        f"adapted layer {paths.name(path)!r} has {extra} in the tree, but its layer has no "
+        "paper_lambda: pass the layers of the model that made these params"
+      )
+  else:
+    needed, form = {LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B}, "telescoped"
+  if missing := sorted(needed - set(group)):
+    raise ValueError(
+      f"adapted layer {paths.name(path)!r} ({form} form) must have {sorted(needed)}, lacks "
+      f"{missing}; got {sorted(group)}"
+    )
 
 
 def _stack_axes(
@@ -225,7 +289,7 @@ def paper_delta_lora(
   learning_rate: optax.ScalarOrSchedule | None = None,
   *,
   layers: Any,
-  lambda_: float = 2.0,
+  lambda_: float | None = None,
   start_step: int = 500,
   lora_optimizer: optax.GradientTransformation | None = None,
   other_optimizer: optax.GradientTransformation | None = None,
@@ -233,10 +297,12 @@ def paper_delta_lora(
   r"""The published Delta-LoRA rule: the base kernel follows the change of ``A B``.
 
   Leaves are routed by :func:`deltalora_jax.leaf_labels`: the LoRA factors
-  get ``lora_optimizer``; the adapted layers' kernels get the rule below (their
-  gradient is ignored: build the layers with ``freeze_base=True``, the default,
-  and XLA computes none); their biases stay frozen; every other parameter gets
-  ``other_optimizer`` (None freezes it). With ``t`` the number of optimizer
+  get ``lora_optimizer``; the snapshot factors (``snapshot_a``, ``snapshot_b``)
+  and the kernels of telescoped layers get the updates below; the in-place
+  layers' kernels get the rule below (their gradient is ignored: build the
+  layers with ``freeze_base=True``, the default, and XLA computes none); their
+  biases stay frozen; every other parameter gets ``other_optimizer`` (None
+  freezes it). With ``t`` the number of optimizer
   steps taken before this one (the state's ``count``: ``0`` at the first call
   of ``update``; under ``optax.MultiSteps`` it counts the accumulated steps,
   and a step that ``optax.apply_if_finite`` skips is not counted) and
@@ -265,6 +331,34 @@ def paper_delta_lora(
   the kernel's dtype. Layers stacked by ``nn.scan`` or ``nnx.vmap`` (extra
   leading axes on the kernel and the factors) get one product per layer.
 
+  **Two forms, chosen by the layers.** A layer built with ``paper_lambda``
+  (``DeltaLoRADense(..., use_delta=False, paper_lambda=2.0)``, or that option
+  of :func:`~deltalora_jax.adapt_nnx` / :func:`~deltalora_jax.adapt_linen`)
+  takes the *telescoped* form: its kernel is never written (its update is
+  zero, and it need not even be in the tree, as under
+  ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``). With ``W`` frozen
+  otherwise the sum telescopes, ``W_T = W_0 + lambda s (A_T B_T - A_{K+1}
+  B_{K+1})``, so the layer holds a snapshot ``(A^, B^)`` of the factors and
+  computes ``W_0`` plus ``lambda s (A B - A^ B^)`` in its forward
+  (:func:`deltalora_jax.core.delta_lora_apply`, the ``lambda`` part under
+  ``stop_gradient``). This transformation writes the snapshot: its update is
+  the factors' own while ``t <= K``, so that ``A^ = A`` and the extra term is
+  zero, and zero from ``t = K + 1`` on, which leaves
+  ``A^ = A_{K+1}``, ``B^ = B_{K+1}``. The base is only read (a bfloat16 base
+  loses nothing of ``W``'s change), the step holds no
+  full-size buffer, and :func:`~deltalora_jax.export_adapter`,
+  :func:`~deltalora_jax.merge` and checkpoints carry the whole change.
+  ``lambda`` is then the layers' ``paper_lambda``, fixed for the run: a
+  lambda that changes after ``K`` does not telescope, so a traced
+  ``lambda_`` (``optax.inject_hyperparams``) is refused with these layers.
+
+  A layer without ``paper_lambda`` takes the *in-place* form, Algorithm 1
+  as written: the rule writes ``lambda s (A_{t+1} B_{t+1} - A_t B_t)`` into
+  its kernel each step (below), with ``lambda_`` (2.0 when None), which may
+  be traced. Use it only where a changing ``lambda`` is wanted: a bfloat16
+  kernel then rounds part of each step's change away, and an adapter file
+  holds the factors but not the kernel's change.
+
   The paper also removes LoRA dropout from the branch; this library has no
   LoRA dropout. Layers with ``use_delta=True`` are refused: use
   :func:`deltalora_jax.delta_lora` for the seed's rule.
@@ -281,7 +375,9 @@ def paper_delta_lora(
       have ``use_delta=False``. ``init`` checks that the params tree has
       exactly these adapted layers (a leading ``'params'`` collection is
       ignored).
-    lambda_: the paper's update ratio ``lambda``, finite and ``>= 0``.
+    lambda_: the paper's update ratio ``lambda``, finite and ``>= 0``, of
+      the in-place layers; None is 2.0. With telescoped layers (those with
+      ``paper_lambda``) leave it out, or give their ``paper_lambda``.
     start_step: the paper's ``K``, an int ``>= 0``: ``W`` moves at the steps
       ``t > K`` (``t`` from 0), first at ``t = K + 1``.
     lora_optimizer: optimizer of ``lora_a`` and ``lora_b``; None is
@@ -296,11 +392,16 @@ def paper_delta_lora(
     ``static_args="layers"`` when ``layers`` is a model, which is callable).
 
   Example:
+    The telescoped form (``paper_lambda`` on the layer): the kernel stays,
+    the snapshot follows the factors up to ``K`` and then stays.
+
     >>> import jax, jax.numpy as jnp, optax
     >>> import deltalora_jax as dl
-    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False)
+    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False, paper_lambda=2.0)
     >>> x = jnp.ones((4, 5))
     >>> variables = layer.init(jax.random.key(0), x)
+    >>> sorted(variables["snapshot"])
+    ['snapshot_a', 'snapshot_b']
     >>> tx = dl.paper_delta_lora(
     ...     lora_optimizer=optax.sgd(0.1), layers=dl.adapted_layers(layer, x), start_step=0)
     >>> opt_state = tx.init(variables)
@@ -308,9 +409,23 @@ def paper_delta_lora(
     >>> def step(v, opt_state):
     ...   updates, opt_state = tx.update(jax.grad(loss)(v), opt_state, v)
     ...   return optax.apply_updates(v, updates), opt_state
-    >>> first, opt_state = step(variables, opt_state)  # t = 0: W stays
-    >>> bool(jnp.all(first["params"]["kernel"] == variables["params"]["kernel"]))
+    >>> first, opt_state = step(variables, opt_state)  # t = 0 <= K: A^ follows A
+    >>> bool(jnp.all(first["snapshot"]["snapshot_b"] == first["params"]["lora_b"]))
     True
+    >>> second, opt_state = step(first, opt_state)  # t = 1 > K = 0: A^ stays, W too
+    >>> bool(jnp.all(second["snapshot"]["snapshot_b"] == first["params"]["lora_b"]))
+    True
+    >>> bool(jnp.all(second["params"]["kernel"] == variables["params"]["kernel"]))
+    True
+
+    The in-place form (a layer without ``paper_lambda``) writes ``W``:
+
+    >>> layer = dl.DeltaLoRADense(features=3, rank=2, use_delta=False)
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> tx = dl.paper_delta_lora(
+    ...     lora_optimizer=optax.sgd(0.1), layers=dl.adapted_layers(layer, x), start_step=0)
+    >>> opt_state = tx.init(variables)
+    >>> first, opt_state = step(variables, opt_state)  # t = 0: W stays
     >>> second, opt_state = step(first, opt_state)  # t = 1 > K = 0: W moves
     >>> p, q = first["params"], second["params"]
     >>> change = 2.0 * (q["lora_a"] @ q["lora_b"] - p["lora_a"] @ p["lora_b"])
@@ -333,7 +448,8 @@ def paper_delta_lora(
     core.check_learning_rate(learning_rate)
     lora_optimizer = optax.adamw(learning_rate)
   kinds = _layer_kinds(layers)
-  _check_lambda(lambda_)
+  _check_lambda(lambda_, kinds)
+  in_place_lambda = 2.0 if lambda_ is None else lambda_
   _check_start_step(start_step)
   inner = optax.multi_transform(
     {
@@ -341,21 +457,27 @@ def paper_delta_lora(
       optim.BASE: optax.set_to_zero(),
       optim.OTHER: other_optimizer or optax.set_to_zero(),
     },
-    optim.leaf_labels,
+    _leaf_labels,
   )
 
-  def layer_plans(params: optax.Params) -> list[_Plan]:
-    """``[(leaf indices, s, projection, stack)]`` of each adapted layer, its shapes checked."""
+  def layer_plans(params: optax.Params) -> tuple[list[_Plan], list[dict[str, int]]]:
+    """The in-place layers' ``[(leaf indices, s, projection, stack)]``, shapes checked, and
+    the telescoped layers' leaf indices."""
     found = _adapted_layers(params)
     leaves = jax.tree.leaves(params)
     plans: list[_Plan] = []
+    telescoped: list[dict[str, int]] = []
     for path, layer_path in _match_layers(found, kinds).items():
-      s, projection = kinds[layer_path]
-      kernel, lora_a, lora_b = (leaves[found[path][n]] for n in (KERNEL, LORA_A, LORA_B))
-      plans.append(
-        (found[path], s, projection, _stack_axes(path, kernel, lora_a, lora_b, projection))
-      )
-    return plans
+      kind, group = kinds[layer_path], found[path]
+      _check_layer_names(path, group, kind)
+      if kind.paper_lambda is not None:
+        _check_snapshot(path, *(leaves[group[n]] for n in (LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)))
+        telescoped.append(group)
+        continue
+      kernel, lora_a, lora_b = (leaves[group[n]] for n in (KERNEL, LORA_A, LORA_B))
+      stack = _stack_axes(path, kernel, lora_a, lora_b, kind.projection)
+      plans.append((group, kind.scaling, kind.projection, stack))
+    return plans, telescoped
 
   def init_fn(params: optax.Params) -> PaperDeltaLoRAState:
     layer_plans(params)
@@ -372,38 +494,77 @@ def paper_delta_lora(
         "paper_delta_lora needs the current parameters: call "
         "tx.update(grads, opt_state, params), params being the tree given to tx.init"
       )
-    plans = layer_plans(params)
+    plans, telescoped = layer_plans(params)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
-    # jaxlib ships no stub for its PyTreeDef (jaxlib/_jax.so), so mypy knows none of its methods.
-    param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-    kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
-    factors = [
-      tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
-      for group, *_ in plans
-    ]  # (A, B, uA, uB) of each layer
-
-    def follow(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
-      """``lambda s (A'B' - AB)`` of each layer: the full-size products."""
-      changes = []
-      for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
-        factors, plans, kernels, strict=True
-      ):
-        change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
-        coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(s, change.dtype)
-        changes.append((coef * change).astype(kernel.dtype))
-      return changes
-
-    def stay(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
-      return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
-
     started = state.count > jnp.asarray(start_step).astype(jnp.int32)  # the paper's t > K
-    for (group, *_), change in zip(
-      plans, jax.lax.cond(started, follow, stay, factors), strict=True
-    ):
-      leaves[group[KERNEL]] = change
+    for group in telescoped:  # the snapshot follows the factors while t <= K, then stays
+      for factor, snapshot in ((LORA_A, SNAPSHOT_A), (LORA_B, SNAPSHOT_B)):
+        update = leaves[group[factor]]
+        leaves[group[snapshot]] = jnp.where(started, jnp.zeros_like(update), update)
+    if plans:
+      # jaxlib ships no stub for its PyTreeDef (jaxlib/_jax.so), so mypy knows none of its methods.
+      param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
+      kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
+      factors = [
+        tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
+        for group, *_ in plans
+      ]  # (A, B, uA, uB) of each layer
+
+      def follow(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
+        """``lambda s (A'B' - AB)`` of each layer: the full-size products."""
+        changes = []
+        for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
+          factors, plans, kernels, strict=True
+        ):
+          change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
+          coef = jnp.asarray(in_place_lambda, change.dtype) * jnp.asarray(s, change.dtype)
+          changes.append((coef * change).astype(kernel.dtype))
+        return changes
+
+      def stay(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
+        return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
+
+      for (group, *_), change in zip(
+        plans, jax.lax.cond(started, follow, stay, factors), strict=True
+      ):
+        leaves[group[KERNEL]] = change
     count = optax.safe_increment(state.count)
     new_updates = jax.tree.unflatten(treedef, leaves)
     return new_updates, PaperDeltaLoRAState(count=count, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _leaf_labels(tree: Any) -> Any:
+  """:func:`deltalora_jax.leaf_labels`, with the snapshot factors labelled as a frozen base.
+
+  Their updates are set by :func:`paper_delta_lora` itself, never by an optimizer.
+  """
+  labels = optim.leaf_labels(tree)
+  return jax.tree_util.tree_map_with_path(
+    lambda path, label: optim.BASE if paths.key_path(path)[-1:] in _SNAPSHOT_ENDS else label,
+    labels,
+  )
+
+
+_SNAPSHOT_ENDS = ((SNAPSHOT_A,), (SNAPSHOT_B,))
+
+
+def _check_snapshot(
+  path: paths.Path, lora_a: Any, lora_b: Any, snapshot_a: Any, snapshot_b: Any
+) -> None:
+  """Raises unless the snapshot factors have the factors' shapes and dtypes."""
+  for name, factor, snapshot in (
+    (SNAPSHOT_A, lora_a, snapshot_a),
+    (SNAPSHOT_B, lora_b, snapshot_b),
+  ):
+    if (jnp.shape(snapshot), jnp.result_type(snapshot)) != (
+      jnp.shape(factor),
+      jnp.result_type(factor),
+    ):
+      raise ValueError(
+        f"adapted layer {paths.name(path)!r}: {name} must have the shape and dtype of its "
+        f"factor {jnp.shape(factor)} {jnp.result_type(factor)}, got {jnp.shape(snapshot)} "
+        f"{jnp.result_type(snapshot)}"
+      )

@@ -35,7 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from deltalora_jax import paths, projections
 from deltalora_jax.config import layer_configs
-from deltalora_jax.linen import DELTA_COLLECTION
+from deltalora_jax.linen import DELTA_COLLECTION, SNAPSHOT_COLLECTION
 
 DATA_AXIS = "data"
 FSDP_AXIS = "fsdp"
@@ -44,13 +44,14 @@ Rules = Sequence[tuple[str, PartitionSpec]]
 
 DENSE_RULES: Rules = (
   (r"(^|/)(kernel|delta)$", PartitionSpec(FSDP_AXIS, None)),
-  (r"(^|/)lora_a$", PartitionSpec(FSDP_AXIS, None)),
-  (r"(^|/)lora_b$", PartitionSpec(None, FSDP_AXIS)),
+  (r"(^|/)(lora|snapshot)_a$", PartitionSpec(FSDP_AXIS, None)),
+  (r"(^|/)(lora|snapshot)_b$", PartitionSpec(None, FSDP_AXIS)),
 )
 """Path rules for 2-D ``nn.Dense`` kernels only: ``(regex over the leaf's path, PartitionSpec)``.
 
 ``W [in, out]``, ``D [in, out]`` and ``A [in, r]`` are split along their first
-axis, ``B [r, out]`` along its second. They know nothing of a layer's kind: on
+axis, ``B [r, out]`` along its second (the paper rule's snapshot ``A^``,
+``B^`` as ``A``, ``B``). They know nothing of a layer's kind: on
 a conv kernel ``[*window, in, out]`` they split the window, on a stacked
 kernel ``[layers, in, out]`` the layer axis. ``rules=None`` (the default of
 :func:`partition_specs`) gives the same specs on dense layers and follows
@@ -60,7 +61,10 @@ every other kernel's layout.
 #: The name :data:`DENSE_RULES` had when they were the default; kept for code that names them.
 DEFAULT_RULES: Rules = DENSE_RULES
 
-_ADAPTER_NAMES = ("kernel", "delta", "lora_a", "lora_b")
+_ADAPTER_NAMES = ("kernel", "delta", "lora_a", "lora_b", "snapshot_a", "snapshot_b")
+#: The collection of each Linen leaf kept outside ``'params'``: ``D`` and the snapshot.
+_COLLECTIONS = {"delta": DELTA_COLLECTION, "snapshot_a": SNAPSHOT_COLLECTION}
+_COLLECTIONS["snapshot_b"] = SNAPSHOT_COLLECTION
 
 
 def make_mesh(
@@ -326,7 +330,7 @@ def _split(ndim: int, axis: int | None) -> PartitionSpec:
 
 def _dense_spec(name: str, shape: Shape, size: int) -> PartitionSpec:
   """A leaf outside a readable layout, split as a Dense's (see :func:`partition_specs`)."""
-  axis = len(shape) - (1 if name == "lora_b" else 2)
+  axis = len(shape) - (1 if name in ("lora_b", "snapshot_b") else 2)
   return _split(len(shape), axis if axis >= 0 and shape[axis] % size == 0 else None)
 
 
@@ -355,17 +359,22 @@ def _layer_specs(
     "lora_a": _split(len(a), None if axis is None else a_axes[axis]),
     "lora_b": _split(len(b), _innermost(outputs, b, size) if b_axis is None else b_axis),
   }
+  specs["snapshot_a"], specs["snapshot_b"] = specs["lora_a"], specs["lora_b"]
   return {leaf: specs[leaf] for leaf in leaves}
 
 
 def _layer_of(names: Names, present: set[Names]) -> Names:
-  """The layer a ``kernel``/``delta``/``lora_*`` leaf belongs to (Linen's ``D`` to its kernel's)."""
+  """The layer a ``kernel``/``delta``/``lora_*``/``snapshot_*`` leaf belongs to.
+
+  Linen's ``D`` and snapshot belong to their kernel's layer.
+  """
   layer = names[:-1]
-  if names[-1] != "delta" or (*layer, "kernel") in present:
+  collection = _COLLECTIONS.get(names[-1])
+  if collection is None or (*layer, "kernel") in present or (*layer, "lora_a") in present:
     return layer
   for i, name in enumerate(layer):  # 'delta/attn/q/delta' belongs to 'params/attn/q'
     params = (*layer[:i], "params", *layer[i + 1 :])
-    if name == DELTA_COLLECTION and any((*params, n) in present for n in _ADAPTER_NAMES):
+    if name == collection and any((*params, n) in present for n in _ADAPTER_NAMES):
       return params
   return layer
 

@@ -25,7 +25,13 @@ from flax.typing import PathParts
 
 from deltalora_jax import core, optim, paths
 from deltalora_jax.config import LayerConfig, layer_configs
-from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.linen import (
+  DELTA_COLLECTION,
+  SNAPSHOT_COLLECTION,
+  DeltaLoRADense,
+  DeltaLoRAGeneral,
+  collection_of,
+)
 from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
 Path = paths.Path
@@ -33,8 +39,8 @@ Path = paths.Path
 Layers = Any
 #: An adapted layer: a Linen or an NNX one.
 AdaptedLayer = DeltaLoRADense | DeltaLoRAGeneral | DeltaLoRALinear | DeltaLoRALinearGeneral
-#: The arrays of an adapted layer, in the seed's order.
-ARRAY_NAMES = ("kernel", "bias", "lora_a", "lora_b", "delta")
+#: The arrays of an adapted layer, in the seed's order, then the snapshot of the paper's rule.
+ARRAY_NAMES = ("kernel", "bias", "lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
 
 
 def _is_variable(x: Any) -> bool:
@@ -122,8 +128,11 @@ class _Layer:
     return self.arrays["kernel"].ndim - self.config.projection.kernel_ndim
 
   def trainable(self) -> dict[str, jax.Array]:
-    """The arrays that train, in the seed's order: the base only when not frozen."""
-    frozen = ("kernel", "bias") if self.config.freeze_base else ()
+    """The arrays that train, in the seed's order: the base only when not frozen.
+
+    The snapshot factors of the paper's rule never train (the optimizer writes them).
+    """
+    frozen = (*core.SNAPSHOT_NAMES, *(("kernel", "bias") if self.config.freeze_base else ()))
     return {n: a for n, a in self.arrays.items() if n not in frozen}
 
 
@@ -162,16 +171,20 @@ def _linen_layers(variables: Mapping[str, Any], layers: Layers) -> list[_Layer]:
       "layers is required with Linen variables: pass {path: adapted layer}, e.g. "
       "adapted_layers(model, x), or the DeltaLoRAModel of adapt_linen"
     )
-  params = traverse_util.flatten_dict(variables["params"])
-  deltas = traverse_util.flatten_dict(variables.get(DELTA_COLLECTION, {}))
+  flat = {
+    c: traverse_util.flatten_dict(variables.get(c, {}))
+    for c in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION)
+  }
   found = []
   for path, config in layer_configs(layers).items():
     names = ["kernel", *(["bias"] if config.use_bias else []), "lora_a", "lora_b"]
+    names += ["delta"] if config.use_delta else []
+    names += list(core.SNAPSHOT_NAMES) if config.paper_lambda is not None else []
     arrays = {}
-    for name in [*names, *(["delta"] if config.use_delta else [])]:
-      source = deltas if name == "delta" else params
+    for name in names:
+      collection = collection_of(name)
+      source = flat[collection]
       if (*path, name) not in source:
-        collection = DELTA_COLLECTION if name == "delta" else "params"
         raise ValueError(
           f"variables[{collection!r}] has no {paths.name((*path, name))!r}: is the layer at "
           f"{paths.name(path)!r} of layers a layer of this model?"
@@ -190,7 +203,7 @@ def _layers(model_or_variables: Any, layers: Layers = None) -> list[_Layer]:
       _Layer(
         path,
         module.config,
-        {n: getattr(module, n)[...] for n in ARRAY_NAMES if getattr(module, n) is not None},
+        {n: getattr(module, n)[...] for n in ARRAY_NAMES if getattr(module, n, None) is not None},
       )
       for path, module in _nnx_adapters(model_or_variables).items()
     ]
@@ -219,7 +232,8 @@ def with_arrays(model_or_variables: Any, new: Mapping[Path, Mapping[str, Any]]) 
   """The model with the adapted layers' arrays ``{path: {name: array}}`` put in.
 
   NNX: the model, changed in place; Linen: new variables (``D`` goes to the
-  ``'delta'`` collection, the rest to ``'params'``). The arrays are not checked.
+  ``'delta'`` collection, the snapshot factors to ``'snapshot'``, the rest to
+  ``'params'``). The arrays are not checked.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -238,7 +252,7 @@ def with_arrays(model_or_variables: Any, new: Mapping[Path, Mapping[str, Any]]) 
   flat = {c: traverse_util.flatten_dict(v) for c, v in model_or_variables.items()}
   for path, arrays in new.items():
     for name, value in arrays.items():
-      flat[DELTA_COLLECTION if name == "delta" else "params"][(*path, name)] = value
+      flat.setdefault(collection_of(name), {})[(*path, name)] = value
   return {c: traverse_util.unflatten_dict(v) for c, v in flat.items()}
 
 
@@ -431,7 +445,16 @@ def _merged_kernel(layer: _Layer) -> jax.Array:
     delta_scaling=config.delta_scaling,
     precision=jax.lax.Precision.HIGHEST,
     projection=config.projection,
+    snapshot=_snapshot(layer),
+    paper_lambda=config.paper_lambda,
   ).astype(arrays["kernel"].dtype)
+
+
+def _snapshot(layer: _Layer) -> core.Snapshot | None:
+  """``(A^, B^)`` of a layer of the paper's telescoped form, else None."""
+  if layer.config.paper_lambda is None:
+    return None
+  return layer.arrays[core.SNAPSHOT_A], layer.arrays[core.SNAPSHOT_B]
 
 
 def _unloaded(module: DeltaLoRALinear | DeltaLoRALinearGeneral, kernel: jax.Array) -> nnx.Module:
@@ -449,11 +472,13 @@ def _unloaded(module: DeltaLoRALinear | DeltaLoRALinearGeneral, kernel: jax.Arra
 def merge(model_or_variables: Any, layers: Layers = None) -> Any:
   """The model written with its base layers in place of each adapter, with merged kernels.
 
-  Each adapted layer's ``kernel`` becomes ``W + s A B + ds D`` in its own
-  layout (each layer of a stack on its own), formed at
-  ``Precision.HIGHEST`` in at least float32 and stored in the kernel's dtype
-  (a bfloat16 kernel rounds the adapter's contribution); its bias is
-  unchanged. The argument is not modified.
+  Each adapted layer's ``kernel`` becomes ``W + s A B + ds D`` (a layer of
+  the paper's telescoped form: ``W + s (1 + lambda) A B - lambda s A^ B^``,
+  the kernel Algorithm 1 would have written) in its own layout (each layer
+  of a stack on its own), formed at ``Precision.HIGHEST`` in at least
+  float32 and stored in the kernel's dtype (a bfloat16 kernel rounds the
+  adapter's contribution); its bias is unchanged. The argument is not
+  modified.
 
   Args:
     model_or_variables: an NNX model, or Linen variables.
@@ -465,7 +490,7 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
     classes again (a model that is a single adapter gives that base layer).
     Linen: the variables of the same model written with its base layers
     (for a ``DeltaLoRAModel``, its ``.model``): ``lora_a``, ``lora_b`` and
-    the ``'delta'`` collection dropped, other collections kept.
+    the ``'delta'`` and ``'snapshot'`` collections dropped, other collections kept.
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn
@@ -495,7 +520,9 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
     params[(*layer.path, "kernel")] = _merged_kernel(layer)
     del params[(*layer.path, "lora_a")], params[(*layer.path, "lora_b")]
   merged_variables = {
-    c: v for c, v in model_or_variables.items() if c not in ("params", DELTA_COLLECTION)
+    c: v
+    for c, v in model_or_variables.items()
+    if c not in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION)
   }
   merged_variables["params"] = traverse_util.unflatten_dict(params)
   return merged_variables
@@ -510,16 +537,28 @@ def _norm(x: jax.Array) -> float:
   return float(jnp.linalg.norm(jnp.ravel(x).astype(jnp.float32)))
 
 
-def _lora_norm(layer: _Layer) -> float:
-  """``||s A B||_F`` without forming ``A B`` (over every layer of a stack)."""
+def _lora_norm(layer: _Layer, *, paper_change: bool = False) -> float:
+  """``||s A B||_F`` without forming ``A B`` (over every layer of a stack).
+
+  ``paper_change``: ``||lambda s (A B - A^ B^)||_F`` instead, the change of
+  the kernel that the paper's telescoped form carries, as the product of
+  ``[A, A^]`` and ``[B; -B^]``.
+  """
   config = layer.config
+  a, b = layer.arrays["lora_a"], layer.arrays["lora_b"]
+  scaling = config.scaling
+  if paper_change:
+    axis = layer.stack + config.projection.rank_axis_of_b()
+    a = jnp.concatenate([a, layer.arrays[core.SNAPSHOT_A]], axis=-1)
+    b = jnp.concatenate([b, -layer.arrays[core.SNAPSHOT_B]], axis=axis)
+    scaling *= config.paper_lambda or 0.0
 
   def norm(a: jax.Array, b: jax.Array) -> jax.Array:
-    return core.lora_product_norm(a, b, config.scaling, config.projection)
+    return core.lora_product_norm(a, b, scaling, config.projection)
 
   for _ in range(layer.stack):
     norm = jax.vmap(norm)
-  return float(jnp.sqrt(jnp.sum(norm(layer.arrays["lora_a"], layer.arrays["lora_b"]) ** 2)))
+  return float(jnp.sqrt(jnp.sum(norm(a, b) ** 2)))
 
 
 def _figures(layer: _Layer) -> dict[str, Any]:
@@ -535,7 +574,7 @@ def _figures(layer: _Layer) -> dict[str, Any]:
     "delta_scaling": config.delta_scaling,
     "freeze_base": config.freeze_base,
     "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
-  }
+  } | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda})
 
 
 def layer_figures(model_or_variables: Any, layers: Layers = None) -> dict[str, dict[str, Any]]:
@@ -567,7 +606,10 @@ def diagnostics(
   ``freeze_base``, ``parameter_count``, and the Frobenius norms
   ``delta_norm`` (``||D||``, 0 without ``D``), ``lora_norm`` (``||s A B||``,
   without forming ``A B``) and, when ``opt_state`` is given,
-  ``velocity_norm`` (``||V||``). ``'total'`` holds the layer count, the
+  ``velocity_norm`` (``||V||``). A layer of the paper's telescoped form
+  adds ``paper_lambda`` and ``paper_change_norm``
+  (``||lambda s (A B - A^ B^)||``, the kernel's change that Algorithm 1
+  would have written, without forming it). ``'total'`` holds the layer count, the
   parameter count and the global norms.
 
   Args:
@@ -590,6 +632,8 @@ def diagnostics(
     delta = layer.arrays.get("delta")
     entry["delta_norm"] = 0.0 if delta is None else _norm(delta)
     entry["lora_norm"] = _lora_norm(layer)
+    if layer.config.paper_lambda is not None:
+      entry["paper_change_norm"] = _lora_norm(layer, paper_change=True)
     if velocities is not None and layer.path in velocities:
       entry["velocity_norm"] = _norm(velocities[layer.path])
     report[layer.name] = entry

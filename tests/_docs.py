@@ -87,7 +87,7 @@ COVERED: dict[tuple[str, str | None], tuple[str, ...]] = {
     "tests/test_readme.py::test_quickstart_runs_and_loss_falls",  # the README's, identical
   ),
   ("which_rule.md", "The published rule, by example"): (
-    "tests/test_paper.py::test_guide_which_rule_example_runs_and_moves_the_base",
+    "tests/test_paper.py::test_guide_which_rule_example_runs_and_keeps_the_base",
   ),
   ("adapting.md", "An existing Linen model"): (
     "tests/test_adapt.py::test_guide_linen_section_runs",

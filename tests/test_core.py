@@ -149,6 +149,9 @@ def test_wrong_input_features_is_an_error_naming_shapes():
     (lambda: core.check_momentum(np.ones(2) * 0.5), ValueError, r"momentum must be a scalar"),
     (lambda: core.check_learning_rate(float("nan")), ValueError, r"learning_rate=nan"),
     (lambda: core.lora_scaling(float("nan"), 4), ValueError, r"alpha=nan"),
+    (lambda: core.lora_scaling(0, 4), ValueError, r"alpha must be a finite number > 0 or None"),
+    (lambda: core.lora_scaling(-1.0, 4), ValueError, r"> 0 or None \(None: alpha = rank\)"),
+    (lambda: core.check_learning_rate(-0.1), ValueError, r">= 0, or a schedule, got learning_rate"),
     (lambda: core.check_evaluation("fast"), ValueError, r"evaluation='fast'"),
   ],
 )
@@ -161,5 +164,6 @@ def test_valid_edge_values_pass():
   assert core.check_momentum(0.0) == 0.0
   assert core.check_rank(4, 4, 4) == 4
   assert core.check_learning_rate(optax_schedule := (lambda step: 0.1)) is optax_schedule
-  assert core.lora_scaling(0, 4) == 1.0
+  assert core.lora_scaling(None, 4) == 1.0
+  assert core.check_learning_rate(0.0) == 0.0
   assert core.lora_scaling(8, 4) == 2.0

@@ -1,7 +1,9 @@
-"""paper_delta_lora: the published Delta-LoRA rule (Zi et al., arXiv 2309.02411).
+"""paper_delta_lora: the published Delta-LoRA rule (Zi et al., arXiv 2309.02411), in place.
 
-Each identity of the "Which rule?" guide (``docs/guides/which_rule.md``) is proved
-here: the one-step rule by hand, the paper's start condition ``t > K``, the
+The layers here have no ``paper_lambda``: the rule writes the kernel (Algorithm 1 as
+written); ``tests/test_paper_telescoped.py`` proves the telescoped form against it. Each
+identity of the in-place form in the "Which rule?" guide (``docs/guides/which_rule.md``)
+is proved here: the one-step rule by hand, the paper's start condition ``t > K``, the
 telescoping sum and its rank, the equivalence with plain LoRA at alpha * (1 + lambda)
 under Adam, the wrappers, the absence of a base kernel gradient in the compiled step,
 and the absence of any full-size product before the start step.
@@ -443,7 +445,8 @@ def test_learning_rate_can_be_injected_and_layers_stay_static():
     learning_rate=1e-2, layers=LAYERS, start_step=0
   )
   state = at_step(tx.init(VARIABLES), 1)
-  assert set(state.hyperparams) == {"learning_rate", "lambda_", "start_step"}
+  # lambda_ left out is None (2.0 for these in-place layers), which is not a number to inject
+  assert set(state.hyperparams) == {"learning_rate", "start_step"}
   updates, _ = jit_update(tx, standard=True)(GRAD(VARIABLES), state, VARIABLES)
   new = optax.apply_updates(VARIABLES, updates)
   for (name,), s in SCALING.items():
@@ -845,7 +848,7 @@ def test_bad_arguments_raise_at_construction(kwargs, error, match):
 # --------------------------------------------------------------------------
 
 
-def test_guide_which_rule_example_runs_and_moves_the_base():
+def test_guide_which_rule_example_runs_and_keeps_the_base():
   (code,) = _docs.code_blocks("which_rule.md")
   namespace = {}
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as a user runs it
@@ -854,12 +857,16 @@ def test_guide_which_rule_example_runs_and_moves_the_base():
   start = model.init(jax.random.key(1), x)
   first = float(jnp.mean((model.apply(start, x) - y) ** 2))
   assert float(namespace["loss"]) < 0.5 * first
+  variables = namespace["variables"]
   for path, layer in namespace["layers"].items():
-    p = namespace["variables"]["params"][path[0]]
-    assert not np.array_equal(p["kernel"], start["params"][path[0]]["kernel"])
+    p, snap = variables["params"][path[0]], variables["snapshot"][path[0]]
+    np.testing.assert_array_equal(p["kernel"], start["params"][path[0]]["kernel"])  # only read
+    ab = np.asarray(p["lora_a"], np.float64) @ p["lora_b"]
+    frozen = np.asarray(snap["snapshot_a"], np.float64) @ snap["snapshot_b"]
+    assert np.abs(ab - frozen).max() > 1e-3  # past K = 20, the snapshot stays
     np.testing.assert_allclose(
       namespace["merged"]["params"][path[0]]["kernel"],
-      p["kernel"] + layer.scaling * (np.asarray(p["lora_a"], np.float64) @ p["lora_b"]),
+      p["kernel"] + layer.scaling * ((1 + LAMBDA) * ab - LAMBDA * frozen),
       rtol=0,
       atol=1e-5,
     )

@@ -46,7 +46,7 @@ def _expected_errors(case) -> dict[str, type]:
   elif not 0 < rank <= min(case["in_features"], case["features"]):
     bad["rank"] = ValueError
   alpha = case["alpha"]
-  if alpha is not None and not math.isfinite(alpha):
+  if alpha is not None and not (math.isfinite(alpha) and alpha > 0):
     bad["alpha"] = ValueError
   if not (math.isfinite(case["delta_scaling"]) and case["delta_scaling"] > 0):
     bad["delta_scaling"] = ValueError
@@ -80,7 +80,9 @@ def layer_cases(draw):
     "x_dtype": draw(st.sampled_from([*FLOATS, jnp.int32])),
     "param_dtype": draw(st.sampled_from(FLOATS)),
     "dtype": pick("dtype", st.sampled_from([None, None, jnp.float32]), st.just(jnp.int32)),
-    "alpha": pick("alpha", st.sampled_from([None, -1.0, 0.5, 4.0]), st.sampled_from([NAN, INF])),
+    "alpha": pick(
+      "alpha", st.sampled_from([None, 0.5, 4.0]), st.sampled_from([NAN, INF, 0.0, -1.0])
+    ),
     "delta_scaling": pick(
       "delta_scaling", st.sampled_from([0.1, 1.0, 3.0]), st.sampled_from([0.0, -0.5, NAN, INF])
     ),
@@ -142,10 +144,9 @@ def test_layer_matches_float64_or_raises_clearly(case):
       return
     layer, x, variables, y, g, grads = _run_layer(case)
     event(f"computed: x {jnp.dtype(case['x_dtype'])}, params {jnp.dtype(case['param_dtype'])}")
-    # The layer's own choice, the same under strict promotion: the widest of x,
-    # the kernel and the factors (float32 at least, whatever the kernel's dtype).
-    adapters = dl.core.widest_dtype(case["param_dtype"], at_least=jnp.float32)
-    compute = case["dtype"] or dl.core.widest_dtype(case["x_dtype"], case["param_dtype"], adapters)
+    # The base layer's rule, the same under strict promotion: the widest of x and
+    # the kernel and bias, whatever the factors' dtype (float32 at least).
+    compute = case["dtype"] or dl.core.widest_dtype(case["x_dtype"], case["param_dtype"])
   assert y.dtype == compute and y.shape == (*case["lead"], case["features"])
   p = {k: _f64(v) for k, v in variables["params"].items()}
   d, x64, g64 = _f64(variables["delta"]["delta"]), _f64(x), _f64(g)
@@ -275,10 +276,14 @@ def test_delta_momentum_matches_float64_or_raises_clearly(case):
     (jnp.float16, jnp.bfloat16, None, "standard", jnp.float32),
     (jnp.float32, jnp.float32, jnp.bfloat16, "strict", jnp.bfloat16),
     (jnp.int32, jnp.float32, jnp.float32, "strict", jnp.float32),
-    # The layer picks its computation dtype itself (the widest of the input, the
-    # kernel, the factors and D), the same under strict promotion.
+    # The layer picks its computation dtype itself, by the base layer's rule (the
+    # widest of the input, the kernel and the bias), the same under strict promotion.
     (jnp.int32, jnp.float32, None, "strict", jnp.float32),
     (jnp.bfloat16, jnp.float32, None, "strict", jnp.float32),
+    # A bfloat16 model fed bfloat16 stays bfloat16, as the base layer does (float32
+    # factors and D are cast to it): not float32 because the adapter is.
+    (jnp.bfloat16, jnp.bfloat16, None, "strict", jnp.bfloat16),
+    (jnp.int32, jnp.bfloat16, None, "standard", jnp.bfloat16),
     # An integer computation dtype would truncate every product: refused.
     (jnp.float32, jnp.float32, jnp.int32, "standard", TypeError),
   ],

@@ -3,7 +3,9 @@
 An adapter is ``{'config': {name: {...}}, 'weights': {name: {...}}}`` keyed by
 layer name ``'a/b/c'``: each layer's config is its
 :meth:`LayerConfig.to_json <deltalora_jax.config.LayerConfig.to_json>` and its
-``kernel_shape`` (JSON-ready), its weights the arrays that trained.
+``kernel_shape`` (JSON-ready), its weights the arrays that trained. The
+first format's dense configs (``in_features``/``out_features``, no
+``projection``) are read too.
 """
 
 from __future__ import annotations
@@ -16,9 +18,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import paths, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.adapt import targets
@@ -39,9 +41,13 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
     :meth:`LayerConfig.to_json <deltalora_jax.config.LayerConfig.to_json>`
     with its ``kernel_shape`` (stack axes included): Python numbers, bools,
     strings, lists and None (JSON-ready). The weights are ``lora_a``,
-    ``lora_b``, ``delta`` (unless ``use_delta=False``), and the base
+    ``lora_b``, ``delta`` (unless ``use_delta=False``), ``snapshot_a`` and
+    ``snapshot_b`` for a layer of the paper's telescoped form (``paper_lambda``:
+    with them the adapter carries the whole change of the kernel), and the base
     ``kernel``/``bias`` only for a layer trained with ``freeze_base=False``.
-    Arrays are shared, not copied.
+    Arrays are shared, not copied. A layer trained by the paper's in-place
+    form (no ``paper_lambda``) had its kernel written: its adapter does not
+    hold that change (build it with ``paper_lambda``).
 
   Example:
     >>> from flax import nnx
@@ -59,7 +65,8 @@ def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any
       **layer_config.to_json(),
       "kernel_shape": [int(n) for n in arrays["kernel"].shape],
     }
-    trained = ("lora_a", "lora_b", "delta") if layer_config.freeze_base else tuple(arrays)
+    trained: tuple[str, ...] = ("lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
+    trained += () if layer_config.freeze_base else tuple(arrays)
     weights[name] = {k: v for k, v in arrays.items() if k in trained}
   return {"config": config, "weights": weights}
 
@@ -79,10 +86,41 @@ def _check_adapter(adapter: Any) -> tuple[dict[str, Any], dict[str, Any]]:
   return dict(config), dict(weights)
 
 
+#: The fields of a dense layer's config in the first adapter format (before layer kinds).
+DENSE_FORMAT = frozenset({"in_features", "out_features"})
+
+
+def _from_dense_format(entry: Mapping[str, Any]) -> dict[str, Any]:
+  """A layer config of the first format (``in_features``/``out_features``) in today's.
+
+  That format had dense layers only, and read ``alpha <= 0`` as ``alpha = r``
+  (None today, which refuses ``alpha <= 0``).
+
+  >>> old = {"in_features": 4, "out_features": 8, "rank": 2, "alpha": 0.0}
+  >>> new = _from_dense_format(old)
+  >>> new["kernel_shape"], new["alpha"], new["projection"]["kind"]
+  ([4, 8], None, 'general_dense')
+  """
+  fields = {k: v for k, v in entry.items() if k not in DENSE_FORMAT}
+  alpha = fields.get("alpha")
+  if isinstance(alpha, int | float) and not isinstance(alpha, bool) and alpha <= 0:
+    fields["alpha"] = None
+  dense = projections.GeneralDense(features=(int(entry["out_features"]),))
+  fields["projection"] = projections.to_json(dense)
+  fields["kernel_shape"] = [int(entry["in_features"]), int(entry["out_features"])]
+  return fields
+
+
 def _layer_config(name: str, entry: object) -> tuple[LayerConfig, tuple[int, ...]]:
-  """``(config, kernel shape)`` of one layer of an adapter's config."""
+  """``(config, kernel shape)`` of one layer of an adapter's config (either format)."""
+  if isinstance(entry, Mapping) and set(entry) >= DENSE_FORMAT and "projection" not in entry:
+    entry = _from_dense_format(entry)
   if not isinstance(entry, Mapping) or "kernel_shape" not in entry:
-    raise ValueError(f"adapter config of {name!r} must be a mapping with a kernel_shape")
+    raise ValueError(
+      f"adapter config of {name!r} must be a mapping with a kernel_shape and a projection "
+      "(export_adapter's format) or with in_features and out_features (the first, dense-only "
+      f"format), got {sorted(entry) if isinstance(entry, Mapping) else type(entry).__name__}"
+    )
   fields = {k: v for k, v in entry.items() if k != "kernel_shape"}
   config = LayerConfig.from_json(fields, where=f"adapter config of {name!r}")
   return config, tuple(entry["kernel_shape"])
@@ -96,6 +134,8 @@ def _checked_weights(
   stack, shape = linen_adapt.layer_shape(name, kind, kernel_shape)
   a_shape, b_shape = kind.factor_shapes(shape, config.rank)
   expected = {"lora_a": (*stack, *a_shape), "lora_b": (*stack, *b_shape)}
+  if config.paper_lambda is not None:
+    expected[core.SNAPSHOT_A], expected[core.SNAPSHOT_B] = expected["lora_a"], expected["lora_b"]
   if config.use_delta:
     expected["delta"] = kernel_shape
   if not config.freeze_base:
@@ -111,7 +151,15 @@ def _checked_weights(
       raise ValueError(
         f"adapter weight {name}/{key} must have shape {tuple(want)}, got {jnp.shape(arrays[key])}"
       )
-  return {key: jnp.asarray(value) for key, value in arrays.items()}
+  checked = {key: jnp.asarray(value) for key, value in arrays.items()}
+  for key, value in checked.items():
+    if jnp.issubdtype(value.dtype, jnp.inexact) and not bool(jnp.isfinite(value).all()):
+      bad = int(jnp.size(value) - jnp.isfinite(value).sum())
+      raise ValueError(
+        f"adapter weight {name}/{key} holds NaN or infinity ({bad} of {jnp.size(value)} "
+        "entries): a diverged or corrupt adapter is not attached"
+      )
+  return checked
 
 
 def _checked(adapter: Any) -> dict[str, tuple[LayerConfig, tuple[int, ...], dict[str, jax.Array]]]:
@@ -143,7 +191,8 @@ def attach_adapter_nnx(
 
   Raises:
     ValueError: for a path that is not in the model, a layer already
-      adapted, or a kind or shape that differs.
+      adapted, a kind or shape that differs, or a weight holding NaN or
+      infinity (named).
     TypeError: for a path whose module cannot be adapted.
 
   Example:
@@ -211,8 +260,8 @@ def attach_adapter_linen(
     ``(adapted, variables, report)`` as :func:`~deltalora_jax.adapt_linen` gives.
 
   Raises:
-    ValueError: for a path without a kernel, a layer already adapted, or a
-      shape that differs.
+    ValueError: for a path without a kernel, a layer already adapted, a
+      shape that differs, or a weight holding NaN or infinity (named).
 
   Example:
     >>> import jax, jax.numpy as jnp, flax.linen as nn

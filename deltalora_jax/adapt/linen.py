@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, TypeAlias, Unpack
 
@@ -14,9 +13,20 @@ from flax.core import FrozenDict, unfreeze
 
 from deltalora_jax import core, paths, projections
 from deltalora_jax import linen as linen_front
-from deltalora_jax.adapt.targets import check_options, layer_options, report, select_targets
+from deltalora_jax.adapt.targets import (
+  check_layer_rank,
+  check_options,
+  layer_options,
+  report,
+  select_targets,
+)
 from deltalora_jax.config import Options
-from deltalora_jax.linen import DELTA_COLLECTION, DeltaLoRADense, DeltaLoRAGeneral
+from deltalora_jax.linen import (
+  DELTA_COLLECTION,
+  SNAPSHOT_COLLECTION,
+  DeltaLoRADense,
+  DeltaLoRAGeneral,
+)
 
 Path = paths.Path
 #: ``((path, ((option, value), ...)), ...)``: the adapted layers of a :class:`DeltaLoRAModel`.
@@ -113,20 +123,37 @@ class DeltaLoRAModel(nn.Module):
         return wrapper.model(*args, **kwargs)
 
     adapted_paths = list(configs)
+
+    def move_in(variables: Mapping[str, Any]) -> dict[str, Any]:
+      variables = _move_deltas(adapted_paths, DELTA_COLLECTION, "params", variables)
+      return _move_deltas(
+        adapted_paths, SNAPSHOT_COLLECTION, "params", variables, names=core.SNAPSHOT_NAMES
+      )
+
+    def move_out(variables: Mapping[str, Any]) -> dict[str, Any]:
+      variables = _move_deltas(adapted_paths, "params", DELTA_COLLECTION, variables)
+      return _move_deltas(
+        adapted_paths, "params", SNAPSHOT_COLLECTION, variables, names=core.SNAPSHOT_NAMES
+      )
+
     mapped = nn.map_variables(
       run,
-      ("params", DELTA_COLLECTION),
-      trans_in_fn=functools.partial(_move_deltas, adapted_paths, DELTA_COLLECTION, "params"),
-      trans_out_fn=functools.partial(_move_deltas, adapted_paths, "params", DELTA_COLLECTION),
+      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION),
+      trans_in_fn=move_in,
+      trans_out_fn=move_out,
       mutable=True,
     )
     return mapped(self, *args, **kwargs)
 
 
 def _move_deltas(
-  layer_paths: Sequence[Path], source: str, target: str, variables: Mapping[str, Any]
+  layer_paths: Sequence[Path],
+  source: str,
+  target: str,
+  variables: Mapping[str, Any],
+  names: Sequence[str] = ("delta",),
 ) -> dict[str, Any]:
-  """``variables`` with the ``D`` (``delta``) of the layers at ``paths`` moved to ``target``.
+  """``variables`` with the ``D`` (``delta``; or ``names``) of the layers at ``paths`` moved.
 
   Example:
     >>> variables = {"params": {"up": {"kernel": 1}}, "delta": {"up": {"delta": 2}}}
@@ -137,8 +164,9 @@ def _move_deltas(
   moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
   kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
   for path in layer_paths:
-    if (*path, "delta") in moved:
-      kept[(*path, "delta")] = moved.pop((*path, "delta"))
+    for name in names:
+      if (*path, name) in moved:
+        kept[(*path, name)] = moved.pop((*path, name))
   for name, flat in ((source, moved), (target, kept)):
     if flat:
       variables[name] = traverse_util.unflatten_dict(flat)
@@ -163,9 +191,10 @@ def trace_linen(
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
   Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
-  adapted, with its ``module`` and ``projection``; ``'adapted'``; or its type
-  name, with the reason when it is a projection layer that cannot be
-  adapted). Runs under ``jax.eval_shape``: nothing is computed.
+  adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
+  call uses; ``'adapted'``; or its type name, with the reason when it is a
+  projection layer that cannot be adapted). Runs under ``jax.eval_shape``:
+  nothing is computed.
   """
   found: dict[str, dict[str, Any]] = {}
 
@@ -178,7 +207,9 @@ def trace_linen(
       elif entry["kind"] != "adapted" and context.method_name == "__call__":
         try:
           kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
-          entry.update(kind="dense", module=module, projection=kind)
+          inputs = args[0] if args else kwargs.get("inputs")
+          shape = None if inputs is None else kind.kernel_shape(jnp.shape(inputs))  # one layer's
+          entry.update(kind="dense", module=module, projection=kind, kernel_shape=shape)
         except TypeError as error:
           if isinstance(module, _LINEN_KINDS):
             entry["kind"] = f"{type(module).__name__} ({error})"
@@ -216,18 +247,23 @@ def linen_parts(
 def with_adapters(
   variables: dict[str, Any], params_flat: dict[Path, Any], new: dict[Path, dict[str, jax.Array]]
 ) -> dict[str, Any]:
-  """``variables`` with each ``new[path]``'s arrays stored at ``path``."""
-  deltas = traverse_util.flatten_dict(unfreeze(variables.get(DELTA_COLLECTION, {})))
+  """``variables`` with each ``new[path]``'s arrays stored at ``path``.
+
+  ``D`` goes to the ``'delta'`` collection, the snapshot factors to ``'snapshot'``, the rest
+  to ``'params'``.
+  """
+  flat = {
+    c: traverse_util.flatten_dict(unfreeze(variables.get(c, {})))
+    for c in (DELTA_COLLECTION, SNAPSHOT_COLLECTION)
+  }
+  flat["params"] = params_flat
   for path, arrays in new.items():
     for name, value in arrays.items():
-      if name == "delta":
-        deltas[(*path, name)] = value
-      else:
-        params_flat[(*path, name)] = value
+      flat[linen_front.collection_of(name)][(*path, name)] = value
   out = dict(variables)
-  out["params"] = traverse_util.unflatten_dict(params_flat)
-  if deltas:
-    out[DELTA_COLLECTION] = traverse_util.unflatten_dict(deltas)
+  for collection, leaves in flat.items():
+    if leaves or collection == "params":
+      out[collection] = traverse_util.unflatten_dict(leaves)
   return out
 
 
@@ -308,6 +344,7 @@ def adapt_linen(
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
     module, kind = found[name]["module"], found[name]["projection"]
     path = paths.as_path(name)
+    _check_stack(name, jnp.shape(params[(*path, "kernel")]), found[name]["kernel_shape"])
     arguments = {"projection": kind, "use_bias": module.use_bias, **per_layer[name]}
     layer = DeltaLoRAGeneral(**arguments, parent=None)  # checks the options
     new[path] = _new_adapter(name, layer, params[(*path, "kernel")], subkey)
@@ -315,6 +352,24 @@ def adapt_linen(
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
+
+
+def _check_stack(name: str, stored: Sequence[int], called: Sequence[int] | None) -> None:
+  """Raises unless the kernel ``stored`` is a stack of the kernel ``called`` on leading axes.
+
+  ``nn.scan`` / ``nn.vmap`` with ``variable_axes={'params': 1}`` (or any axis
+  but 0) put the stack inside the kernel, where the adapter would read the
+  wrong axes. (When the sizes coincide the shapes cannot tell.)
+  """
+  if called is None:  # the inputs were not found in the call: nothing to compare
+    return
+  stored, called = tuple(stored), tuple(called)
+  if stored[len(stored) - len(called) :] != called:
+    raise ValueError(
+      f"the kernel at {name!r} is stored with shape {stored}, but one call of the layer uses a "
+      f"kernel {called}: the stack axes of nn.scan / nn.vmap must lead "
+      "(variable_axes={'params': 0}) for the layer to be adapted"
+    )
 
 
 def layer_shape(
@@ -336,12 +391,7 @@ def _new_adapter(
   """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
   kind = layer.projection
   stack, shape = layer_shape(name, kind, jnp.shape(kernel))
-  bound = kind.rank_bound(shape)
-  if layer.rank > bound:
-    raise ValueError(
-      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} at {name!r}, "
-      f"got rank={layer.rank}"
-    )
+  check_layer_rank(name, kind, shape, layer.rank)
   dtype = linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype)
   a_shape, b_shape = kind.factor_shapes(shape, layer.rank)
   a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as the layer does
@@ -352,4 +402,7 @@ def _new_adapter(
   }
   if layer.use_delta:
     arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
+  if layer.paper_lambda is not None:  # A^ = A, B^ = B at the start, in buffers of their own
+    for factor, snapshot in zip(("lora_a", "lora_b"), core.SNAPSHOT_NAMES, strict=True):
+      arrays[snapshot] = jnp.array(arrays[factor], copy=True)  # the step may donate both
   return arrays

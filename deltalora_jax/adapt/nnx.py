@@ -11,6 +11,7 @@ from flax import nnx
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax import paths
 from deltalora_jax.adapt.targets import (
+  check_layer_rank,
   check_options,
   layer_options,
   report,
@@ -155,6 +156,12 @@ def adapt_nnx(
   kinds = {name: kind(m) for name, (_, m) in found.items()}
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
   per_layer = layer_options(chosen, checked, overrides)
+  for name in chosen:  # before any layer is built, naming the layer
+    description = nnx_front.describe(found[name][1])  # of the kind "dense"
+    kernel = getattr(found[name][1], description.kernel)  # 'kernel', tunix's 'w', ...
+    product, shape = description.projection, tuple(kernel.shape)
+    layer_shape = shape[len(shape) - product.kernel_ndim :]  # nnx.vmap's stack axes lead
+    check_layer_rank(name, product, layer_shape, per_layer[name]["rank"])
   new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
   skipped = {} if targets is not None else _skipped(kinds, found, exclude)
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})

@@ -78,11 +78,12 @@ from typing import Any, Literal
 
 import jax
 import numpy as np
+import safetensors
 from flax import nnx, traverse_util
 from safetensors import numpy as safetensors_numpy
 
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import paths, projections, tree
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.config import LayerConfig
@@ -138,6 +139,7 @@ UNSUPPORTED = {
   "modules_to_save": (None, ()),
   "layer_replication": (None, ()),
   "layers_to_transform": (None, ()),
+  "layers_pattern": (None, ()),  # PEFT reads it only with layers_to_transform
   "trainable_token_indices": (None, ()),
   "target_parameters": (None, ()),
 }
@@ -321,15 +323,18 @@ def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
   return None
 
 
-def _targeted(target_modules: Any, module: str) -> bool:
-  """Whether PEFT's ``target_modules`` (a regex string or a list of names) takes ``module``."""
+def _targeted(target_modules: Any, module: str, field: str = "target_modules") -> bool:
+  """Whether PEFT's ``target_modules`` (a regex string or a list of names) takes ``module``.
+
+  ``exclude_modules`` (``field``) matches as PEFT matches it, the same way.
+  """
   if isinstance(target_modules, str):
     return re.fullmatch(target_modules, module) is not None
   if isinstance(target_modules, Sequence):
     return any(module == t or module.endswith(f".{t}") for t in target_modules)
   raise ValueError(
-    f"adapter_config.json field target_modules must be a list of names or a regex string, got "
-    f"target_modules={target_modules!r}"
+    f"adapter_config.json field {field} must be a list of names or a regex string, got "
+    f"{field}={target_modules!r}"
   )
 
 
@@ -385,11 +390,33 @@ def _change(
   a = np.asarray(arrays["lora_a"], np.float64)
   b = np.asarray(arrays["lora_b"], np.float64)
   change = config.scaling * np.reshape(a, (-1, config.rank)) @ np.reshape(b, (config.rank, -1))
+  if config.paper_lambda is not None:  # the paper's telescoped form: + lambda s (A B - A^ B^)
+    a0 = np.asarray(arrays[core.SNAPSHOT_A], np.float64)
+    b0 = np.asarray(arrays[core.SNAPSHOT_B], np.float64)
+    frozen = np.reshape(a0, (-1, config.rank)) @ np.reshape(b0, (config.rank, -1))
+    change = (1 + config.paper_lambda) * change - config.paper_lambda * config.scaling * frozen
   if rule == "seed" and config.use_delta:
     change = change + config.delta_scaling * _matrix(kind, arrays["delta"])
   if base_kernel is not None:
     change = change + _matrix(kind, arrays["kernel"]) - _matrix(kind, base_kernel)
   return change
+
+
+def _telescoped_factors(
+  config: LayerConfig, arrays: Mapping[str, Any]
+) -> tuple[np.ndarray, np.ndarray]:
+  r"""``([A, A^], [(1 + lambda) B; -lambda B^])``: a telescoped paper layer's change at rank ``2r``.
+
+  With the scaling ``s`` their product is the layer's whole change of its kernel,
+  :math:`s (1 + \lambda) A B - \lambda s \hat A \hat B`, exactly (float32, as trained).
+  """
+  lam = config.paper_lambda or 0.0
+  a = np.concatenate([np.asarray(arrays["lora_a"]), np.asarray(arrays[core.SNAPSHOT_A])], -1)
+  b = np.concatenate(
+    [(1 + lam) * np.asarray(arrays["lora_b"]), -lam * np.asarray(arrays[core.SNAPSHOT_B])],
+    axis=config.projection.rank_axis_of_b(),
+  )
+  return a.astype(np.float32), b.astype(np.float32)
 
 
 def _check_rule(
@@ -423,8 +450,17 @@ def _check_rule(
         f"rule='lora' writes the factors alone; the layer {name!r} trained its base "
         "(freeze_base=False): use rule='paper' with base=, or merged=True"
       )
-  if rule == "paper" and base is None:
-    raise ValueError("rule='paper' needs base=, the pretrained model or variables (W_0)")
+    if rule == "lora" and config.paper_lambda is not None and not merged:
+      raise ValueError(
+        f"rule='lora' writes the factors alone; the layer {name!r} is of the paper's "
+        f"telescoped form (paper_lambda={config.paper_lambda}): use rule='paper', or merged=True"
+      )
+  in_place = [n for n, c in configs.items() if c.paper_lambda is None]
+  if rule == "paper" and base is None and in_place:
+    raise ValueError(
+      "rule='paper' needs base=, the pretrained model or variables (W_0), for the layers "
+      f"trained in place (without paper_lambda): {sorted(in_place)}"
+    )
 
 
 def _number(value: float) -> float | int:
@@ -517,8 +553,12 @@ def save_peft(
 
   * ``'lora'``: plain LoRA layers (``use_delta=False``, frozen base): the
     factors as they are, with each layer's alpha and ``use_rslora`` (exact).
-  * ``'paper'``: the published rule trains ``W`` too,
-    :math:`W_T = W_0 + \lambda s (A_T B_T - A_0 B_0)`, so the change
+  * ``'paper'``: a layer of the telescoped form (``paper_lambda``) holds its
+    whole change :math:`\Delta = s (1 + \lambda) A B - \lambda s \hat A \hat B`:
+    it is written exactly at rank ``2r``, ``lora_A = [A, A^]``, ``lora_B =
+    [(1 + lambda) B; -lambda B^]`` with the layer's scaling (no ``base``
+    needed). A layer trained in place wrote ``W`` too,
+    :math:`W_T = W_0 + \lambda s (A_T B_T - A_{K+1} B_{K+1})`, so the change
     :math:`\Delta = W_T - W_0 + s A_T B_T` has rank at most ``2r``; it is
     written at rank ``min(2r, in, out)`` from its SVD (float64), scaling 1
     (``lora_alpha = r``), with the error of the float32 factors in the report.
@@ -594,7 +634,9 @@ def save_peft(
   for name, config in configs.items():
     _check_layer(name, config.projection, found[name][1]["kernel"].shape)
     _check_fused(name, config.projection, found[name][1]["kernel"].shape, len(names[name]))
-  needs_base = rule == "paper" or any(not c.freeze_base for c in configs.values())
+  needs_base = any(
+    not c.freeze_base or (rule == "paper" and c.paper_lambda is None) for c in configs.values()
+  )
   kernels0 = _base_kernels(base, list(names)) if base is not None and needs_base else {}
   os.makedirs(directory, exist_ok=True)
   report: dict[str, Any] = {"rule": rule, "layers": {}}
@@ -634,6 +676,10 @@ def save_peft(
     if rule == "lora":
       a, b = np.asarray(arrays["lora_a"], np.float32), np.asarray(arrays["lora_b"], np.float32)
       k, scaling, error = config.rank, config.scaling, 0.0
+      kernel_change = None
+    elif rule == "paper" and config.paper_lambda is not None and config.freeze_base:
+      a, b = _telescoped_factors(config, arrays)  # exact at rank 2r
+      k, scaling, error = 2 * config.rank, config.scaling, 0.0
       kernel_change = None
     else:
       change = _change(rule, config, arrays, kernels0.get(name))
@@ -689,7 +735,10 @@ def _read_config(directory: str | os.PathLike[str]) -> dict[str, Any]:
   if not os.path.isfile(path):
     raise FileNotFoundError(f"directory={os.fspath(directory)!r} has no {CONFIG_FILE}")
   with open(path) as file:
-    config = json.load(file)
+    try:
+      config = json.load(file)
+    except json.JSONDecodeError as error:  # a truncated or hand-edited file
+      raise ValueError(f"{path} is not valid JSON (truncated or corrupt?): {error}") from None
   if not isinstance(config, dict):
     raise ValueError(f"{path} must hold a JSON object, got {type(config).__name__}")
   if config.get("peft_type", "LORA") != "LORA":
@@ -723,8 +772,12 @@ def _read_weights(directory: str | os.PathLike[str]) -> dict[str, dict[str, np.n
         "safe_serialization=True)"
       )
     raise FileNotFoundError(f"directory={os.fspath(directory)!r} has no {WEIGHTS_FILE}")
+  try:
+    tensors = safetensors_numpy.load_file(path)
+  except safetensors.SafetensorError as error:  # a truncated, empty or corrupt file
+    raise ValueError(f"{path} is not a readable safetensors file: {error}") from None
   modules: dict[str, dict[str, np.ndarray]] = {}
-  for key, value in safetensors_numpy.load_file(path).items():
+  for key, value in tensors.items():
     match = re.fullmatch(r"(?:base_model\.model\.)?(.+)\.(lora_A|lora_B)(?:\.[^.]+)?\.weight", key)
     if match is None:
       raise ValueError(
@@ -802,9 +855,11 @@ def load_peft(
   Raises:
     ValueError: for a field this library cannot honour (``use_dora``,
       ``lora_bias``, ``bias`` other than ``'none'``, ``fan_in_fan_out``,
-      ``modules_to_save``, ...; named), a ``.bin`` file, a module of the
-      file that no layer maps to or that ``target_modules`` does not take,
-      or a weight whose shape is not the layer's.
+      ``modules_to_save``, ``layers_to_transform``, ``layers_pattern``,
+      ...; named), a ``.bin`` file, a truncated or corrupt file (named), a
+      module of the file that no layer maps to, that ``target_modules``
+      does not take or that ``exclude_modules`` leaves out, or a weight
+      whose shape is not the layer's.
     FileNotFoundError: for a directory without the two files.
 
   Example:
@@ -837,6 +892,7 @@ def load_peft(
     if given is not None:
       by_module[given[0]] = name
   target_modules = config.get("target_modules")
+  exclude_modules = config.get("exclude_modules")
   rank_pattern = config.get("rank_pattern") or {}
   alpha_pattern = config.get("alpha_pattern") or {}
   use_rslora = bool(config.get("use_rslora", False))
@@ -850,6 +906,10 @@ def load_peft(
     if target_modules is not None and not _targeted(target_modules, module):
       raise ValueError(
         f"{WEIGHTS_FILE} adapts {module!r}, which target_modules={target_modules!r} does not take"
+      )
+    if exclude_modules and _targeted(exclude_modules, module, "exclude_modules"):
+      raise ValueError(
+        f"{WEIGHTS_FILE} adapts {module!r}, which exclude_modules={exclude_modules!r} leaves out"
       )
     name = by_module[module]
     kind, kernel_shape, use_bias = layers[name]

@@ -13,7 +13,7 @@ import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from deltalora_jax import tree
+from deltalora_jax import core, projections, tree
 from deltalora_jax.config import Options
 
 #: What ``targets`` may choose, in the words of the error messages.
@@ -78,9 +78,10 @@ def select_targets(
     The chosen names, in the order of ``modules``.
 
   Raises:
-    ValueError: when nothing is chosen, a listed name matches no module, or
-      a chosen layer is already adapted; the message lists the layers that
-      can be adapted.
+    ValueError: when nothing is chosen, a name of ``targets`` or ``exclude``
+      (or the ``exclude`` regular expression) matches no module, or a chosen
+      layer is already adapted; the message lists the layers that can be
+      adapted.
     TypeError: when a chosen module cannot be adapted (the message names
       its type and the supported kinds).
 
@@ -94,10 +95,13 @@ def select_targets(
   dense_names = [n for n, kind in modules.items() if kind == dense]
   adapted_names = [n for n, kind in modules.items() if kind == adapted]
   known = f"the layers that can be adapted are {dense_names}, the adapted ones {adapted_names}"
-  if isinstance(targets, tuple):
-    unknown = [s for s in targets if not any(_matches((s,), n) for n in modules)]
-    if unknown:
-      raise ValueError(f"targets {unknown} match no layer of the model; {known}")
+  for arg, spec in (("targets", targets), ("exclude", exclude)):  # a typo chooses nothing
+    if isinstance(spec, tuple):
+      unknown = [s for s in spec if not any(_matches((s,), n) for n in modules)]
+      if unknown:
+        raise ValueError(f"{arg} {unknown} match no layer of the model; {known}")
+  if isinstance(exclude, str) and not any(_matches(exclude, n) for n in modules):
+    raise ValueError(f"exclude={exclude!r} matches no layer of the model; {known}")
   chosen = dense_names if targets is None else [n for n in modules if _matches(targets, n)]
   if exclude is not None:
     chosen = [n for n in chosen if not _matches(exclude, n)]
@@ -128,6 +132,29 @@ def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:
   """
   exclude = _check_spec("exclude", exclude)
   return [] if exclude is None else [n for n in names if _matches(exclude, n)]
+
+
+def check_layer_rank(
+  name: str, kind: projections.Projection, layer_shape: Sequence[int], rank: object
+) -> int:
+  """Raises unless ``rank`` fits one kernel ``layer_shape`` of the layer ``name``; returns it.
+
+  The one check of both fronts' ``adapt_*``, so that the message names the layer.
+
+  Example:
+    >>> kind = projections.GeneralDense(features=(1,))
+    >>> check_layer_rank("head", kind, (8, 1), 2)
+    Traceback (most recent call last):
+    ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', ...
+  """
+  checked = core.check_rank(rank)
+  bound = kind.rank_bound(tuple(layer_shape))
+  if checked > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {tuple(layer_shape)} of the layer "
+      f"{name!r}, got rank={checked}"
+    )
+  return checked
 
 
 def layer_options(

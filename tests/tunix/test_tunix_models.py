@@ -237,17 +237,21 @@ def _peft_inputs(batch):
   }
 
 
-@pytest.mark.parametrize("rule", ["seed", "lora"])
+@pytest.mark.parametrize("rule", ["seed", "paper", "lora"])
 def test_tunix_peft_trainer_trains_the_adapters_unchanged(rule):
-  """PeftTrainer differentiates and steps ``nnx.LoRAParam`` alone: the factors and D."""
+  """PeftTrainer differentiates and steps ``nnx.LoRAParam`` alone: the factors, D, and the
+  telescoped paper rule's snapshot (its kernels are never written)."""
   from tunix.sft import peft_trainer
 
   model = _qwen3()
-  dl.adapt_nnx(model, None, rank=2, use_delta=rule == "seed", rngs=nnx.Rngs(1))
+  options = {"seed": {}, "paper": {"use_delta": False, "paper_lambda": 2.0}}
+  dl.adapt_nnx(model, None, rank=2, rngs=nnx.Rngs(1), **options.get(rule, {"use_delta": False}))
   before = flat_state(model)
   loss_before = float(loss_fn(model))
   if rule == "seed":
     tx = dl.delta_lora(10.0, 0.9, layers=model, lora_optimizer=optax.adam(5e-2))
+  elif rule == "paper":  # the snapshot follows the factors for steps 0-2 (A first moves at 1)
+    tx = dl.paper_delta_lora(layers=model, start_step=2, lora_optimizer=optax.adam(5e-2))
   else:
     tx = optax.adam(5e-2)
   config = peft_trainer.TrainingConfig(eval_every_n_steps=100, max_steps=6, pbar_description=None)
@@ -256,8 +260,15 @@ def test_tunix_peft_trainer_trains_the_adapters_unchanged(rule):
   trainer.train([batch] * 6)
   after = flat_state(model)
   trained = sorted({k[-1] for k in after if not np.array_equal(after[k], before[k])})
-  assert trained == (["delta", "lora_a", "lora_b"] if rule == "seed" else ["lora_a", "lora_b"])
+  assert trained == {
+    "seed": ["delta", "lora_a", "lora_b"],
+    "paper": ["lora_a", "lora_b", "snapshot_a", "snapshot_b"],
+    "lora": ["lora_a", "lora_b"],
+  }[rule]
   assert float(loss_fn(model)) < 0.99 * loss_before
+  merged = dl.merge(model)
+  assert type(merged) is qwen3.Qwen3
+  np.testing.assert_allclose(logits(merged), logits(model), rtol=1e-4, atol=1e-5)
 
 
 def test_gemma3_270m_adapts_in_full_and_one_jitted_step_runs():
