@@ -47,7 +47,9 @@ from deltalora_jax.nnx import (
   DeltaLoRALinear,
   DeltaLoRALinearGeneral,
   DeltaParam,
+  LayerDescription,
   PaperSnapshot,
+  register_projection,
 )
 from deltalora_jax.optim import (
   Label,
@@ -92,6 +94,7 @@ __all__ = [
   "DeltaLoRAModel",
   "DeltaParam",
   "Label",
+  "LayerDescription",
   "PaperDeltaLoRAState",
   "PaperSnapshot",
   "ScaleByDeltaMomentumState",
@@ -126,6 +129,7 @@ __all__ = [
   "partition_specs",
   "paths",
   "projections",
+  "register_projection",
   "reset",
   "reset_velocity",
   "save_peft",

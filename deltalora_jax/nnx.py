@@ -13,14 +13,24 @@ names of the base layer (``kernel``, ``bias``); the LoRA factors are
 builds from sizes. Each keeps the graph definition of its base layer
 (``base_graphdef``): :func:`deltalora_jax.merge` rebuilds the base layer's
 own class from it with the merged kernel.
+
+Which modules are projections is a registry below both layers
+(:func:`register_projection`, :func:`describe`): Flax's ``Linear``,
+``LinearGeneral``, ``Einsum`` and ``Conv`` are registered, a module like
+tunix's ``Einsum`` (an ``einsum_str`` and one ``nnx.Param``) is recognised
+and checked, and a user's own kind is taught in a few lines.
 """
 
 from __future__ import annotations
 
-from typing import Self, Unpack
+import dataclasses
+import warnings
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Self, Unpack
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from flax.nnx.nn import dtypes as nnx_dtypes
 from flax.typing import Initializer, PrecisionLike
@@ -34,15 +44,16 @@ from deltalora_jax.linen import adapter_dtype as _adapter_dtype
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
 ZEROS_INIT = nnx.initializers.zeros_init()
 
-#: The layers :class:`DeltaLoRALinearGeneral` adapts (and their subclasses).
-Adaptable = nnx.Linear | nnx.LinearGeneral | nnx.Einsum | nnx.Conv
 
-
-class DeltaParam(nnx.Param[jax.Array]):
+class DeltaParam(nnx.LoRAParam[jax.Array]):
   """The Variable type of the delta matrix ``D`` (the kernel's shape) of an adapted layer.
 
-  A subclass of ``nnx.Param`` (``D`` is trained), distinct from
-  ``nnx.LoRAParam`` (the factors) so that filters can tell them apart.
+  A subclass of ``nnx.LoRAParam`` (itself an ``nnx.Param``): ``D`` trains
+  wherever the LoRA factors train, so that code which trains
+  ``nnx.LoRAParam`` alone (tunix's ``PeftTrainer``: ``nnx.Optimizer(model,
+  tx, wrt=nnx.LoRAParam)``) trains ``D`` too; a filter tells it from the
+  factors by its own type (``nnx.state(model, DeltaParam)``,
+  ``nnx.All(nnx.LoRAParam, nnx.Not(DeltaParam))``).
   """
 
 
@@ -97,7 +108,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
 
   def __init__(
     self,
-    base: Adaptable,
+    base: nnx.Module,
     *,
     rank: int,
     alpha: float | None = None,
@@ -112,7 +123,8 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     paper_lambda: float | None = None,
     rngs: nnx.Rngs,
   ) -> None:
-    self.projection = projection_of(base)
+    description = describe(base)
+    self.projection = description.projection
     self.rank = core.check_rank(rank)
     self.use_rslora = _check_bool("use_rslora", use_rslora)
     core.lora_scaling(alpha, rank, use_rslora)
@@ -124,14 +136,26 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     self.paper_lambda = core.check_paper_lambda(paper_lambda, use_delta)
     _check_rngs(rngs)
     self.adapter_dtype = adapter_dtype
-    self.use_bias = base.bias is not None
-    self.dtype: DTypeLike | None = base.dtype
-    self.precision: PrecisionLike = base.precision
+    # The base's names of its kernel and bias: merge writes them back under these names, and
+    # reading them on the adapter (tunix's q_proj.w) gives the adapter's kernel and bias.
+    self.kernel_name = description.kernel
+    self.bias_name = description.bias
+    base_bias = None if description.bias is None else getattr(base, description.bias)
+    self.use_bias = base_bias is not None
+    self.dtype: DTypeLike | None = description.dtype
+    self.precision: PrecisionLike = description.precision
     self.base_graphdef = nnx.graphdef(base)
-    self.kernel: nnx.Variable[jax.Array] = base.kernel.copy()
+    self.kernel: nnx.Variable[jax.Array] = getattr(base, description.kernel).copy()
     self.bias: nnx.Variable[jax.Array] | None = nnx.data(None)
-    if base.bias is not None:
-      self.bias = base.bias.copy()
+    if base_bias is not None:
+      self.bias = base_bias.copy()
+    for name in description.attributes:
+      if name in _OWN or name in (self.kernel_name, self.bias_name):
+        raise TypeError(
+          f"{type(base).__name__}'s description keeps the attribute {name!r}, which is the "
+          f"adapter's own; the names it may not keep are {sorted(_OWN)}"
+        )
+      setattr(self, name, getattr(base, name))
     shape = tuple(self.kernel.shape)
     stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
     layer_shape = shape[stack:]
@@ -156,6 +180,17 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
       self.snapshot_a = PaperSnapshot(jnp.array(self.lora_a[...], copy=True))
       self.snapshot_b = PaperSnapshot(jnp.array(self.lora_b[...], copy=True))
 
+  if not TYPE_CHECKING:  # typed code reads .kernel and .bias; the base's names are for its users
+
+    def __getattr__(self, name: str) -> Any:
+      """The base's names of its kernel and bias (tunix: ``w``) give the adapter's."""
+      own = vars(self)
+      if name == own.get("kernel_name"):
+        return own["kernel"]
+      if name == own.get("bias_name"):  # None when the base has no bias: never a name
+        return own["bias"]
+      raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
   def _apply(self, inputs: jax.Array, out_sharding: object) -> jax.Array:
     _check_out_sharding(out_sharding)
     bias = None if self.bias is None else self.bias[...]
@@ -169,15 +204,19 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):
-  r"""Delta-LoRA on any NNX projection layer: ``Linear``, ``LinearGeneral``, ``Einsum`` or ``Conv``.
+  r"""Delta-LoRA on any NNX projection layer: Flax's four kinds, tunix's ``Einsum``, your own.
 
   .. math::
 
     y = P(x, W) + b + s\,P_B(P_A(x, A), B) + ds\,P(x, D), \qquad s = \alpha / r
 
-  Built around an existing layer (``base``, which is not modified): its
-  ``kernel`` and ``bias`` Variables are kept under the same names, shapes
-  and metadata (their arrays are shared); ``lora_a`` and ``lora_b`` are
+  Built around an existing layer (``base``, which is not modified) of a
+  kind :func:`describe` knows (Flax's four, those of
+  :func:`register_projection`, tunix's ``Einsum``): its kernel and bias
+  Variables are kept as ``kernel`` and ``bias`` with their shapes and
+  metadata (their arrays are shared), and the base's own names for them
+  (tunix's ``w``) and its plain attributes (``shape``, ``einsum_str``) read
+  on the adapter as on the base; ``lora_a`` and ``lora_b`` are
   ``nnx.LoRAParam``, ``D`` (exactly the kernel's shape) a :class:`DeltaParam`.
   At construction ``B = 0`` and ``D = 0``: the output equals the base
   layer's exactly. ``P`` is the base's product (:func:`projection_of`); the
@@ -398,28 +437,169 @@ def check_linear(linear: object) -> nnx.Linear:
   return linear
 
 
+# --------------------------------------------------------------------------
+# Which modules are projections: a registry of describers, below every NNX adapter.
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerDescription:
+  """What an adapter needs to know of the projection layer it stands in for.
+
+  A describer (:func:`register_projection`) gives one for each module of its
+  class; :class:`DeltaLoRALinearGeneral` reads it when it adapts the module,
+  and :func:`deltalora_jax.merge` rebuilds the module's own class with the
+  merged kernel under the module's own name for it (``kernel``, ``w``).
+
+  Attributes:
+    projection: the layer's product ``y = P(x, W)``: a
+      :class:`~deltalora_jax.projections.GeneralDense`,
+      :class:`~deltalora_jax.projections.Einsum` or
+      :class:`~deltalora_jax.projections.Conv`.
+    kernel: the name of the module's attribute that holds ``W`` (an
+      ``nnx.Variable``): ``'kernel'`` for Flax's layers, ``'w'`` for tunix's ``Einsum``.
+    bias: the name of the attribute of the bias the layer adds (an
+      ``nnx.Variable`` of ``projection.bias_shape``), or None.
+    dtype: the computation dtype (None: the widest of the input, the kernel and
+      the adapter's factors).
+    precision: the ``jax.lax.Precision`` of the products.
+    attributes: names of the module's other plain attributes that the adapter
+      keeps, so that code reading them on the adapted module still works
+      (tunix's attention reads ``q_proj.shape``).
+
+  Example:
+    >>> from deltalora_jax.projections import Einsum
+    >>> LayerDescription(Einsum("btd,dnh->btnh", (8, 2, 4)), kernel="w").bias is None
+    True
+  """
+
+  projection: projections.Projection
+  kernel: str = "kernel"
+  bias: str | None = None
+  dtype: DTypeLike | None = None
+  precision: PrecisionLike = None
+  attributes: tuple[str, ...] = ()
+
+
+#: A describer: a module of its class to its :class:`LayerDescription`, or a
+#: ``TypeError`` saying why that module cannot be adapted.
+Describer = Callable[[Any], LayerDescription]
+
+_DESCRIBERS: dict[type, Describer] = {}
+
+
+def register_projection(cls: type, describe: Describer) -> None:
+  """Teaches the NNX adapters a projection layer kind: ``cls`` and its subclasses.
+
+  ``describe(module)`` returns the module's :class:`LayerDescription` (its
+  product and the names of its kernel and bias), or raises ``TypeError``
+  with the reason when that module cannot be adapted (a setting the
+  adapter cannot reproduce). :func:`~deltalora_jax.adapt_nnx`,
+  :class:`DeltaLoRALinearGeneral` and :func:`deltalora_jax.merge` then adapt
+  and merge it like Flax's own layers; registering ``cls`` again replaces its
+  describer. The adapter computes ``P(x, W) + b + s P_B(P_A(x, A), B) + ds
+  P(x, D)`` with ``P = description.projection``: the describer vouches that
+  the module's ``__call__`` is ``P(x, W) (+ b)``.
+
+  Flax's ``nnx.Linear``, ``nnx.LinearGeneral``, ``nnx.Einsum`` and
+  ``nnx.Conv`` are registered; a module that no describer knows is adapted
+  when it looks like tunix's ``Einsum`` (see :func:`describe`).
+
+  Args:
+    cls: an ``nnx.Module`` subclass.
+    describe: ``module -> LayerDescription``.
+
+  Raises:
+    TypeError: when ``cls`` is not an ``nnx.Module`` subclass, is an adapter,
+      or ``describe`` is not callable.
+
+  Example:
+    >>> import jax
+    >>> from flax import nnx
+    >>> import deltalora_jax as dl
+    >>> class Scaled(nnx.Module):  # y = x @ weight, a layer the library does not know
+    ...   def __init__(self, n_in, n_out, rngs):
+    ...     self.weight = nnx.Param(jax.random.normal(rngs.params(), (n_in, n_out)))
+    ...   def __call__(self, x):
+    ...     return x @ self.weight[...]
+    >>> dl.register_projection(Scaled, lambda m: dl.LayerDescription(
+    ...     dl.projections.GeneralDense(features=(m.weight.shape[-1],)), kernel="weight"))
+    >>> layer = dl.DeltaLoRALinearGeneral(Scaled(4, 3, nnx.Rngs(0)), rank=2, rngs=nnx.Rngs(1))
+    >>> layer.weight.shape, layer.lora_a.shape, type(dl.merge(layer)).__name__
+    ((4, 3), (4, 2), 'Scaled')
+  """
+  if not isinstance(cls, type) or not issubclass(cls, nnx.Module):
+    raise TypeError(f"cls must be an nnx.Module subclass, got cls={cls!r}")
+  if issubclass(cls, _AdaptedLayer | nnx.LoRALinear):
+    raise TypeError(f"cls must be a projection layer, got the adapter {cls.__name__}")
+  if not callable(describe):
+    raise TypeError(f"describe must be a function module -> LayerDescription, got {describe!r}")
+  _DESCRIBERS[cls] = describe
+
+
+def describe(module: object) -> LayerDescription:
+  """The :class:`LayerDescription` of an NNX projection layer, or a ``TypeError`` saying why not.
+
+  The describer of the nearest registered class in the module's MRO
+  (:func:`register_projection`), or else, for a module no describer knows,
+  the einsum rule: an ``nnx.Module`` with a ``str`` attribute ``einsum_str``
+  and exactly one ``nnx.Param`` (any name) is described as
+  ``Einsum(einsum_str, param.shape)`` computing in its ``dtype`` attribute
+  (when it has one), as tunix's ``Einsum`` is (its ``__call__`` is
+  ``jnp.einsum(einsum_str, x, w)``). Because that rule guesses from the
+  attributes, it is checked: the module is applied to a small random input
+  and must give ``jnp.einsum(einsum_str, x, param)`` (its ``dtype``
+  applied), or it is refused.
+
+  Example:
+    >>> from flax import nnx
+    >>> describe(nnx.Linear(4, 3, rngs=nnx.Rngs(0)))
+    LayerDescription(projection=GeneralDense(features=(3,), axis=(-1,)), kernel='kernel', \
+bias='bias', dtype=None, precision=None, attributes=())
+  """
+  name = type(module).__name__
+  if isinstance(module, nnx.LoRALinear | _AdaptedLayer):
+    raise TypeError(f"{name} is already adapted")
+  try:
+    for cls in type(module).__mro__:
+      if cls in _DESCRIBERS:
+        description = _DESCRIBERS[cls](module)
+        break
+    else:
+      description = _describe_einsum_module(module)
+  except ValueError as error:  # a setting the adapter cannot reproduce
+    raise TypeError(f"{name} cannot be adapted: {error}") from None
+  if not isinstance(description, LayerDescription):
+    raise TypeError(f"the describer of {name} must return a LayerDescription, got {description!r}")
+  for role, attribute in (("kernel", description.kernel), ("bias", description.bias)):
+    if attribute is not None and not isinstance(getattr(module, attribute, None), nnx.Variable):
+      raise TypeError(
+        f"{name}'s description names {role}={attribute!r}, which is not an nnx.Variable "
+        f"of the module (got {type(getattr(module, attribute, None)).__name__})"
+      )
+  return description
+
+
 def projection_of(module: object) -> projections.Projection:
   """The product of an NNX projection layer, or a ``TypeError`` saying why it cannot be adapted.
 
-  ``nnx.Linear``, ``nnx.LinearGeneral`` (no ``batch_axis``), ``nnx.Einsum``
-  and ``nnx.Conv`` (``feature_group_count=1``, no ``mask``), and their
-  subclasses, computing with their default product and dtype promotion.
+  ``describe(module).projection`` (:func:`describe`): ``nnx.Linear``,
+  ``nnx.LinearGeneral`` (no ``batch_axis``), ``nnx.Einsum`` and
+  ``nnx.Conv`` (``feature_group_count=1``, no ``mask``), and their
+  subclasses, computing with their default product and dtype promotion;
+  the kinds taught with :func:`register_projection`; modules like tunix's ``Einsum``.
 
   Example:
     >>> from flax import nnx
     >>> projection_of(nnx.LinearGeneral(8, (2, 4), rngs=nnx.Rngs(0)))
     GeneralDense(features=(2, 4), axis=(-1,))
   """
-  try:
-    return _projection_of(module)
-  except ValueError as error:  # a setting Flax takes that the adapter cannot reproduce
-    raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
+  return describe(module).projection
 
 
-def _projection_of(module: object) -> projections.Projection:
+def _describe_flax(module: Any) -> LayerDescription:
+  """Flax's projection layers: ``kernel``, ``bias``, ``dtype`` and ``precision``."""
   name = type(module).__name__
-  if isinstance(module, nnx.LoRALinear | _AdaptedLayer):
-    raise TypeError(f"{name} is already adapted")
   kind: projections.Projection
   defaults: list[tuple[str, object]] = [
     ("promote_dtype", nnx_dtypes.promote_dtype),
@@ -441,14 +621,9 @@ def _projection_of(module: object) -> projections.Projection:
       raise TypeError(f"{name} without an einsum_str at construction cannot be adapted")
     kind = projections.Einsum(module.einsum_str, tuple(module.kernel_shape))
     defaults.append(("einsum_op", jnp.einsum))
-  elif isinstance(module, nnx.Conv):
+  else:
     kind = conv_projection(module, module.out_features)
     defaults.append(("conv_general_dilated", jax.lax.conv_general_dilated))
-  else:
-    raise TypeError(
-      f"{name} cannot be adapted: the supported kinds are nnx.Linear, nnx.LinearGeneral, "
-      "nnx.Einsum and nnx.Conv (and their subclasses)"
-    )
   custom = [
     field
     for field, default in defaults
@@ -459,4 +634,118 @@ def _projection_of(module: object) -> projections.Projection:
     raise TypeError(
       f"{name} computes with a custom {custom}: an adapter would compute something else"
     )
-  return kind
+  return LayerDescription(
+    kind,
+    kernel="kernel",
+    bias=None if module.bias is None else "bias",
+    dtype=module.dtype,
+    precision=module.precision,
+  )
+
+
+for _cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv):
+  _DESCRIBERS[_cls] = _describe_flax
+
+#: The names of the adapter's own attributes, which a base attribute kept by the adapter
+#: (``LayerDescription.attributes``) may not take.
+_OWN = frozenset(
+  {
+    "projection",
+    "rank",
+    "alpha",
+    "delta_scaling",
+    "freeze_base",
+    "evaluation",
+    "use_delta",
+    "use_rslora",
+    "adapter_dtype",
+    "use_bias",
+    "dtype",
+    "precision",
+    "base_graphdef",
+    "kernel",
+    "bias",
+    "lora_a",
+    "lora_b",
+    "delta",
+    "kernel_name",
+    "bias_name",
+    "config",
+    "scaling",
+    "paper_lambda",
+    "snapshot_a",
+    "snapshot_b",
+  }
+)
+
+
+def _describe_einsum_module(module: Any) -> LayerDescription:
+  """The einsum rule of :func:`describe`, checked on a small random input."""
+  name = type(module).__name__
+  supported = (
+    f"{name} cannot be adapted: the supported kinds are nnx.Linear, nnx.LinearGeneral, "
+    "nnx.Einsum and nnx.Conv (and their subclasses), the kinds registered with "
+    "deltalora_jax.register_projection, and modules like tunix's Einsum (a str einsum_str and "
+    "one nnx.Param)"
+  )
+  equation = getattr(module, "einsum_str", None)
+  params = {k: v for k, v in vars(module).items() if isinstance(v, nnx.Param)}
+  if not isinstance(module, nnx.Module) or not isinstance(equation, str) or len(params) != 1:
+    raise TypeError(supported)
+  ((kernel_name, kernel),) = params.items()
+  dtype = getattr(module, "dtype", None)
+  if dtype is not None:
+    try:
+      dtype = jnp.dtype(dtype)
+    except TypeError:
+      raise TypeError(f"{supported}; its dtype={dtype!r} is not a dtype") from None
+  kind = projections.Einsum(equation, tuple(kernel.shape))
+  _check_einsum_call(module, kind, kernel[...], dtype)
+  kept = tuple(
+    k
+    for k, v in vars(module).items()
+    if k not in _OWN
+    and not k.startswith("_")
+    and isinstance(v, str | int | float | tuple | np.dtype | type(None))
+  )
+  return LayerDescription(kind, kernel=kernel_name, dtype=dtype, attributes=kept)
+
+
+def _check_einsum_call(
+  module: Any, kind: projections.Einsum, kernel: jax.Array, dtype: np.dtype[Any] | None
+) -> None:
+  """Raises ``TypeError`` unless ``module(x)`` is ``jnp.einsum(equation, x, kernel)`` for a probe.
+
+  ``x`` has the input's letters: the kernel's sizes where they are the
+  kernel's, 2 elsewhere, no axes for ``...``; drawn in the computation dtype.
+  """
+  lhs = kind.equation.split(",")[0].replace("...", "")
+  sizes = dict(zip(kind.equation.split(",")[1].split("->")[0], kernel.shape, strict=True))
+  compute = dtype or kernel.dtype
+  x = jax.random.normal(jax.random.key(0), tuple(sizes.get(c, 2) for c in lhs), compute)
+  expected = kind.apply(x, kernel.astype(compute))
+  name = type(module).__name__
+  try:
+    with warnings.catch_warnings():  # the probe is ours: the module's warnings are not the user's
+      warnings.simplefilter("ignore")
+      got = module(x)
+  except Exception as error:
+    raise TypeError(
+      f"{name} has an einsum_str and one nnx.Param but cannot be adapted: called on an input "
+      f"of shape {x.shape} it raised {type(error).__name__}: {error}"
+    ) from None
+  scale = float(jnp.max(jnp.abs(expected.astype(jnp.float32)))) if expected.size else 0.0
+  if (
+    not isinstance(got, jax.Array)
+    or got.shape != expected.shape
+    or not bool(
+      jnp.allclose(
+        got.astype(jnp.float32), expected.astype(jnp.float32), rtol=1e-2, atol=1e-2 * scale
+      )
+    )
+  ):
+    raise TypeError(
+      f"{name} has an einsum_str and one nnx.Param but its __call__ is not "
+      f"jnp.einsum({kind.equation!r}, x, param): it cannot be adapted (teach it with "
+      "deltalora_jax.register_projection)"
+    )

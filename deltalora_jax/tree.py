@@ -458,10 +458,13 @@ def _snapshot(layer: _Layer) -> core.Snapshot | None:
 
 
 def _unloaded(module: DeltaLoRALinear | DeltaLoRALinearGeneral, kernel: jax.Array) -> nnx.Module:
-  """The base layer's own class, rebuilt from its graph definition with ``kernel``."""
-  state = {"kernel": module.kernel.copy(kernel)}
-  if module.bias is not None:
-    state["bias"] = module.bias.copy()
+  """The base layer's own class, rebuilt from its graph definition with ``kernel``.
+
+  The kernel and bias go back under the base's own names (tunix's ``Einsum``: ``w``).
+  """
+  state = {module.kernel_name: module.kernel.copy(kernel)}
+  if module.bias is not None and module.bias_name is not None:
+    state[module.bias_name] = module.bias.copy()
   base: nnx.Module = nnx.merge(module.base_graphdef, nnx.State(state))
   return base
 

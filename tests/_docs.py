@@ -115,6 +115,12 @@ COVERED: dict[tuple[str, str | None], tuple[str, ...]] = {
   ("performance.md", "The cost of a step"): (
     "tests/test_guides.py::test_performance_guide_step_runs",
   ),
+  ("tunix.md", "Adapt, train, merge"): (
+    "tests/tunix/test_tunix_guide.py::test_the_guide_adapts_trains_and_merges_a_qwen3",
+  ),
+  ("tunix.md", "A kind the library does not know"): (
+    "tests/tunix/test_tunix_guide.py::test_the_guide_teaches_a_kind_in_a_few_lines",
+  ),
   ("demo.md", "Options, and a new method"): (
     "tests/test_demo.py::test_the_guide_registers_a_method_in_a_few_lines",
   ),

@@ -43,7 +43,10 @@ def test_state_keeps_linear_names_and_separates_the_trainable_types():
     "lora_b": (RANK, OUT),
     "delta": (IN, OUT),
   }
-  assert sorted(nnx.to_pure_dict(nnx.state(layer, nnx.LoRAParam))) == ["lora_a", "lora_b"]
+  # D is an nnx.LoRAParam too (trained where the factors are, e.g. by tunix's PeftTrainer)
+  assert sorted(nnx.to_pure_dict(nnx.state(layer, nnx.LoRAParam))) == ["delta", "lora_a", "lora_b"]
+  factors = nnx.All(nnx.LoRAParam, nnx.Not(DeltaParam))
+  assert sorted(nnx.to_pure_dict(nnx.state(layer, factors))) == ["lora_a", "lora_b"]
   assert sorted(nnx.to_pure_dict(nnx.state(layer, DeltaParam))) == ["delta"]
   frozen = nnx.state(layer, nnx.Not(TRAINABLE))
   assert sorted(nnx.to_pure_dict(frozen)) == ["bias", "kernel"]

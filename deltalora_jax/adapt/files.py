@@ -11,7 +11,7 @@ first format's dense configs (``in_features``/``out_features``, no
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, cast
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -225,8 +225,9 @@ def attach_adapter_nnx(
       raise TypeError(
         f"adapter layer {name!r} is a {kinds[name]} in the model, not {targets.ADAPTABLE}"
       )
-    module = cast(nnx_front.Adaptable, modules[name][1])  # of the kind "dense"
-    given = (nnx_front.projection_of(module), tuple(module.kernel.shape))
+    module = modules[name][1]  # of the kind "dense"
+    description = nnx_front.describe(module)
+    given = (description.projection, tuple(getattr(module, description.kernel).shape))
     if given != (config.projection, kernel_shape):
       raise ValueError(
         f"the {type(module).__name__} at {name!r} is {given[0]} with kernel {given[1]}; the "

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, Unpack, cast
+from typing import Any, Unpack
 
 from flax import nnx
 
@@ -14,6 +15,7 @@ from deltalora_jax.adapt.targets import (
   check_options,
   layer_options,
   report,
+  select_excluded,
   select_targets,
 )
 from deltalora_jax.config import Options
@@ -25,12 +27,39 @@ def kind(module: Any) -> str:
   if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral | nnx.LoRALinear):
     return "adapted"
   try:
-    nnx_front.projection_of(module)
+    nnx_front.describe(module)
   except TypeError as error:
-    kinds = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv)
-    reason = f" ({error})" if isinstance(module, kinds) else ""
+    reason = f" ({error})" if projection_like(module) else ""
     return type(module).__name__ + reason
   return "dense"
+
+
+def projection_like(module: Any) -> bool:
+  """Whether a module that cannot be adapted looks like a projection (then it is reported).
+
+  One of: an instance of a registered kind (Flax's ``Linear``,
+  ``LinearGeneral``, ``Einsum``, ``Conv``, or a kind of
+  :func:`~deltalora_jax.register_projection`) that its describer refused;
+  Flax's ``ConvTranspose``; a module with an ``einsum_str`` attribute; a
+  module of a class outside Flax with its own ``__call__`` that holds an
+  ``nnx.Param`` of two axes or more itself (a weight its call may multiply
+  by: a mixture of experts' stacked kernels). Flax's other modules (its
+  norms, ``Embed``, even stacked by ``nnx.vmap``) are not, nor is a module
+  without ``__call__`` (tunix's ``Embedder``: ``encode`` and ``decode``).
+  """
+  if isinstance(module, (*nnx_front._DESCRIBERS, nnx.ConvTranspose)) or hasattr(
+    module, "einsum_str"
+  ):
+    return True
+  if type(module).__module__.startswith("flax.") or not any(
+    "__call__" in vars(cls) for cls in type(module).__mro__ if cls not in _MODULE_BASES
+  ):
+    return False
+  return any(isinstance(v, nnx.Param) and v.ndim >= 2 for v in vars(module).values())
+
+
+#: The classes of every NNX module (their ``__call__``, if any, is not the module's own).
+_MODULE_BASES = frozenset(nnx.Module.__mro__)
 
 
 def adapter(
@@ -69,7 +98,9 @@ def adapt_nnx(
 
   The layers that can be adapted are ``nnx.Linear``, ``nnx.LinearGeneral``
   (the projections of ``nnx.MultiHeadAttention``), ``nnx.Einsum`` and
-  ``nnx.Conv``, their subclasses, and stacks of them created with
+  ``nnx.Conv``, their subclasses, the kinds taught with
+  :func:`~deltalora_jax.register_projection`, modules like tunix's
+  ``Einsum`` (:func:`~deltalora_jax.nnx.describe`), and stacks of them created with
   ``nnx.vmap`` (applied with ``nnx.scan``). An ``nnx.Linear`` is replaced by
   :meth:`DeltaLoRALinear.from_linear
   <deltalora_jax.nnx.DeltaLoRALinear.from_linear>` of it, the others by
@@ -96,8 +127,13 @@ def adapt_nnx(
 
   Returns:
     ``(model, report)``: the model itself, and ``{'layers': {name: figures},
-    'total': {'layers', 'parameter_count'}}`` for the layers adapted by this
-    call (the figures of :func:`deltalora_jax.diagnostics`).
+    'total': {'layers', 'parameter_count'}, 'skipped': {name: reason}}`` for
+    the layers adapted by this call (the figures of
+    :func:`deltalora_jax.diagnostics`). With ``targets=None``, ``'skipped'``
+    names every projection-like module (:func:`projection_like`) that cannot
+    be adapted and is not excluded, with the reason, and a ``UserWarning``
+    lists them: nothing is left alone silently. With targets it is empty (a
+    chosen module that cannot be adapted raises).
 
   Raises:
     ValueError: when the targets choose nothing (the message lists the
@@ -121,10 +157,42 @@ def adapt_nnx(
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
   per_layer = layer_options(chosen, checked, overrides)
   for name in chosen:  # before any layer is built, naming the layer
-    module = cast(nnx_front.Adaptable, found[name][1])  # of the kind "dense"
-    product, shape = nnx_front.projection_of(module), tuple(module.kernel.shape)
-    layer_shape = shape[len(shape) - product.kernel_ndim :]  # nnx.vmap's stack axes lead
-    check_layer_rank(name, product, layer_shape, per_layer[name]["rank"])
+    module = found[name][1]  # of the kind "dense": a description names its kernel
+    described = nnx_front.describe(module)
+    shape = tuple(getattr(module, described.kernel).shape)
+    layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
+    check_layer_rank(name, described.projection, layer_shape, per_layer[name]["rank"])
   new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
+  skipped = {} if targets is not None else _skipped(kinds, found, exclude)
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
-  return model, report(model, None, chosen, verbose)
+  if skipped:
+    warnings.warn(
+      f"adapt_nnx adapted {len(chosen)} layers and left alone {len(skipped)} projection-like "
+      f"module(s) it cannot adapt: {skipped} (report['skipped']; teach a kind with "
+      "deltalora_jax.register_projection, or exclude=... to leave it out knowingly)",
+      stacklevel=2,
+    )
+  return model, report(model, None, chosen, verbose, skipped=skipped)
+
+
+def _skipped(
+  kinds: Mapping[str, str],
+  found: Mapping[str, tuple[tuple[Any, ...], nnx.Module]],
+  exclude: str | Sequence[str] | None,
+) -> dict[str, str]:
+  """``{name: reason}`` of the projection-like modules that cannot be adapted, less ``exclude``."""
+  excluded = set(select_excluded(list(kinds), exclude))
+  return {
+    name: kinds[name]
+    for name, (_, module) in found.items()
+    if kinds[name] not in ("dense", "adapted")
+    and name not in excluded
+    and not _inside_adapted(name, kinds)
+    and projection_like(module)
+  }
+
+
+def _inside_adapted(name: str, kinds: Mapping[str, str]) -> bool:
+  """Whether ``name`` lies inside an adapted layer (its base's submodules are not the model's)."""
+  parts = name.split("/")
+  return any(kinds.get("/".join(parts[:i])) == "adapted" for i in range(1, len(parts)))

@@ -74,7 +74,7 @@ import math
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal
 
 import jax
 import numpy as np
@@ -95,7 +95,10 @@ MERGED_FILE = "model.safetensors"
 PREFIX = "base_model.model."
 RULES = ("lora", "paper", "seed")
 
-ModuleNames = Mapping[str, str] | Callable[[str], str]
+#: A layer's PyTorch module name, or the names of the parts of a fused kernel
+#: (tunix's ``kv_einsum``: ``("k_proj", "v_proj")``).
+ModuleName = str | Sequence[str]
+ModuleNames = Mapping[str, ModuleName] | Callable[[str], ModuleName | None]
 Rule = Literal["lora", "paper", "seed"]
 
 #: The ``LoraConfig`` fields PEFT writes, with its defaults (those every PEFT
@@ -261,8 +264,9 @@ def _torch_bias(kind: projections.Projection, bias: np.ndarray) -> np.ndarray:
 # --------------------------------------------------------------------------
 
 
-def _module_name(module_names: ModuleNames, name: str) -> str | None:
-  """The PyTorch module name of layer ``name``; None when a mapping leaves it out."""
+def _module_name(module_names: ModuleNames, name: str) -> tuple[str, ...] | None:
+  """The PyTorch module names of layer ``name`` (one, or a fused kernel's parts); None when a
+  mapping leaves it out."""
   if isinstance(module_names, Mapping):
     value = module_names.get(name)
   elif callable(module_names):
@@ -272,9 +276,40 @@ def _module_name(module_names: ModuleNames, name: str) -> str | None:
       "module_names must be a mapping {layer name: PyTorch module name} or a callable, got "
       f"module_names={module_names!r}"
     )
-  if value is not None and (not isinstance(value, str) or not value):
-    raise TypeError(f"module_names gives {value!r} for {name!r}; a module name is a non-empty str")
-  return value
+  if value is None:
+    return None
+  parts = (value,) if isinstance(value, str) else value
+  if (
+    not isinstance(parts, Sequence)
+    or not parts
+    or not all(isinstance(part, str) and part for part in parts)
+  ):
+    raise TypeError(
+      f"module_names gives {value!r} for {name!r}; a module name is a non-empty str (or, for a "
+      "fused kernel, a non-empty tuple of them, one per part)"
+    )
+  return tuple(parts)
+
+
+def _check_fused(name: str, kind: projections.Projection, shape: Sequence[int], parts: int) -> None:
+  """Raises unless a layer given ``parts`` module names has a fused leading output axis of them.
+
+  The fused axis is the first output axis in the kernel's order (tunix's ``kv_einsum``
+  ``'BSD,CKDH->CBSKH'``: ``C``), the rows of PyTorch's ``[prod(out), ...]`` layout in blocks.
+  """
+  if parts == 1:
+    return
+  if isinstance(kind, projections.Einsum):
+    size = shape[_einsum_axes(kind)[2][0]]
+  elif isinstance(kind, projections.GeneralDense):
+    size = kind.features[0]
+  else:
+    size = None
+  if size != parts:
+    raise ValueError(
+      f"module_names gives {parts} modules for the layer {name!r} (a fused kernel's parts), "
+      f"but its first output axis has size {size}: it must have one index per module"
+    )
 
 
 def _pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
@@ -308,11 +343,18 @@ def _targeted(target_modules: Any, module: str, field: str = "target_modules") -
 # --------------------------------------------------------------------------
 
 
+def _kernel_of(module: Any) -> Any:
+  """An NNX layer's kernel: an adapter's ``kernel``, or the one its base kind names (``w``)."""
+  if nnx_adapt.kind(module) == "dense":
+    return getattr(module, nnx_front.describe(module).kernel)[...]
+  return module.kernel[...]
+
+
 def _base_kernels(base: Any, names: Sequence[str]) -> dict[str, np.ndarray]:
   """The pretrained kernel of each layer of ``names``, from an NNX model or Linen variables."""
   if isinstance(base, nnx.Module):
     modules = nnx_adapt.modules(base)
-    found = {n: cast(Any, modules[n][1]).kernel[...] for n in names if n in modules}
+    found = {n: _kernel_of(modules[n][1]) for n in names if n in modules}
   elif isinstance(base, Mapping) and "params" in base:
     flat = traverse_util.flatten_dict(dict(base["params"]))
     found = {n: flat[key] for n in names if (key := (*paths.as_path(n), "kernel")) in flat}
@@ -536,7 +578,11 @@ def save_peft(
     layers: for Linen, the :class:`~deltalora_jax.DeltaLoRAModel` or the
       layers mapping.
     module_names: ``{layer name 'a/b': PyTorch module name}`` (the layers
-      it leaves out are not written) or a callable of the layer name.
+      it leaves out are not written) or a callable of the layer name. A
+      fused kernel (tunix's ``kv_einsum`` ``(2, K, D, H)``, ``qkv_einsum``)
+      takes a tuple of names, one per index of its first output axis
+      (``('self_attn.k_proj', 'self_attn.v_proj')``): the parts share ``A``
+      and each gets its block of ``B`` (exact), or of the merged weight.
     base: the pretrained NNX model or Linen variables (``W_0``): required
       by ``'paper'``; with ``'seed'``, adds a trained base's change.
     rule: ``'lora'``, ``'paper'`` or ``'seed'``.
@@ -572,20 +618,22 @@ def save_peft(
     (['adapter_config.json', 'adapter_model.safetensors'], 0.0)
   """
   found = tree.layer_arrays(model_or_variables, layers)
-  names: dict[str, str] = {}
+  names: dict[str, tuple[str, ...]] = {}
   for name in found:
-    module = _module_name(module_names, name)
-    if module is not None:
-      names[name] = module
+    modules = _module_name(module_names, name)
+    if modules is not None:
+      names[name] = modules
   if not names:
     raise ValueError(f"module_names names none of the adapted layers {sorted(found)}")
-  if len(set(names.values())) != len(names):
-    counts = collections.Counter(names.values())
+  every = [module for modules in names.values() for module in modules]
+  if len(set(every)) != len(every):
+    counts = collections.Counter(every)
     raise ValueError(f"module_names gives one module to several layers: {counts.most_common(1)}")
   configs = {name: found[name][0] for name in names}
   _check_rule(rule, rank, merged, base, configs)
   for name, config in configs.items():
     _check_layer(name, config.projection, found[name][1]["kernel"].shape)
+    _check_fused(name, config.projection, found[name][1]["kernel"].shape, len(names[name]))
   needs_base = any(
     not c.freeze_base or (rule == "paper" and c.paper_lambda is None) for c in configs.values()
   )
@@ -594,17 +642,23 @@ def save_peft(
   report: dict[str, Any] = {"rule": rule, "layers": {}}
   if merged:
     state = {}
-    for name, module in names.items():
+    for name, modules in names.items():
       config, arrays = found[name]
       kind = config.projection
       change = _change(rule, config, arrays, kernels0.get(name))
       kernel = np.asarray(kernels0.get(name, arrays["kernel"]), np.float64)
       full = _unmatrix(kind, _matrix(kind, kernel) + change, kernel.shape)
-      state[f"{module}.weight"] = np.ascontiguousarray(_torch_weight(kind, full), np.float32)
-      if "bias" in arrays:
-        bias = _torch_bias(kind, np.asarray(arrays["bias"]))
-        state[f"{module}.bias"] = np.ascontiguousarray(bias, np.float32)
-      report["layers"][name] = {"module": module, "rank": None, "alpha": None}
+      weights = np.split(_torch_weight(kind, full), len(modules))  # a fused kernel's rows
+      biases = (
+        np.split(_torch_bias(kind, np.asarray(arrays["bias"])), len(modules))
+        if "bias" in arrays
+        else [None] * len(modules)
+      )
+      for module, weight, bias in zip(modules, weights, biases, strict=True):
+        state[f"{module}.weight"] = np.ascontiguousarray(weight, np.float32)
+        if bias is not None:
+          state[f"{module}.bias"] = np.ascontiguousarray(bias, np.float32)
+      report["layers"][name] = {"module": _reported(modules), "rank": None, "alpha": None}
       report["layers"][name]["relative_error"] = 0.0
     safetensors_numpy.save_file(
       state, os.path.join(directory, MERGED_FILE), metadata={"format": "pt"}
@@ -615,7 +669,7 @@ def save_peft(
   tensors: dict[str, np.ndarray] = {}
   applied: dict[str, np.ndarray] = {}
   use_rslora = rule == "lora" and all(c.use_rslora for c in configs.values())
-  for name, module in names.items():
+  for name, modules in names.items():
     config, arrays = found[name]
     kind = config.projection
     shape = tuple(arrays["kernel"].shape)
@@ -635,12 +689,15 @@ def save_peft(
       a, b, scaling = np.reshape(u, a_shape), np.reshape(v, b_shape), 1.0
       kernel_change = u.astype(np.float64) @ v.astype(np.float64)
     torch_a, torch_b = _torch_factors(kind, a, b)
-    tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(torch_a, np.float32)
-    tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(torch_b, np.float32)
     alpha = scaling * (math.sqrt(k) if use_rslora else k)
-    written[name] = (module, k, alpha)
+    # A fused kernel's parts share A; each takes its block of B's rows (exact: the rows of
+    # s A B are the parts' own).
+    for module, part_b in zip(modules, np.split(torch_b, len(modules)), strict=True):
+      tensors[f"{PREFIX}{module}.lora_A.weight"] = np.ascontiguousarray(torch_a, np.float32)
+      tensors[f"{PREFIX}{module}.lora_B.weight"] = np.ascontiguousarray(part_b, np.float32)
+      written[module] = (module, k, alpha)
     report["layers"][name] = {
-      "module": module,
+      "module": _reported(modules),
       "rank": k,
       "alpha": _number(alpha),
       "relative_error": error,
@@ -661,6 +718,11 @@ def save_peft(
       _output_error(model_or_variables, layers, inputs, applied) if applied else 0.0
     )
   return report
+
+
+def _reported(modules: tuple[str, ...]) -> str | list[str]:
+  """A layer's module name in the report: the name, or a fused kernel's list of names."""
+  return modules[0] if len(modules) == 1 else list(modules)
 
 
 # --------------------------------------------------------------------------
@@ -739,9 +801,9 @@ def _target_layers(
     layers = {}
     for name, (_, candidate) in nnx_adapt.modules(model).items():
       if nnx_adapt.kind(candidate) == "dense":
-        module = cast(nnx_front.Adaptable, candidate)  # of the kind "dense"
-        kind = nnx_front.projection_of(module)
-        layers[name] = (kind, tuple(module.kernel.shape), module.bias is not None)
+        description = nnx_front.describe(candidate)  # of the kind "dense"
+        kernel = getattr(candidate, description.kernel)
+        layers[name] = (description.projection, tuple(kernel.shape), description.bias is not None)
     return layers
   if variables is None:
     raise TypeError(
@@ -820,9 +882,15 @@ def load_peft(
   layers = _target_layers(model, inputs, variables, call_kwargs)
   by_module: dict[str, str] = {}
   for name in layers:
-    module = _module_name(module_names, name)
-    if module is not None:
-      by_module[module] = name
+    given = _module_name(module_names, name)
+    if given is not None and len(given) > 1:
+      raise ValueError(
+        f"module_names gives the layer {name!r} the modules {list(given)} (a fused kernel's "
+        "parts): load_peft reads one module per layer; a fused kernel's parts are written by "
+        "save_peft, not read back"
+      )
+    if given is not None:
+      by_module[given[0]] = name
   target_modules = config.get("target_modules")
   exclude_modules = config.get("exclude_modules")
   rank_pattern = config.get("rank_pattern") or {}

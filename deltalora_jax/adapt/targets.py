@@ -18,7 +18,8 @@ from deltalora_jax.config import Options
 
 #: What ``targets`` may choose, in the words of the error messages.
 ADAPTABLE = (
-  "a layer that can be adapted (Dense, DenseGeneral/LinearGeneral, Einsum, Conv, or a subclass)"
+  "a layer that can be adapted (Dense, DenseGeneral/LinearGeneral, Einsum, Conv, or a subclass; "
+  "NNX: a kind registered with register_projection, or a module like tunix's Einsum)"
 )
 #: The options of :class:`~deltalora_jax.config.Options`, which ``overrides`` may set.
 OPTIONS = frozenset(Options.__annotations__)
@@ -146,6 +147,16 @@ def check_layer_rank(
   return checked
 
 
+def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:
+  """The names among ``names`` that ``exclude`` matches (none for None).
+
+  >>> select_excluded(["attn/q", "mlp"], r"attn/.*")
+  ['attn/q']
+  """
+  exclude = _check_spec("exclude", exclude)
+  return [] if exclude is None else [n for n in names if _matches(exclude, n)]
+
+
 def layer_options(
   chosen: Sequence[str], options: Mapping[str, Any], overrides: Any
 ) -> dict[str, dict[str, Any]]:
@@ -186,11 +197,18 @@ def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def report(
-  model_or_variables: Any, layers: Any, names: Sequence[str], verbose: bool
+  model_or_variables: Any,
+  layers: Any,
+  names: Sequence[str],
+  verbose: bool,
+  *,
+  skipped: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
   """What was adapted: the :func:`deltalora_jax.tree.layer_figures` of ``names`` and a total.
 
-  Printed as a table (:func:`format_report`) when ``verbose``.
+  With ``skipped`` (``{name: reason}`` of the projection-like modules left
+  alone), the report has it as ``'skipped'``. Printed as a table
+  (:func:`format_report`) when ``verbose``.
   """
   figures = tree.layer_figures(model_or_variables, layers)
   entries = {name: e for name, e in figures.items() if name in names}
@@ -198,7 +216,9 @@ def report(
     "layers": len(entries),
     "parameter_count": sum(e["parameter_count"] for e in entries.values()),
   }
-  result = {"layers": entries, "total": total}
+  result: dict[str, Any] = {"layers": entries, "total": total}
+  if skipped is not None:
+    result["skipped"] = dict(skipped)
   if verbose:
     print(format_report(result))
   return result
@@ -222,7 +242,9 @@ def format_report(report: Mapping[str, Any]) -> str:
     )
   rows.append(("total", "", "", f"{report['total']['parameter_count']:,}"))
   widths = [max(len(r[i]) for r in rows) for i in range(4)]
-  return "\n".join(
+  table = "\n".join(
     f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
     for r in rows
   )
+  skipped = report.get("skipped") or {}
+  return "\n".join([table, *(f"left alone: {name}: {why}" for name, why in skipped.items())])
