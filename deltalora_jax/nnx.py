@@ -570,9 +570,7 @@ bias='bias', dtype=None, precision=None, attributes=())
   except ValueError as error:  # a setting the adapter cannot reproduce
     raise TypeError(f"{name} cannot be adapted: {error}") from None
   if not isinstance(description, LayerDescription):
-    raise TypeError(
-      f"the describer of {name} must return a LayerDescription, got {description!r}"
-    )
+    raise TypeError(f"the describer of {name} must return a LayerDescription, got {description!r}")
   for role, attribute in (("kernel", description.kernel), ("bias", description.bias)):
     if attribute is not None and not isinstance(getattr(module, attribute, None), nnx.Variable):
       raise TypeError(
@@ -652,10 +650,31 @@ for _cls in (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv):
 #: (``LayerDescription.attributes``) may not take.
 _OWN = frozenset(
   {
-    *("projection", "rank", "alpha", "delta_scaling", "freeze_base", "evaluation"),
-    *("use_delta", "paper_lambda", "use_rslora", "adapter_dtype", "use_bias", "dtype"),
-    *("precision", "base_graphdef", "kernel", "bias", "lora_a", "lora_b", "delta"),
-    *("snapshot_a", "snapshot_b", "kernel_name", "bias_name", "config", "scaling"),
+    "projection",
+    "rank",
+    "alpha",
+    "delta_scaling",
+    "freeze_base",
+    "evaluation",
+    "use_delta",
+    "use_rslora",
+    "adapter_dtype",
+    "use_bias",
+    "dtype",
+    "precision",
+    "base_graphdef",
+    "kernel",
+    "bias",
+    "lora_a",
+    "lora_b",
+    "delta",
+    "kernel_name",
+    "bias_name",
+    "config",
+    "scaling",
+    "paper_lambda",
+    "snapshot_a",
+    "snapshot_b",
   }
 )
 

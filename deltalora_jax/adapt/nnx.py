@@ -157,11 +157,11 @@ def adapt_nnx(
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
   per_layer = layer_options(chosen, checked, overrides)
   for name in chosen:  # before any layer is built, naming the layer
-    description = nnx_front.describe(found[name][1])  # of the kind "dense"
-    kernel = getattr(found[name][1], description.kernel)  # 'kernel', tunix's 'w', ...
-    product, shape = description.projection, tuple(kernel.shape)
-    layer_shape = shape[len(shape) - product.kernel_ndim :]  # nnx.vmap's stack axes lead
-    check_layer_rank(name, product, layer_shape, per_layer[name]["rank"])
+    module = found[name][1]  # of the kind "dense": a description names its kernel
+    described = nnx_front.describe(module)
+    shape = tuple(getattr(module, described.kernel).shape)
+    layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
+    check_layer_rank(name, described.projection, layer_shape, per_layer[name]["rank"])
   new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
   skipped = {} if targets is not None else _skipped(kinds, found, exclude)
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
@@ -185,8 +185,10 @@ def _skipped(
   return {
     name: kinds[name]
     for name, (_, module) in found.items()
-    if kinds[name] not in ("dense", "adapted") and name not in excluded
-    and not _inside_adapted(name, kinds) and projection_like(module)
+    if kinds[name] not in ("dense", "adapted")
+    and name not in excluded
+    and not _inside_adapted(name, kinds)
+    and projection_like(module)
   }
 
 

@@ -124,16 +124,6 @@ def select_targets(
   return chosen
 
 
-def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:
-  """The names among ``names`` that ``exclude`` matches (none for None).
-
-  >>> select_excluded(["attn/q", "mlp"], r"attn/.*")
-  ['attn/q']
-  """
-  exclude = _check_spec("exclude", exclude)
-  return [] if exclude is None else [n for n in names if _matches(exclude, n)]
-
-
 def check_layer_rank(
   name: str, kind: projections.Projection, layer_shape: Sequence[int], rank: object
 ) -> int:
@@ -155,6 +145,16 @@ def check_layer_rank(
       f"{name!r}, got rank={checked}"
     )
   return checked
+
+
+def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:
+  """The names among ``names`` that ``exclude`` matches (none for None).
+
+  >>> select_excluded(["attn/q", "mlp"], r"attn/.*")
+  ['attn/q']
+  """
+  exclude = _check_spec("exclude", exclude)
+  return [] if exclude is None else [n for n in names if _matches(exclude, n)]
 
 
 def layer_options(

@@ -1,7 +1,5 @@
-"""The tests of tunix's models: run in an environment with the ``tunix`` extra.
-
-``pytest tests/tunix`` (the default ``pytest`` leaves this directory out: pyproject's
-``norecursedirs``). tunix's models read ``Variable.value`` and pass ``sharding=`` to
+"""The tests of tunix's models, part of the suite: they need the ``tunix`` extra, which the
+README's test command and ``.ci/run`` install with the others in one environment. tunix's models read ``Variable.value`` and pass ``sharding=`` to
 Variables, which Flax deprecates, and import ``jax.experimental.shard_map``, which JAX
 deprecates, and more (every deprecation warning attributed to tunix's lines): those warnings
 are tunix's, and only they are let through (every other warning is still an error). Its modules are
