@@ -460,8 +460,8 @@ class LayerDescription:
       ``nnx.Variable``): ``'kernel'`` for Flax's layers, ``'w'`` for tunix's ``Einsum``.
     bias: the name of the attribute of the bias the layer adds (an
       ``nnx.Variable`` of ``projection.bias_shape``), or None.
-    dtype: the computation dtype (None: the widest of the input, the kernel and
-      the adapter's factors).
+    dtype: the computation dtype (None: the base layer's rule, the widest of the
+      input, the kernel and the bias; the factors and ``D`` are cast to it).
     precision: the ``jax.lax.Precision`` of the products.
     attributes: names of the module's other plain attributes that the adapter
       keeps, so that code reading them on the adapted module still works
