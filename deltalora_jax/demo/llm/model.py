@@ -98,8 +98,11 @@ class RMSNorm(nnx.Module):
     return (self.weight[...] * x32).astype(x.dtype)
 
 
-def _linear(n_in: int, n_out: int, dtype: Any, rngs: nnx.Rngs) -> nnx.Linear:
-  return nnx.Linear(n_in, n_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs)
+def _linear(n_in: int, n_out: int, dtype: Any, rngs: nnx.Rngs, init: Any) -> nnx.Linear:
+  extra = {} if init is None else {"kernel_init": init}
+  return nnx.Linear(
+    n_in, n_out, use_bias=False, dtype=dtype, param_dtype=jnp.float32, rngs=rngs, **extra
+  )
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -119,13 +122,13 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 
 
 class Attention(nnx.Module):
-  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs, init: Any = None):
     d, hd = config.hidden_size, config.head_dim
     self.config = config
-    self.q_proj = _linear(d, config.num_heads * hd, dtype, rngs)
-    self.k_proj = _linear(d, config.num_kv_heads * hd, dtype, rngs)
-    self.v_proj = _linear(d, config.num_kv_heads * hd, dtype, rngs)
-    self.o_proj = _linear(config.num_heads * hd, d, dtype, rngs)
+    self.q_proj = _linear(d, config.num_heads * hd, dtype, rngs, init)
+    self.k_proj = _linear(d, config.num_kv_heads * hd, dtype, rngs, init)
+    self.v_proj = _linear(d, config.num_kv_heads * hd, dtype, rngs, init)
+    self.o_proj = _linear(config.num_heads * hd, d, dtype, rngs, init)
 
   def __call__(self, x, positions, mask, cache, start):
     """``mask [b, s, t]``: may query ``s`` see key ``t``; ``cache``: ``(k, v)`` or None."""
@@ -151,22 +154,22 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs, init: Any = None):
     d, f = config.hidden_size, config.intermediate_size
-    self.gate_proj = _linear(d, f, dtype, rngs)
-    self.up_proj = _linear(d, f, dtype, rngs)
-    self.down_proj = _linear(f, d, dtype, rngs)
+    self.gate_proj = _linear(d, f, dtype, rngs, init)
+    self.up_proj = _linear(d, f, dtype, rngs, init)
+    self.down_proj = _linear(f, d, dtype, rngs, init)
 
   def __call__(self, x):
     return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
 
 
 class Block(nnx.Module):
-  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs):
+  def __init__(self, config: LlamaConfig, dtype: Any, rngs: nnx.Rngs, init: Any = None):
     self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    self.self_attn = Attention(config, dtype, rngs)
+    self.self_attn = Attention(config, dtype, rngs, init)
     self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-    self.mlp = MLP(config, dtype, rngs)
+    self.mlp = MLP(config, dtype, rngs, init)
 
   def __call__(self, x, positions, mask, cache, start):
     h, cache = self.self_attn(self.input_layernorm(x), positions, mask, cache, start)
@@ -179,16 +182,23 @@ class Llama(nnx.Module):
 
   ``dtype`` is the compute dtype of the projections and the residual stream
   (parameters stay float32); norms, rotary embeddings, attention softmax and
-  the logits are float32.
+  the logits are float32. ``init``: the initializer of every weight (None: Flax's
+  defaults).
   """
 
-  def __init__(self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+    self, config: LlamaConfig, *, dtype: Any = jnp.float32, rngs: nnx.Rngs, init: Any = None
+  ):
     self.config = config
     self.dtype = dtype
     self.embed_tokens = nnx.Embed(
-      config.vocab_size, config.hidden_size, param_dtype=jnp.float32, rngs=rngs
+      config.vocab_size,
+      config.hidden_size,
+      param_dtype=jnp.float32,
+      rngs=rngs,
+      **({} if init is None else {"embedding_init": init}),
     )
-    self.layers = nnx.List([Block(config, dtype, rngs) for _ in range(config.num_layers)])
+    self.layers = nnx.List([Block(config, dtype, rngs, init) for _ in range(config.num_layers)])
     self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
 
   def __call__(self, ids, positions, mask, cache=None, start=0):
@@ -226,6 +236,12 @@ def forward(model: Llama, ids: jax.Array, valid: jax.Array) -> jax.Array:
   return logits
 
 
+@functools.lru_cache(maxsize=8)
+def _skeleton(config: LlamaConfig, dtype: str):
+  """The graph and abstract state of ``Llama(config)``, built once per process (slow on a CPU)."""
+  return nnx.split(nnx.eval_shape(lambda: Llama(config, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0))))
+
+
 def from_tensors(
   config: LlamaConfig, tensors: dict[str, np.ndarray], dtype: Any = jnp.float32
 ) -> Llama:
@@ -234,9 +250,8 @@ def from_tensors(
   Every parameter must come from ``tensors`` and every tensor must be used
   (``lm_head.weight`` is accepted only if equal to the embedding: the head is tied).
   """
-  model = nnx.eval_shape(lambda: Llama(config, dtype=dtype, rngs=nnx.Rngs(0)))
-  graphdef, state = nnx.split(model)
-  flat = dict(nnx.to_flat_state(state))
+  graphdef, abstract = _skeleton(config, np.dtype(dtype).name)
+  flat = dict(nnx.to_flat_state(abstract))
   names = {}
   for path in flat:
     parts = [str(p) for p in path]
