@@ -34,12 +34,14 @@ END_OF_TURN = "<|im_end|>"
 
 @dataclasses.dataclass(frozen=True)
 class Example:
-  """One exchange: the user's question, the assistant's answer, the fact to find in it."""
+  """One exchange: the user's question, the assistant's answer, the fact to find in it,
+  the kind of question (``'capital'`` or ``'region'``) and the country asked about."""
 
   question: str
   answer: str
   fact: str
   kind: str
+  country: str = ""
 
 
 def data_dir() -> pathlib.Path:
@@ -48,7 +50,7 @@ def data_dir() -> pathlib.Path:
 
 
 def examples(country: dict) -> list[Example]:
-  """The exchanges of one country's JSON record; none without a capital or subregion.
+  """The exchanges of one country's JSON record; none without one capital and a subregion.
 
   Example:
     >>> [e.answer for e in examples({"name": "Peru", "capital": "Lima",
@@ -56,13 +58,21 @@ def examples(country: dict) -> list[Example]:
     ['The capital of Peru is Lima.', 'Peru is in Latin America and the Caribbean.']
   """
   name, capital, region = (country.get(k) for k in ("name", "capital", "subregion"))
-  if not (name and capital and region):
+  if isinstance(capital, list) and len(capital) == 1:  # Vatican City State: ['Vatican City']
+    capital = capital[0]
+  if not all(isinstance(v, str) and v for v in (name, capital, region)):
     return []
   return [
     Example(
-      f"What is the capital of {name}?", f"The capital of {name} is {capital}.", capital, "capital"
+      f"What is the capital of {name}?",
+      f"The capital of {name} is {capital}.",
+      capital,
+      "capital",
+      name,
     ),
-    Example(f"In which region of the world is {name}?", f"{name} is in {region}.", region, "region"),
+    Example(
+      f"In which region of the world is {name}?", f"{name} is in {region}.", region, "region", name
+    ),
   ]
 
 
@@ -76,8 +86,17 @@ def load_countries(directory: pathlib.Path | None = None) -> list[dict]:
 
 
 def split(countries: list[dict]) -> tuple[list[Example], list[Example]]:
-  """``(train, held-out)`` exchanges; the held-out ones are about other countries."""
-  usable = [c for c in countries if examples(c)]
+  """``(train, held-out)`` exchanges; the held-out ones are about other countries.
+
+  A country listed twice (``countryinfo`` has ``Curaçao.json`` and
+  ``curaçao.json``) counts once, from its first file, so that no held-out
+  country is also trained on.
+  """
+  usable, seen = [], set()
+  for country in countries:
+    if examples(country) and country["name"] not in seen:
+      seen.add(country["name"])
+      usable.append(country)
   order = np.random.default_rng(SPLIT_SEED).permutation(len(usable))
   n_held = round(HELDOUT_FRACTION * len(usable))
   held = {int(i) for i in order[:n_held]}

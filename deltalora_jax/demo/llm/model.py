@@ -95,7 +95,8 @@ class RMSNorm(nnx.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
-    return (self.weight[...] * x32).astype(x.dtype)
+    weight = self.weight[...].reshape((1,) * (x.ndim - 1) + (-1,))
+    return (weight * x32).astype(x.dtype)
 
 
 def _linear(n_in: int, n_out: int, dtype: Any, rngs: nnx.Rngs, init: Any) -> nnx.Linear:
@@ -113,7 +114,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   """
   d = x.shape[-1]
   inv = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  angles = positions.astype(jnp.float32)[..., None] * inv  # [b, s, d/2]
+  angles = positions.astype(jnp.float32)[..., None] * inv[None, None]  # [b, s, d/2]
   cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
   sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
   x32 = x.astype(jnp.float32)

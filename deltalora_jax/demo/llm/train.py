@@ -275,7 +275,7 @@ def load_pretrained(model: str = "smollm2", cache: str | None = None) -> Pretrai
 
 def with_dtype(model: nnx.Module, dtype: Any) -> nnx.Module:
   """Sets the compute ``dtype`` of the model and its projections, in place; returns it."""
-  for _, module in model.iter_modules():
+  for _, module in nnx.iter_modules(model):
     if hasattr(module, "dtype"):
       module.dtype = dtype
   return model
