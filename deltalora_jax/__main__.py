@@ -1,4 +1,4 @@
-"""``python -m deltalora_jax demo|study|llm [flags]``: the library's demos and study (``--help``)."""
+"""``python -m deltalora_jax demo|study|llm [flags]``: the demos and the study (``--help``)."""
 
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ def main(argv: list[str] | None = None) -> int:
     return 0 if argv else 2
   commands = {"demo": "main", "study": "study_main", "llm": "llm_main"}
   if argv[0] not in commands:
-    print(f"{USAGE}\nunknown sub-command {argv[0]!r}; among 'demo', 'study', 'llm'", file=sys.stderr)
+    print(
+      f"{USAGE}\nunknown sub-command {argv[0]!r}; among 'demo', 'study', 'llm'", file=sys.stderr
+    )
     return 2
   from deltalora_jax.demo import cli
 

@@ -88,10 +88,13 @@ def hf_outputs(hf, prompts) -> tuple[list[np.ndarray], list[list[int]]]:
       ids = torch.tensor([p])
       logits.append(hf(ids).logits[0, -1].numpy())
       out = hf.generate(
-        ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS, do_sample=False,
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=NEW_TOKENS,
+        do_sample=False,
         pad_token_id=2,
       )
-      tokens.append(out[0, len(p):].tolist())
+      tokens.append(out[0, len(p) :].tolist())
   return logits, tokens
 
 
@@ -106,10 +109,10 @@ def jax_outputs(m, prompts) -> tuple[list[np.ndarray], list[list[int]]]:
 def assert_same(hf, jax_m, prompts):
   hf_logits, hf_tokens = hf_outputs(hf, prompts)
   logits, tokens = jax_outputs(jax_m, prompts)
-  for ref, got in zip(hf_logits, logits):
+  for ref, got in zip(hf_logits, logits, strict=True):
     error = np.max(np.abs(got - ref)) / np.max(np.abs(ref))
     assert error <= LOGIT_RTOL, error
-  for ref, got in zip(hf_tokens, tokens):  # transformers stops at the end of turn (2)
+  for ref, got in zip(hf_tokens, tokens, strict=True):  # transformers stops at the end of turn (2)
     assert len(ref) == NEW_TOKENS or ref[-1] == 2, ref
     assert got[: len(ref)] == ref
   return hf_tokens
@@ -246,15 +249,24 @@ def cli_run(pretrained, tmp_path_factory, request):
 def _cli(out):
   return cli.llm_main(
     [
-      "--model", "smollm2",
-      "--methods", "frozen,lora,delta-lora,paper,lora-scaled,full",
-      "--steps", "2",
-      "--paper-start-step", "0",
-      "--eval-size", "4",
-      "--samples", "2",
-      "--output", str(out / "results"),
-      "--export-peft", str(out / "peft"),
-      "--peft-rank", "576",
+      "--model",
+      "smollm2",
+      "--methods",
+      "frozen,lora,delta-lora,paper,lora-scaled,full",
+      "--steps",
+      "2",
+      "--paper-start-step",
+      "0",
+      "--eval-size",
+      "4",
+      "--samples",
+      "2",
+      "--output",
+      str(out / "results"),
+      "--export-peft",
+      str(out / "peft"),
+      "--peft-rank",
+      "576",
       "--no-progress",
     ]
   )
@@ -284,7 +296,10 @@ def test_cli_contract(cli_run):
   assert rows["paper"]["losses"][0] == rows["lora"]["losses"][0]
   assert rows["paper"]["heldout_loss"] != rows["lora"]["heldout_loss"]  # W moved at t = 1
   assert sorted(p.name for p in (out / "peft").iterdir()) == [
-    "delta-lora", "lora", "lora-scaled", "paper"
+    "delta-lora",
+    "lora",
+    "lora-scaled",
+    "paper",
   ]
 
 
@@ -326,7 +341,9 @@ def retrain(small, options, method):
   optimizer = nnx.Optimizer(m, spec.optimizer(options, m), wrt=wrt)
   graphdef, state = nnx.split((m, optimizer))
   step = train.make_step(graphdef, wrt)
-  order = train.demo_train.batches(len(encoded.ids), options.batch_size, options.steps, options.seed)
+  order = train.demo_train.batches(
+    len(encoded.ids), options.batch_size, options.steps, options.seed
+  )
   with jax.numpy_dtype_promotion("standard"):  # optax's Adam, as users run it
     for i in range(options.steps):
       batch = (a[order[i]] for a in (encoded.ids, encoded.valid, encoded.target))

@@ -298,7 +298,9 @@ def llm_missing_requirements(model: str) -> str | None:
   """None when ``llm`` can run; else a message with the ``pip install`` line that fixes it."""
   from deltalora_jax.demo.llm import weights
 
-  absent = [dist for module, dist in LLM_MODULES.items() if importlib.util.find_spec(module) is None]
+  absent = [
+    dist for module, dist in LLM_MODULES.items() if importlib.util.find_spec(module) is None
+  ]
   if absent:
     return (
       f"the LLM demo needs {', '.join(absent)}, not installed. Install with:\n"
@@ -349,26 +351,60 @@ def llm_parser() -> argparse.ArgumentParser:
   )
   p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
   p.add_argument("--seeds", type=int, default=defaults.seeds, help="runs per method (%(default)s)")
-  for name in ("batch_size", "max_length", "rank", "seed", "eval_size", "samples", "new_tokens",
-               "paper_start_step"):
-    p.add_argument(f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name),
-                   help="(%(default)s)")
+  for name in (
+    "batch_size",
+    "max_length",
+    "rank",
+    "seed",
+    "eval_size",
+    "samples",
+    "new_tokens",
+    "paper_start_step",
+  ):
+    p.add_argument(
+      f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help="(%(default)s)"
+    )
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
   for name in ("lora_lr", "full_lr", "delta_lr", "momentum", "delta_scaling", "paper_lambda"):
-    p.add_argument(f"--{name.replace('_', '-')}", type=float, default=getattr(defaults, name),
-                   help="(%(default)s)")
-  p.add_argument("--dtype", choices=sorted(DTYPES), default=defaults.dtype,
-                 help="compute dtype of training; evaluation is float32 (%(default)s)")
-  p.add_argument("--output", type=pathlib.Path, default=pathlib.Path("results/llm"),
-                 help="folder of results.json, results.md, learning_curves.png (%(default)s)")
-  p.add_argument("--export-peft", type=pathlib.Path, default=None, metavar="DIR",
-                 help="write a PEFT LoRA directory DIR/<method> per adapted method, for "
-                 "transformers' LlamaForCausalLM loaded from the same GGUF file")
-  p.add_argument("--peft-rank", type=int, default=32,
-                 help="rank of delta-lora's PEFT export (truncated SVD) (%(default)s)")
-  p.add_argument("--cache", type=pathlib.Path, default=None,
-                 help="folder of the dequantized weights (default: $DELTALORA_JAX_CACHE, else "
-                 "$XDG_CACHE_HOME/deltalora_jax)")
+    p.add_argument(
+      f"--{name.replace('_', '-')}",
+      type=float,
+      default=getattr(defaults, name),
+      help="(%(default)s)",
+    )
+  p.add_argument(
+    "--dtype",
+    choices=sorted(DTYPES),
+    default=defaults.dtype,
+    help="compute dtype of training; evaluation is float32 (%(default)s)",
+  )
+  p.add_argument(
+    "--output",
+    type=pathlib.Path,
+    default=pathlib.Path("results/llm"),
+    help="folder of results.json, results.md, learning_curves.png (%(default)s)",
+  )
+  p.add_argument(
+    "--export-peft",
+    type=pathlib.Path,
+    default=None,
+    metavar="DIR",
+    help="write a PEFT LoRA directory DIR/<method> per adapted method, for "
+    "transformers' LlamaForCausalLM loaded from the same GGUF file",
+  )
+  p.add_argument(
+    "--peft-rank",
+    type=int,
+    default=32,
+    help="rank of delta-lora's PEFT export (truncated SVD) (%(default)s)",
+  )
+  p.add_argument(
+    "--cache",
+    type=pathlib.Path,
+    default=None,
+    help="folder of the dequantized weights (default: $DELTALORA_JAX_CACHE, else "
+    "$XDG_CACHE_HOME/deltalora_jax)",
+  )
   p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
@@ -401,16 +437,24 @@ def llm_main(argv: list[str] | None = None) -> int:
   print()
   print(train.table(results))
   if results["left_out_too_long"]:
-    print(f"\nleft out (longer than --max-length {options.max_length} tokens): "
-          f"{len(results['left_out_too_long'])} questions, e.g. {results['left_out_too_long'][0]!r}")
-  print(f"\n{results['train_size']} training and {results['heldout_size']} held-out questions; "
-        f"{results['seconds']:.0f} s in all")
-  failed = [r["method"] for r in results["methods"] if not r.get("merge_check", {}).get("identical", True)]
+    print(
+      f"\nleft out (longer than --max-length {options.max_length} tokens): "
+      f"{len(results['left_out_too_long'])} questions, e.g. {results['left_out_too_long'][0]!r}"
+    )
+  print(
+    f"\n{results['train_size']} training and {results['heldout_size']} held-out questions; "
+    f"{results['seconds']:.0f} s in all"
+  )
+  failed = [
+    r["method"] for r in results["methods"] if not r.get("merge_check", {}).get("identical", True)
+  ]
   for row in results["methods"]:
     if "peft" in row:
       peft = row["peft"]
-      print(f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, "
-            f"rank {peft['rank']}; largest relative weight error {peft['max_relative_error']:.2e})")
+      print(
+        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, "
+        f"rank {peft['rank']}; largest relative weight error {peft['max_relative_error']:.2e})"
+      )
   if failed:
     print(f"MERGE CHECK FAILED for {', '.join(failed)}: merged and unmerged greedy tokens differ")
   print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

@@ -81,7 +81,9 @@ def load_countries(directory: pathlib.Path | None = None) -> list[dict]:
   directory = data_dir() if directory is None else directory
   files = sorted(directory.glob("*.json"))
   if not files:
-    raise FileNotFoundError(f"no country files in {directory}; reinstall with {weights.install_line()}")
+    raise FileNotFoundError(
+      f"no country files in {directory}; reinstall with {weights.install_line()}"
+    )
   return [json.loads(f.read_text(encoding="utf-8")) for f in files]
 
 

@@ -185,9 +185,7 @@ def _adapted_kernels(model: nnx.Module) -> Any:
   return nnx.Any(nnx.LoRAParam, kernel)
 
 
-register(
-  Method("frozen", "the pretrained model, not trained", None, None, lambda m: nnx.Nothing)
-)
+register(Method("frozen", "the pretrained model, not trained", None, None, lambda m: nnx.Nothing))
 register(
   Method(
     "lora",
@@ -322,8 +320,10 @@ def heldout_loss(model: Llama, encoded: data.Encoded, batch: int = 32) -> float:
   graphdef, state = nnx.split(model)
   n = len(encoded.ids)
   pad = (-n) % batch
-  arrays = [np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)]) for a in
-            (encoded.ids, encoded.valid, encoded.target)]
+  arrays = [
+    np.concatenate([a, np.zeros((pad, a.shape[1]), a.dtype)])
+    for a in (encoded.ids, encoded.valid, encoded.target)
+  ]
   total = count = 0.0
   for i in range(0, n + pad, batch):
     s, c = _eval_sums(graphdef, state, *(a[i : i + batch] for a in arrays))
@@ -348,10 +348,10 @@ def evaluate(pretrained, model, heldout, encoded, options) -> dict:
   loss = heldout_loss(model, encoded)
   completions, raw = answers(pretrained, model, encoded.prompts, options.new_tokens)
   texts = [pretrained.tokenizer.decode(c, skip_special_tokens=True) for c in completions]
-  right = [data.correct(e, t) for e, t in zip(heldout, texts)]
+  right = [data.correct(e, t) for e, t in zip(heldout, texts, strict=True)]
   by_kind = {}
   for kind in sorted({e.kind for e in heldout}):
-    scored = [r for e, r in zip(heldout, right) if e.kind == kind]
+    scored = [r for e, r in zip(heldout, right, strict=True) if e.kind == kind]
     by_kind[kind] = float(np.mean(scored))
   samples = [
     {
@@ -419,8 +419,13 @@ def run_method(method, options, pretrained, base, train, heldout, encoded_heldou
     compiled = step.lower(state, *first).compile()
     row["compile_seconds"] = time.perf_counter() - compile_start
     peak = demo_train._peak_bytes(compiled)
-    bar = tqdm(range(options.steps), desc=f"{method.name:>11}", disable=not options.progress,
-               file=sys.stderr, dynamic_ncols=True)
+    bar = tqdm(
+      range(options.steps),
+      desc=f"{method.name:>11}",
+      disable=not options.progress,
+      file=sys.stderr,
+      dynamic_ncols=True,
+    )
     for i in bar:
       batch = tuple(a[order[i]] for a in (train.ids, train.valid, train.target))
       start = time.perf_counter()
@@ -524,8 +529,17 @@ def run(options: Options, pretrained: Pretrained, export=None) -> dict:
   for name in options.methods:
     seeds = range(options.seed, options.seed + (1 if name == "frozen" else options.seeds))
     runs = [
-      run_method(METHODS[name], options, pretrained, base, train, heldout, encoded, s,
-                 export if s == options.seed else None)
+      run_method(
+        METHODS[name],
+        options,
+        pretrained,
+        base,
+        train,
+        heldout,
+        encoded,
+        s,
+        export if s == options.seed else None,
+      )
       for s in seeds
     ]
     row = runs[0]
@@ -569,7 +583,9 @@ def table(results: dict) -> str:
     check = row.get("merge_check")
     merged = "n/a"
     if check is not None:
-      merged = ("yes" if check["identical"] else "NO") + f" ({check['same_tokens']}/{check['answers']})"
+      merged = (
+        "yes" if check["identical"] else "NO"
+      ) + f" ({check['same_tokens']}/{check['answers']})"
     step = row["median_step_s"]
     lines.append(
       f"| {row['method']} | {loss} | {row['heldout_perplexity']:.2f} | {acc} | "
@@ -592,8 +608,9 @@ def plot(results: dict, path: pathlib.Path) -> None:
     means.append(row["heldout_loss_mean"])
     sds.append(row["heldout_loss_sd"])
     if row["losses"]:
-      curves.plot(np.arange(1, len(row["losses"]) + 1), row["losses"], label=row["method"],
-                  color=f"C{i}")
+      curves.plot(
+        np.arange(1, len(row["losses"]) + 1), row["losses"], label=row["method"], color=f"C{i}"
+      )
   curves.set(xlabel="step", ylabel="training loss (answer tokens)", title="Learning curves")
   curves.legend()
   curves.grid(alpha=0.3)
@@ -609,4 +626,3 @@ def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``results.md`` and ``learning_curves.png`` to ``output``."""
   names = {"json": "results.json", "table": "results.md", "png": "learning_curves.png"}
   return demo_train.write(results, output, names, table, plot)
-

@@ -225,7 +225,8 @@ def cached_weights(
     try:
       with safe_open(str(target), framework="numpy") as f:
         meta = json.loads(f.metadata()["gguf_metadata"])
-        return {k: f.get_tensor(k) for k in f.keys()}, meta
+        names = list(f.keys())
+        return {k: f.get_tensor(k) for k in names}, meta
     except (SafetensorError, KeyError, json.JSONDecodeError, OSError):
       pass  # rebuilt below
   tensors, meta = dequantize(path)
@@ -275,7 +276,11 @@ def tokenizer_from_gguf(path: pathlib.Path):
     ]
   )
   tokenizer.decoder = decoders.ByteLevel()
-  control = [AddedToken(t, special=True, normalized=False) for t, k in zip(tokens, types) if k == 3]
+  control = [
+    AddedToken(t, special=True, normalized=False)
+    for t, k in zip(tokens, types, strict=True)
+    if k == 3
+  ]
   tokenizer.add_special_tokens(control)
   return tokenizer
 
