@@ -17,15 +17,15 @@ def main(argv: list[str] | None = None) -> int:
       "  llm    fine-tune SmolLM2-135M-Instruct (a decoder LLM) on questions about countries"
     )
     return 0 if argv else 2
-  commands = {"demo": "main", "study": "study_main", "llm": "llm_main"}
-  if argv[0] not in commands:
+  if argv[0] not in ("demo", "study", "llm"):
     print(
       f"{USAGE}\nunknown sub-command {argv[0]!r}; among 'demo', 'study', 'llm'", file=sys.stderr
     )
     return 2
   from deltalora_jax.demo import cli
 
-  return getattr(cli, commands[argv[0]])(argv[1:])
+  commands = {"demo": cli.main, "study": cli.study_main, "llm": cli.llm_main}
+  return commands[argv[0]](argv[1:])
 
 
 if __name__ == "__main__":

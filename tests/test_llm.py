@@ -370,3 +370,19 @@ def test_bfloat16_training_runs(pretrained):
   assert trained.layers[0].self_attn.q_proj.dtype == jnp.bfloat16
   b = trained.layers[0].self_attn.q_proj.lora_b[...]
   assert b.dtype == jnp.float32 and np.any(np.asarray(b) != 0)
+
+
+def test_command_line_flags(capsys):
+  from deltalora_jax.__main__ import main
+
+  argv = ["--model", "smollm2", "--methods", "lora,paper", "--steps", "3", "--output", "d"]
+  args = cli.llm_parser().parse_args([*argv, "--export-peft", "p", "--seeds", "3"])
+  assert (args.model, args.methods, args.steps, args.seeds) == ("smollm2", ("lora", "paper"), 3, 3)
+  assert (str(args.output), str(args.export_peft)) == ("d", "p")
+  assert main(["--help"]) == 0 and "llm" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    cli.llm_main(["--methods", "lora,nope"])
+  assert "methods must be among" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    cli.llm_main(["--dtype", "float16"])
+  assert cli.llm_missing_requirements("smollm2") is None
