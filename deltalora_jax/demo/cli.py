@@ -282,3 +282,180 @@ def study_main(argv: list[str] | None = None) -> int:
   print(study.markdown(results))
   print(f"wrote {', '.join(str(p) for p in paths.values())}")
   return 0
+
+
+LLM_MODULES = {
+  "gguf": "gguf==0.19.0",
+  "tokenizers": "tokenizers",
+  "jinja2": "jinja2",
+  "safetensors": "safetensors",
+  "tqdm": "tqdm",
+  "matplotlib": "matplotlib",
+}
+
+
+def llm_missing_requirements(model: str) -> str | None:
+  """None when ``llm`` can run; else a message with the ``pip install`` line that fixes it."""
+  from deltalora_jax.demo.llm import weights
+
+  absent = [
+    dist for module, dist in LLM_MODULES.items() if importlib.util.find_spec(module) is None
+  ]
+  if absent:
+    return (
+      f"the LLM demo needs {', '.join(absent)}, not installed. Install with:\n"
+      f"  {sys.executable} -m pip install {' '.join(absent)}"
+    )
+  files = weights.MODELS[model]
+  packages = {files.module: files.package, weights.DATA_MODULE: weights.DATA_PACKAGE}
+  absent = [dist for module, dist in packages.items() if importlib.util.find_spec(module) is None]
+  if absent:
+    return (
+      f"the LLM demo needs the package(s) {', '.join(absent)} (the model and the data), not "
+      f"installed. Install them (hash-pinned, without their unused dependencies) with:\n"
+      f"  {weights.install_line()}"
+    )
+  return None
+
+
+def _llm_method_names(text: str) -> tuple[str, ...]:
+  from deltalora_jax.demo.llm.train import METHODS
+
+  names = tuple(m.strip() for m in text.split(",") if m.strip())
+  unknown = [m for m in names if m not in METHODS]
+  if unknown or not names:
+    raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}, got {text!r}")
+  return names
+
+
+def llm_parser() -> argparse.ArgumentParser:
+  """The arguments of ``llm``; defaults from :class:`~deltalora_jax.demo.llm.train.Options`."""
+  from deltalora_jax.demo.llm import weights
+  from deltalora_jax.demo.llm.train import DTYPES, METHODS, Options
+
+  defaults = Options()
+  p = argparse.ArgumentParser(
+    prog="python -m deltalora_jax llm",
+    description=(
+      "Fine-tune a real decoder LLM (SmolLM2-135M-Instruct, from a hash-pinned wheel) offline "
+      "on questions about countries, with several methods, and compare them (held-out loss, "
+      "perplexity, accuracy of greedy answers, step time)."
+    ),
+  )
+  p.add_argument("--model", choices=sorted(weights.MODELS), default=defaults.model)
+  p.add_argument(
+    "--methods",
+    type=_llm_method_names,
+    default=defaults.methods,
+    help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
+  )
+  p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
+  p.add_argument("--seeds", type=int, default=defaults.seeds, help="runs per method (%(default)s)")
+  for name in (
+    "batch_size",
+    "max_length",
+    "rank",
+    "seed",
+    "eval_size",
+    "samples",
+    "new_tokens",
+    "paper_start_step",
+  ):
+    p.add_argument(
+      f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help="(%(default)s)"
+    )
+  p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
+  for name in ("lora_lr", "full_lr", "delta_lr", "momentum", "delta_scaling", "paper_lambda"):
+    p.add_argument(
+      f"--{name.replace('_', '-')}",
+      type=float,
+      default=getattr(defaults, name),
+      help="(%(default)s)",
+    )
+  p.add_argument(
+    "--dtype",
+    choices=sorted(DTYPES),
+    default=defaults.dtype,
+    help="compute dtype of training; evaluation is float32 (%(default)s)",
+  )
+  p.add_argument(
+    "--output",
+    type=pathlib.Path,
+    default=pathlib.Path("results/llm"),
+    help="folder of results.json, results.md, learning_curves.png (%(default)s)",
+  )
+  p.add_argument(
+    "--export-peft",
+    type=pathlib.Path,
+    default=None,
+    metavar="DIR",
+    help="write a PEFT LoRA directory DIR/<method> per adapted method, for "
+    "transformers' LlamaForCausalLM loaded from the same GGUF file",
+  )
+  p.add_argument(
+    "--peft-rank",
+    type=int,
+    default=32,
+    help="rank of delta-lora's PEFT export (truncated SVD) (%(default)s)",
+  )
+  p.add_argument(
+    "--cache",
+    type=pathlib.Path,
+    default=None,
+    help="folder of the dequantized weights (default: $DELTALORA_JAX_CACHE, else "
+    "$XDG_CACHE_HOME/deltalora_jax)",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
+def llm_main(argv: list[str] | None = None) -> int:
+  """Runs the LLM demo; returns the exit status (0 when every check passed)."""
+  args = llm_parser().parse_args(argv)
+  problem = llm_missing_requirements(args.model)
+  if problem is not None:
+    print(f"deltalora_jax llm: {problem}", file=sys.stderr)
+    return 2
+  from deltalora_jax.demo.llm import train
+
+  try:
+    options = train.Options(**_fields(args, train.Options), progress=not args.no_progress)
+  except ValueError as error:
+    llm_parser().error(str(error))
+  if args.peft_rank <= 0:
+    llm_parser().error(f"--peft-rank must be a positive int, got {args.peft_rank}")
+  pretrained = train.load_pretrained(options.model, args.cache)
+  shown = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
+  print(f"Fine-tuning {pretrained.name} ({pretrained.gguf.name}); {shown}", flush=True)
+  export = (
+    None
+    if args.export_peft is None
+    else train.peft_exporter(args.export_peft, pretrained, args.peft_rank)
+  )
+  results = train.run(options, pretrained, export)
+  paths = train.save(results, args.output)
+  print()
+  print(train.table(results))
+  if results["left_out_too_long"]:
+    print(
+      f"\nleft out (longer than --max-length {options.max_length} tokens): "
+      f"{len(results['left_out_too_long'])} questions, e.g. {results['left_out_too_long'][0]!r}"
+    )
+  print(
+    f"\n{results['train_size']} training and {results['heldout_size']} held-out questions; "
+    f"{results['seconds']:.0f} s in all"
+  )
+  failed = [
+    r["method"] for r in results["methods"] if not r.get("merge_check", {}).get("identical", True)
+  ]
+  for row in results["methods"]:
+    if "peft" in row:
+      peft = row["peft"]
+      print(
+        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, "
+        f"rank {peft['rank']}; largest relative weight error {peft['max_relative_error']:.2e})"
+      )
+  if failed:
+    print(f"MERGE CHECK FAILED for {', '.join(failed)}: merged and unmerged greedy tokens differ")
+  print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
+  return 1 if failed else 0
