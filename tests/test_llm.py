@@ -176,8 +176,11 @@ def test_tokenizer_and_template_match_transformers(pretrained):
   messages = [{"role": "system", "content": data.SYSTEM}, {"role": "user", "content": "Hi there"}]
   text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
   assert text == pretrained.template.render(messages, add_generation_prompt=True)
+  # The BPE alone: transformers 4.57's GGUF tokenizer (a LlamaTokenizerFast) prepends a BOS
+  # of its own, <|im_start|>, also before a chat text that begins with one (5.x does not).
   for sample in (text, "Tirana, Albania's capital, isn't far: 1,234 km.", " two  spaces\n"):
-    assert pretrained.tokenizer.encode(sample).ids == hf(sample)["input_ids"]
+    expected = hf(sample, add_special_tokens=False)["input_ids"]
+    assert pretrained.tokenizer.encode(sample).ids == expected
 
 
 def test_answer_tokens_are_the_template_tokens(pretrained):
