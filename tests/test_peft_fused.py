@@ -69,7 +69,7 @@ def test_the_merged_weights_split_by_part(tmp_path):
 
 def test_a_wrong_number_of_parts_or_reading_them_back_is_refused(tmp_path):
   model = adapted(use_delta=False)
-  with pytest.raises(ValueError, match="gives 3 modules for the layer 'kv'.*has size 2"):
+  with pytest.raises(ValueError, match=r"gives 3 modules for the layer 'kv'.*has size 2"):
     dl.save_peft(tmp_path, model, module_names={"kv": ("q", "k", "v")})
   with pytest.raises(TypeError, match="a non-empty tuple of them"):
     dl.save_peft(tmp_path, model, module_names={"kv": ("k", "")})

@@ -144,7 +144,7 @@ def test_excluded_or_targeted_modules_are_not_reported():
 
 
 def test_register_projection_refuses_bad_input():
-  with pytest.raises(TypeError, match="cls must be an nnx.Module subclass, got cls=3"):
+  with pytest.raises(TypeError, match=r"cls must be an nnx.Module subclass, got cls=3"):
     dl.register_projection(3, describe)  # type: ignore[arg-type]
   with pytest.raises(TypeError, match="got the adapter DeltaLoRALinearGeneral"):
     dl.register_projection(dl.DeltaLoRALinearGeneral, describe)
@@ -160,7 +160,7 @@ def test_a_describer_that_names_no_variable_is_refused():
   dl.register_projection(
     Odd, lambda m: dl.LayerDescription(dl.projections.GeneralDense(features=(2,)))
   )
-  with pytest.raises(TypeError, match="kernel='kernel', which is not an nnx.Variable"):
+  with pytest.raises(TypeError, match=r"kernel='kernel', which is not an nnx.Variable"):
     describe(Odd())
   dl.register_projection(Odd, lambda m: "dense")
   with pytest.raises(TypeError, match="must return a LayerDescription, got 'dense'"):

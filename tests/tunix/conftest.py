@@ -1,9 +1,11 @@
 """The tests of tunix's models, part of the suite: they need the ``tunix`` extra, which the
-README's test command and ``.ci/run`` install with the others in one environment. tunix's models read ``Variable.value`` and pass ``sharding=`` to
-Variables, which Flax deprecates, and import ``jax.experimental.shard_map``, which JAX
-deprecates, and more (every deprecation warning attributed to tunix's lines): those warnings
-are tunix's, and only they are let through (every other warning is still an error). Its modules are
-imported here once, their import-time warnings ignored.
+README's test command and ``.ci/run`` install with the others in one environment.
+
+tunix's models read ``Variable.value`` and pass ``sharding=`` to Variables, which Flax
+deprecates, and import ``jax.experimental.shard_map``, which JAX deprecates, and more (every
+deprecation warning attributed to tunix's lines): those warnings are tunix's, and only they are
+let through (every other warning is still an error). Its modules are imported here once, their
+import-time warnings ignored.
 """
 
 import importlib
