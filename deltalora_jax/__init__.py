@@ -79,6 +79,7 @@ from deltalora_jax.tree import (
   flatten_parameters,
   merge,
   parameter_counts,
+  quantize_base,
   reset,
   unflatten_parameters,
 )
@@ -126,6 +127,7 @@ __all__ = [
   "optimizer_shardings",
   "paper_delta_lora",
   "parameter_counts",
+  "quantize_base",
   "partition_specs",
   "paths",
   "projections",

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
-from deltalora_jax import core, paths, projections
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax.adapt.targets import (
   check_layer_rank,
@@ -277,6 +277,7 @@ def adapt_linen(
   overrides: Mapping[str, Mapping[str, Any]] | None = None,
   call_kwargs: Mapping[str, Any] | None = None,
   verbose: bool = False,
+  base_quantization: str | None = None,
   **options: Unpack[Options],
 ) -> tuple[DeltaLoRAModel, dict[str, Any], dict[str, Any]]:
   """Adapts the chosen projection layers of an existing Linen model and its variables.
@@ -303,6 +304,10 @@ def adapt_linen(
     overrides: per-layer options, as in :func:`~deltalora_jax.adapt_nnx`.
     call_kwargs: keyword arguments of the model's ``__call__`` for the trace.
     verbose: print the table of what was adapted.
+    base_quantization: ``'int8'`` moves the adapted layers' kernels, as int8
+      with one float32 ``kernel_scale`` per output channel, to the
+      ``'quantized'`` collection (:func:`~deltalora_jax.quantize_base`):
+      differentiate the other collections only. None keeps them.
     **options: the adapters' options, as in :func:`~deltalora_jax.adapt_nnx`.
 
   Returns:
@@ -332,6 +337,7 @@ def adapt_linen(
     True
   """
   checked = check_options(options)
+  core.check_base_quantization(base_quantization)
   base, existing, params, variables = linen_parts(model, variables)
   found = trace_linen(model, variables, inputs, dict(call_kwargs or {}))
   for name, entry in found.items():
@@ -351,6 +357,8 @@ def adapt_linen(
     adapters[path] = tuple(sorted(arguments.items()))
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
+  if base_quantization is not None:
+    variables = tree.quantize_base(variables, {p: adapted.layers[p] for p in new})
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 
