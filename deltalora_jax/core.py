@@ -555,7 +555,7 @@ def dequantize(
 
   >>> w = jnp.array([[1.0, -0.5], [-2.0, 0.25]])
   >>> values, scale = quantize_int8(w)
-  >>> bool(jnp.all(jnp.abs(dequantize(values, scale) - w) <= scale / 2))
+  >>> bool(jnp.all(jnp.abs(dequantize(values, scale) - w) <= scale[None, :] / 2))
   True
   """
   projection = _projection(projection, values)

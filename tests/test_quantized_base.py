@@ -309,3 +309,14 @@ def test_linen_apply_without_the_quantized_collection_says_which_collection():
       variables["params"]["lora_b"], None, scaling=1.0, delta_scaling=1.0,
       kernel_scale=jnp.ones(3),
     )
+
+
+def test_sharding_splits_the_int8_kernel_on_its_input_axis_and_replicates_its_scales():
+  mesh = jax.make_mesh((1,), ("fsdp",))
+  layer = dl.DeltaLoRADense(OUT, rank=R, use_delta=False, base_quantization="int8")
+  specs = dl.partition_specs(layer.init(jax.random.key(0), jnp.asarray(X)), mesh)
+  P = jax.sharding.PartitionSpec
+  assert specs["quantized"] == {"kernel": P("fsdp", None), "kernel_scale": P()}
+  nnx_layer = dl.DeltaLoRALinear(IN, OUT, rank=R, base_quantization="int8", rngs=nnx.Rngs(0))
+  specs = nnx.to_pure_dict(dl.partition_specs(nnx.state(nnx_layer), mesh))
+  assert (specs["kernel"], specs["kernel_scale"]) == (P("fsdp", None), P())
