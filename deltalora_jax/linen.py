@@ -226,7 +226,9 @@ def _quantized_kernel(
         f"{module.base_quantization!r}: quantize the variables with quantize_base"
       )
     if not module.is_mutable_collection(place):
-      raise ValueError(f"{where} cannot create its int8 base: the '{place}' collection is not lifted")
+      raise ValueError(
+        f"{where} cannot create its int8 base: the '{place}' collection is not lifted"
+      )
   values = scale = None
   if module.is_initializing() and not module.has_variable(place, "kernel"):
     values, scale = core.quantize_int8(

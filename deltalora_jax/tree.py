@@ -648,18 +648,20 @@ def _lora_norm(layer: _Layer, *, paper_change: bool = False) -> float:
 def _figures(layer: _Layer) -> dict[str, Any]:
   kernel, config = layer.arrays["kernel"], layer.config
   per_rank = math.prod(kernel.shape[: layer.stack]) * config.rank
-  return {
-    "kind": config.projection.name,
-    "kernel_shape": [int(n) for n in kernel.shape],
-    "in_features": layer.arrays["lora_a"].size // per_rank,
-    "out_features": layer.arrays["lora_b"].size // per_rank,
-    "rank": config.rank,
-    "scaling": config.scaling,
-    "delta_scaling": config.delta_scaling,
-    "freeze_base": config.freeze_base,
-    "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
-  } | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda}) | (
-    {} if core.KERNEL_SCALE not in layer.arrays else {"base_quantization": "int8"}
+  return (
+    {
+      "kind": config.projection.name,
+      "kernel_shape": [int(n) for n in kernel.shape],
+      "in_features": layer.arrays["lora_a"].size // per_rank,
+      "out_features": layer.arrays["lora_b"].size // per_rank,
+      "rank": config.rank,
+      "scaling": config.scaling,
+      "delta_scaling": config.delta_scaling,
+      "freeze_base": config.freeze_base,
+      "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
+    }
+    | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda})
+    | ({} if core.KERNEL_SCALE not in layer.arrays else {"base_quantization": "int8"})
   )
 
 

@@ -54,8 +54,9 @@ def test_quantize_error_is_at_most_half_a_step_per_channel(projection, shape, sc
   assert np.all(error <= per_weight / 2 * (1 + 1e-6))
   # each channel's largest weight maps to +-127: s_j = max_i |W_ij| / 127
   magnitude = np.abs(np.asarray(w, np.float64))
-  np.testing.assert_allclose(np.abs(dequantized)[magnitude == magnitude.max()], magnitude.max(),
-                             rtol=1e-6)
+  np.testing.assert_allclose(
+    np.abs(dequantized)[magnitude == magnitude.max()], magnitude.max(), rtol=1e-6
+  )
   assert int(jnp.abs(values.astype(jnp.int32)).max()) == 127
   assert int(jnp.max(jnp.abs(values.astype(jnp.int32)))) == 127
 
@@ -216,7 +217,9 @@ def test_nnx_training_leaves_the_int8_base_bit_identical_and_merge_equals_forwar
     bound.max() * (1 + 1e-5)
   )
   assert float(jnp.abs(model(x) - float_out).max()) > 0  # quantized: not the float model
-  base = {n: (m.kernel[...], m.kernel_scale[...]) for n, m in (("up", model.up), ("down", model.down))}
+  base = {
+    n: (m.kernel[...], m.kernel_scale[...]) for n, m in (("up", model.up), ("down", model.down))
+  }
   lora = optax.sgd(0.1)
   wrt = nnx.Any(nnx.LoRAParam, dl.DeltaParam) if rule == "seed" else nnx.LoRAParam
   if rule == "lora":
@@ -254,7 +257,11 @@ def test_nnx_training_leaves_the_int8_base_bit_identical_and_merge_equals_forwar
 
 def test_in_place_paper_rule_refuses_an_int8_base_naming_the_layer():
   model, _ = dl.adapt_nnx(
-    NNXMLP(nnx.Rngs(0)), ["up"], rank=R, rngs=nnx.Rngs(1), use_delta=False,
+    NNXMLP(nnx.Rngs(0)),
+    ["up"],
+    rank=R,
+    rngs=nnx.Rngs(1),
+    use_delta=False,
     base_quantization="int8",
   )
   tx = dl.paper_delta_lora(lora_optimizer=optax.sgd(0.1), layers=model)
@@ -276,8 +283,9 @@ def test_in_place_paper_rule_refuses_an_int8_base_naming_the_layer():
       r"base_quantization must be None or one of \('int8',\), got base_quantization='int4'",
     ),
     (
-      lambda: dl.DeltaLoRALinear(IN, OUT, rank=R, freeze_base=False, base_quantization="int8",
-                                 rngs=nnx.Rngs(0)),
+      lambda: dl.DeltaLoRALinear(
+        IN, OUT, rank=R, freeze_base=False, base_quantization="int8", rngs=nnx.Rngs(0)
+      ),
       ValueError,
       "needs freeze_base=True, got freeze_base=False",
     ),
@@ -305,8 +313,14 @@ def test_linen_apply_without_the_quantized_collection_says_which_collection():
     dl.quantize_base(unfrozen.init(jax.random.key(0), x), {(): unfrozen})
   with pytest.raises(ValueError, match=r"kernel_scale must have shape \(5,\)"):
     core.delta_lora_apply(
-      x, variables["quantized"]["kernel"], None, variables["params"]["lora_a"],
-      variables["params"]["lora_b"], None, scaling=1.0, delta_scaling=1.0,
+      x,
+      variables["quantized"]["kernel"],
+      None,
+      variables["params"]["lora_a"],
+      variables["params"]["lora_b"],
+      None,
+      scaling=1.0,
+      delta_scaling=1.0,
       kernel_scale=jnp.ones(3),
     )
 

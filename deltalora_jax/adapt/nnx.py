@@ -8,8 +8,8 @@ from typing import Any, Unpack
 
 from flax import nnx
 
-from deltalora_jax import nnx as nnx_front
 from deltalora_jax import core, paths
+from deltalora_jax import nnx as nnx_front
 from deltalora_jax.adapt.targets import (
   check_layer_rank,
   check_options,
@@ -169,7 +169,9 @@ def adapt_nnx(
     layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
     check_layer_rank(name, described.projection, layer_shape, per_layer[name]["rank"])
   quantization = {} if base_quantization is None else {"base_quantization": base_quantization}
-  new = {name: adapter(found[name][1], {**per_layer[name], **quantization}, rngs) for name in chosen}
+  new = {
+    name: adapter(found[name][1], {**per_layer[name], **quantization}, rngs) for name in chosen
+  }
   skipped = {} if targets is not None else _skipped(kinds, found, exclude)
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
   if skipped:
