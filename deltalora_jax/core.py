@@ -483,7 +483,7 @@ def check_base_quantization(base_quantization: object) -> str | None:
       f"base_quantization must be None or one of {BASE_QUANTIZATIONS}, got "
       f"base_quantization={base_quantization!r}"
     )
-  return cast(str | None, base_quantization)
+  return base_quantization
 
 
 def _channel_plan(

@@ -229,14 +229,14 @@ def _quantized_kernel(
       raise ValueError(
         f"{where} cannot create its int8 base: the '{place}' collection is not lifted"
       )
-  values = scale = None
+  made: dict[str, jax.Array] = {}  # at initialisation: the quantized kernel_init
   if module.is_initializing() and not module.has_variable(place, "kernel"):
-    values, scale = core.quantize_int8(
+    made["kernel"], made[core.KERNEL_SCALE] = core.quantize_int8(
       kernel_init(module.make_rng("params"), shape, module.param_dtype), module.projection
     )
-  kernel = module.variable(place, "kernel", lambda: values).value
-  kernel_scale = module.variable(place, core.KERNEL_SCALE, lambda: scale).value
-  return kernel, kernel_scale
+  kernel = module.variable(place, "kernel", made.__getitem__, "kernel").value
+  kernel_scale = module.variable(place, core.KERNEL_SCALE, made.__getitem__, core.KERNEL_SCALE)
+  return kernel, kernel_scale.value
 
 
 class DeltaLoRADense(_DeltaLoRALayer):

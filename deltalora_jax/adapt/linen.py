@@ -358,7 +358,7 @@ def adapt_linen(
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
   if base_quantization is not None:
-    variables = tree.quantize_base(variables, {p: adapted.layers[p] for p in new})
+    variables = dict(tree.quantize_base(variables, {p: adapted.layers[p] for p in new}))
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 
