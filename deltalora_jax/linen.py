@@ -174,8 +174,9 @@ def _layer(
         f"{where} cannot create {what}: the '{shown}' collection is not lifted; {lift}"
       )
   kernel_scale = None
-  if module.base_quantization is not None or module.has_variable(QUANTIZED_COLLECTION, "kernel"):
-    kernel, kernel_scale = _quantized_kernel(module, kernel_init, shape, where)
+  quantized = QUANTIZED_COLLECTION if collection == DELTA_COLLECTION else collection
+  if module.base_quantization is not None or module.has_variable(quantized, core.KERNEL_SCALE):
+    kernel, kernel_scale = _quantized_kernel(module, kernel_init, shape, where, quantized)
   else:
     kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
@@ -207,18 +208,21 @@ def _quantized_kernel(
   kernel_init: Initializer,
   shape: tuple[int, ...],
   where: str,
+  place: str,
 ) -> tuple[jax.Array, jax.Array]:
   """The int8 ``kernel`` and its ``kernel_scale`` of the ``'quantized'`` collection.
 
-  At initialisation: ``kernel_init``'s kernel, quantized (:func:`deltalora_jax.core.quantize_int8`).
+  ``place`` is that collection, or ``'params'`` while
+  :class:`~deltalora_jax.DeltaLoRAModel` maps it there. At initialisation:
+  ``kernel_init``'s kernel, quantized (:func:`deltalora_jax.core.quantize_int8`).
   """
-  place = QUANTIZED_COLLECTION
-  if not module.has_variable(place, "kernel"):
+  shown = QUANTIZED_COLLECTION
+  if not module.has_variable(place, core.KERNEL_SCALE):
     if not module.is_initializing():
       raise ValueError(
-        f"{where} has an int8 base and needs the '{place}' collection: apply with the whole "
+        f"{where} has an int8 base and needs the '{shown}' collection: apply with the whole "
         "variables of model.init(...) (or of quantize_base), not only variables['params']; "
-        f"inside a hand-written nn.scan or nn.vmap, lift '{place}' as 'params' is"
+        f"inside a hand-written nn.scan or nn.vmap, lift '{shown}' as 'params' is"
       )
     if module.has_variable("params", "kernel"):
       raise ValueError(
@@ -227,10 +231,10 @@ def _quantized_kernel(
       )
     if not module.is_mutable_collection(place):
       raise ValueError(
-        f"{where} cannot create its int8 base: the '{place}' collection is not lifted"
+        f"{where} cannot create its int8 base: the '{shown}' collection is not lifted"
       )
   made: dict[str, jax.Array] = {}  # at initialisation: the quantized kernel_init
-  if module.is_initializing() and not module.has_variable(place, "kernel"):
+  if module.is_initializing() and not module.has_variable(place, core.KERNEL_SCALE):
     made["kernel"], made[core.KERNEL_SCALE] = core.quantize_int8(
       kernel_init(module.make_rng("params"), shape, module.param_dtype), module.projection
     )

@@ -334,3 +334,46 @@ def test_sharding_splits_the_int8_kernel_on_its_input_axis_and_replicates_its_sc
   nnx_layer = dl.DeltaLoRALinear(IN, OUT, rank=R, base_quantization="int8", rngs=nnx.Rngs(0))
   specs = nnx.to_pure_dict(dl.partition_specs(nnx.state(nnx_layer), mesh))
   assert (specs["kernel"], specs["kernel_scale"]) == (P("fsdp", None), P())
+
+
+class ScanBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    return nn.tanh(nn.Dense(IN, name="up")(x)), None
+
+
+class Scanned(nn.Module):
+  """Three blocks stacked by nn.scan, which lifts 'params' only."""
+
+  @nn.compact
+  def __call__(self, x):
+    blocks = nn.scan(ScanBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=3)
+    return blocks(name="blocks")(x, None)[0]
+
+
+def test_linen_scanned_stack_carries_its_int8_base_and_scales_per_layer():
+  x = jnp.asarray(X)
+  variables = Scanned().init(jax.random.key(0), x)
+  adapted, new, _ = dl.adapt_linen(
+    Scanned(),
+    variables,
+    x,
+    rank=R,
+    key=jax.random.key(1),
+    base_quantization="int8",
+    use_delta=False,
+    paper_lambda=2.0,
+  )
+  quantized = new["quantized"]["blocks"]["up"]
+  assert (quantized["kernel"].dtype, quantized["kernel_scale"].shape) == (jnp.int8, (3, IN))
+  for i in range(3):  # each layer of the stack has its own scales
+    _, scale = core.quantize_int8(variables["params"]["blocks"]["up"]["kernel"][i])
+    np.testing.assert_array_equal(quantized["kernel_scale"][i], scale)
+  trainable = {c: v for c, v in new.items() if c != "quantized"}
+  grads = jax.grad(lambda v: jnp.sum(adapted.apply({**v, "quantized": new["quantized"]}, x) ** 2))(
+    trainable
+  )
+  trained = jax.tree.map(lambda p, g: p - 0.1 * g, trainable, grads)
+  whole = {**trained, "quantized": new["quantized"]}
+  merged = dl.merge(whole, adapted)
+  np.testing.assert_allclose(Scanned().apply(merged, x), adapted.apply(whole, x), atol=2e-6)

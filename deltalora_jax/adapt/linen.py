@@ -23,6 +23,7 @@ from deltalora_jax.adapt.targets import (
 from deltalora_jax.config import Options
 from deltalora_jax.linen import (
   DELTA_COLLECTION,
+  QUANTIZED_COLLECTION,
   SNAPSHOT_COLLECTION,
   DeltaLoRADense,
   DeltaLoRAGeneral,
@@ -126,19 +127,21 @@ class DeltaLoRAModel(nn.Module):
 
     def move_in(variables: Mapping[str, Any]) -> dict[str, Any]:
       variables = _move_deltas(adapted_paths, DELTA_COLLECTION, "params", variables)
+      variables = _move_deltas(adapted_paths, QUANTIZED_COLLECTION, "params", variables, _INT8)
       return _move_deltas(
         adapted_paths, SNAPSHOT_COLLECTION, "params", variables, names=core.SNAPSHOT_NAMES
       )
 
     def move_out(variables: Mapping[str, Any]) -> dict[str, Any]:
       variables = _move_deltas(adapted_paths, "params", DELTA_COLLECTION, variables)
+      variables = _move_deltas(adapted_paths, "params", QUANTIZED_COLLECTION, variables, _INT8)
       return _move_deltas(
         adapted_paths, "params", SNAPSHOT_COLLECTION, variables, names=core.SNAPSHOT_NAMES
       )
 
     mapped = nn.map_variables(
       run,
-      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION),
+      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION, QUANTIZED_COLLECTION),
       trans_in_fn=move_in,
       trans_out_fn=move_out,
       mutable=True,
@@ -164,6 +167,8 @@ def _move_deltas(
   moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
   kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
   for path in layer_paths:
+    if names == _INT8 and (*path, core.KERNEL_SCALE) not in moved:
+      continue  # a float kernel stays where it is: only an int8 base moves, with its scales
     for name in names:
       if (*path, name) in moved:
         kept[(*path, name)] = moved.pop((*path, name))
@@ -174,6 +179,8 @@ def _move_deltas(
 
 
 _LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+#: The arrays of an int8 base (the ``'quantized'`` collection), moved together.
+_INT8 = ("kernel", core.KERNEL_SCALE)
 
 
 def _einsum_str(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
