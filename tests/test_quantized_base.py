@@ -377,3 +377,14 @@ def test_linen_scanned_stack_carries_its_int8_base_and_scales_per_layer():
   whole = {**trained, "quantized": new["quantized"]}
   merged = dl.merge(whole, adapted)
   np.testing.assert_allclose(Scanned().apply(merged, x), adapted.apply(whole, x), atol=2e-6)
+
+
+def test_checkpoint_restores_the_int8_base_and_its_scales_bit_for_bit(tmp_path):
+  layer = dl.DeltaLoRADense(OUT, rank=R, use_delta=False, base_quantization="int8")
+  variables = layer.init(jax.random.key(0), jnp.asarray(X))
+  with dl.TrainingCheckpointer(str(tmp_path)) as checkpoints:
+    checkpoints.save(1, variables)
+    checkpoints.wait_until_finished()
+    restored = checkpoints.restore(jax.tree.map(jnp.zeros_like, variables))
+  assert jax.tree.map(lambda a: a.dtype, restored) == jax.tree.map(lambda a: a.dtype, variables)
+  jax.tree.map(np.testing.assert_array_equal, restored, variables)
