@@ -412,6 +412,7 @@ def merged_kernel(
          [2. , 3.5]], dtype=float32)
   """
   projection = _projection(projection, kernel)
+  _check_scale_given(kernel, kernel_scale)
   if kernel_scale is not None:
     kernel = dequantize(kernel, kernel_scale, projection)
   check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
@@ -592,6 +593,15 @@ def check_quantized_base(
     )
 
 
+def _check_scale_given(kernel: ArrayLike, kernel_scale: ArrayLike | None) -> None:
+  """Raises for an integer kernel without its scales (its values would be read as weights)."""
+  if kernel_scale is None and jnp.issubdtype(jnp.result_type(kernel), jnp.integer):
+    raise TypeError(
+      f"an integer kernel (kernel.dtype={jnp.result_type(kernel)}) is an int8 base: give its "
+      "kernel_scale (core.quantize_int8), or a floating kernel"
+    )
+
+
 def check_writable_kernel(layer: str, kernel: ArrayLike) -> None:
   """Raises unless ``kernel`` can be written: an int8 base is read, never written.
 
@@ -766,6 +776,7 @@ def delta_lora_apply(
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
   check_snapshot(lora_a, lora_b, snapshot, paper_lambda)
   _check_input(x, kernel, projection)
+  _check_scale_given(kernel, kernel_scale)
   if kernel_scale is not None:
     check_quantized_base(kernel, kernel_scale, projection)
     if not freeze_base:

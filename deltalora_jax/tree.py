@@ -243,6 +243,30 @@ def layer_arrays(
   }
 
 
+def with_float_bases(
+  found: Mapping[str, tuple[LayerConfig, Mapping[str, jax.Array]]], sample: Any = None
+) -> dict[str, tuple[LayerConfig, dict[str, jax.Array]]]:
+  """:func:`layer_arrays`'s ``found`` with each int8 base dequantized (float32), its scales dropped.
+
+  For readers that take the kernel as the base's weights (a merged PEFT
+  export). With a ``sample`` (an export that runs the model with written
+  kernels) an int8 base is refused: its layer cannot hold a float kernel.
+  """
+  out: dict[str, tuple[LayerConfig, dict[str, jax.Array]]] = {}
+  for name, (config, arrays) in found.items():
+    arrays = dict(arrays)
+    if core.KERNEL_SCALE in arrays:
+      if sample is not None:
+        raise ValueError(
+          f"adapted layer {name!r} has an int8 base: sample= runs the model with float "
+          "kernels written into it, which an int8 base cannot hold; leave sample out"
+        )
+      scale = arrays.pop(core.KERNEL_SCALE)
+      arrays["kernel"] = core.dequantize(arrays["kernel"], scale, config.projection)
+    out[name] = (config, arrays)
+  return out
+
+
 def with_arrays(model_or_variables: Any, new: Mapping[Path, Mapping[str, Any]]) -> Any:
   """The model with the adapted layers' arrays ``{path: {name: array}}`` put in.
 

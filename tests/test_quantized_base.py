@@ -388,3 +388,29 @@ def test_checkpoint_restores_the_int8_base_and_its_scales_bit_for_bit(tmp_path):
     restored = checkpoints.restore(jax.tree.map(jnp.zeros_like, variables))
   assert jax.tree.map(lambda a: a.dtype, restored) == jax.tree.map(lambda a: a.dtype, variables)
   jax.tree.map(np.testing.assert_array_equal, restored, variables)
+
+
+def test_an_int8_kernel_without_its_scales_is_refused():
+  values, _ = core.quantize_int8(jnp.ones((IN, OUT), jnp.float32))
+  a, b = jnp.ones((IN, R)), jnp.zeros((R, OUT))
+  with pytest.raises(TypeError, match="give its kernel_scale"):
+    core.delta_lora_apply(jnp.asarray(X), values, None, a, b, None, scaling=1.0, delta_scaling=1.0)
+  with pytest.raises(TypeError, match="give its kernel_scale"):
+    core.merged_kernel(values, a, b, None, scaling=1.0, delta_scaling=1.0)
+
+
+def test_merged_peft_export_writes_the_dequantized_base_plus_the_change(tmp_path):
+  from safetensors.numpy import load_file
+
+  from deltalora_jax.adapt import peft
+
+  model, _ = dl.adapt_nnx(
+    NNXMLP(nnx.Rngs(0)), ["up"], rank=R, rngs=nnx.Rngs(1), base_quantization="int8"
+  )
+  model.up.lora_b[...] = jnp.ones((R, 8))
+  model.up.delta[...] = jnp.full((IN, 8), 0.5)
+  dl.save_peft(str(tmp_path), model, module_names={"up": "up"}, rule="seed", merged=True)
+  weight = load_file(str(tmp_path / peft.MERGED_FILE))["up.weight"]  # torch's [out, in]
+  np.testing.assert_allclose(weight.T, dl.merge(model).up.kernel[...], rtol=0, atol=1e-6)
+  with pytest.raises(ValueError, match="'up' has an int8 base: sample="):
+    dl.save_peft(str(tmp_path), model, module_names={"up": "up"}, rule="lora", sample=(X,))
