@@ -724,8 +724,7 @@ def delta_lora_apply(
   product at rank ``3 r``, ``P_B(P_A(x, [A, sg(A), A^]), [B; lambda sg(B);
   -lambda B^])``: no activation more than plain LoRA's. While ``A^ = A`` and
   ``B^ = B`` the term is zero (its two halves cancel, up to the order of the
-  sum over the rank). The input side runs at rank ``2 r``, ``P_A(x, [A,
-  A^])``: the ``sg(A)`` block is ``sg`` of the same hidden values ``P_A(x, A)``.
+  sum over the rank).
 
   With a ``kernel_scale`` the base is int8 (:func:`quantize_int8`), read and
   never written (``freeze_base`` must hold): the factored evaluation runs the
@@ -834,15 +833,14 @@ def delta_lora_apply(
 
     if snapshot is None:
       y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
-    else:  # x [A, A^] at rank 2r, then [h, sg(h), h^] [B; lambda sg(B); -lambda B^] at 3r
+    else:  # one product at rank 3r: [A, sg(A), A^] [B; lambda sg(B); -lambda B^]
       lam = jnp.asarray(paper_lambda, dtype)
-      rank = lora_a.shape[-1]
-      a = jnp.concatenate([lora_a.astype(dtype), snapshot[0].astype(dtype)], -1)
-      h, h_snapshot = jnp.split(projection.lora_in(x, a, precision), [rank], axis=-1)
-      hidden = jnp.concatenate([h, jax.lax.stop_gradient(h), h_snapshot], -1)
+      a = jnp.concatenate(
+        [f.astype(dtype) for f in (lora_a, jax.lax.stop_gradient(lora_a), snapshot[0])], -1
+      )
       blocks = (lora_b.astype(dtype), lam * jax.lax.stop_gradient(lora_b.astype(dtype)))
       b = jnp.concatenate([*blocks, -lam * snapshot[1].astype(dtype)], projection.rank_axis_of_b())
-      y = y + jnp.asarray(scaling, dtype) * projection.lora_out(hidden, b, precision)
+      y = y + jnp.asarray(scaling, dtype) * low(a, b)
     if delta is not None:
       y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
         x, delta.astype(dtype), precision
