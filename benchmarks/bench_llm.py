@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import resource
 import statistics
@@ -237,6 +238,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--out", type=pathlib.Path, default=None)
   args = parser.parse_args(argv)
   config = TINY if args.tiny else SMOLLM2
+  load_start = os.getloadavg()
   machine = cpu()
   print(f"CPU: {machine['model_name']} ({machine}); torch threads {torch.get_num_threads()}")
   batch = make_batch(config, args.batch, args.length)
@@ -311,7 +313,12 @@ def main(argv: list[str] | None = None) -> dict:
           "tokens_per_s_ratio": record["tokens_per_s"] / records[against]["tokens_per_s"],
         }
   results = {
-    "machine": {"cpu": machine, "torch_threads": torch.get_num_threads()},
+    "machine": {
+      "cpu": machine,
+      "torch_threads": torch.get_num_threads(),
+      "load_average_start": load_start,
+      "load_average_end": os.getloadavg(),
+    },
     "environment": demo_train.environment(),
     "config": dataclasses.asdict(config) | {"name": "tiny" if args.tiny else "SmolLM2-135M"},
     "batch": args.batch,

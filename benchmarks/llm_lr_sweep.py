@@ -49,6 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--methods", default=",".join(GRIDS))
   parser.add_argument("--validation", type=int, default=40, help="countries set aside (40)")
   parser.add_argument("--steps", type=int, default=None, help="(the demo's default)")
+  parser.add_argument("--lrs", default=None, help="comma-separated: these rates, not the grids")
+  parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
   args = parser.parse_args(argv)
   options = train.Options(progress=False)
   if args.steps is not None:
@@ -65,7 +67,7 @@ def main(argv: list[str] | None = None) -> dict:
   rows = []
   for name in args.methods.split(","):
     method = train.METHODS[name]
-    for lr in GRIDS[name]:
+    for lr in GRIDS[name] if args.lrs is None else [float(x) for x in args.lrs.split(",")]:
       run_options = dataclasses.replace(options, **{method.learning_rate: lr})
       start = time.perf_counter()
       model, figures = train.train_method(
@@ -83,6 +85,8 @@ def main(argv: list[str] | None = None) -> dict:
         }
       )
       print(f"{name:>11} lr {lr:.1e}: validation loss {loss:.4f}", flush=True)
+  if args.append and args.out is not None and args.out.exists():
+    rows = json.loads(args.out.read_text())["runs"] + rows
   best = {}
   for name in dict.fromkeys(r["method"] for r in rows):
     mine = [r for r in rows if r["method"] == name and np.isfinite(r["validation_loss"])]
@@ -93,7 +97,10 @@ def main(argv: list[str] | None = None) -> dict:
     f"{len(fit)} exchanges trained on, {len(validation)} exchanges of {args.validation} "
     "other training countries scored",
     "options": {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"},
-    "grids": {k: list(v) for k, v in GRIDS.items()},
+    "grids": {
+      name: sorted({r["learning_rate"] for r in rows if r["method"] == name})
+      for name in dict.fromkeys(r["method"] for r in rows)
+    },
     "runs": rows,
     "best": best,
   }

@@ -683,10 +683,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
     means.append(row["heldout_loss_mean"])
     sds.append(row["heldout_loss_sd"])
     if row["losses"]:
-      curves.plot(
-        np.arange(1, len(row["losses"]) + 1), row["losses"], label=row["method"], color=f"C{i}"
-      )
-  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title="Learning curves")
+      runs = np.asarray(row.get("losses_by_seed") or [row["losses"]])
+      steps = np.arange(1, runs.shape[1] + 1)
+      curves.plot(steps, runs.mean(0), label=row["method"], color=f"C{i}")
+      if len(runs) > 1:
+        curves.fill_between(steps, runs.min(0), runs.max(0), color=f"C{i}", alpha=0.15)
+  seeds = results["options"]["seeds"]
+  title = "Learning curves" + (f" (mean, range of {seeds} seeds)" if seeds > 1 else "")
+  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title=title)
   curves.legend()
   curves.grid(alpha=0.3)
   bars.bar(names, means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=3)
