@@ -37,7 +37,6 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-
 FULL, SLIDING = "full_attention", "sliding_attention"
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -99,7 +98,7 @@ class LlamaConfig:
           f"{self.hidden_size}, num_heads={self.num_heads}"
         )
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
-    elif isinstance(self.head_dim, bool) or not isinstance(self.head_dim, int) or self.head_dim <= 0:
+    elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
       raise ValueError(f"head_dim must be a positive int or None, got head_dim={self.head_dim!r}")
     if self.num_heads % self.num_kv_heads:
       raise ValueError(
@@ -117,8 +116,9 @@ class LlamaConfig:
           f"got layer_types={types!r}"
         )
       window = self.sliding_window
-      if SLIDING in types and (isinstance(window, bool) or not isinstance(window, int)
-                               or window <= 0):
+      if SLIDING in types and (
+        isinstance(window, bool) or not isinstance(window, int) or window <= 0
+      ):
         raise ValueError(
           f"sliding_window must be a positive int with sliding layers, got {window!r}"
         )
@@ -139,7 +139,8 @@ class LlamaConfig:
     if arch not in ("llama", "gemma3"):
       raise ValueError(f"general.architecture must be 'llama' or 'gemma3', got {arch!r}")
     heads = int(meta[f"{arch}.attention.head_count"])
-    head_dim = int(meta.get(f"{arch}.attention.key_length", meta[f"{arch}.embedding_length"] // heads))
+    width = int(meta[f"{arch}.embedding_length"])
+    head_dim = int(meta.get(f"{arch}.attention.key_length", width // heads))
     rope = meta.get(f"{arch}.rope.dimension_count", head_dim)
     if rope != head_dim:
       raise ValueError(f"partial rotary embeddings are not computed: rope {rope}, head {head_dim}")
@@ -225,8 +226,9 @@ class RMSNorm(nnx.Module):
 
 
 def _norm(config: LlamaConfig, size: int | None = None) -> RMSNorm:
-  return RMSNorm(config.hidden_size if size is None else size, config.rms_norm_eps,
-                 config.norm_offset)
+  return RMSNorm(
+    config.hidden_size if size is None else size, config.rms_norm_eps, config.norm_offset
+  )
 
 
 def _linear(n_in: int, n_out: int, dtype: Any, rngs: nnx.Rngs, init: Any) -> nnx.Linear:
@@ -367,9 +369,7 @@ class Llama(nnx.Module):
       rngs=rngs,
       **({} if init is None else {"embedding_init": init}),
     )
-    self.layers = nnx.List(
-      [Block(config, dtype, rngs, init, i) for i in range(config.num_layers)]
-    )
+    self.layers = nnx.List([Block(config, dtype, rngs, init, i) for i in range(config.num_layers)])
     self.norm = _norm(config)
 
   def __call__(self, ids, positions, mask, cache=None, start=0):

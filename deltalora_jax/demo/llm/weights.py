@@ -35,6 +35,7 @@ The chat template is the file's Jinja template (Gemma 3's file has none:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -237,6 +238,19 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
   return w.swapaxes(1, 2).reshape(weight.shape)
 
 
+def reader(path: str | os.PathLike[str]) -> Any:
+  """``gguf.GGUFReader(path)``, made once per process and file: parsing the 262,144-token
+  vocabulary of Gemma 3 takes about 20 s, and the weights and the tokenizer both read it."""
+  return _reader(str(pathlib.Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str) -> Any:
+  from gguf.gguf_reader import GGUFReader
+
+  return GGUFReader(path)
+
+
 def metadata(reader: Any) -> dict[str, Any]:
   """The GGUF's key-value metadata, without the tokenizer's long arrays."""
   long = {
@@ -268,8 +282,8 @@ def dequantize(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any
   """
   import gguf
 
-  reader = gguf.GGUFReader(path)
-  meta = metadata(reader)
+  file = reader(path)
+  meta = metadata(file)
   arch = meta.get("general.architecture")
   if arch not in _BLOCKS:
     raise ValueError(
@@ -277,7 +291,7 @@ def dequantize(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any
     )
   heads, kv_heads = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
   tensors = {}
-  for tensor in reader.tensors:
+  for tensor in file.tensors:
     value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
     value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))
     name = hf_name(tensor.name, arch)
@@ -329,29 +343,34 @@ def _json(value: Any) -> Any:
 
 
 def tokenizer_from_gguf(path: pathlib.Path):
-  """A ``tokenizers.Tokenizer`` from a GGUF's ``gpt2`` (byte-level BPE) vocabulary.
+  """A ``tokenizers.Tokenizer`` from a GGUF's vocabulary: ``gpt2`` or ``llama``.
 
-  Control tokens (type 3) are added as special tokens, so ``<|im_start|>``
-  stays one token; no BOS is added (``tokenizer.ggml.add_bos_token`` is false
-  for SmolLM2, checked).
+  ``gpt2`` (SmolLM2): byte-level BPE with the file's merges. Control tokens (type 3)
+  are added as special tokens, so ``<|im_start|>`` stays one token; no BOS is
+  added (``tokenizer.ggml.add_bos_token`` is false for SmolLM2, checked).
+
+  ``llama`` (Gemma 3: SentencePiece BPE, :func:`_sentencepiece_bpe`): tokenized as
+  llama.cpp does. No BOS is added either: Gemma's chat template writes ``<bos>``.
   """
-  import gguf
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-  reader = gguf.GGUFReader(path)
-  kind = reader.fields["tokenizer.ggml.model"].contents()
-  pre = reader.fields["tokenizer.ggml.pre"].contents()
+  file = reader(path)
+  kind = file.fields["tokenizer.ggml.model"].contents()
+  pre = file.fields["tokenizer.ggml.pre"].contents()
+  if kind == "llama":
+    return _sentencepiece_bpe(file)
   if kind != "gpt2" or pre != "smollm":
     raise ValueError(
       f"{path}: only the byte-level BPE tokenizer of type 'gpt2' with pre-tokenizer 'smollm' "
-      f"is built, got tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}"
+      f"or the SentencePiece BPE of type 'llama' is built, got tokenizer.ggml.model={kind!r}, "
+      f"tokenizer.ggml.pre={pre!r}"
     )
-  add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+  add_bos = file.fields.get("tokenizer.ggml.add_bos_token")
   if add_bos is not None and add_bos.contents():
     raise ValueError(f"{path}: tokenizer.ggml.add_bos_token is true; not supported")
-  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-  types = reader.fields["tokenizer.ggml.token_type"].contents()
-  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+  tokens = file.fields["tokenizer.ggml.tokens"].contents()
+  types = file.fields["tokenizer.ggml.token_type"].contents()
+  merges = [tuple(m.split(" ", 1)) for m in file.fields["tokenizer.ggml.merges"].contents()]
   vocab = {token: i for i, token in enumerate(tokens)}
   tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -370,11 +389,86 @@ def tokenizer_from_gguf(path: pathlib.Path):
   return tokenizer
 
 
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]):
+  """The BPE merges equivalent to SentencePiece BPE's rule, best first.
+
+  SentencePiece BPE (llama.cpp's ``llm_tokenizer_spm``) repeatedly joins the
+  adjacent pair whose concatenation is a token of the highest score. As
+  ``tokenizers`` merges: every split ``(left, right)`` of a normal token (type 1)
+  into two tokens, ranked by the joined token's score, then by the tokens' ids.
+
+  Example:
+    >>> sentencepiece_merges(["a", "b", "ab", "c", "abc"], [-1, -2, -3, -4, -5], [1] * 5)
+    [('a', 'b'), ('ab', 'c')]
+  """
+  ids = {t: i for i, t in enumerate(tokens)}
+  found = []
+  for token, score, kind in zip(tokens, scores, types, strict=True):
+    if kind != 1 or len(token) < 2:
+      continue
+    for cut in range(1, len(token)):
+      left, right = token[:cut], token[cut:]
+      if left in ids and right in ids:
+        found.append((-score, ids[left], ids[right], left, right))
+  found.sort()
+  return [(left, right) for _, _, _, left, right in found]
+
+
+def _sentencepiece_bpe(file: Any):
+  """Gemma 3's tokenizer: a ``tokenizers`` BPE that tokenizes as llama.cpp does.
+
+  Spaces become ``▁`` (no prefix space: ``tokenizer.ggml.add_space_prefix`` is
+  false); control (type 3) and user-defined (type 4: runs of newlines, spaces,
+  tabs, ``<start_of_image>`` ...) tokens are matched whole in the raw text first,
+  as llama.cpp partitions on them; the rest is merged by :func:`sentencepiece_merges`;
+  a character outside the vocabulary becomes its UTF-8 bytes' ``<0xNN>`` tokens.
+
+  transformers 4.57's GGUF converter for Gemma builds a Unigram model from the
+  same scores instead: as the scores are BPE ranks (``-id``), it prefers long
+  chains of frequent short pieces (``'user'`` becomes ``'us' 'er'``), which is
+  not how Gemma was trained; this one follows llama.cpp.
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+  fields = file.fields
+  space_prefix = fields.get("tokenizer.ggml.add_space_prefix")
+  if space_prefix is None or space_prefix.contents():
+    raise ValueError("tokenizer.ggml.add_space_prefix must be false (Gemma 3), it is not")
+  tokens = fields["tokenizer.ggml.tokens"].contents()
+  scores = [float(x) for x in fields["tokenizer.ggml.scores"].contents()]
+  types = [int(x) for x in fields["tokenizer.ggml.token_type"].contents()]
+  vocab = {token: i for i, token in enumerate(tokens)}
+  merges = sentencepiece_merges(tokens, scores, types)
+  unk = int(fields["tokenizer.ggml.unknown_token_id"].contents())
+  tokenizer = Tokenizer(
+    models.BPE(
+      vocab, merges, unk_token=tokens[unk], fuse_unk=True, byte_fallback=True, ignore_merges=False
+    )
+  )
+  tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+  tokenizer.decoder = decoders.Sequence(
+    [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+  )
+  whole = [
+    AddedToken(t, special=k == 3, normalized=False)
+    for t, k in zip(tokens, types, strict=True)
+    if k in (3, 4)
+  ]
+  tokenizer.add_tokens([t for t in whole if not t.special])
+  tokenizer.add_special_tokens([t for t in whole if t.special])
+  return tokenizer
+
+
 @dataclasses.dataclass
 class ChatTemplate:
-  """The model's Jinja chat template, rendered like transformers' ``apply_chat_template``."""
+  """The model's Jinja chat template, rendered like transformers' ``apply_chat_template``.
+
+  ``end_of_turn``: the token that closes a turn; ``bos_token``: the template's ``bos_token``.
+  """
 
   source: str
+  end_of_turn: str = "<|im_end|>"
+  bos_token: str = ""
 
   def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The prompt text of ``messages`` (``[{'role': ..., 'content': ...}]``).
@@ -386,15 +480,55 @@ class ChatTemplate:
     """
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str):
+      raise ValueError(f"chat template: {message}")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(self.source).render(
-      messages=messages, add_generation_prompt=add_generation_prompt
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos_token,
+      raise_exception=raise_exception,
     )
 
 
+#: Gemma 3's chat template (its ``tokenizer_config.json``, text part): the GGUF file of
+#: Gemma 3 270M holds no ``tokenizer.chat_template``. A system message is folded into
+#: the first user turn; the assistant's role is ``model``.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
 def chat_template(meta: dict[str, Any]) -> ChatTemplate:
-  """The :class:`ChatTemplate` of a GGUF's metadata."""
+  """The :class:`ChatTemplate` of a GGUF's metadata (Gemma 3: :data:`GEMMA3_CHAT_TEMPLATE`)."""
   source = meta.get("tokenizer.chat_template")
+  if meta.get("general.architecture") == "gemma3":
+    return ChatTemplate(
+      source if isinstance(source, str) else GEMMA3_CHAT_TEMPLATE, "<end_of_turn>", "<bos>"
+    )
   if not isinstance(source, str):
     raise ValueError("the GGUF file has no tokenizer.chat_template")
   return ChatTemplate(source)
