@@ -287,7 +287,7 @@ def test_cached_generation_keeps_the_window():
 
 
 # --------------------------------------------------------------------------
-# Training two blocks through the CLI, and the PEFT export in transformers.
+# Training two blocks through the CLI (lora), and its PEFT export in transformers.
 # --------------------------------------------------------------------------
 
 
@@ -311,7 +311,7 @@ def cli_run(pretrained, tmp_path_factory, request):
   request.addfinalizer(patch.undo)
   patch.setattr(train, "load_pretrained", lambda model, cache: small)
   argv = [
-    "--model", MODEL, "--methods", "lora,paper", "--steps", "2", "--paper-start-step", "0",
+    "--model", MODEL, "--methods", "lora", "--steps", "2", "--paper-start-step", "0",
     "--eval-size", "2", "--samples", "2", "--output", str(out / "results"),
     "--export-peft", str(out / "peft"), "--no-progress",
   ]  # fmt: skip
@@ -326,19 +326,21 @@ def test_cli_runs_gemma(cli_run):
   results = json.loads((out / "results" / "results.json").read_text())
   assert results["options"]["model"] == MODEL and results["options"]["eval_size"] == 2
   rows = {row["method"]: row for row in results["methods"]}
-  assert list(rows) == ["lora", "paper"]
+  assert list(rows) == ["lora"]
   for row in rows.values():
     assert np.isfinite(row["heldout_loss"]) and row["merge_check"]["identical"]
     for sample in row["samples"]:
       completion = sample["completion_ids"]
       assert len(completion) == NEW_TOKENS or completion[-1] == END_OF_TURN
-  assert rows["paper"]["losses"][0] == rows["lora"]["losses"][0]
+  assert len(rows["lora"]["losses"]) == 2 and rows["lora"]["adapted_layers"] == 2 * 7
 
 
-@pytest.mark.parametrize("method", ["lora", "paper"])
-def test_peft_export_loads_in_transformers(cli_run, pretrained, hf_model, prompts, method):
+def test_peft_export_loads_in_transformers(cli_run, pretrained, hf_model, prompts):
+  """The lora export on Gemma3ForCausalLM (the other rules' exports are the same code,
+  checked on SmolLM2 in test_llm.py)."""
   from peft import PeftModel
 
+  method = "lora"
   _, out, small = cli_run
   config = json.loads((out / "peft" / method / "adapter_config.json").read_text())
   assert set(config["target_modules"]) >= {"q_proj", "down_proj"}
