@@ -9,13 +9,12 @@ parameters and AdamW moments, one jitted step with donated state.
 
 Configs (``--configs``):
 
-* ``gemma3-270m``: Gemma 3 270M's sizes (18 blocks, width 640, MLP 2048, 4 query
-  heads and 1 key/value head, vocabulary 262,144) in the demo's Llama: its
-  head size is width / heads = 160, not Gemma's 256, and it has no sliding
-  window, no QK norm and no extra norms (the Gemma model is not in this tree);
+* ``gemma3-270m``: Gemma 3 270M (``model.gemma3_270m_config()``: 18 blocks,
+  width 640, MLP 2048, 4 query heads and 1 key/value head of 256, vocabulary
+  262,144, sliding window 512 on five layers of six, QK norms);
 * ``llama-1b``: Llama 3.2 1B's sizes (16 blocks, width 2048, MLP 8192, 32/8
   heads, vocabulary 128,256, tied embeddings);
-* ``tiny``: a 2-block toy, for ``--allow-cpu``.
+* ``tiny``, ``gemma3-tiny``: 2-block toys of each family, for ``--allow-cpu``.
 
 Per method: the compile time, the median of ``--steps`` timed steps (after
 two warm-up steps), tokens/s, MFU = flops of the step / (median step x the
@@ -56,19 +55,10 @@ from flax import nnx
 
 import deltalora_jax as dl
 from deltalora_jax.demo.llm import train
-from deltalora_jax.demo.llm.model import Llama, LlamaConfig
+from deltalora_jax.demo.llm.model import Llama, LlamaConfig, gemma3_270m_config
 
 CONFIGS = {
-  "gemma3-270m": LlamaConfig(
-    vocab_size=262144,
-    hidden_size=640,
-    intermediate_size=2048,
-    num_layers=18,
-    num_heads=4,
-    num_kv_heads=1,
-    rope_theta=1e6,
-    rms_norm_eps=1e-6,
-  ),
+  "gemma3-270m": gemma3_270m_config(),
   "llama-1b": LlamaConfig(
     vocab_size=128256,
     hidden_size=2048,
@@ -77,6 +67,14 @@ CONFIGS = {
     num_heads=32,
     num_kv_heads=8,
     rope_theta=5e5,
+  ),
+  "gemma3-tiny": dataclasses.replace(
+    gemma3_270m_config(num_layers=2),
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    head_dim=32,
+    sliding_window=8,
   ),
   "tiny": LlamaConfig(
     vocab_size=512, hidden_size=64, intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2
@@ -172,7 +170,7 @@ def main(argv: list[str] | None = None) -> int:
   if not on_gpu and not args.allow_cpu:
     print(f"no GPU here (jax sees {device.platform}: {device.device_kind}); --allow-cpu to check")
     return 2
-  configs = (args.configs or ("gemma3-270m,llama-1b" if on_gpu else "tiny")).split(",")
+  configs = (args.configs or ("gemma3-270m,llama-1b" if on_gpu else "tiny,gemma3-tiny")).split(",")
   unknown = [c for c in configs if c not in CONFIGS]
   if unknown:
     parser.error(f"--configs must be among {list(CONFIGS)}, got {unknown}")
