@@ -103,6 +103,41 @@ def check_rank(
   return int(rank)
 
 
+def check_layer_rank(
+  rank: object, projection: projections.Projection, layer_shape: Any, where: str
+) -> int:
+  """Raises unless ``rank`` fits one kernel ``layer_shape`` of ``projection``; returns it.
+
+  The one bound of every front: ``where`` names the layer in the message (the
+  Linen path, the NNX layer's class, the name ``adapt_*`` gives it).
+
+  >>> kind = projections.GeneralDense(features=(1,))
+  >>> check_layer_rank(2, kind, (8, 1), "the layer 'head'")
+  Traceback (most recent call last):
+  ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', got rank=2
+  """
+  checked = check_rank(rank)
+  shape = tuple(int(n) for n in layer_shape)
+  bound = projection.rank_bound(shape)
+  if checked > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of {where}, got rank={checked}"
+    )
+  return checked
+
+
+def check_bool(name: str, value: object) -> bool:
+  """Raises unless ``value`` (the argument ``name``) is a bool; returns it.
+
+  >>> check_bool("use_delta", 1)
+  Traceback (most recent call last):
+  TypeError: use_delta must be a bool, got use_delta=1
+  """
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+  return value
+
+
 def check_delta_scaling(delta_scaling: _T) -> _T:
   """Raises unless ``delta_scaling`` is finite and positive; returns it.
 

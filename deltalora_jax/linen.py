@@ -140,12 +140,8 @@ def _layer(
   collection, or in ``collection`` when that is not ``'delta'``.
   """
   kind = module.projection
-  bound = kind.rank_bound(shape)
-  if module.rank > bound:
-    raise ValueError(
-      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
-      f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
-    )
+  layer = "/".join(module.path) or "<root>"
+  core.check_layer_rank(module.rank, kind, shape, f"the layer {layer!r}")
   where = f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'}"
   snapshots = SNAPSHOT_COLLECTION if collection == DELTA_COLLECTION else collection
   for needed, place, name, what, shown in (

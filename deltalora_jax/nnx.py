@@ -80,12 +80,6 @@ class LayerOptions(Options, total=False):
   base_quantization: str | None
 
 
-def _check_bool(name: str, value: object) -> bool:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
-  return value
-
-
 def _check_rngs(rngs: object) -> None:
   if not isinstance(rngs, nnx.Rngs):
     raise TypeError(f"rngs must be an nnx.Rngs, got rngs={rngs!r}")
@@ -129,13 +123,13 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     description = describe(base)
     self.projection = description.projection
     self.rank = core.check_rank(rank)
-    self.use_rslora = _check_bool("use_rslora", use_rslora)
+    self.use_rslora = core.check_bool("use_rslora", use_rslora)
     core.lora_scaling(alpha, rank, use_rslora)
     self.alpha = None if alpha is None else float(alpha)
     self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
     self.evaluation = core.check_evaluation(evaluation)
-    self.freeze_base = _check_bool("freeze_base", freeze_base)
-    self.use_delta = _check_bool("use_delta", use_delta)
+    self.freeze_base = core.check_bool("freeze_base", freeze_base)
+    self.use_delta = core.check_bool("use_delta", use_delta)
     self.paper_lambda = core.check_paper_lambda(paper_lambda, use_delta)
     _check_rngs(rngs)
     self.adapter_dtype = adapter_dtype
@@ -162,12 +156,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     shape = tuple(self.kernel.shape)
     stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
     layer_shape = shape[stack:]
-    bound = self.projection.rank_bound(layer_shape)
-    if rank > bound:
-      raise ValueError(
-        f"rank must satisfy 0 < rank <= {bound} for the kernel {layer_shape} of a "
-        f"{type(base).__name__}, got rank={rank}"
-      )
+    core.check_layer_rank(rank, self.projection, layer_shape, f"a {type(base).__name__}")
     dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
     a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
     stacked = shape[:stack]
@@ -369,7 +358,7 @@ class DeltaLoRALinear(_AdaptedLayer):
       in_features,
       out_features,
       rngs=rngs,
-      use_bias=_check_bool("use_bias", use_bias),
+      use_bias=core.check_bool("use_bias", use_bias),
       dtype=dtype,
       param_dtype=param_dtype,
       precision=precision,

@@ -96,6 +96,14 @@ class _MatrixB:
   def rank_axis_of_b(self) -> int:
     return 0
 
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y`` plus the bias, on the output's trailing axes (the output channels)."""
+    return y + _trailing(y, bias)
+
+  def scale_output(self, y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``y`` times a per-output-channel ``scale`` (shaped as the bias)."""
+    return y * _trailing(y, scale)
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneralDense(_MatrixB):
@@ -179,13 +187,6 @@ class GeneralDense(_MatrixB):
     self, x: jax.Array, lora_a: jax.Array, precision: jax.lax.PrecisionLike = None
   ) -> jax.Array:
     return self._apply(x, lora_a, 1, precision)
-
-  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
-    return y + _trailing(y, bias)
-
-  def scale_output(self, y: jax.Array, scale: jax.Array) -> jax.Array:
-    """``y`` times a per-output-channel ``scale`` (shaped as the bias)."""
-    return y * _trailing(y, scale)
 
   def channel_letters(self) -> tuple[str, str]:
     """``(kernel's letters, output channels' letters)``: the channels are the bias's axes."""
@@ -518,13 +519,6 @@ class Conv(_MatrixB):
     self, x: jax.Array, lora_a: jax.Array, precision: jax.lax.PrecisionLike = None
   ) -> jax.Array:
     return self._conv(x, lora_a, precision)
-
-  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
-    return y + _trailing(y, bias)
-
-  def scale_output(self, y: jax.Array, scale: jax.Array) -> jax.Array:
-    """``y`` times a per-output-channel ``scale`` (shaped as the bias)."""
-    return y * _trailing(y, scale)
 
   def channel_letters(self) -> tuple[str, str]:
     """``(kernel's letters, output channels' letters)``: the channels are the bias's axes."""
