@@ -286,6 +286,9 @@ def lora_a_init(rank: int) -> jax.nn.initializers.Initializer:
   return jax.nn.initializers.normal(stddev=1.0 / math.sqrt(check_rank(rank)))
 
 
+_seed_a_init = lora_a_init  # what new_adapter's argument of the same name hides
+
+
 def kaiming_uniform_init(batch_axis: int | tuple[int, ...] = ()) -> jax.nn.initializers.Initializer:
   """PEFT's default initializer of ``A``: Kaiming-uniform with ``a = sqrt(5)``.
 
@@ -319,6 +322,50 @@ def gaussian_init(rank: int) -> jax.nn.initializers.Initializer:
 # --------------------------------------------------------------------------
 # Forward.
 # --------------------------------------------------------------------------
+
+
+def new_adapter(
+  keys: tuple[jax.Array, jax.Array],
+  projection: projections.Projection,
+  kernel_shape: Any,
+  rank: int,
+  dtype: DTypeLike,
+  *,
+  lora_a_init: jax.nn.initializers.Initializer | None = None,
+  lora_b_init: jax.nn.initializers.Initializer = jax.nn.initializers.zeros,
+  use_delta: bool = False,
+  snapshot: bool = False,
+) -> dict[str, jax.Array]:
+  """Fresh adapter arrays beside a kernel of ``kernel_shape`` (stacked or not).
+
+  ``lora_a`` from ``keys[0]`` (``lora_a_init``; None is :func:`lora_a_init`,
+  the seed's ``N(0, 1/r)``), ``lora_b`` from ``keys[1]`` (zeros by default),
+  ``delta`` zeros of the kernel's shape when ``use_delta``, and the paper
+  rule's snapshot (``snapshot_a``, ``snapshot_b``: copies of the factors in
+  buffers of their own, since a step may donate both) when ``snapshot``.
+  Leading stack axes (``nn.scan``, ``nnx.vmap``) give every layer its own
+  factors. The one constructor of NNX's adapter and ``adapt_linen``.
+
+  >>> kind = projections.GeneralDense(features=(3,))
+  >>> new = new_adapter(tuple(jax.random.split(jax.random.key(0))), kind, (2, 4, 3), 2,
+  ...                   jnp.float32, use_delta=True)
+  >>> {name: array.shape for name, array in new.items()}
+  {'lora_a': (2, 4, 2), 'lora_b': (2, 2, 3), 'delta': (2, 4, 3)}
+  """
+  shape = tuple(int(n) for n in kernel_shape)
+  stack = shape[: len(shape) - projection.kernel_ndim]
+  a_shape, b_shape = projection.factor_shapes(shape[len(stack) :], rank)
+  a_init = lora_a_init or _seed_a_init(rank)
+  arrays = {
+    "lora_a": a_init(keys[0], (*stack, *a_shape), dtype),
+    "lora_b": lora_b_init(keys[1], (*stack, *b_shape), dtype),
+  }
+  if use_delta:
+    arrays["delta"] = jnp.zeros(shape, dtype)
+  if snapshot:
+    arrays[SNAPSHOT_A] = jnp.array(arrays["lora_a"], copy=True)
+    arrays[SNAPSHOT_B] = jnp.array(arrays["lora_b"], copy=True)
+  return arrays
 
 
 def widest_dtype(*dtypes: DTypeLike | None, at_least: DTypeLike | None = None) -> np.dtype[Any]:

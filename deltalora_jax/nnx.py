@@ -157,20 +157,27 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
     layer_shape = shape[stack:]
     core.check_layer_rank(rank, self.projection, layer_shape, f"a {type(base).__name__}")
-    dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
-    a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
-    stacked = shape[:stack]
-    a_init = lora_a_init or core.lora_a_init(rank)
-    self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (*stacked, *a_shape), dtype))
-    self.lora_b = nnx.LoRAParam(lora_b_init(rngs.params(), (*stacked, *b_shape), dtype))
+    new = core.new_adapter(
+      (rngs.params(), rngs.params()),
+      self.projection,
+      shape,
+      rank,
+      _adapter_dtype(adapter_dtype, self.kernel.dtype),
+      lora_a_init=lora_a_init,
+      lora_b_init=lora_b_init,
+      use_delta=use_delta,
+      snapshot=self.paper_lambda is not None,  # A^ = A, B^ = B at construction
+    )
+    self.lora_a = nnx.LoRAParam(new["lora_a"])
+    self.lora_b = nnx.LoRAParam(new["lora_b"])
     self.delta: DeltaParam | None = nnx.data(None)
     if use_delta:
-      self.delta = DeltaParam(jnp.zeros(shape, dtype))
+      self.delta = DeltaParam(new["delta"])
     self.snapshot_a: PaperSnapshot | None = nnx.data(None)
     self.snapshot_b: PaperSnapshot | None = nnx.data(None)
-    if self.paper_lambda is not None:  # A^ = A, B^ = B at construction
-      self.snapshot_a = PaperSnapshot(jnp.array(self.lora_a[...], copy=True))
-      self.snapshot_b = PaperSnapshot(jnp.array(self.lora_b[...], copy=True))
+    if self.paper_lambda is not None:
+      self.snapshot_a = PaperSnapshot(new[core.SNAPSHOT_A])
+      self.snapshot_b = PaperSnapshot(new[core.SNAPSHOT_B])
     self.kernel_scale: nnx.Param[jax.Array] | None = nnx.data(None)
     if core.check_base_quantization(base_quantization) is not None:
       self.quantize_base()

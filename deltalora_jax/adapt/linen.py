@@ -405,19 +405,17 @@ def _new_adapter(
 ) -> dict[str, jax.Array]:
   """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
   kind = layer.projection
-  stack, shape = layer_shape(name, kind, jnp.shape(kernel))
+  _, shape = layer_shape(name, kind, jnp.shape(kernel))
   check_layer_rank(name, kind, shape, layer.rank)
-  dtype = linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype)
-  a_shape, b_shape = kind.factor_shapes(shape, layer.rank)
-  a_init = layer.lora_a_init or core.lora_a_init(layer.rank)  # as the layer does
-  key_a, key_b = jax.random.split(key)  # one key per parameter
-  arrays = {
-    "lora_a": a_init(key_a, (*stack, *a_shape), dtype),
-    "lora_b": layer.lora_b_init(key_b, (*stack, *b_shape), dtype),
-  }
-  if layer.use_delta:
-    arrays["delta"] = jnp.zeros(jnp.shape(kernel), dtype)
-  if layer.paper_lambda is not None:  # A^ = A, B^ = B at the start, in buffers of their own
-    for factor, snapshot in zip(("lora_a", "lora_b"), core.SNAPSHOT_NAMES, strict=True):
-      arrays[snapshot] = jnp.array(arrays[factor], copy=True)  # the step may donate both
-  return arrays
+  key_a, key_b = jax.random.split(key)  # one key per factor
+  return core.new_adapter(
+    (key_a, key_b),
+    kind,
+    jnp.shape(kernel),
+    layer.rank,
+    linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype),
+    lora_a_init=layer.lora_a_init,  # None: as the layer does
+    lora_b_init=layer.lora_b_init,
+    use_delta=layer.use_delta,
+    snapshot=layer.paper_lambda is not None,
+  )
