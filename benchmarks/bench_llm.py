@@ -7,8 +7,10 @@ SAME random weights (PyTorch's initialisation, copied into the JAX model of
 tokens, float32, loss on every next token) and train with AdamW (same learning
 rate, betas, epsilon, no weight decay). Before timing, the two sides must give
 the same loss (relative 1e-4). Then every variant runs ``--steps`` steps per
-round, the variants interleaved, for ``--rounds`` rounds, after one warm-up
-step; the figure is the median step, as tokens per second.
+round, the variants interleaved (this library's block, a one-second pause,
+PyTorch's block: PyTorch's OpenMP threads spin on after its last operation), for
+``--rounds`` rounds, after one warm-up step; the figure is the median step, as
+tokens per second.
 
 Variants (``jax-*`` this library, NNX, one jitted step with donated state):
 
@@ -287,7 +289,11 @@ def main(argv: list[str] | None = None) -> dict:
       run()  # warm-up
   times: dict[str, list[float]] = {name: [] for name in variants}
   for _ in range(args.rounds):
+    side = None
     for name, run in variants.items():
+      if records[name]["side"] != side:  # PyTorch's OpenMP threads spin on after its last op
+        side = records[name]["side"]
+        time.sleep(1.0)
       for _ in range(args.steps):
         start = time.perf_counter()
         loss = run()
