@@ -1,17 +1,24 @@
-"""Memory and time of one training step on one layer: the paper rule's two forms, the seed rule.
+"""Memory and time of one training step: plain LoRA, the paper rule's two forms, the seed rule,
+on a float32, bfloat16 or int8 base.
 
 Run from the repository root::
 
-  python benchmarks/bench_paper_memory.py            # 1024 x 1024, rank 8, 128 rows
-  python benchmarks/bench_paper_memory.py --quick    # 256 x 256: seconds
+  python benchmarks/bench_paper_memory.py --allow-cpu          # 1024 x 1024, rank 8, 128 rows
+  python benchmarks/bench_paper_memory.py --allow-cpu --quick  # 256 x 256: seconds
+  python benchmarks/bench_paper_memory.py --width 4096 --layers 4 --rows 2048 \
+      --out gpu_paper_memory.json                               # on a GPU
 
-One ``DeltaLoRADense`` (or ``nn.Dense``) layer, ``in = out = --width``, rank
-``--rank``, trained by one jitted step ``(variables, opt_state, x, y) ->
-(variables, opt_state, loss)`` with the variables and optimizer state donated
-(``donate_argnums=(0, 1)``). Of each variant, XLA's ``memory_analysis()`` of the
-compiled step (``total = argument + output - alias + temp``, what it holds at
-its peak), its ``cost_analysis()`` (flops, bytes accessed) and the median step
-time over ``--repeats`` interleaved rounds:
+Without an accelerator the script refuses to run unless ``--allow-cpu`` is given
+(CPU figures are not GPU figures). ``--layers N`` stacks N adapted layers
+(``in = out = --width``, ``tanh`` between them); ``--layers 1`` is one bare
+layer. Each variant is trained by one jitted step ``(variables, opt_state, x,
+y) -> (variables, opt_state, loss)`` with the variables and optimizer state
+donated (``donate_argnums=(0, 1)``); an int8 base (the ``'quantized'``
+collection: read only) is an argument of its own, not donated. Of each
+variant, XLA's ``memory_analysis()`` of the compiled step (``total = argument
++ output - alias + temp``, what it holds at its peak), its ``cost_analysis()``
+(flops, bytes accessed) and the median step time over ``--repeats``
+interleaved rounds:
 
 * ``full_adamw``: ``nn.Dense``, AdamW on the kernel and bias (full fine-tuning);
 * ``lora_adamw``: plain LoRA, AdamW on the factors, base frozen;
@@ -24,11 +31,14 @@ time over ``--repeats`` interleaved rounds:
 * ``*_base_bf16``: the variant with a bfloat16 base kernel (factors, ``D`` and
   velocity float32), computing in float32 (the layers' default: the widest dtype);
 * ``*_compute_bf16``: a bfloat16 base kernel and ``dtype=bfloat16`` (the
-  products in bfloat16; the factors stay float32 parameters).
+  products in bfloat16; the factors stay float32 parameters);
+* ``*_base_int8``: an int8 base with one float32 scale per output channel
+  (``base_quantization='int8'``), computing in float32.
 
 ``K = 0`` for the paper rule, so that the timed steps are past the start step.
-Prints a table and the ratios the issue asks for; writes
-``<out>/bench_paper_memory.json``. ``--repeats`` and ``--steps`` trade time for noise.
+Prints a table and the ratios the issue asks for; writes the JSON to ``--out``
+(a path ending in ``.json``, or a folder that gets ``bench_paper_memory.json``).
+``--repeats`` and ``--steps`` trade time for noise; ``--variants`` picks some.
 """
 
 from __future__ import annotations
@@ -67,24 +77,57 @@ VARIANTS = (
   "seed_base_bf16",
   "lora_adamw_compute_bf16",
   "paper_compute_bf16",
+  "lora_adamw_base_int8",
+  "paper_base_int8",
+  "seed_base_int8",
 )
+_SUFFIXES = ("_base_bf16", "_compute_bf16", "_base_int8")
 
 
-def build(variant: str, width: int, rank: int) -> tuple[nn.Module, optax.GradientTransformation]:
-  """The layer and optimizer of a variant."""
+class Stack(nn.Module):
+  """``layers`` dense layers of ``width`` features, ``tanh`` between them."""
+
+  width: int
+  layers: int
+  options: tuple[tuple[str, Any], ...] | None  # DeltaLoRADense's; None: nn.Dense
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    for i in range(self.layers):
+      if i:
+        x = nn.tanh(x)
+      if self.options is None:
+        x = nn.Dense(self.width, param_dtype=x.dtype, name=f"layer_{i}")(x)
+      else:
+        x = dl.DeltaLoRADense(self.width, name=f"layer_{i}", **dict(self.options))(x)
+    return x
+
+
+def build(
+  variant: str, width: int, rank: int, layers: int = 1
+) -> tuple[nn.Module, optax.GradientTransformation]:
+  """The model (one layer, or a :class:`Stack`) and optimizer of a variant."""
   bf16_base = variant.endswith(("_base_bf16", "_compute_bf16"))
   base_dtype = jnp.bfloat16 if bf16_base else jnp.float32
   compute = jnp.bfloat16 if variant.endswith("_compute_bf16") else None
-  name = variant.removesuffix("_base_bf16").removesuffix("_compute_bf16")
+  name = variant
+  for suffix in _SUFFIXES:
+    name = name.removesuffix(suffix)
   if name == "full_adamw":
-    return nn.Dense(width, param_dtype=base_dtype), optax.adamw(LEARNING_RATE)
+    dense = nn.Dense(width, param_dtype=base_dtype)
+    model = dense if layers == 1 else Stack(width, layers, None)
+    return model, optax.adamw(LEARNING_RATE)
   options: dict[str, Any] = {"rank": rank, "param_dtype": base_dtype, "dtype": compute}
+  if variant.endswith("_base_int8"):
+    options["base_quantization"] = "int8"
   if name in ("lora_adamw", "paper_in_place"):
     options["use_delta"] = False
   if name == "paper":
     options.update(use_delta=False, paper_lambda=LAMBDA)
-  layer = dl.DeltaLoRADense(width, **options)
-  layers = {(): layer}
+  model: nn.Module = dl.DeltaLoRADense(width, **options)
+  if layers > 1:
+    model = Stack(width, layers, tuple(sorted(options.items())))
+  found = dl.adapted_layers(model, jnp.zeros((1, width)))
   adamw = optax.adamw(LEARNING_RATE)
   if name == "lora_adamw":
     tx = optax.multi_transform(
@@ -92,24 +135,25 @@ def build(variant: str, width: int, rank: int) -> tuple[nn.Module, optax.Gradien
       dl.leaf_labels,
     )
   elif name.startswith("paper"):
-    tx = dl.paper_delta_lora(lora_optimizer=adamw, layers=layers, start_step=0)
+    tx = dl.paper_delta_lora(lora_optimizer=adamw, layers=found, start_step=0)
   else:
     velocity = jnp.bfloat16 if name == "seed_velocity_bf16" else jnp.float32
-    tx = dl.delta_lora(LEARNING_RATE, layers=layers, lora_optimizer=adamw, velocity_dtype=velocity)
-  return layer, tx
+    tx = dl.delta_lora(LEARNING_RATE, layers=found, lora_optimizer=adamw, velocity_dtype=velocity)
+  return model, tx
 
 
-def prepare(variant: str, width: int, rank: int, rows: int) -> dict[str, Any]:
+def prepare(variant: str, width: int, rank: int, rows: int, layers: int = 1) -> dict[str, Any]:
   """Compiles the variant's donated step; its memory and cost, and the state to time it."""
-  module, tx = build(variant, width, rank)
+  module, tx = build(variant, width, rank, layers)
   x = jax.random.normal(jax.random.key(1), (rows, width))
   y = jax.random.normal(jax.random.key(2), (rows, width))
-  variables = module.init(jax.random.key(0), x)
+  variables = dict(module.init(jax.random.key(0), x))
+  frozen = {"quantized": variables.pop("quantized")} if "quantized" in variables else {}
   opt_state = tx.init(variables)
 
-  def step(variables: Any, opt_state: Any, x: jax.Array, y: jax.Array) -> Any:
+  def step(variables: Any, opt_state: Any, frozen: Any, x: jax.Array, y: jax.Array) -> Any:
     def loss_fn(v: Any) -> jax.Array:
-      return jnp.mean((module.apply(v, x).astype(jnp.float32) - y) ** 2)
+      return jnp.mean((module.apply({**v, **frozen}, x).astype(jnp.float32) - y) ** 2)
 
     loss, grads = jax.value_and_grad(loss_fn)(variables)
     with jax.numpy_dtype_promotion("standard"):
@@ -118,15 +162,22 @@ def prepare(variant: str, width: int, rank: int, rows: int) -> dict[str, Any]:
 
   jitted = jax.jit(step, donate_argnums=(0, 1))
   start = time.perf_counter()
-  compiled = jitted.lower(variables, opt_state, x, y).compile()
+  compiled = jitted.lower(variables, opt_state, frozen, x, y).compile()
   record = {
     "variant": variant,
     "compile_s": time.perf_counter() - start,
     "memory": common._memory(compiled),
     **common._cost(compiled),
   }
-  variables, opt_state, _ = jitted(variables, opt_state, x, y)  # warm-up: first step, t = 0
-  return {"record": record, "step": jitted, "state": (variables, opt_state), "x": x, "y": y}
+  variables, opt_state, _ = jitted(variables, opt_state, frozen, x, y)  # warm-up: step t = 0
+  return {
+    "record": record,
+    "step": jitted,
+    "state": (variables, opt_state),
+    "frozen": frozen,
+    "x": x,
+    "y": y,
+  }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -134,28 +185,38 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   parser.add_argument("--width", type=int, default=1024)
   parser.add_argument("--rank", type=int, default=8)
   parser.add_argument("--rows", type=int, default=128)
+  parser.add_argument("--layers", type=int, default=1, help="a stack of this many layers")
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--steps", type=int, default=5, help="steps per timed round")
   parser.add_argument("--quick", action="store_true", help="256 x 256, 3 repeats")
-  parser.add_argument("--out", default="benchmarks/results")
+  parser.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated subset")
+  parser.add_argument("--allow-cpu", action="store_true", help="run without an accelerator")
+  parser.add_argument(
+    "--out", default="benchmarks/results", help="a .json path, or a folder for the JSON"
+  )
   args = parser.parse_args(argv)
+  if jax.default_backend() == "cpu" and not args.allow_cpu:
+    parser.error("no accelerator found (jax.default_backend() == 'cpu'): pass --allow-cpu")
   if args.quick:
     args.width, args.repeats = 256, 3
-  prepared = {v: prepare(v, args.width, args.rank, args.rows) for v in VARIANTS}
-  times: dict[str, list[float]] = {v: [] for v in VARIANTS}
+  variants = tuple(v for v in args.variants.split(",") if v)
+  if unknown := sorted(set(variants) - set(VARIANTS)):
+    parser.error(f"--variants: unknown {unknown}; the variants are {list(VARIANTS)}")
+  prepared = {v: prepare(v, args.width, args.rank, args.rows, args.layers) for v in variants}
+  times: dict[str, list[float]] = {v: [] for v in variants}
   for round_ in range(args.repeats):
-    order = VARIANTS[round_ % len(VARIANTS) :] + VARIANTS[: round_ % len(VARIANTS)]
+    order = variants[round_ % len(variants) :] + variants[: round_ % len(variants)]
     for variant in order:  # interleaved and rotated: a noisy machine hurts all alike
       p = prepared[variant]
       variables, opt_state = p["state"]
       start = time.perf_counter()
       for _ in range(args.steps):
-        variables, opt_state, loss = p["step"](variables, opt_state, p["x"], p["y"])
+        variables, opt_state, loss = p["step"](variables, opt_state, p["frozen"], p["x"], p["y"])
       loss.block_until_ready()
       times[variant].append((time.perf_counter() - start) / args.steps)
       p["state"] = (variables, opt_state)
   records = []
-  for variant in VARIANTS:
+  for variant in variants:
     record = prepared[variant]["record"]
     record["step_s_median"] = statistics.median(times[variant])
     record["step_s_all"] = times[variant]
@@ -167,17 +228,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     fb = by[b]["memory"]["total"] if key == "memory" else by[b]["step_s_median"]
     return fa / fb
 
+  pairs = [
+    ("paper", "lora_adamw"),
+    ("paper_in_place", "lora_adamw"),
+    ("seed", "full_adamw"),
+    ("seed_velocity_bf16", "full_adamw"),
+    ("paper_base_bf16", "lora_adamw_base_bf16"),
+    ("paper_base_bf16", "paper"),
+    ("paper_compute_bf16", "lora_adamw_compute_bf16"),
+    ("paper_base_int8", "lora_adamw_base_int8"),
+    ("seed_base_int8", "full_adamw"),
+    ("lora_adamw_base_int8", "lora_adamw"),
+    ("paper_base_int8", "paper"),
+    ("seed_base_int8", "seed"),
+  ]
   ratios = {
     f"{a} / {b} {key}": ratio(a, b, key)
-    for a, b in (
-      ("paper", "lora_adamw"),
-      ("paper_in_place", "lora_adamw"),
-      ("seed", "full_adamw"),
-      ("seed_velocity_bf16", "full_adamw"),
-      ("paper_base_bf16", "lora_adamw_base_bf16"),
-      ("paper_base_bf16", "paper"),
-      ("paper_compute_bf16", "lora_adamw_compute_bf16"),
-    )
+    for a, b in pairs
+    if a in by and b in by
     for key in ("memory", "time")
   }
   billion = 10**9
@@ -188,7 +256,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     "paper snapshot, rank r (bytes)": "2 r (in + out) per layer: 4 r (in + out) float32 bytes",
   }
   header = f"{'variant':28} {'memory MiB':>11} {'temp MiB':>9} {'GFLOP':>7} {'step ms':>8}"
-  print(f"one {args.width} x {args.width} layer, rank {args.rank}, {args.rows} rows")
+  print(
+    f"{args.layers} x ({args.width} x {args.width}) layer(s), rank {args.rank}, {args.rows} rows, "
+    f"on {jax.devices()[0].device_kind}"
+  )
   print(header)
   for r in records:
     m = r["memory"]
@@ -201,15 +272,26 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
   for name, value in one_billion.items():
     print(f"1B parameters, {name}: {value}")
   result = {
-    "config": {"width": args.width, "rank": args.rank, "rows": args.rows, "lambda": LAMBDA},
+    "config": {
+      "width": args.width,
+      "rank": args.rank,
+      "rows": args.rows,
+      "layers": args.layers,
+      "lambda": LAMBDA,
+      "repeats": args.repeats,
+      "steps": args.steps,
+    },
     "records": records,
     "ratios": ratios,
     "one_billion_parameters": one_billion,
     "environment": common.environment(),
   }
   out = Path(args.out)
-  out.mkdir(parents=True, exist_ok=True)
-  (out / "bench_paper_memory.json").write_text(json.dumps(result, indent=2))
+  if out.suffix != ".json":
+    out = out / "bench_paper_memory.json"
+  out.parent.mkdir(parents=True, exist_ok=True)
+  out.write_text(json.dumps(result, indent=2))
+  print(f"wrote {out}")
   return result
 
 

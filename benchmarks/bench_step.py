@@ -73,8 +73,6 @@ def main(argv=None) -> int:
   parser.add_argument("--name", default="bench_step", help="file name stem of the outputs")
   args = parser.parse_args(argv)
   variants = tuple(args.variants)
-  if "paper" in args.variants and "paper" not in variants:
-    print("deltalora_jax has no paper_delta_lora here: the 'paper' variant is skipped")
   records = []
   start = time.perf_counter()
   for cfg in sweep(args):

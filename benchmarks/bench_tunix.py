@@ -55,7 +55,10 @@ def config(quick: bool) -> qwen3.ModelConfig:
     else {"num_layers": 4, "embed_dim": 512, "hidden_dim": 1536, "num_heads": 8, "head_dim": 64}
   )
   return qwen3.ModelConfig(
-    vocab_size=1024, num_kv_heads=sizes["num_heads"] // 2, rope_theta=10_000, norm_eps=1e-6,
+    vocab_size=1024,
+    num_kv_heads=sizes["num_heads"] // 2,
+    rope_theta=10_000,
+    norm_eps=1e-6,
     **sizes,
   )
 
@@ -66,8 +69,9 @@ def inputs(batch: int, length: int) -> dict[str, jax.Array]:
     "input_tokens": tokens,
     "positions": jnp.broadcast_to(jnp.arange(length), (batch, length)),
     "cache": None,
-    "attention_mask": jnp.broadcast_to(jnp.tril(jnp.ones((length, length), bool)), (
-      batch, length, length)),
+    "attention_mask": jnp.broadcast_to(
+      jnp.tril(jnp.ones((length, length), bool)), (batch, length, length)
+    ),
   }
 
 
@@ -79,10 +83,10 @@ def build(variant: str, cfg: qwen3.ModelConfig, batch: dict) -> tuple[nnx.Module
     model = qwix.apply_lora_to_model(model, provider, **batch, rngs=nnx.Rngs(1))
     tx = adamw
   else:
-    dl.adapt_nnx(model, None, rank=RANK, alpha=ALPHA, use_delta=variant == "seed",
-                 rngs=nnx.Rngs(1))
-    tx = adamw if variant == "lora" else dl.delta_lora(10.0, 0.9, layers=model,
-                                                       lora_optimizer=adamw)
+    dl.adapt_nnx(model, None, rank=RANK, alpha=ALPHA, use_delta=variant == "seed", rngs=nnx.Rngs(1))
+    tx = (
+      adamw if variant == "lora" else dl.delta_lora(10.0, 0.9, layers=model, lora_optimizer=adamw)
+    )
   return model, nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
 
 
@@ -94,9 +98,7 @@ def loss_fn(model: nnx.Module, batch: dict) -> jax.Array:
 
 @nnx.jit
 def step(model: nnx.Module, optimizer: nnx.Optimizer, batch: dict) -> jax.Array:
-  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(
-    model, batch
-  )
+  loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, nnx.LoRAParam))(model, batch)
   optimizer.update(model, grads)
   return loss
 
@@ -150,9 +152,18 @@ def main() -> None:
     entry["median_step_s"] = statistics.median(entry["times_s"])
   base = figures["qwix_lora"]["median_step_s"]
   result = {
-    "model": {k: getattr(cfg, k) for k in (
-      "num_layers", "vocab_size", "embed_dim", "hidden_dim", "num_heads", "head_dim",
-      "num_kv_heads")},
+    "model": {
+      k: getattr(cfg, k)
+      for k in (
+        "num_layers",
+        "vocab_size",
+        "embed_dim",
+        "hidden_dim",
+        "num_heads",
+        "head_dim",
+        "num_kv_heads",
+      )
+    },
     "batch": args.batch,
     "length": args.length,
     "rank": RANK,
@@ -161,13 +172,17 @@ def main() -> None:
     "environment": common.environment(),
     "variants": figures,
   }
-  print(f"tunix Qwen3 {result['model']}, batch {args.batch} x {args.length}, rank {RANK}, "
-        f"on {result['cpu_model']} ({result['environment']['cpu_count']} cores)")
+  print(
+    f"tunix Qwen3 {result['model']}, batch {args.batch} x {args.length}, rank {RANK}, "
+    f"on {result['cpu_model']} ({result['environment']['cpu_count']} cores)"
+  )
   print(f"{'variant':<10} {'median step':>12} {'vs qwix':>8} {'LoRA params':>12} {'D params':>10}")
   for variant, entry in figures.items():
-    print(f"{variant:<10} {entry['median_step_s'] * 1e3:>10.1f}ms "
-          f"{entry['median_step_s'] / base:>7.2f}x {entry['lora_parameters']:>12,} "
-          f"{entry['delta_parameters']:>10,}")
+    print(
+      f"{variant:<10} {entry['median_step_s'] * 1e3:>10.1f}ms "
+      f"{entry['median_step_s'] / base:>7.2f}x {entry['lora_parameters']:>12,} "
+      f"{entry['delta_parameters']:>10,}"
+    )
   Path(args.out).parent.mkdir(parents=True, exist_ok=True)
   Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

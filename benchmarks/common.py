@@ -18,8 +18,10 @@ A variant is a pair (layer, optimizer):
 * ``naive``: the seed rule written here as three separate products
   ``x W + s (x A) B + ds (x D)`` (:class:`NaiveDeltaLoRADense`), the
   reference a direct port would give;
-* ``paper``: the published rule, :func:`deltalora_jax.paper_delta_lora`,
-  when the installed library has it.
+* ``paper``: the published rule, :func:`deltalora_jax.paper_delta_lora`, in
+  its telescoped form (layers with ``paper_lambda``: the kernel is only read);
+* ``paper_inplace``: the same rule in its in-place form (Algorithm 1 as
+  written: the kernel is written every step).
 
 One measurement compiles the training step once ahead of time (compile time,
 XLA ``cost_analysis`` and ``memory_analysis``), then times it through the
@@ -52,7 +54,19 @@ LEARNING_RATE = 1e-3
 MOMENTUM = 0.9
 DELTA_SCALING = 0.1
 
-ALL_VARIANTS = ("full_sgdm", "full_adamw", "lora_adamw", "seed", "seed_bf16", "naive", "paper")
+ALL_VARIANTS = (
+  "full_sgdm",
+  "full_adamw",
+  "lora_adamw",
+  "seed",
+  "seed_bf16",
+  "naive",
+  "paper",
+  "paper_inplace",
+)
+#: The paper rule's lambda (its telescoped form carries it on the layers).
+PAPER_LAMBDA = 2.0
+_ADAPTED = ("lora_adamw", "seed", "paper", "paper_inplace")
 
 
 # --------------------------------------------------------------------------
@@ -107,13 +121,14 @@ def make_dense(variant: str, rank: int) -> Callable[..., nn.Module]:
     return lambda features, name: nn.Dense(features, dtype=dtype, name=name)
   if base == "naive":
     return lambda features, name: NaiveDeltaLoRADense(features, rank, dtype=dtype, name=name)
-  if base not in ("lora_adamw", "seed", "paper"):
+  if base not in _ADAPTED:
     raise ValueError(f"variant must be one of {ALL_VARIANTS}, got variant={variant!r}")
   return lambda features, name: dl.DeltaLoRADense(
     features,
     rank=rank,
     delta_scaling=DELTA_SCALING,
     use_delta=base == "seed",
+    paper_lambda=PAPER_LAMBDA if base == "paper" else None,
     dtype=dtype,
     name=name,
   )
@@ -249,7 +264,7 @@ def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.M
   base, _ = _parse(variant)
   if cfg.model != "attention" or base in ("full_sgdm", "full_adamw"):
     return module, variables
-  if base not in ("lora_adamw", "seed", "paper"):
+  if base not in _ADAPTED:
     raise ValueError(f"variant {variant!r} cannot be built on model {cfg.model!r}")
   adapted, variables, _ = dl.adapt_linen(
     module,
@@ -258,6 +273,7 @@ def build(cfg: Config, variant: str, key: jax.Array, x: jax.Array) -> tuple[nn.M
     rank=cfg.rank,
     delta_scaling=DELTA_SCALING,
     use_delta=base == "seed",
+    paper_lambda=PAPER_LAMBDA if base == "paper" else None,
     key=jax.random.fold_in(key, 1),
   )
   return adapted, variables
@@ -299,8 +315,10 @@ def make_optimizer(variant: str, layers: Any = None) -> optax.GradientTransforma
       },
       dl.leaf_labels,
     )
-  if variant == "paper":
-    return dl.paper_delta_lora(lr, layers=layers, start_step=0, other_optimizer=optax.adamw(lr))
+  if variant in ("paper", "paper_inplace"):  # the layers say which form
+    return dl.paper_delta_lora(
+      lr, layers=layers, lambda_=PAPER_LAMBDA, start_step=0, other_optimizer=optax.adamw(lr)
+    )
   raise ValueError(f"variant must be one of {ALL_VARIANTS}, got variant={variant!r}")
 
 
@@ -496,6 +514,7 @@ TARGETS = {
   "seed_min_time_vs_full_sgdm": ("seed", "full_sgdm", "step_s_min", 1.05),
   "seed_memory_vs_full_adamw": ("seed", "full_adamw", "memory_total", 1.0),
   "paper_flops_vs_lora_adamw": ("paper", "lora_adamw", "flops", 1.15),
+  "paper_memory_vs_lora_adamw": ("paper", "lora_adamw", "memory_total", 1.05),
 }
 
 

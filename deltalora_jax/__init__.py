@@ -79,6 +79,7 @@ from deltalora_jax.tree import (
   flatten_parameters,
   merge,
   parameter_counts,
+  quantize_base,
   reset,
   unflatten_parameters,
 )
@@ -129,6 +130,7 @@ __all__ = [
   "partition_specs",
   "paths",
   "projections",
+  "quantize_base",
   "register_projection",
   "reset",
   "reset_velocity",

@@ -47,12 +47,6 @@ class Options(TypedDict, total=False):
 OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
 
 
-def _check_bool(name: str, value: Any) -> bool:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
-  return value
-
-
 def dtype_name(dtype: Any) -> str | None:
   """The name of an adapter's floating dtype (``'bfloat16'``), None for None.
 
@@ -133,11 +127,11 @@ class LayerConfig:
         f"got projection={self.projection!r}"
       )
     core.check_rank(self.rank)
-    core.lora_scaling(self.alpha, self.rank, _check_bool("use_rslora", self.use_rslora))
+    core.lora_scaling(self.alpha, self.rank, core.check_bool("use_rslora", self.use_rslora))
     core.check_delta_scaling(self.delta_scaling)
     core.check_evaluation(self.evaluation)
     for field in ("freeze_base", "use_bias", "use_delta"):
-      _check_bool(field, getattr(self, field))
+      core.check_bool(field, getattr(self, field))
     set_ = object.__setattr__  # a frozen dataclass normalises its own fields
     set_(self, "rank", int(self.rank))
     set_(self, "alpha", None if self.alpha is None else float(self.alpha))

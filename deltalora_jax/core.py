@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import math
+import string
 from typing import Any, Literal, Protocol, TypeVar, cast
 
 import jax
@@ -100,6 +101,41 @@ def check_rank(
     allowed = "0 < rank" + (f" <= min(in, out) = {bound}" if bound else "")
     raise ValueError(f"rank must satisfy {allowed}, got rank={rank}")
   return int(rank)
+
+
+def check_layer_rank(
+  rank: object, projection: projections.Projection, layer_shape: Any, where: str
+) -> int:
+  """Raises unless ``rank`` fits one kernel ``layer_shape`` of ``projection``; returns it.
+
+  The one bound of every front: ``where`` names the layer in the message (the
+  Linen path, the NNX layer's class, the name ``adapt_*`` gives it).
+
+  >>> kind = projections.GeneralDense(features=(1,))
+  >>> check_layer_rank(2, kind, (8, 1), "the layer 'head'")
+  Traceback (most recent call last):
+  ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', got rank=2
+  """
+  checked = check_rank(rank)
+  shape = tuple(int(n) for n in layer_shape)
+  bound = projection.rank_bound(shape)
+  if checked > bound:
+    raise ValueError(
+      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of {where}, got rank={checked}"
+    )
+  return checked
+
+
+def check_bool(name: str, value: object) -> bool:
+  """Raises unless ``value`` (the argument ``name``) is a bool; returns it.
+
+  >>> check_bool("use_delta", 1)
+  Traceback (most recent call last):
+  TypeError: use_delta must be a bool, got use_delta=1
+  """
+  if not isinstance(value, bool):
+    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
+  return value
 
 
 def check_delta_scaling(delta_scaling: _T) -> _T:
@@ -371,6 +407,7 @@ def merged_kernel(
   projection: projections.Projection | None = None,
   snapshot: Snapshot | None = None,
   paper_lambda: float | None = None,
+  kernel_scale: jax.Array | None = None,
 ) -> jax.Array:
   """The single kernel ``W + s A B + ds D`` that the layer is equivalent to.
 
@@ -396,9 +433,13 @@ def merged_kernel(
     snapshot: ``(A^, B^)``, the snapshot factors (the shapes of ``A`` and
       ``B``), or None.
     paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
+    kernel_scale: the per-output-channel scales of an int8 ``kernel``
+      (:func:`quantize_int8`), or None for a float kernel; ``W`` is then
+      the dequantized kernel (:func:`dequantize`).
 
   Returns:
-    An array of the kernel's shape, in float32 or wider.
+    An array of the kernel's shape, in float32 or wider (an int8 base:
+    float32, the scales' dtype, with float32 factors).
 
   >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.eye(2)
   >>> merged_kernel(w, a, b, d, scaling=2.0, delta_scaling=0.5)
@@ -406,6 +447,9 @@ def merged_kernel(
          [2. , 3.5]], dtype=float32)
   """
   projection = _projection(projection, kernel)
+  _check_scale_given(kernel, kernel_scale)
+  if kernel_scale is not None:
+    kernel = dequantize(kernel, kernel_scale, projection)
   check_layer_shapes(kernel, None, lora_a, lora_b, delta, projection)
   check_snapshot(lora_a, lora_b, snapshot, paper_lambda)
   stack = jnp.ndim(kernel) - projection.kernel_ndim
@@ -448,6 +492,164 @@ def merged_kernel(
     coef = jnp.asarray(paper_lambda, wide) * jnp.asarray(scaling, wide)
     out = out + coef * (frozen - low(*snapshot))
   return out
+
+
+# --------------------------------------------------------------------------
+# An int8 base: weight-only, one float32 scale per output channel.
+# --------------------------------------------------------------------------
+
+#: The quantizations a frozen base may have (``'int8'``: weight-only, per output channel).
+BASE_QUANTIZATIONS = ("int8",)
+#: The name of the per-output-channel scale beside an int8 ``kernel``.
+KERNEL_SCALE = "kernel_scale"
+_INT8_MAX = 127
+
+
+def check_base_quantization(base_quantization: object) -> str | None:
+  """Raises unless ``base_quantization`` is None or one of :data:`BASE_QUANTIZATIONS`.
+
+  >>> check_base_quantization("int8"), check_base_quantization(None)
+  ('int8', None)
+  >>> check_base_quantization("int4")
+  Traceback (most recent call last):
+  ValueError: base_quantization must be None or one of ('int8',), got base_quantization='int4'
+  """
+  if base_quantization is not None and base_quantization not in BASE_QUANTIZATIONS:
+    raise ValueError(
+      f"base_quantization must be None or one of {BASE_QUANTIZATIONS}, got "
+      f"base_quantization={base_quantization!r}"
+    )
+  return base_quantization
+
+
+def _channel_plan(
+  projection: projections.Projection, ndim: int
+) -> tuple[str, str, tuple[int, ...]]:
+  """``(kernel letters, scale letters, contracted axes)`` of a kernel of rank ``ndim``.
+
+  The scale has the bias's axes (the output channels) with the stack's leading axes.
+  """
+  letters, channels = projection.channel_letters()
+  stack = ndim - projection.kernel_ndim
+  free = [c for c in string.ascii_letters if c not in letters][:stack]
+  kernel, scale = "".join(free) + letters, "".join(free) + channels
+  return kernel, scale, tuple(i for i, c in enumerate(kernel) if c not in scale)
+
+
+def quantize_int8(
+  kernel: jax.Array, projection: projections.Projection | None = None
+) -> tuple[jax.Array, jax.Array]:
+  r"""Weight-only int8 quantization of a kernel, one scale per output channel.
+
+  Abs-max per output channel (the bias's axes: ``[out]`` of a dense
+  ``[in, out]`` kernel, ``features`` of a dense-general one, the kernel's
+  output and batch axes of an einsum), rounded to nearest:
+
+  .. math::
+
+    s_j = \max_i |W_{ij}| / 127, \qquad q_{ij} = \mathrm{round}(W_{ij} / s_j)
+    \in [-127, 127], \qquad |W_{ij} - s_j q_{ij}| \le s_j / 2
+
+  (an all-zero channel gets ``s_j = 0``, ``q = 0``). Leading stack axes
+  (``nn.scan``, ``nnx.vmap``) are kept: each layer has its own scales.
+
+  Args:
+    kernel: the float kernel ``W`` in its layer's layout.
+    projection: the layer kind; None is a dense ``[in, out]`` kernel.
+
+  Returns:
+    ``(values, scale)``: int8 values of the kernel's shape, and float32
+    scales shaped ``(*stack, *projection.bias_shape)``.
+
+  >>> values, scale = quantize_int8(jnp.array([[1.0, -0.5], [-2.0, 0.25]]))
+  >>> values
+  Array([[  64, -127],
+         [-127,   64]], dtype=int8)
+  >>> scale * 127
+  Array([2. , 0.5], dtype=float32)
+  """
+  projection = _projection(projection, kernel)
+  if not jnp.issubdtype(kernel.dtype, jnp.floating):
+    raise TypeError(f"kernel must be floating to be quantized, got kernel.dtype={kernel.dtype}")
+  letters, channels, contracted = _channel_plan(projection, kernel.ndim)
+  wide = widest_dtype(kernel.dtype, at_least=jnp.float32)
+  magnitude = jnp.max(jnp.abs(kernel.astype(wide)), axis=contracted)
+  kept = "".join(c for c in letters if c in channels)
+  scale = (jnp.einsum(f"{kept}->{channels}", magnitude) / _INT8_MAX).astype(jnp.float32)
+  divisor = jnp.where(scale > 0, scale, 1.0).astype(wide)
+  ratio = jnp.einsum(f"{letters},{channels}->{letters}", kernel.astype(wide), 1 / divisor)
+  values = jnp.clip(jnp.round(ratio), -_INT8_MAX, _INT8_MAX).astype(jnp.int8)
+  return values, scale
+
+
+def dequantize(
+  values: jax.Array,
+  scale: jax.Array,
+  projection: projections.Projection | None = None,
+) -> jax.Array:
+  """The float kernel ``s_j q_ij`` of an int8 base, in the scale's dtype (float32).
+
+  >>> w = jnp.array([[1.0, -0.5], [-2.0, 0.25]])
+  >>> values, scale = quantize_int8(w)
+  >>> bool(jnp.all(jnp.abs(dequantize(values, scale) - w) <= scale[None, :] / 2))
+  True
+  """
+  projection = _projection(projection, values)
+  check_quantized_base(values, scale, projection)
+  letters, channels, _ = _channel_plan(projection, values.ndim)
+  return jnp.einsum(f"{letters},{channels}->{letters}", values.astype(scale.dtype), scale)
+
+
+def check_quantized_base(
+  kernel: ArrayLike, kernel_scale: ArrayLike, projection: projections.Projection | None = None
+) -> None:
+  """Raises unless ``kernel`` is int8 and ``kernel_scale`` a floating array of its channels' shape.
+
+  >>> check_quantized_base(jnp.ones((3, 4), jnp.int8), jnp.ones(3))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ValueError: kernel_scale must have shape (4,) (the output channels of the kernel (3, 4)), got ...
+  """
+  projection = _projection(projection, kernel)
+  if jnp.result_type(kernel) != jnp.int8:
+    raise TypeError(
+      f"a kernel with a kernel_scale must be int8, got kernel.dtype={jnp.result_type(kernel)}"
+    )
+  if not jnp.issubdtype(jnp.result_type(kernel_scale), jnp.floating):
+    raise TypeError(
+      f"kernel_scale must be floating, got kernel_scale.dtype={jnp.result_type(kernel_scale)}"
+    )
+  full = tuple(jnp.shape(kernel))
+  stack = len(full) - projection.kernel_ndim
+  expected = (*full[:stack], *projection.bias_shape(full[stack:]))
+  if tuple(jnp.shape(kernel_scale)) != expected:
+    raise ValueError(
+      f"kernel_scale must have shape {expected} (the output channels of the kernel {full}), "
+      f"got kernel_scale.shape={jnp.shape(kernel_scale)}"
+    )
+
+
+def _check_scale_given(kernel: ArrayLike, kernel_scale: ArrayLike | None) -> None:
+  """Raises for an integer kernel without its scales (its values would be read as weights)."""
+  if kernel_scale is None and jnp.issubdtype(jnp.result_type(kernel), jnp.integer):
+    raise TypeError(
+      f"an integer kernel (kernel.dtype={jnp.result_type(kernel)}) is an int8 base: give its "
+      "kernel_scale (core.quantize_int8), or a floating kernel"
+    )
+
+
+def check_writable_kernel(layer: str, kernel: ArrayLike) -> None:
+  """Raises unless ``kernel`` can be written: an int8 base is read, never written.
+
+  >>> check_writable_kernel("up", jnp.ones((2, 2), jnp.int8))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ValueError: adapted layer 'up' has an int8 base...
+  """
+  if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
+    raise ValueError(
+      f"adapted layer {layer!r} has an int8 base (kernel dtype {jnp.result_type(kernel)}), "
+      "which is read and never written, but the in-place paper rule writes W every step: build "
+      "the layer with paper_lambda (the telescoped form, which only reads W)"
+    )
 
 
 def check_snapshot(
@@ -522,6 +724,7 @@ def delta_lora_apply(
   precision: jax.lax.PrecisionLike = None,
   snapshot: Snapshot | None = None,
   paper_lambda: float | None = None,
+  kernel_scale: jax.Array | None = None,
 ) -> jax.Array:
   r"""A Delta-LoRA layer of any kind: ``P(x, W) + b + s P_B(P_A(x, A), B) + ds P(x, D)``.
 
@@ -558,6 +761,17 @@ def delta_lora_apply(
   ``B^ = B`` the term is zero (its two halves cancel, up to the order of the
   sum over the rank).
 
+  With a ``kernel_scale`` the base is int8 (:func:`quantize_int8`), read and
+  never written (``freeze_base`` must hold): the factored evaluation runs the
+  base's product on the int8 values cast to the computation dtype and
+  multiplies its output by the per-output-channel scales, ``P(x, q) * s``:
+  exactly ``P(x, q * s)`` (the product is linear in the kernel and each scale
+  is constant along the contracted axes), at ``rows x out`` multiplies
+  instead of ``in x out``, with no dequantized float kernel. The merged
+  evaluation (a layer with ``D``) dequantizes into the float32 merged kernel
+  it forms anyway. The computation dtype is inferred from ``x``, the scales
+  and the bias (the base as it was before quantization), not from the int8 values.
+
   Args:
     x: input, with the axes ``projection`` expects.
     kernel: ``W``.
@@ -576,6 +790,8 @@ def delta_lora_apply(
     precision: ``jax.lax.Precision`` of the products.
     snapshot: ``(A^, B^)`` shaped as ``(A, B)``, or None (no snapshot term).
     paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
+    kernel_scale: the scales of an int8 ``kernel`` (shaped as the bias, with
+      the stack's leading axes), or None for a float kernel.
 
   Returns:
     The layer's output.
@@ -595,12 +811,22 @@ def delta_lora_apply(
   check_layer_shapes(kernel, bias, lora_a, lora_b, delta, projection)
   check_snapshot(lora_a, lora_b, snapshot, paper_lambda)
   _check_input(x, kernel, projection)
+  _check_scale_given(kernel, kernel_scale)
+  if kernel_scale is not None:
+    check_quantized_base(kernel, kernel_scale, projection)
+    if not freeze_base:
+      raise ValueError(
+        "an int8 base (a kernel with a kernel_scale) is read, never trained: it needs "
+        "freeze_base=True, got freeze_base=False"
+      )
+    kernel_scale = jax.lax.stop_gradient(kernel_scale)
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
   if snapshot is not None:  # written by the optimizer only: no gradient
     snapshot = (jax.lax.stop_gradient(snapshot[0]), jax.lax.stop_gradient(snapshot[1]))
-  base = [x, kernel] + ([] if bias is None else [bias])  # what the base layer promotes
+  stored = kernel if kernel_scale is None else kernel_scale  # an int8 base: its scales' dtype
+  base = [x, stored] + ([] if bias is None else [bias])  # what the base layer promotes
   dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in base))
   if not jnp.issubdtype(dtype, jnp.inexact):
     raise TypeError(
@@ -628,10 +854,13 @@ def delta_lora_apply(
       projection=projection,
       snapshot=snapshot,
       paper_lambda=paper_lambda,
+      kernel_scale=kernel_scale,
     )
     y = projection.apply(x, full.astype(dtype), precision)
   else:
     y = projection.apply(x, kernel.astype(dtype), precision)
+    if kernel_scale is not None:  # P(x, q * s) = P(x, q) * s: s is per output channel
+      y = projection.scale_output(y, kernel_scale.astype(dtype))
 
     def low(a: jax.Array, b: jax.Array) -> jax.Array:
       hidden = projection.lora_in(x, a.astype(dtype), precision)
@@ -701,7 +930,11 @@ LayerArrays = tuple[jax.Array, jax.Array | None, jax.Array, jax.Array, jax.Array
 
 
 def delta_lora_layer(
-  layer: LayerSettings, x: jax.Array, arrays: LayerArrays, snapshot: Snapshot | None = None
+  layer: LayerSettings,
+  x: jax.Array,
+  arrays: LayerArrays,
+  snapshot: Snapshot | None = None,
+  kernel_scale: jax.Array | None = None,
 ) -> jax.Array:
   """:func:`delta_lora_apply` with the settings of an adapted ``layer``.
 
@@ -709,7 +942,8 @@ def delta_lora_layer(
   ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype``,
   ``precision`` and ``paper_lambda``: the Linen and NNX layers of this
   library call it with their own ``(kernel, bias, lora_a, lora_b, delta)``
-  and, when ``paper_lambda`` is set, their snapshot ``(A^, B^)``.
+  and, when ``paper_lambda`` is set, their snapshot ``(A^, B^)``; an int8
+  base comes with its ``kernel_scale``.
   """
   paper_lambda = layer.paper_lambda
   if (snapshot is None) != (paper_lambda is None):
@@ -729,6 +963,7 @@ def delta_lora_layer(
     precision=layer.precision,
     snapshot=snapshot,
     paper_lambda=paper_lambda,
+    kernel_scale=kernel_scale,
   )
 
 

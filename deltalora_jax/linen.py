@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 DELTA_COLLECTION = "delta"
 #: The collection of the snapshot factors of a layer with ``paper_lambda`` (the paper's rule).
 SNAPSHOT_COLLECTION = "snapshot"
+#: The collection of an int8 base (``kernel`` int8 and ``kernel_scale``): read, never trained.
+QUANTIZED_COLLECTION = "quantized"
 
 
 def collection_of(name: str) -> str:
@@ -31,9 +33,14 @@ def collection_of(name: str) -> str:
 
   >>> collection_of("delta"), collection_of("snapshot_a"), collection_of("lora_a")
   ('delta', 'snapshot', 'params')
+
+  An int8 base's ``kernel`` is in the ``'quantized'`` collection with its
+  ``kernel_scale`` (:func:`deltalora_jax.quantize_base`); a float kernel in ``'params'``.
   """
   if name == "delta":
     return DELTA_COLLECTION
+  if name == core.KERNEL_SCALE:
+    return QUANTIZED_COLLECTION
   return SNAPSHOT_COLLECTION if name in core.SNAPSHOT_NAMES else "params"
 
 
@@ -106,9 +113,11 @@ class _DeltaLoRALayer(ConfigMixin, nn.Module):
   adapter_dtype: DTypeLike | None = None
   use_rslora: bool = False
   paper_lambda: float | None = None
+  base_quantization: str | None = None
 
   def __post_init__(self) -> None:
     self.config  # noqa: B018  (checks the LoRA options)
+    core.check_base_quantization(self.base_quantization)
     super().__post_init__()
 
 
@@ -131,12 +140,8 @@ def _layer(
   collection, or in ``collection`` when that is not ``'delta'``.
   """
   kind = module.projection
-  bound = kind.rank_bound(shape)
-  if module.rank > bound:
-    raise ValueError(
-      f"rank must satisfy 0 < rank <= {bound} for the kernel {shape} of "
-      f"{'/'.join(module.path) or '<root>'}, got rank={module.rank}"
-    )
+  layer = "/".join(module.path) or "<root>"
+  core.check_layer_rank(module.rank, kind, shape, f"the layer {layer!r}")
   where = f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'}"
   snapshots = SNAPSHOT_COLLECTION if collection == DELTA_COLLECTION else collection
   for needed, place, name, what, shown in (
@@ -164,7 +169,12 @@ def _layer(
       raise ValueError(
         f"{where} cannot create {what}: the '{shown}' collection is not lifted; {lift}"
       )
-  kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
+  kernel_scale = None
+  quantized = QUANTIZED_COLLECTION if collection == DELTA_COLLECTION else collection
+  if module.base_quantization is not None or module.has_variable(quantized, core.KERNEL_SCALE):
+    kernel, kernel_scale = _quantized_kernel(module, kernel_init, shape, where, quantized)
+  else:
+    kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
   if module.use_bias:
     bias = module.param("bias", bias_init, kind.bias_shape(shape), module.param_dtype)
@@ -186,7 +196,47 @@ def _layer(
     snapshot_b = module.variable(snapshots, core.SNAPSHOT_B, copy, lora_b).value
     snapshot = (snapshot_a, snapshot_b)
   arrays = (kernel, bias, lora_a, lora_b, delta)
-  return core.delta_lora_layer(module, inputs, arrays, snapshot)
+  return core.delta_lora_layer(module, inputs, arrays, snapshot, kernel_scale)
+
+
+def _quantized_kernel(
+  module: DeltaLoRADense | DeltaLoRAGeneral,
+  kernel_init: Initializer,
+  shape: tuple[int, ...],
+  where: str,
+  place: str,
+) -> tuple[jax.Array, jax.Array]:
+  """The int8 ``kernel`` and its ``kernel_scale`` of the ``'quantized'`` collection.
+
+  ``place`` is that collection, or ``'params'`` while
+  :class:`~deltalora_jax.DeltaLoRAModel` maps it there. At initialisation:
+  ``kernel_init``'s kernel, quantized (:func:`deltalora_jax.core.quantize_int8`).
+  """
+  shown = QUANTIZED_COLLECTION
+  if not module.has_variable(place, core.KERNEL_SCALE):
+    if not module.is_initializing():
+      raise ValueError(
+        f"{where} has an int8 base and needs the '{shown}' collection: apply with the whole "
+        "variables of model.init(...) (or of quantize_base), not only variables['params']; "
+        f"inside a hand-written nn.scan or nn.vmap, lift '{shown}' as 'params' is"
+      )
+    if module.has_variable("params", "kernel"):
+      raise ValueError(
+        f"{where} has a float kernel in 'params' but base_quantization="
+        f"{module.base_quantization!r}: quantize the variables with quantize_base"
+      )
+    if not module.is_mutable_collection(place):
+      raise ValueError(
+        f"{where} cannot create its int8 base: the '{shown}' collection is not lifted"
+      )
+  made: dict[str, jax.Array] = {}  # at initialisation: the quantized kernel_init
+  if module.is_initializing() and not module.has_variable(place, core.KERNEL_SCALE):
+    made["kernel"], made[core.KERNEL_SCALE] = core.quantize_int8(
+      kernel_init(module.make_rng("params"), shape, module.param_dtype), module.projection
+    )
+  kernel = module.variable(place, "kernel", made.__getitem__, "kernel").value
+  kernel_scale = module.variable(place, core.KERNEL_SCALE, made.__getitem__, core.KERNEL_SCALE)
+  return kernel, kernel_scale.value
 
 
 class DeltaLoRADense(_DeltaLoRALayer):
@@ -232,6 +282,12 @@ class DeltaLoRADense(_DeltaLoRALayer):
       ``'snapshot'`` collection and adds ``lambda s (A B - A^ B^)``, with no
       gradient through that term (:func:`deltalora_jax.core.delta_lora_apply`).
       None: no snapshot. Needs ``use_delta=False``.
+    base_quantization: ``'int8'``: the base kernel is created int8 with one
+      float32 scale per output channel (:func:`deltalora_jax.core.quantize_int8`),
+      as ``kernel`` and ``kernel_scale`` in the ``'quantized'`` collection, read
+      and never trained (``freeze_base`` must hold); differentiate the other
+      collections only. None: a float kernel in ``params``, unless the
+      variables already hold an int8 one (:func:`deltalora_jax.quantize_base`).
 
   Example:
     >>> import jax, jax.numpy as jnp

@@ -72,16 +72,12 @@ class PaperSnapshot(nnx.LoRAParam[jax.Array]):
 class LayerOptions(Options, total=False):
   """The LoRA options of :class:`DeltaLoRALinearGeneral` as keyword arguments.
 
-  Those of :class:`~deltalora_jax.config.Options` and ``lora_b_init``.
+  Those of :class:`~deltalora_jax.config.Options`, ``lora_b_init`` and
+  ``base_quantization`` (None or ``'int8'``).
   """
 
   lora_b_init: Initializer
-
-
-def _check_bool(name: str, value: object) -> bool:
-  if not isinstance(value, bool):
-    raise TypeError(f"{name} must be a bool, got {name}={value!r}")
-  return value
+  base_quantization: str | None
 
 
 def _check_rngs(rngs: object) -> None:
@@ -121,18 +117,19 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     adapter_dtype: DTypeLike | None = None,
     use_rslora: bool = False,
     paper_lambda: float | None = None,
+    base_quantization: str | None = None,
     rngs: nnx.Rngs,
   ) -> None:
     description = describe(base)
     self.projection = description.projection
     self.rank = core.check_rank(rank)
-    self.use_rslora = _check_bool("use_rslora", use_rslora)
+    self.use_rslora = core.check_bool("use_rslora", use_rslora)
     core.lora_scaling(alpha, rank, use_rslora)
     self.alpha = None if alpha is None else float(alpha)
     self.delta_scaling = float(core.check_delta_scaling(delta_scaling))
     self.evaluation = core.check_evaluation(evaluation)
-    self.freeze_base = _check_bool("freeze_base", freeze_base)
-    self.use_delta = _check_bool("use_delta", use_delta)
+    self.freeze_base = core.check_bool("freeze_base", freeze_base)
+    self.use_delta = core.check_bool("use_delta", use_delta)
     self.paper_lambda = core.check_paper_lambda(paper_lambda, use_delta)
     _check_rngs(rngs)
     self.adapter_dtype = adapter_dtype
@@ -159,12 +156,7 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     shape = tuple(self.kernel.shape)
     stack = len(shape) - self.projection.kernel_ndim  # nnx.vmap's layer axes lead
     layer_shape = shape[stack:]
-    bound = self.projection.rank_bound(layer_shape)
-    if rank > bound:
-      raise ValueError(
-        f"rank must satisfy 0 < rank <= {bound} for the kernel {layer_shape} of a "
-        f"{type(base).__name__}, got rank={rank}"
-      )
+    core.check_layer_rank(rank, self.projection, layer_shape, f"a {type(base).__name__}")
     dtype = _adapter_dtype(adapter_dtype, self.kernel.dtype)
     a_shape, b_shape = self.projection.factor_shapes(layer_shape, rank)
     stacked = shape[:stack]
@@ -179,6 +171,29 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     if self.paper_lambda is not None:  # A^ = A, B^ = B at construction
       self.snapshot_a = PaperSnapshot(jnp.array(self.lora_a[...], copy=True))
       self.snapshot_b = PaperSnapshot(jnp.array(self.lora_b[...], copy=True))
+    self.kernel_scale: nnx.Param[jax.Array] | None = nnx.data(None)
+    if core.check_base_quantization(base_quantization) is not None:
+      self.quantize_base()
+
+  def quantize_base(self) -> None:
+    """Makes the base kernel int8 with one float32 scale per output channel, in place.
+
+    ``kernel`` keeps its Variable (and metadata) with the int8 values of
+    :func:`deltalora_jax.core.quantize_int8`; ``kernel_scale`` (an
+    ``nnx.Param`` shaped as the bias) holds the scales. The base is then read
+    and never trained: differentiate the adapter's Variables only
+    (``wrt=nnx.Any(nnx.LoRAParam, DeltaParam)``). An int8 base stays as it is.
+    """
+    if self.kernel_scale is not None:
+      return
+    if not self.freeze_base:
+      raise ValueError(
+        "an int8 base is read, never trained: base_quantization needs freeze_base=True, "
+        "got freeze_base=False"
+      )
+    values, scale = core.quantize_int8(self.kernel[...], self.projection)
+    self.kernel = self.kernel.copy(values)
+    self.kernel_scale = nnx.Param(scale)
 
   if not TYPE_CHECKING:  # typed code reads .kernel and .bias; the base's names are for its users
 
@@ -200,7 +215,8 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
     if self.snapshot_a is not None and self.snapshot_b is not None:
       snapshot = (self.snapshot_a[...], self.snapshot_b[...])
     arrays = (self.kernel[...], bias, lora_a, lora_b, delta)
-    return core.delta_lora_layer(self, inputs, arrays, snapshot)
+    kernel_scale = None if self.kernel_scale is None else self.kernel_scale[...]
+    return core.delta_lora_layer(self, inputs, arrays, snapshot, kernel_scale)
 
 
 class DeltaLoRALinearGeneral(_AdaptedLayer):
@@ -248,6 +264,9 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
       the layer gets ``snapshot_a``, ``snapshot_b`` (:class:`PaperSnapshot`,
       copies of ``A`` and ``B``) and adds ``lambda s (A B - A^ B^)``, with
       no gradient through that term. None: no snapshot. Needs ``use_delta=False``.
+    base_quantization: ``'int8'``: the base kernel becomes int8 with one
+      float32 ``kernel_scale`` per output channel (:meth:`quantize_base`),
+      read and never trained (needs ``freeze_base=True``). None: as the base is.
     rngs: the ``nnx.Rngs`` that draws ``A``.
 
   Example:
@@ -339,7 +358,7 @@ class DeltaLoRALinear(_AdaptedLayer):
       in_features,
       out_features,
       rngs=rngs,
-      use_bias=_check_bool("use_bias", use_bias),
+      use_bias=core.check_bool("use_bias", use_bias),
       dtype=dtype,
       param_dtype=param_dtype,
       precision=precision,
@@ -406,6 +425,9 @@ class DeltaLoRALinear(_AdaptedLayer):
     if linear.bias is not None:
       layer.bias = linear.bias.copy()
     layer.base_graphdef = nnx.graphdef(linear)
+    if layer.kernel_scale is not None:  # quantize the linear's own Variable (its metadata)
+      layer.kernel_scale = None
+      layer.quantize_base()
     return layer
 
   def __call__(self, inputs: jax.Array, out_sharding: object = None) -> jax.Array:
@@ -675,6 +697,8 @@ _OWN = frozenset(
     "paper_lambda",
     "snapshot_a",
     "snapshot_b",
+    "kernel_scale",
+    "quantize_base",
   }
 )
 

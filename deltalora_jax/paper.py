@@ -39,7 +39,7 @@ import optax
 from jax.typing import ArrayLike
 
 from deltalora_jax import config, core, optim, paths, projections
-from deltalora_jax.linen import SNAPSHOT_COLLECTION
+from deltalora_jax.linen import QUANTIZED_COLLECTION, SNAPSHOT_COLLECTION
 
 KERNEL = "kernel"
 LORA_A = "lora_a"
@@ -213,7 +213,8 @@ def _adapted_layers(tree: Any) -> dict[paths.Path, dict[str, int]]:
       groups.setdefault(names[:-1], {})[names[-1]] = i
   for path in list(groups):
     linen = ("params", *path[1:])
-    if path[:1] == (SNAPSHOT_COLLECTION,) and LORA_A not in groups[path] and linen in groups:
+    beside = path[:1] in ((SNAPSHOT_COLLECTION,), (QUANTIZED_COLLECTION,))  # an int8 base too
+    if beside and LORA_A not in groups[path] and linen in groups:
       groups[linen].update(groups.pop(path))
   layers = {p: g for p, g in groups.items() if {LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B} & set(g)}
   if not layers:
@@ -474,6 +475,7 @@ def paper_delta_lora(
         _check_snapshot(path, *(leaves[group[n]] for n in (LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)))
         telescoped.append(group)
         continue
+      core.check_writable_kernel(paths.name(path), leaves[group[KERNEL]])  # not an int8 base
       kernel, lora_a, lora_b = (leaves[group[n]] for n in (KERNEL, LORA_A, LORA_B))
       stack = _stack_axes(path, kernel, lora_a, lora_b, kind.projection)
       plans.append((group, kind.scaling, kind.projection, stack))

@@ -96,6 +96,14 @@ class _MatrixB:
   def rank_axis_of_b(self) -> int:
     return 0
 
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
+    """``y`` plus the bias, on the output's trailing axes (the output channels)."""
+    return y + _trailing(y, bias)
+
+  def scale_output(self, y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``y`` times a per-output-channel ``scale`` (shaped as the bias)."""
+    return y * _trailing(y, scale)
+
 
 @dataclasses.dataclass(frozen=True)
 class GeneralDense(_MatrixB):
@@ -180,8 +188,15 @@ class GeneralDense(_MatrixB):
   ) -> jax.Array:
     return self._apply(x, lora_a, 1, precision)
 
-  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
-    return y + jnp.reshape(bias, (1,) * (y.ndim - bias.ndim) + bias.shape)
+  def channel_letters(self) -> tuple[str, str]:
+    """``(kernel's letters, output channels' letters)``: the channels are the bias's axes."""
+    letters = string.ascii_lowercase[: self.kernel_ndim]
+    return letters, letters[len(letters) - len(self.features) :]
+
+
+def _trailing(y: jax.Array, per_channel: jax.Array) -> jax.Array:
+  """``per_channel`` (the trailing axes of ``y``) with leading axes of size 1 for broadcasting."""
+  return jnp.reshape(per_channel, (1,) * (y.ndim - per_channel.ndim) + per_channel.shape)
 
 
 def _parse_equation(equation: str) -> tuple[str, str, str]:
@@ -329,13 +344,26 @@ class Einsum:
     _, rhs, _, a, b, _ = self._letters()
     return jnp.einsum(f"{a},{b}->{rhs}", lora_a, lora_b, precision=precision)
 
-  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
+  def _in_output(self, y: jax.Array, per_channel: jax.Array) -> jax.Array:
+    """``per_channel`` (shaped as the bias) reshaped to broadcast against the output ``y``."""
     _, rhs, out = _parse_equation(self.equation)
     sizes = dict(zip(rhs, self.shape, strict=True))
     head, ellipsis, tail = out.partition("...")
     middle = [1] * (y.ndim - len(head) - len(tail)) if ellipsis else []
     shape = [sizes.get(c, 1) for c in head] + middle + [sizes.get(c, 1) for c in tail]
-    return y + jnp.reshape(bias, shape)
+    return jnp.reshape(per_channel, shape)
+
+  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
+    return y + self._in_output(y, bias)
+
+  def scale_output(self, y: jax.Array, scale: jax.Array) -> jax.Array:
+    """``y`` times a per-output-channel ``scale`` (shaped as the bias)."""
+    return y * self._in_output(y, scale)
+
+  def channel_letters(self) -> tuple[str, str]:
+    """``(kernel's letters, output channels' letters)``: the channels are the bias's axes."""
+    _, rhs, out = _parse_equation(self.equation)
+    return rhs, "".join(c for c in out if c in rhs)
 
   def rank_axis_of_b(self) -> int:
     _, _, _, _, b, r = self._letters()
@@ -492,8 +520,10 @@ class Conv(_MatrixB):
   ) -> jax.Array:
     return self._conv(x, lora_a, precision)
 
-  def add_bias(self, y: jax.Array, bias: jax.Array) -> jax.Array:
-    return y + jnp.reshape(bias, (1,) * (y.ndim - 1) + bias.shape)
+  def channel_letters(self) -> tuple[str, str]:
+    """``(kernel's letters, output channels' letters)``: the channels are the bias's axes."""
+    letters = string.ascii_lowercase[: self.kernel_ndim]
+    return letters, letters[-1]
 
 
 Projection = GeneralDense | Einsum | Conv

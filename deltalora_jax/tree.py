@@ -27,6 +27,7 @@ from deltalora_jax import core, optim, paths
 from deltalora_jax.config import LayerConfig, layer_configs
 from deltalora_jax.linen import (
   DELTA_COLLECTION,
+  QUANTIZED_COLLECTION,
   SNAPSHOT_COLLECTION,
   DeltaLoRADense,
   DeltaLoRAGeneral,
@@ -40,7 +41,15 @@ Layers = Any
 #: An adapted layer: a Linen or an NNX one.
 AdaptedLayer = DeltaLoRADense | DeltaLoRAGeneral | DeltaLoRALinear | DeltaLoRALinearGeneral
 #: The arrays of an adapted layer, in the seed's order, then the snapshot of the paper's rule.
-ARRAY_NAMES = ("kernel", "bias", "lora_a", "lora_b", "delta", *core.SNAPSHOT_NAMES)
+ARRAY_NAMES = (
+  "kernel",
+  "bias",
+  "lora_a",
+  "lora_b",
+  "delta",
+  *core.SNAPSHOT_NAMES,
+  core.KERNEL_SCALE,
+)
 
 
 def _is_variable(x: Any) -> bool:
@@ -132,7 +141,11 @@ class _Layer:
 
     The snapshot factors of the paper's rule never train (the optimizer writes them).
     """
-    frozen = (*core.SNAPSHOT_NAMES, *(("kernel", "bias") if self.config.freeze_base else ()))
+    frozen = (
+      *core.SNAPSHOT_NAMES,
+      core.KERNEL_SCALE,
+      *(("kernel", "bias") if self.config.freeze_base else ()),
+    )
     return {n: a for n, a in self.arrays.items() if n not in frozen}
 
 
@@ -173,16 +186,18 @@ def _linen_layers(variables: Mapping[str, Any], layers: Layers) -> list[_Layer]:
     )
   flat = {
     c: traverse_util.flatten_dict(variables.get(c, {}))
-    for c in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION)
+    for c in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION, QUANTIZED_COLLECTION)
   }
   found = []
   for path, config in layer_configs(layers).items():
+    quantized = (*path, "kernel") in flat[QUANTIZED_COLLECTION]
     names = ["kernel", *(["bias"] if config.use_bias else []), "lora_a", "lora_b"]
     names += ["delta"] if config.use_delta else []
     names += list(core.SNAPSHOT_NAMES) if config.paper_lambda is not None else []
+    names += [core.KERNEL_SCALE] if quantized else []
     arrays = {}
     for name in names:
-      collection = collection_of(name)
+      collection = QUANTIZED_COLLECTION if quantized and name == "kernel" else collection_of(name)
       source = flat[collection]
       if (*path, name) not in source:
         raise ValueError(
@@ -226,6 +241,30 @@ def layer_arrays(
   return {
     layer.name: (layer.config, dict(layer.arrays)) for layer in _layers(model_or_variables, layers)
   }
+
+
+def with_float_bases(
+  found: Mapping[str, tuple[LayerConfig, Mapping[str, jax.Array]]], sample: Any = None
+) -> dict[str, tuple[LayerConfig, dict[str, jax.Array]]]:
+  """:func:`layer_arrays`'s ``found`` with each int8 base dequantized (float32), its scales dropped.
+
+  For readers that take the kernel as the base's weights (a merged PEFT
+  export). With a ``sample`` (an export that runs the model with written
+  kernels) an int8 base is refused: its layer cannot hold a float kernel.
+  """
+  out: dict[str, tuple[LayerConfig, dict[str, jax.Array]]] = {}
+  for name, (config, arrays) in found.items():
+    arrays = dict(arrays)
+    if core.KERNEL_SCALE in arrays:
+      if sample is not None:
+        raise ValueError(
+          f"adapted layer {name!r} has an int8 base: sample= runs the model with float "
+          "kernels written into it, which an int8 base cannot hold; leave sample out"
+        )
+      scale = arrays.pop(core.KERNEL_SCALE)
+      arrays["kernel"] = core.dequantize(arrays["kernel"], scale, config.projection)
+    out[name] = (config, arrays)
+  return out
 
 
 def with_arrays(model_or_variables: Any, new: Mapping[Path, Mapping[str, Any]]) -> Any:
@@ -434,8 +473,13 @@ def reset(model_or_variables: Any, opt_state: Any = None) -> tuple[Any, Any]:
 
 
 def _merged_kernel(layer: _Layer) -> jax.Array:
-  """``W + s A B + ds D`` in the kernel's layout and dtype, formed in at least float32."""
+  """``W + s A B + ds D`` in the kernel's layout and dtype, formed in at least float32.
+
+  An int8 base gives a kernel in its scales' dtype (float32): the dequantized
+  base plus the adapter's change, which int8 could not hold.
+  """
   config, arrays = layer.config, layer.arrays
+  scale = arrays.get(core.KERNEL_SCALE)
   return core.merged_kernel(
     arrays["kernel"],
     arrays["lora_a"],
@@ -447,7 +491,8 @@ def _merged_kernel(layer: _Layer) -> jax.Array:
     projection=config.projection,
     snapshot=_snapshot(layer),
     paper_lambda=config.paper_lambda,
-  ).astype(arrays["kernel"].dtype)
+    kernel_scale=scale,
+  ).astype(arrays["kernel"].dtype if scale is None else scale.dtype)
 
 
 def _snapshot(layer: _Layer) -> core.Snapshot | None:
@@ -477,8 +522,9 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
   the kernel Algorithm 1 would have written) in its own layout (each layer
   of a stack on its own), formed at ``Precision.HIGHEST`` in at least
   float32 and stored in the kernel's dtype (a bfloat16 kernel rounds the
-  adapter's contribution); its bias is unchanged. The argument is not
-  modified.
+  adapter's contribution; an int8 base gives a float32 kernel, the
+  dequantized base plus the change, and its ``kernel_scale`` goes); its bias
+  is unchanged. The argument is not modified.
 
   Args:
     model_or_variables: an NNX model, or Linen variables.
@@ -516,16 +562,78 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
     )
     return merged
   params = traverse_util.flatten_dict(model_or_variables["params"])
+  quantized = traverse_util.flatten_dict(model_or_variables.get(QUANTIZED_COLLECTION, {}))
   for layer in found:
     params[(*layer.path, "kernel")] = _merged_kernel(layer)
     del params[(*layer.path, "lora_a")], params[(*layer.path, "lora_b")]
+    for name in ("kernel", core.KERNEL_SCALE):
+      quantized.pop((*layer.path, name), None)
   merged_variables = {
     c: v
     for c, v in model_or_variables.items()
-    if c not in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION)
+    if c not in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION, QUANTIZED_COLLECTION)
   }
   merged_variables["params"] = traverse_util.unflatten_dict(params)
+  if quantized:  # int8 bases of layers that are not adapted stay
+    merged_variables[QUANTIZED_COLLECTION] = traverse_util.unflatten_dict(quantized)
   return merged_variables
+
+
+def quantize_base(model_or_variables: Any, layers: Layers = None) -> Any:
+  """The adapted layers' float base kernels as int8, one float32 scale per output channel.
+
+  Each adapted layer's kernel becomes :func:`deltalora_jax.core.quantize_int8`'s
+  int8 values and per-output-channel scales (``|W - s q| <= s / 2`` per
+  channel); the adapter (``A``, ``B``, ``D``, the snapshot), the bias and
+  every other layer are left as they are. The base is then read and never
+  written: the layers need ``freeze_base=True``, and the in-place form of
+  :func:`deltalora_jax.paper_delta_lora` refuses it (use ``paper_lambda``).
+  A base that is int8 already stays.
+
+  Args:
+    model_or_variables: an NNX model (changed in place: each adapter's
+      ``kernel`` Variable holds the int8 values, ``kernel_scale`` the scales),
+      or Linen variables.
+    layers: for Linen, the layers mapping or the ``DeltaLoRAModel``.
+
+  Returns:
+    NNX: the model. Linen: new variables whose adapted layers' ``kernel``
+    (int8) and ``kernel_scale`` are in the ``'quantized'`` collection, out of
+    ``'params'``: differentiate the other collections only (the input is
+    not modified).
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> layer = DeltaLoRADense(features=3, rank=2, use_delta=False)
+    >>> x = jnp.ones((2, 4))
+    >>> variables = layer.init(jax.random.key(0), x)
+    >>> quantized = quantize_base(variables, {(): layer})
+    >>> jax.tree.map(lambda a: str(a.dtype), quantized["quantized"])
+    {'kernel': 'int8', 'kernel_scale': 'float32'}
+    >>> bool(jnp.allclose(layer.apply(quantized, x), layer.apply(variables, x), atol=0.02))
+    True
+  """
+  found = _layers(model_or_variables, layers)
+  for layer in found:
+    if not layer.config.freeze_base and core.KERNEL_SCALE not in layer.arrays:
+      raise ValueError(
+        f"adapted layer {layer.name!r} has freeze_base=False: an int8 base is read, never "
+        "trained; build it with freeze_base=True to quantize its base"
+      )
+  if isinstance(model_or_variables, nnx.Module):
+    for module in _nnx_adapters(model_or_variables).values():
+      module.quantize_base()
+    return model_or_variables
+  flat = {c: traverse_util.flatten_dict(v) for c, v in model_or_variables.items()}
+  quantized = flat.setdefault(QUANTIZED_COLLECTION, {})
+  for layer in found:
+    if core.KERNEL_SCALE in layer.arrays:
+      continue
+    values, scale = core.quantize_int8(layer.arrays["kernel"], layer.config.projection)
+    del flat["params"][(*layer.path, "kernel")]
+    quantized[(*layer.path, "kernel")] = values
+    quantized[(*layer.path, core.KERNEL_SCALE)] = scale
+  return {c: traverse_util.unflatten_dict(v) for c, v in flat.items()}
 
 
 # --------------------------------------------------------------------------
@@ -564,17 +672,21 @@ def _lora_norm(layer: _Layer, *, paper_change: bool = False) -> float:
 def _figures(layer: _Layer) -> dict[str, Any]:
   kernel, config = layer.arrays["kernel"], layer.config
   per_rank = math.prod(kernel.shape[: layer.stack]) * config.rank
-  return {
-    "kind": config.projection.name,
-    "kernel_shape": [int(n) for n in kernel.shape],
-    "in_features": layer.arrays["lora_a"].size // per_rank,
-    "out_features": layer.arrays["lora_b"].size // per_rank,
-    "rank": config.rank,
-    "scaling": config.scaling,
-    "delta_scaling": config.delta_scaling,
-    "freeze_base": config.freeze_base,
-    "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
-  } | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda})
+  return (
+    {
+      "kind": config.projection.name,
+      "kernel_shape": [int(n) for n in kernel.shape],
+      "in_features": layer.arrays["lora_a"].size // per_rank,
+      "out_features": layer.arrays["lora_b"].size // per_rank,
+      "rank": config.rank,
+      "scaling": config.scaling,
+      "delta_scaling": config.delta_scaling,
+      "freeze_base": config.freeze_base,
+      "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
+    }
+    | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda})
+    | ({} if core.KERNEL_SCALE not in layer.arrays else {"base_quantization": "int8"})
+  )
 
 
 def layer_figures(model_or_variables: Any, layers: Layers = None) -> dict[str, dict[str, Any]]:

@@ -4,6 +4,8 @@ The benchmarks themselves are timed by hand, never in the suite; what they
 compute from XLA's output can be checked.
 """
 
+import json
+
 import jax
 import jax.numpy as jnp
 import pytest
@@ -53,3 +55,26 @@ def test_attention_block_costs_what_the_own_layer_block_costs(variant):
   assert common.model_variants("attention", common.ALL_VARIANTS) == tuple(
     v for v in common.ALL_VARIANTS if v != "naive"
   )
+
+
+def test_bench_llm_on_a_tiny_config(tmp_path):
+  # Both sides hold the same weights (their losses agree, checked inside), LoRA trains as many
+  # parameters on both, and every figure of the JSON is there.
+  from benchmarks import bench_llm
+
+  out = tmp_path / "llm.json"
+  argv = ["--tiny", "--batch", "2", "--length", "16", "--rounds", "1", "--steps", "1"]
+  argv += ["--no-compile", "--jax-methods", "lora,paper", "--torch-methods", "lora"]
+  with jax.numpy_dtype_promotion("standard"):  # optax's AdamW, as users run it
+    results = bench_llm.main([*argv, "--out", str(out)])
+  assert results["loss_check"]["relative_error"] <= 1e-4
+  variants = results["variants"]
+  assert sorted(variants) == ["jax-lora", "jax-paper", "peft-lora", "peft-lora-fused"]
+  assert variants["jax-lora"]["trainable_params"] == variants["peft-lora"]["trainable_params"]
+  assert variants["jax-paper"]["trainable_params"] == 2 * variants["jax-lora"]["trainable_params"]
+  assert results["ratios"]["jax-paper"]["against"] == results["fastest_torch"]["lora"]
+  for record in variants.values():
+    assert record["tokens_per_s"] > 0 and len(record["step_times_s"]) == 1
+  assert variants["jax-lora"]["peak_bytes"] > 0 and variants["peft-lora"]["peak_bytes_estimate"] > 0
+  assert "| jax-paper |" in bench_llm.table(results)
+  assert json.loads(out.read_text())["ratios"] == results["ratios"]

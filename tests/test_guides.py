@@ -100,7 +100,7 @@ def _dtypes(tree):
 
 
 def test_mixed_precision_guide_runs(capsys):
-  linen, velocity, nnx_block = _docs.code_blocks("mixed_precision.md")
+  linen, velocity, nnx_block, int8 = _docs.code_blocks("mixed_precision.md")
   bf16, f32 = "bfloat16", "float32"
 
   # Linen: a bfloat16 base and compute, float32 factors, D and velocity.
@@ -140,6 +140,14 @@ def test_mixed_precision_guide_runs(capsys):
   assert float(ns["loss"]) < 0.5 * first
   assert type(ns["merged"].hidden) is nnx.Linear
   assert ns["merged"].hidden.kernel.dtype == jnp.bfloat16
+
+  # An int8 base: read, never written; merge gives float32.
+  ns = _docs.run(int8, {}, "mixed-precision-int8")
+  assert capsys.readouterr().out == "int8 float32 int8\nfloat32\n"
+  net = ns["net"]
+  assert net.hidden.kernel.dtype == jnp.int8
+  assert float(jnp.abs(net.hidden.lora_b[...]).max()) > 0  # B = 0 at the start: it trained
+  np.testing.assert_allclose(ns["merged"](ns["x"]), net(ns["x"]), rtol=0, atol=1e-5)
 
 
 # -------------------------------------------------------------- performance.md

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from flax import traverse_util
 from flax.core import FrozenDict, unfreeze
 
-from deltalora_jax import core, paths, projections
+from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import linen as linen_front
 from deltalora_jax.adapt.targets import (
   check_layer_rank,
@@ -23,6 +23,7 @@ from deltalora_jax.adapt.targets import (
 from deltalora_jax.config import Options
 from deltalora_jax.linen import (
   DELTA_COLLECTION,
+  QUANTIZED_COLLECTION,
   SNAPSHOT_COLLECTION,
   DeltaLoRADense,
   DeltaLoRAGeneral,
@@ -126,19 +127,21 @@ class DeltaLoRAModel(nn.Module):
 
     def move_in(variables: Mapping[str, Any]) -> dict[str, Any]:
       variables = _move_deltas(adapted_paths, DELTA_COLLECTION, "params", variables)
+      variables = _move_deltas(adapted_paths, QUANTIZED_COLLECTION, "params", variables, _INT8)
       return _move_deltas(
         adapted_paths, SNAPSHOT_COLLECTION, "params", variables, names=core.SNAPSHOT_NAMES
       )
 
     def move_out(variables: Mapping[str, Any]) -> dict[str, Any]:
       variables = _move_deltas(adapted_paths, "params", DELTA_COLLECTION, variables)
+      variables = _move_deltas(adapted_paths, "params", QUANTIZED_COLLECTION, variables, _INT8)
       return _move_deltas(
         adapted_paths, "params", SNAPSHOT_COLLECTION, variables, names=core.SNAPSHOT_NAMES
       )
 
     mapped = nn.map_variables(
       run,
-      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION),
+      ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION, QUANTIZED_COLLECTION),
       trans_in_fn=move_in,
       trans_out_fn=move_out,
       mutable=True,
@@ -164,6 +167,8 @@ def _move_deltas(
   moved = traverse_util.flatten_dict(unfreeze(variables.pop(source, {})))
   kept = traverse_util.flatten_dict(unfreeze(variables.pop(target, {})))
   for path in layer_paths:
+    if names == _INT8 and (*path, core.KERNEL_SCALE) not in moved:
+      continue  # a float kernel stays where it is: only an int8 base moves, with its scales
     for name in names:
       if (*path, name) in moved:
         kept[(*path, name)] = moved.pop((*path, name))
@@ -174,6 +179,8 @@ def _move_deltas(
 
 
 _LINEN_KINDS = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv)
+#: The arrays of an int8 base (the ``'quantized'`` collection), moved together.
+_INT8 = ("kernel", core.KERNEL_SCALE)
 
 
 def _einsum_str(args: Sequence[Any], kwargs: Mapping[str, Any]) -> str | None:
@@ -277,6 +284,7 @@ def adapt_linen(
   overrides: Mapping[str, Mapping[str, Any]] | None = None,
   call_kwargs: Mapping[str, Any] | None = None,
   verbose: bool = False,
+  base_quantization: str | None = None,
   **options: Unpack[Options],
 ) -> tuple[DeltaLoRAModel, dict[str, Any], dict[str, Any]]:
   """Adapts the chosen projection layers of an existing Linen model and its variables.
@@ -303,6 +311,10 @@ def adapt_linen(
     overrides: per-layer options, as in :func:`~deltalora_jax.adapt_nnx`.
     call_kwargs: keyword arguments of the model's ``__call__`` for the trace.
     verbose: print the table of what was adapted.
+    base_quantization: ``'int8'`` moves the adapted layers' kernels, as int8
+      with one float32 ``kernel_scale`` per output channel, to the
+      ``'quantized'`` collection (:func:`~deltalora_jax.quantize_base`):
+      differentiate the other collections only. None keeps them.
     **options: the adapters' options, as in :func:`~deltalora_jax.adapt_nnx`.
 
   Returns:
@@ -332,6 +344,7 @@ def adapt_linen(
     True
   """
   checked = check_options(options)
+  core.check_base_quantization(base_quantization)
   base, existing, params, variables = linen_parts(model, variables)
   found = trace_linen(model, variables, inputs, dict(call_kwargs or {}))
   for name, entry in found.items():
@@ -351,6 +364,8 @@ def adapt_linen(
     adapters[path] = tuple(sorted(arguments.items()))
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
+  if base_quantization is not None:
+    variables = dict(tree.quantize_base(variables, {p: adapted.layers[p] for p in new}))
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 

@@ -8,8 +8,8 @@ from typing import Any, Unpack
 
 from flax import nnx
 
+from deltalora_jax import core, paths
 from deltalora_jax import nnx as nnx_front
-from deltalora_jax import paths
 from deltalora_jax.adapt.targets import (
   check_layer_rank,
   check_options,
@@ -92,6 +92,7 @@ def adapt_nnx(
   exclude: str | Sequence[str] | None = None,
   overrides: Mapping[str, Mapping[str, Any]] | None = None,
   verbose: bool = False,
+  base_quantization: str | None = None,
   **options: Unpack[Options],
 ) -> tuple[nnx.Module, dict[str, Any]]:
   """Adapts the chosen projection layers of an NNX model, in place.
@@ -120,6 +121,10 @@ def adapt_nnx(
       options; the first regex that matches a layer's path wins, and each
       regex must match an adapted layer.
     verbose: print the table of what was adapted.
+    base_quantization: ``'int8'`` makes the adapted layers' bases int8 with
+      one float32 scale per output channel
+      (:meth:`~deltalora_jax.nnx.DeltaLoRALinearGeneral.quantize_base`; their
+      report entries say ``'base_quantization': 'int8'``); None keeps them.
     **options: the adapters' options (:class:`~deltalora_jax.config.Options`):
       ``rank`` (required), ``alpha``, ``delta_scaling``, ``freeze_base``,
       ``use_delta``, ``evaluation``, ``adapter_dtype``, ``lora_a_init``;
@@ -152,6 +157,7 @@ def adapt_nnx(
     ('DeltaLoRALinear', 'Linear', 56)
   """
   checked = check_options(options)
+  core.check_base_quantization(base_quantization)
   found = modules(model)
   kinds = {name: kind(m) for name, (_, m) in found.items()}
   chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
@@ -162,7 +168,10 @@ def adapt_nnx(
     shape = tuple(getattr(module, described.kernel).shape)
     layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
     check_layer_rank(name, described.projection, layer_shape, per_layer[name]["rank"])
-  new = {name: adapter(found[name][1], per_layer[name], rngs) for name in chosen}
+  quantization = {} if base_quantization is None else {"base_quantization": base_quantization}
+  new = {
+    name: adapter(found[name][1], {**per_layer[name], **quantization}, rngs) for name in chosen
+  }
   skipped = {} if targets is not None else _skipped(kinds, found, exclude)
   paths.replace_modules(model, {found[name][0]: layer for name, layer in new.items()})
   if skipped:

@@ -617,7 +617,7 @@ def save_peft(
     >>> sorted(os.listdir(directory)), report["layers"]["layers/0"]["relative_error"]
     (['adapter_config.json', 'adapter_model.safetensors'], 0.0)
   """
-  found = tree.layer_arrays(model_or_variables, layers)
+  found = tree.with_float_bases(tree.layer_arrays(model_or_variables, layers), sample)  # int8
   names: dict[str, tuple[str, ...]] = {}
   for name in found:
     modules = _module_name(module_names, name)

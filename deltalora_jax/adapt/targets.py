@@ -137,14 +137,7 @@ def check_layer_rank(
     Traceback (most recent call last):
     ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', ...
   """
-  checked = core.check_rank(rank)
-  bound = kind.rank_bound(tuple(layer_shape))
-  if checked > bound:
-    raise ValueError(
-      f"rank must satisfy 0 < rank <= {bound} for the kernel {tuple(layer_shape)} of the layer "
-      f"{name!r}, got rank={checked}"
-    )
-  return checked
+  return core.check_layer_rank(rank, kind, layer_shape, f"the layer {name!r}")
 
 
 def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:

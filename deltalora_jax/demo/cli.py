@@ -354,7 +354,16 @@ def llm_parser(model: str = "smollm2") -> argparse.ArgumentParser:
       f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help="(%(default)s)"
     )
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-  for name in ("lora_lr", "full_lr", "delta_lr", "momentum", "delta_scaling", "paper_lambda"):
+  for name in (
+    "lora_lr",
+    "paper_lr",
+    "scaled_lr",
+    "full_lr",
+    "delta_lr",
+    "momentum",
+    "delta_scaling",
+    "paper_lambda",
+  ):
     p.add_argument(
       f"--{name.replace('_', '-')}",
       type=float,

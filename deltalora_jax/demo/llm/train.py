@@ -12,16 +12,26 @@ receives gradients:
 * ``delta-lora``: the seed's rule (:func:`deltalora_jax.delta_lora`): AdamW on
   ``A``, ``B`` and the EMA-velocity rule on the full-size ``D``;
 * ``paper``: the published rule (:func:`deltalora_jax.paper_delta_lora`),
-  ``W`` follows ``lambda s`` times the change of ``A B`` after ``K`` steps;
+  ``W`` follows ``lambda s`` times the change of ``A B`` after ``K`` steps, in
+  its telescoped form: the layers hold ``paper_lambda`` and a snapshot
+  ``(A^, B^)`` (``PaperSnapshot``, an ``nnx.LoRAParam``), the optimizer's
+  ``wrt`` is ``nnx.LoRAParam`` and the base kernel is never written;
 * ``lora-scaled``: plain LoRA with ``alpha`` times ``1 + lambda``, the control
   of ``paper`` (a larger LoRA scaling, no change of ``W``);
 * ``full``: AdamW on every parameter.
 
-After training, the held-out loss (mean negative log-likelihood of the
-answers' tokens) and perplexity are measured in float32, greedy answers to
-every held-out question are generated (KV cache, float32) and checked, and
-for an adapted method the merged model (plain ``nnx.Linear``) must give the
-same greedy tokens.
+After training, an adapted model is merged (plain ``nnx.Linear``, the
+pretrained model's structure, so every method shares one compiled
+evaluation); the held-out loss (mean negative log-likelihood of the answers'
+tokens) and perplexity are measured in float32, greedy answers to every
+held-out question are generated (KV cache, float32) and checked, and the
+unmerged adapted model must predict every one of those greedy tokens (its
+teacher-forced argmax on the prompt and the merged model's answer: the same
+greedy tokens).
+
+Methods whose models and optimizers have the same structure share one compiled
+training step (the seeds of a method, the learning rates of a sweep: the
+learning rate is a leaf of the optimizer's state, ``optax.inject_hyperparams``).
 """
 
 from __future__ import annotations
@@ -67,7 +77,9 @@ class Options:
     delta_scaling: ``ds`` of the seed's rule.
     delta_lr: learning rate of the seed's delta rule.
     momentum: ``mu`` of the seed's delta rule.
-    lora_lr: AdamW learning rate of the LoRA factors.
+    lora_lr: AdamW learning rate of the LoRA factors of ``lora`` and ``delta-lora``.
+    paper_lr: AdamW learning rate of the LoRA factors of ``paper``.
+    scaled_lr: AdamW learning rate of the LoRA factors of ``lora-scaled``.
     full_lr: AdamW learning rate of full fine-tuning.
     paper_lambda: ``lambda`` of the published rule (and of ``lora-scaled``).
     paper_start_step: ``K`` of the published rule.
@@ -92,8 +104,16 @@ class Options:
   delta_scaling: float = 0.1
   delta_lr: float = 1.0
   momentum: float = 0.9
-  lora_lr: float = 2e-3
-  full_lr: float = 3e-5
+  # Learning rates: the best of a sweep on the TRAINING split only (benchmarks/llm_lr_sweep.py,
+  # benchmarks/reference/llm_lr_sweep.json: 40 training countries set aside and scored, the
+  # other defaults, seed 0). Loss on those answers by rate (6.25e-5, 1.25e-4, 2.5e-4, 5e-4, 1e-3,
+  # 2e-3): lora -, .487, .434, .440, .490, .641; delta-lora -, .458, .438, .460, .492, .669;
+  # paper .493, .410, .426, .517, .733, 1.366; lora-scaled .448, .431, .455, .600, .783, 1.340;
+  # full (1e-5, 3e-5, 1e-4, 3e-4) .569, .432, .414, .556.
+  lora_lr: float = 2.5e-4
+  paper_lr: float = 1.25e-4
+  scaled_lr: float = 1.25e-4
+  full_lr: float = 1e-4
   paper_lambda: float = 2.0
   paper_start_step: int = 4
   seed: int = 0
@@ -146,7 +166,8 @@ def default_options(model: str = "smollm2", **given: Any) -> Options:
 
 
 def _adamw(learning_rate: float) -> optax.GradientTransformation:
-  return optax.adamw(learning_rate, weight_decay=0.0)
+  """AdamW without weight decay; the learning rate is a leaf of its state (one compile for all)."""
+  return optax.inject_hyperparams(optax.adamw)(learning_rate=learning_rate, weight_decay=0.0)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,6 +180,7 @@ class Method:
     adapter: ``options -> keyword arguments of adapt_nnx`` or None (no adapter).
     optimizer: ``(options, model) -> optax transformation`` (None: no training).
     wrt: ``(model) -> nnx filter`` of the parameters that get gradients.
+    learning_rate: the field of :class:`Options` holding its (AdamW) learning rate.
   """
 
   name: str
@@ -166,6 +188,7 @@ class Method:
   adapter: Callable[[Options], dict[str, Any]] | None
   optimizer: Callable[[Options, nnx.Module], optax.GradientTransformation] | None
   wrt: Callable[[nnx.Module], Any]
+  learning_rate: str | None = None
 
 
 METHODS: dict[str, Method] = {}
@@ -186,18 +209,8 @@ def _lora_args(options: Options, *, use_delta: bool = False, alpha_factor: float
 
 
 def _factors(model: nnx.Module) -> Any:
+  """LoRA's factors and the published rule's snapshot (``PaperSnapshot``: a LoRAParam)."""
   return nnx.LoRAParam
-
-
-def _adapted_kernels(model: nnx.Module) -> Any:
-  """The factors and the kernels of the adapted layers: what the published rule updates."""
-  layers = {tuple(str(p) for p in path) for path in dl.adapted_layers(model)}
-
-  def kernel(path, value) -> bool:
-    names = tuple(str(p) for p in path)
-    return names[-1] == "kernel" and names[:-1] in layers
-
-  return nnx.Any(nnx.LoRAParam, kernel)
 
 
 register(Method("frozen", "the pretrained model, not trained", None, None, lambda m: nnx.Nothing))
@@ -208,6 +221,7 @@ register(
     lambda o: _lora_args(o),
     lambda o, m: _adamw(o.lora_lr),
     _factors,
+    "lora_lr",
   )
 )
 register(
@@ -217,20 +231,23 @@ register(
     lambda o: _lora_args(o, use_delta=True),
     lambda o, m: dl.delta_lora(o.delta_lr, o.momentum, layers=m, lora_optimizer=_adamw(o.lora_lr)),
     lambda m: nnx.Any(nnx.LoRAParam, dl.DeltaParam),
+    "lora_lr",
   )
 )
 register(
   Method(
     "paper",
-    "Delta-LoRA of Zi et al. (2023): LoRA (AdamW), W follows lambda s (change of A B) after K",
-    lambda o: _lora_args(o),
+    "Delta-LoRA of Zi et al. (2023): LoRA (AdamW), W follows lambda s (change of A B) after K "
+    "(telescoped: the base is never written)",
+    lambda o: dict(_lora_args(o), paper_lambda=o.paper_lambda),
     lambda o, m: dl.paper_delta_lora(
       layers=m,
       lambda_=o.paper_lambda,
       start_step=o.paper_start_step,
-      lora_optimizer=_adamw(o.lora_lr),
+      lora_optimizer=_adamw(o.paper_lr),
     ),
-    _adapted_kernels,
+    _factors,
+    "paper_lr",
   )
 )
 register(
@@ -238,8 +255,9 @@ register(
     "lora-scaled",
     "control of paper: plain LoRA with alpha times (1 + lambda)",
     lambda o: _lora_args(o, alpha_factor=1.0 + o.paper_lambda),
-    lambda o, m: _adamw(o.lora_lr),
+    lambda o, m: _adamw(o.scaled_lr),
     _factors,
+    "scaled_lr",
   )
 )
 register(
@@ -249,6 +267,7 @@ register(
     None,
     lambda o, m: _adamw(o.full_lr),
     lambda m: nnx.Param,
+    "full_lr",
   )
 )
 
@@ -390,6 +409,29 @@ def evaluate(pretrained, model, heldout, encoded, options) -> dict:
   }
 
 
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _teacher_forced(graphdef, state, ids, valid):
+  return jnp.argmax(forward(nnx.merge(graphdef, state), ids, valid), axis=-1)
+
+
+def greedy_agreement(pretrained: Pretrained, model: Llama, prompts, tokens: np.ndarray) -> dict:
+  """Whether ``model`` predicts every one of the greedy ``tokens`` (another model's answers).
+
+  ``model`` reads each prompt followed by its answer ``tokens [n, new]`` (one
+  float32 forward, no cache); an answer agrees when the argmax after each of
+  its prefixes is its next token, that is when greedy decoding with ``model``
+  gives the same tokens. Returns ``{'same_tokens', 'answers', 'identical'}``.
+  """
+  ids, valid = data.left_padded(prompts, pretrained.pad_id)
+  full = np.concatenate([ids, tokens.astype(ids.dtype)], axis=1)
+  full_valid = np.concatenate([valid, np.ones(tokens.shape, valid.dtype)], axis=1)
+  graphdef, state = nnx.split(float32_copy(model))
+  predicted = np.asarray(_teacher_forced(graphdef, state, full, full_valid))
+  predicted = predicted[:, ids.shape[1] - 1 : -1]
+  same = int(np.sum(np.all(predicted == tokens, axis=1)))
+  return {"same_tokens": same, "answers": len(tokens), "identical": same == len(tokens)}
+
+
 def make_step(graphdef, wrt):
   """The jitted training step on ``state = nnx.state((model, optimizer))``."""
 
@@ -404,6 +446,24 @@ def make_step(graphdef, wrt):
   return jax.jit(step, donate_argnums=0)
 
 
+#: Options that leave the training step's program unchanged (the learning rates are
+#: leaves of the optimizer's state): runs that differ only in these share one compile.
+_NOT_IN_STEP = frozenset(
+  {"methods", "seed", "seeds", "eval_size", "samples", "new_tokens", "progress"}
+  | {"lora_lr", "paper_lr", "scaled_lr", "full_lr"}
+)
+
+
+def step_key(method: Method, options: Options, config: Any, batch) -> tuple:
+  """What the compiled step of ``method`` depends on: runs with equal keys share it."""
+  fields = tuple(
+    (f.name, getattr(options, f.name))
+    for f in dataclasses.fields(options)
+    if f.name not in _NOT_IN_STEP
+  )
+  return (method.name, fields, config, tuple((a.shape, str(a.dtype)) for a in batch))
+
+
 def build(pretrained: Pretrained, options: Options, method: Method, seed: int, base=None):
   """The model of ``method``: a copy of the pretrained one, adapted when the method says so."""
   model = copy(base) if base is not None else from_tensors(pretrained.config, pretrained.tensors)
@@ -413,73 +473,87 @@ def build(pretrained: Pretrained, options: Options, method: Method, seed: int, b
   return model
 
 
-def run_method(method, options, pretrained, base, train, heldout, encoded_heldout, seed, export):
-  """Trains one method with one seed and measures it; returns its row of the results."""
+def train_method(method, options, pretrained, base, train, seed, steps=None, progress=None):
+  """Trains ``method`` from ``base`` with ``seed``'s LoRA draw and batch order.
+
+  Returns ``(model, figures)``: the trained model and ``{'losses', 'times',
+  'compile_seconds', 'peak_step_memory_bytes', 'trainable_params'}``. ``steps``
+  (a dict) caches compiled steps by :func:`step_key` across calls.
+  """
   from tqdm.auto import tqdm
 
-  wall = time.perf_counter()
   model = build(pretrained, options, method, seed, base)
-  row: dict[str, Any] = {"method": method.name, "description": method.description, "seed": seed}
-  losses, times, peak = [], [], None
-  initial = None
-  if method.optimizer is not None:
-    if method.name == "paper":
-      initial = copy(model)
-    wrt = method.wrt(model)
-    optimizer = nnx.Optimizer(model, method.optimizer(options, model), wrt=wrt)
-    graphdef, state = nnx.split((model, optimizer))
-    order = demo_train.batches(len(train.ids), options.batch_size, options.steps, seed)
-    step = make_step(graphdef, wrt)
-    first = tuple(a[order[0]] for a in (train.ids, train.valid, train.target))
+  figures: dict[str, Any] = {"losses": [], "times": [], "compile_seconds": 0.0}
+  if method.optimizer is None:
+    figures.update(peak_step_memory_bytes=None, trainable_params=0)
+    return model, figures
+  wrt = method.wrt(model)
+  optimizer = nnx.Optimizer(model, method.optimizer(options, model), wrt=wrt)
+  graphdef, state = nnx.split((model, optimizer))
+  order = demo_train.batches(len(train.ids), options.batch_size, options.steps, seed)
+  first = tuple(a[order[0]] for a in (train.ids, train.valid, train.target))
+  steps = {} if steps is None else steps
+  key = step_key(method, options, pretrained.config, first)
+  if key not in steps:
     compile_start = time.perf_counter()
-    compiled = step.lower(state, *first).compile()
-    row["compile_seconds"] = time.perf_counter() - compile_start
-    peak = demo_train._peak_bytes(compiled)
-    bar = tqdm(
-      range(options.steps),
-      desc=f"{method.name:>11}",
-      disable=not options.progress,
-      file=sys.stderr,
-      dynamic_ncols=True,
-    )
-    for i in bar:
-      batch = tuple(a[order[i]] for a in (train.ids, train.valid, train.target))
-      start = time.perf_counter()
-      state, loss = compiled(state, *batch)
-      loss = float(loss)
-      times.append(time.perf_counter() - start)
-      losses.append(loss)
-      bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
-    model, optimizer = nnx.merge(graphdef, state)
-    trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
-  else:
-    trainable = 0
-  row["train_seconds"] = time.perf_counter() - wall
-  figures = evaluate(pretrained, model, heldout, encoded_heldout, options)
-  row["eval_seconds"] = time.perf_counter() - wall - row["train_seconds"]
-  raw = figures.pop("_raw")
-  row.update(figures)
+    steps[key] = make_step(graphdef, wrt).lower(state, *first).compile()
+    figures["compile_seconds"] = time.perf_counter() - compile_start
+  compiled = steps[key]
+  figures["peak_step_memory_bytes"] = demo_train._peak_bytes(compiled)
+  bar = tqdm(
+    range(options.steps),
+    desc=f"{method.name:>11}",
+    disable=not (options.progress if progress is None else progress),
+    file=sys.stderr,
+    dynamic_ncols=True,
+  )
+  for i in bar:
+    batch = tuple(a[order[i]] for a in (train.ids, train.valid, train.target))
+    start = time.perf_counter()
+    state, loss = compiled(state, *batch)
+    loss = float(loss)
+    figures["times"].append(time.perf_counter() - start)
+    figures["losses"].append(loss)
+    bar.set_postfix(loss=f"{loss:.3f}")
+  bar.close()
+  model, _ = nnx.merge(graphdef, state)
+  figures["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt))))
+  return model, figures
+
+
+def run_method(
+  method, options, pretrained, base, train, heldout, encoded_heldout, seed, export, steps=None
+):
+  """Trains one method with one seed and measures it; returns its row of the results."""
+  wall = time.perf_counter()
+  model, figures = train_method(method, options, pretrained, base, train, seed, steps)
+  times, losses = figures.pop("times"), figures["losses"]
+  row: dict[str, Any] = {"method": method.name, "description": method.description, "seed": seed}
+  if method.learning_rate is not None:
+    row["learning_rate"] = getattr(options, method.learning_rate)
+  row["compile_seconds"] = figures.pop("compile_seconds")
+  row["step_seconds"] = float(sum(times))
+  row["train_seconds"] = time.perf_counter() - wall  # building, compiling and the steps
+  evaluated = model if method.adapter is None else dl.merge(model)
+  result = evaluate(pretrained, evaluated, heldout, encoded_heldout, options)
+  raw = result.pop("_raw")
+  row.update(result)
   median = float(np.median(times[1:] if len(times) > 1 else times)) if times else None
   tokens = options.batch_size * options.max_length
   row.update(
-    trainable_params=int(trainable),
+    figures,
     losses=losses,
     median_step_s=median,
     tokens_per_s=None if median is None else tokens / median,
-    peak_step_memory_bytes=peak,
   )
   if method.adapter is not None:
     row["adapted_layers"] = len(dl.adapted_layers(model))
-    merged = dl.merge(model)
-    _, merged_raw = answers(pretrained, merged, encoded_heldout.prompts, options.new_tokens)
-    row["merge_check"] = {
-      "same_tokens": int(np.sum(np.all(merged_raw == raw, axis=1))),
-      "answers": len(raw),
-      "identical": bool(np.array_equal(merged_raw, raw)),
-    }
-    if export is not None:
-      row["peft"] = export(method.name, model, initial)
+    row["merge_check"] = greedy_agreement(pretrained, model, encoded_heldout.prompts, raw)
+  row["eval_seconds"] = time.perf_counter() - wall - row["train_seconds"]
+  if method.adapter is not None and export is not None:
+    export_start = time.perf_counter()
+    row["peft"] = export(method.name, model)
+    row["export_seconds"] = time.perf_counter() - export_start
   row["seconds"] = time.perf_counter() - wall
   return row
 
@@ -488,10 +562,11 @@ def peft_exporter(directory: pathlib.Path, pretrained: Pretrained, rank: int = 3
   """The ``export`` of :func:`run`: ``directory/<method>`` for PEFT on transformers'
   ``LlamaForCausalLM`` (module names :func:`hf_module_name`); ``lora`` and
   ``lora-scaled`` exactly, ``paper`` as its rank-``2r`` change from the pretrained
-  kernels, ``delta-lora`` as the rank-``rank`` truncated SVD of ``s A B + ds D``."""
+  kernels (exact; the telescoped layers hold ``A^``, ``B^``: no base is needed),
+  ``delta-lora`` as the rank-``rank`` truncated SVD of ``s A B + ds D``."""
   rules = {"lora": "lora", "lora-scaled": "lora", "paper": "paper", "delta-lora": "seed"}
 
-  def export(method: str, model, initial) -> dict:
+  def export(method: str, model) -> dict:
     rule = rules[method]
     report = dl.save_peft(
       directory / method,
@@ -499,7 +574,6 @@ def peft_exporter(directory: pathlib.Path, pretrained: Pretrained, rank: int = 3
       module_names=hf_module_name,
       rule=rule,
       rank=rank if rule == "seed" else None,
-      base=initial if rule == "paper" else None,
       task_type="CAUSAL_LM",
       base_model_name_or_path=str(pretrained.gguf.parent),
     )
@@ -541,7 +615,7 @@ def run(options: Options, pretrained: Pretrained, export=None) -> dict:
   train = data.encode(tok, tmpl, train_items, options.max_length)
   encoded = data.encode(tok, tmpl, heldout, options.max_length)
   base = from_tensors(pretrained.config, pretrained.tensors)
-  rows = []
+  rows, steps, all_runs = [], {}, []
   for name in options.methods:
     seeds = range(options.seed, options.seed + (1 if name == "frozen" else options.seeds))
     runs = [
@@ -555,10 +629,13 @@ def run(options: Options, pretrained: Pretrained, export=None) -> dict:
         encoded,
         s,
         export if s == options.seed else None,
+        steps,
       )
       for s in seeds
     ]
+    all_runs += runs
     row = runs[0]
+    row["losses_by_seed"] = [r["losses"] for r in runs]
     heldout_losses = [r["heldout_loss"] for r in runs]
     row["seeds"] = [r["seed"] for r in runs]
     row["heldout_losses"] = heldout_losses
@@ -578,6 +655,10 @@ def run(options: Options, pretrained: Pretrained, export=None) -> dict:
     "heldout_size": len(heldout),
     "left_out_too_long": left_out,
     "seconds": time.perf_counter() - start,
+    "seconds_by_part": {
+      part: float(sum(r.get(f"{part}_seconds", 0.0) for r in all_runs))
+      for part in ("compile", "step", "train", "eval", "export")
+    },
     "methods": rows,
   }
 
@@ -624,10 +705,14 @@ def plot(results: dict, path: pathlib.Path) -> None:
     means.append(row["heldout_loss_mean"])
     sds.append(row["heldout_loss_sd"])
     if row["losses"]:
-      curves.plot(
-        np.arange(1, len(row["losses"]) + 1), row["losses"], label=row["method"], color=f"C{i}"
-      )
-  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title="Learning curves")
+      runs = np.asarray(row.get("losses_by_seed") or [row["losses"]])
+      steps = np.arange(1, runs.shape[1] + 1)
+      curves.plot(steps, runs.mean(0), label=row["method"], color=f"C{i}")
+      if len(runs) > 1:
+        curves.fill_between(steps, runs.min(0), runs.max(0), color=f"C{i}", alpha=0.15)
+  seeds = results["options"]["seeds"]
+  title = "Learning curves" + (f" (mean, range of {seeds} seeds)" if seeds > 1 else "")
+  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title=title)
   curves.legend()
   curves.grid(alpha=0.3)
   bars.bar(names, means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=3)
