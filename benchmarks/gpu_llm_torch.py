@@ -31,6 +31,7 @@ import time
 if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
+from benchmarks.bench_llm import torch_model
 from benchmarks.gpu_llm import CONFIGS
 from deltalora_jax.demo.llm import train
 from deltalora_jax.demo.llm.model import LlamaConfig
@@ -39,11 +40,17 @@ METHODS = ("lora", "full")
 
 
 def hf_model(config: LlamaConfig, device: str):
-  """transformers' model of ``config``'s sizes, random, float32, on ``device``."""
+  """transformers' model of ``config``'s sizes, random (seed 0), float32, on ``device``.
+
+  A Llama is ``bench_llm.torch_model``'s; a Gemma 3 (the demo's sliding-window
+  flags) is ``Gemma3ForCausalLM`` with the same sizes and layer pattern.
+  """
   import torch
   import transformers
 
-  common = dict(
+  if not config.sliding_window:
+    return torch_model(config).to(device)
+  hf = transformers.Gemma3TextConfig(
     vocab_size=config.vocab_size,
     hidden_size=config.hidden_size,
     intermediate_size=config.intermediate_size,
@@ -52,22 +59,15 @@ def hf_model(config: LlamaConfig, device: str):
     num_key_value_heads=config.num_kv_heads,
     rms_norm_eps=config.rms_norm_eps,
     tie_word_embeddings=True,
-    max_position_embeddings=4096,
+    head_dim=config.head_dim,
+    sliding_window=config.sliding_window,
+    query_pre_attn_scalar=config.head_dim,
+    layer_types=list(config.layer_types),
   )
-  if config.sliding_window:  # the Gemma 3 flags of the demo's model
-    hf = transformers.Gemma3TextConfig(
-      **common,
-      head_dim=config.head_dim,
-      sliding_window=config.sliding_window,
-      query_pre_attn_scalar=config.head_dim,
-      layer_types=list(config.layer_types),
-    )
-    cls = transformers.Gemma3ForCausalLM
-  else:
-    hf = transformers.LlamaConfig(**common)
-    cls = transformers.LlamaForCausalLM
   torch.manual_seed(0)
-  model = cls._from_config(hf, attn_implementation="sdpa", dtype=torch.float32)
+  model = transformers.Gemma3ForCausalLM._from_config(
+    hf, attn_implementation="sdpa", dtype=torch.float32
+  )
   return model.to(device)
 
 
