@@ -154,28 +154,40 @@ def measure(config: LlamaConfig, method: str, batch: int, length: int, steps: in
   return record
 
 
-def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def arguments(doc: str, methods: tuple[str, ...]) -> argparse.ArgumentParser:
+  """The arguments of this script and of ``gpu_llm_torch.py``, its PyTorch counterpart."""
+  parser = argparse.ArgumentParser(description=doc.split("\n")[0])
   parser.add_argument("--configs", default=None, help="comma-separated, among " + ",".join(CONFIGS))
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--methods", default=",".join(methods))
   parser.add_argument("--batch", type=int, default=None, help="(8 on a GPU, 2 on a CPU)")
   parser.add_argument("--length", type=int, default=None, help="(1024 on a GPU, 32 on a CPU)")
   parser.add_argument("--steps", type=int, default=10)
-  parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
-  parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (tiny config)")
+  parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (tiny configs)")
   parser.add_argument("--out", type=pathlib.Path, required=True)
+  return parser
+
+
+def sizes(
+  parser: argparse.ArgumentParser, args: argparse.Namespace, on_gpu: bool
+) -> tuple[list[str], int, int]:
+  """``(config names, batch, length)`` of ``args``: the real shapes on a GPU, toys on a CPU."""
+  configs = (args.configs or ("gemma3-270m,llama-1b" if on_gpu else "tiny,gemma3-tiny")).split(",")
+  unknown = [c for c in configs if c not in CONFIGS]
+  if unknown:
+    parser.error(f"--configs must be among {list(CONFIGS)}, got {unknown}")
+  return configs, args.batch or (8 if on_gpu else 2), args.length or (1024 if on_gpu else 32)
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = arguments(__doc__, METHODS)
+  parser.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak")
   args = parser.parse_args(argv)
   device = jax.devices()[0]
   on_gpu = device.platform == "gpu"
   if not on_gpu and not args.allow_cpu:
     print(f"no GPU here (jax sees {device.platform}: {device.device_kind}); --allow-cpu to check")
     return 2
-  configs = (args.configs or ("gemma3-270m,llama-1b" if on_gpu else "tiny,gemma3-tiny")).split(",")
-  unknown = [c for c in configs if c not in CONFIGS]
-  if unknown:
-    parser.error(f"--configs must be among {list(CONFIGS)}, got {unknown}")
-  batch = args.batch or (8 if on_gpu else 2)
-  length = args.length or (1024 if on_gpu else 32)
+  configs, batch, length = sizes(parser, args, on_gpu)
   peak = peak_flops(device.device_kind, args.peak_tflops)
   results = {
     "device": {

@@ -20,7 +20,6 @@ Here, to check the script: ``python benchmarks/gpu_llm_torch.py --allow-cpu --ou
 
 from __future__ import annotations
 
-import argparse
 import gc
 import json
 import pathlib
@@ -32,7 +31,7 @@ if __package__ in (None, ""):
   sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
 from benchmarks.bench_llm import torch_model
-from benchmarks.gpu_llm import CONFIGS
+from benchmarks.gpu_llm import CONFIGS, arguments, sizes
 from deltalora_jax.demo.llm import train
 from deltalora_jax.demo.llm.model import LlamaConfig
 
@@ -138,26 +137,15 @@ def main(argv: list[str] | None = None) -> int:
   import torch
   import transformers
 
-  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--configs", default=None, help="comma-separated, among " + ",".join(CONFIGS))
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--batch", type=int, default=None, help="(8 on a GPU, 2 on a CPU)")
-  parser.add_argument("--length", type=int, default=None, help="(1024 on a GPU, 32 on a CPU)")
-  parser.add_argument("--steps", type=int, default=10)
+  parser = arguments(__doc__, METHODS)
   parser.add_argument("--compile", action="store_true", help="add torch.compile variants")
-  parser.add_argument("--allow-cpu", action="store_true", help="run without a GPU (tiny configs)")
-  parser.add_argument("--out", type=pathlib.Path, required=True)
   args = parser.parse_args(argv)
   on_gpu = torch.cuda.is_available()
   if not on_gpu and not args.allow_cpu:
     print("no GPU here (torch.cuda.is_available() is False); --allow-cpu to check")
     return 2
   device = "cuda" if on_gpu else "cpu"
-  configs = (args.configs or ("gemma3-270m,llama-1b" if on_gpu else "tiny,gemma3-tiny")).split(",")
-  unknown = [c for c in configs if c not in CONFIGS]
-  if unknown:
-    parser.error(f"--configs must be among {list(CONFIGS)}, got {unknown}")
-  batch, length = args.batch or (8 if on_gpu else 2), args.length or (1024 if on_gpu else 32)
+  configs, batch, length = sizes(parser, args, on_gpu)
   results = {
     "device": torch.cuda.get_device_name() if on_gpu else "cpu",
     "torch": torch.__version__,
