@@ -44,7 +44,7 @@ class Options(TypedDict, total=False):
 
 
 #: The options a :class:`LayerConfig` records (an initializer is not saved).
-OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
+RECORDED_OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
 
 
 def _check_bool(name: str, value: Any) -> bool:
@@ -151,8 +151,8 @@ class LayerConfig:
     return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
 
   def options(self) -> dict[str, Any]:
-    """The LoRA options (:data:`OPTIONS`) as keyword arguments of a layer."""
-    return {name: getattr(self, name) for name in OPTIONS}
+    """The LoRA options (:data:`RECORDED_OPTIONS`) as keyword arguments of a layer."""
+    return {name: getattr(self, name) for name in RECORDED_OPTIONS}
 
   def to_json(self) -> dict[str, Any]:
     """Plain JSON data: the projection as :func:`~deltalora_jax.projections.to_json`."""

@@ -190,8 +190,8 @@ def trace_linen(
 ) -> dict[str, dict[str, Any]]:
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
-  Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
-  adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
+  Each entry has the module's ``kind`` (its projection's name for a layer that
+  can be adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
   call uses; ``'adapted'``; or its type name, with the reason when it is a
   projection layer that cannot be adapted). Runs under ``jax.eval_shape``:
   nothing is computed.
@@ -206,10 +206,12 @@ def trace_linen(
         entry["kind"] = "adapted"
       elif entry["kind"] != "adapted" and context.method_name == "__call__":
         try:
-          kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
+          projection = linen_front.projection_of(module, _einsum_str(args, kwargs))
           inputs = args[0] if args else kwargs.get("inputs")
-          shape = None if inputs is None else kind.kernel_shape(jnp.shape(inputs))  # one layer's
-          entry.update(kind="dense", module=module, projection=kind, kernel_shape=shape)
+          shape = None if inputs is None else projection.kernel_shape(jnp.shape(inputs))
+          entry.update(
+            kind=projection.name, module=module, projection=projection, kernel_shape=shape
+          )
         except TypeError as error:
           if isinstance(module, _LINEN_KINDS):
             entry["kind"] = f"{type(module).__name__} ({error})"
@@ -338,7 +340,7 @@ def adapt_linen(
     if (*paths.as_path(name), "lora_a") in params:
       entry["kind"] = "adapted"
   kinds = {name: entry["kind"] for name, entry in found.items()}
-  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  chosen = select_targets(kinds, targets, exclude)
   per_layer = layer_options(chosen, checked, overrides)
   adapters, new = dict(existing), {}
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):

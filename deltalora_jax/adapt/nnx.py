@@ -11,6 +11,8 @@ from flax import nnx
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax import paths
 from deltalora_jax.adapt.targets import (
+  ADAPTABLE_KINDS,
+  ADAPTED,
   check_layer_rank,
   check_options,
   layer_options,
@@ -23,15 +25,16 @@ from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
 
 def kind(module: Any) -> str:
-  """``'dense'`` (can be adapted), ``'adapted'``, or the type name (with the reason)."""
+  """A module's kind: its projection's name when it can be adapted (``'general_dense'``,
+  ``'einsum'``, ``'conv'``), ``'adapted'``, or its type name (with the reason)."""
   if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral | nnx.LoRALinear):
-    return "adapted"
+    return ADAPTED
   try:
-    nnx_front.describe(module)
+    described = nnx_front.describe(module)
   except TypeError as error:
     reason = f" ({error})" if projection_like(module) else ""
     return type(module).__name__ + reason
-  return "dense"
+  return described.projection.name
 
 
 def projection_like(module: Any) -> bool:
@@ -154,10 +157,10 @@ def adapt_nnx(
   checked = check_options(options)
   found = modules(model)
   kinds = {name: kind(m) for name, (_, m) in found.items()}
-  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  chosen = select_targets(kinds, targets, exclude)
   per_layer = layer_options(chosen, checked, overrides)
   for name in chosen:  # before any layer is built, naming the layer
-    module = found[name][1]  # of the kind "dense": a description names its kernel
+    module = found[name][1]  # of an adaptable kind: a description names its kernel
     described = nnx_front.describe(module)
     shape = tuple(getattr(module, described.kernel).shape)
     layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
@@ -185,7 +188,7 @@ def _skipped(
   return {
     name: kinds[name]
     for name, (_, module) in found.items()
-    if kinds[name] not in ("dense", "adapted")
+    if kinds[name] not in ADAPTABLE_KINDS | {ADAPTED}
     and name not in excluded
     and not _inside_adapted(name, kinds)
     and projection_like(module)
@@ -195,4 +198,4 @@ def _skipped(
 def _inside_adapted(name: str, kinds: Mapping[str, str]) -> bool:
   """Whether ``name`` lies inside an adapted layer (its base's submodules are not the model's)."""
   parts = name.split("/")
-  return any(kinds.get("/".join(parts[:i])) == "adapted" for i in range(1, len(parts)))
+  return any(kinds.get("/".join(parts[:i])) == ADAPTED for i in range(1, len(parts)))

@@ -86,6 +86,7 @@ from deltalora_jax import core, paths, projections, tree
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
+from deltalora_jax.adapt import targets
 from deltalora_jax.config import LayerConfig
 
 CONFIG_FILE = "adapter_config.json"
@@ -150,64 +151,71 @@ UNSUPPORTED = {
 # --------------------------------------------------------------------------
 
 
-def _einsum_axes(kind: projections.Einsum) -> tuple[list[int], list[int], list[int]]:
+def _einsum_axes(projection: projections.Einsum) -> tuple[list[int], list[int], list[int]]:
   """``(batch, contracted, output)`` positions of the kernel's axes of an Einsum."""
-  lhs, rhs = kind.equation.split("->")[0].split(",")
-  out = kind.equation.split("->")[1]
+  lhs, rhs = projection.equation.split("->")[0].split(",")
+  out = projection.equation.split("->")[1]
   batch = [i for i, c in enumerate(rhs) if c in lhs and c in out]
   inner = [i for i, c in enumerate(rhs) if c in lhs and c not in out]
   outer = [i for i, c in enumerate(rhs) if c in out and c not in lhs]
   return batch, inner, outer
 
 
-def _check_layer(name: str, kind: projections.Projection, kernel_shape: Sequence[int]) -> None:
+def _check_layer(
+  name: str, projection: projections.Projection, kernel_shape: Sequence[int]
+) -> None:
   """Raises unless the layer at ``name`` is one PEFT module (not stacked, no batch axes)."""
-  stack = len(kernel_shape) - kind.kernel_ndim
+  stack = len(kernel_shape) - projection.kernel_ndim
   if stack:
     raise ValueError(
       f"the layer {name!r} is a stack of {tuple(kernel_shape[:stack])} layers (nn.scan, "
       "nnx.vmap); a PEFT file holds one PyTorch module per layer: unstack it first"
     )
-  if isinstance(kind, projections.Einsum) and _einsum_axes(kind)[0]:
+  if isinstance(projection, projections.Einsum) and _einsum_axes(projection)[0]:
     raise ValueError(
-      f"the layer {name!r} is an Einsum {kind.equation!r} with batch axes (factors per index); "
+      f"the layer {name!r} is an Einsum {projection.equation!r} with batch axes (factors per "
+      "index); "
       "PEFT has no such module: only Linear-like Einsums (no batch axis) are written"
     )
-  if isinstance(kind, projections.Conv) and len(kind.kernel_size) > 3:
-    raise ValueError(f"the layer {name!r} is a {len(kind.kernel_size)}-D Conv; PyTorch has 1-3-D")
+  if isinstance(projection, projections.Conv) and len(projection.kernel_size) > 3:
+    raise ValueError(
+      f"the layer {name!r} is a {len(projection.kernel_size)}-D Conv; PyTorch has 1-3-D"
+    )
 
 
-def _matrix(kind: projections.Projection, kernel: Any) -> np.ndarray:
+def _matrix(projection: projections.Projection, kernel: Any) -> np.ndarray:
   """A kernel (or ``D``) as the matrix ``[prod(in), prod(out)]`` the factors multiply to."""
   kernel = np.asarray(kernel, np.float64)
-  if isinstance(kind, projections.Einsum):
-    _, inner, outer = _einsum_axes(kind)
+  if isinstance(projection, projections.Einsum):
+    _, inner, outer = _einsum_axes(projection)
     kernel = np.transpose(kernel, inner + outer)
     n_in = len(inner)
-  elif isinstance(kind, projections.Conv):
+  elif isinstance(projection, projections.Conv):
     n_in = kernel.ndim - 1
   else:
-    n_in = kernel.ndim - len(kind.features)
+    n_in = kernel.ndim - len(projection.features)
   return np.reshape(kernel, (math.prod(kernel.shape[:n_in]), -1))
 
 
-def _unmatrix(kind: projections.Projection, matrix: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def _unmatrix(
+  projection: projections.Projection, matrix: np.ndarray, shape: Sequence[int]
+) -> np.ndarray:
   """The kernel of :func:`_matrix`'s ``matrix``: its inverse."""
-  if not isinstance(kind, projections.Einsum):
+  if not isinstance(projection, projections.Einsum):
     return np.reshape(matrix, tuple(shape))
-  _, inner, outer = _einsum_axes(kind)
+  _, inner, outer = _einsum_axes(projection)
   order = inner + outer
   permuted = np.reshape(matrix, tuple(shape[i] for i in order))
   return np.transpose(permuted, np.argsort(order))
 
 
 def _torch_factors(
-  kind: projections.Projection, lora_a: np.ndarray, lora_b: np.ndarray
+  projection: projections.Projection, lora_a: np.ndarray, lora_b: np.ndarray
 ) -> tuple[np.ndarray, np.ndarray]:
   """``(lora_A.weight, lora_B.weight)`` of this library's ``A``, ``B`` (one layer)."""
   rank = lora_a.shape[-1]
-  if isinstance(kind, projections.Conv):
-    n = len(kind.kernel_size)
+  if isinstance(projection, projections.Conv):
+    n = len(projection.kernel_size)
     a = np.transpose(lora_a, (n + 1, n, *range(n)))
     b = np.reshape(np.transpose(lora_b), (lora_b.shape[1], rank, *(1,) * n))
     return a, b
@@ -215,16 +223,16 @@ def _torch_factors(
 
 
 def _flax_factors(
-  kind: projections.Projection,
+  projection: projections.Projection,
   kernel_shape: Sequence[int],
   weight_a: np.ndarray,
   weight_b: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
   """``(A, B)`` in this library's layout from PEFT's ``lora_A``/``lora_B`` weights."""
   rank = weight_a.shape[0]
-  a_shape, b_shape = kind.factor_shapes(tuple(kernel_shape), rank)
-  if isinstance(kind, projections.Conv):
-    n = len(kind.kernel_size)
+  a_shape, b_shape = projection.factor_shapes(tuple(kernel_shape), rank)
+  if isinstance(projection, projections.Conv):
+    n = len(projection.kernel_size)
     a = np.transpose(weight_a, (*range(2, n + 2), 1, 0))
     b = np.transpose(np.reshape(weight_b, weight_b.shape[:2]))
     return a, b
@@ -232,28 +240,28 @@ def _flax_factors(
 
 
 def _torch_shapes(
-  kind: projections.Projection, kernel_shape: Sequence[int], rank: int
+  projection: projections.Projection, kernel_shape: Sequence[int], rank: int
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """The shapes of ``lora_A.weight`` and ``lora_B.weight`` for a layer of ``kernel_shape``."""
-  a_shape, b_shape = kind.factor_shapes(tuple(kernel_shape), rank)
-  if isinstance(kind, projections.Conv):
-    n = len(kind.kernel_size)
+  a_shape, b_shape = projection.factor_shapes(tuple(kernel_shape), rank)
+  if isinstance(projection, projections.Conv):
+    n = len(projection.kernel_size)
     return (rank, a_shape[n], *a_shape[:n]), (b_shape[1], rank, *(1,) * n)
   return (rank, math.prod(a_shape[:-1])), (math.prod(b_shape[1:]), rank)
 
 
-def _torch_weight(kind: projections.Projection, kernel: np.ndarray) -> np.ndarray:
+def _torch_weight(projection: projections.Projection, kernel: np.ndarray) -> np.ndarray:
   """A Flax kernel as PyTorch's ``weight``: ``[out, in]`` or ``[out, in, *window]``."""
-  if isinstance(kind, projections.Conv):
-    n = len(kind.kernel_size)
+  if isinstance(projection, projections.Conv):
+    n = len(projection.kernel_size)
     return np.transpose(kernel, (n + 1, n, *range(n)))
-  return _matrix(kind, kernel).T
+  return _matrix(projection, kernel).T
 
 
-def _torch_bias(kind: projections.Projection, bias: np.ndarray) -> np.ndarray:
+def _torch_bias(projection: projections.Projection, bias: np.ndarray) -> np.ndarray:
   """A Flax bias as PyTorch's ``bias [out]`` (an Einsum's in its kernel's axis order)."""
-  if isinstance(kind, projections.Einsum):
-    rhs, out = kind.equation.split("->")[0].split(",")[1], kind.equation.split("->")[1]
+  if isinstance(projection, projections.Einsum):
+    rhs, out = projection.equation.split("->")[0].split(",")[1], projection.equation.split("->")[1]
     letters = [c for c in out if c in rhs]
     bias = np.transpose(bias, np.argsort([rhs.index(c) for c in letters]))
   return np.reshape(bias, (-1,))
@@ -291,7 +299,9 @@ def _module_name(module_names: ModuleNames, name: str) -> tuple[str, ...] | None
   return tuple(parts)
 
 
-def _check_fused(name: str, kind: projections.Projection, shape: Sequence[int], parts: int) -> None:
+def _check_fused(
+  name: str, projection: projections.Projection, shape: Sequence[int], parts: int
+) -> None:
   """Raises unless a layer given ``parts`` module names has a fused leading output axis of them.
 
   The fused axis is the first output axis in the kernel's order (tunix's ``kv_einsum``
@@ -299,10 +309,10 @@ def _check_fused(name: str, kind: projections.Projection, shape: Sequence[int], 
   """
   if parts == 1:
     return
-  if isinstance(kind, projections.Einsum):
-    size = shape[_einsum_axes(kind)[2][0]]
-  elif isinstance(kind, projections.GeneralDense):
-    size = kind.features[0]
+  if isinstance(projection, projections.Einsum):
+    size = shape[_einsum_axes(projection)[2][0]]
+  elif isinstance(projection, projections.GeneralDense):
+    size = projection.features[0]
   else:
     size = None
   if size != parts:
@@ -345,7 +355,7 @@ def _targeted(target_modules: Any, module: str, field: str = "target_modules") -
 
 def _kernel_of(module: Any) -> Any:
   """An NNX layer's kernel: an adapter's ``kernel``, or the one its base kind names (``w``)."""
-  if nnx_adapt.kind(module) == "dense":
+  if nnx_adapt.kind(module) in targets.ADAPTABLE_KINDS:
     return getattr(module, nnx_front.describe(module).kernel)[...]
   return module.kernel[...]
 
@@ -386,7 +396,7 @@ def _change(
   rule: str, config: LayerConfig, arrays: Mapping[str, Any], base_kernel: np.ndarray | None
 ) -> np.ndarray:
   """The layer's trained change of its kernel, ``[prod(in), prod(out)]``, float64."""
-  kind = config.projection
+  projection = config.projection
   a = np.asarray(arrays["lora_a"], np.float64)
   b = np.asarray(arrays["lora_b"], np.float64)
   change = config.scaling * np.reshape(a, (-1, config.rank)) @ np.reshape(b, (config.rank, -1))
@@ -396,9 +406,9 @@ def _change(
     frozen = np.reshape(a0, (-1, config.rank)) @ np.reshape(b0, (config.rank, -1))
     change = (1 + config.paper_lambda) * change - config.paper_lambda * config.scaling * frozen
   if rule == "seed" and config.use_delta:
-    change = change + config.delta_scaling * _matrix(kind, arrays["delta"])
+    change = change + config.delta_scaling * _matrix(projection, arrays["delta"])
   if base_kernel is not None:
-    change = change + _matrix(kind, arrays["kernel"]) - _matrix(kind, base_kernel)
+    change = change + _matrix(projection, arrays["kernel"]) - _matrix(projection, base_kernel)
   return change
 
 
@@ -644,13 +654,13 @@ def save_peft(
     state = {}
     for name, modules in names.items():
       config, arrays = found[name]
-      kind = config.projection
+      projection = config.projection
       change = _change(rule, config, arrays, kernels0.get(name))
       kernel = np.asarray(kernels0.get(name, arrays["kernel"]), np.float64)
-      full = _unmatrix(kind, _matrix(kind, kernel) + change, kernel.shape)
-      weights = np.split(_torch_weight(kind, full), len(modules))  # a fused kernel's rows
+      full = _unmatrix(projection, _matrix(projection, kernel) + change, kernel.shape)
+      weights = np.split(_torch_weight(projection, full), len(modules))  # a fused kernel's rows
       biases = (
-        np.split(_torch_bias(kind, np.asarray(arrays["bias"])), len(modules))
+        np.split(_torch_bias(projection, np.asarray(arrays["bias"])), len(modules))
         if "bias" in arrays
         else [None] * len(modules)
       )
@@ -671,7 +681,7 @@ def save_peft(
   use_rslora = rule == "lora" and all(c.use_rslora for c in configs.values())
   for name, modules in names.items():
     config, arrays = found[name]
-    kind = config.projection
+    projection = config.projection
     shape = tuple(arrays["kernel"].shape)
     if rule == "lora":
       a, b = np.asarray(arrays["lora_a"], np.float32), np.asarray(arrays["lora_b"], np.float32)
@@ -685,10 +695,10 @@ def save_peft(
       change = _change(rule, config, arrays, kernels0.get(name))
       k = min(2 * config.rank if rule == "paper" else int(rank or 0), *change.shape)
       u, v, error = _truncated(change, k)
-      a_shape, b_shape = kind.factor_shapes(shape, k)
+      a_shape, b_shape = projection.factor_shapes(shape, k)
       a, b, scaling = np.reshape(u, a_shape), np.reshape(v, b_shape), 1.0
       kernel_change = u.astype(np.float64) @ v.astype(np.float64)
-    torch_a, torch_b = _torch_factors(kind, a, b)
+    torch_a, torch_b = _torch_factors(projection, a, b)
     alpha = scaling * (math.sqrt(k) if use_rslora else k)
     # A fused kernel's parts share A; each takes its block of B's rows (exact: the rows of
     # s A B are the parts' own).
@@ -704,7 +714,7 @@ def save_peft(
     }
     if sample is not None and kernel_change is not None:
       kernel = np.asarray(kernels0.get(name, arrays["kernel"]), np.float64)
-      applied[name] = _unmatrix(kind, _matrix(kind, kernel) + kernel_change, shape)
+      applied[name] = _unmatrix(projection, _matrix(projection, kernel) + kernel_change, shape)
   config_json = _config_json(written, use_rslora, task_type, base_model_name_or_path)
   with open(os.path.join(directory, CONFIG_FILE), "w") as file:
     json.dump(config_json, file, indent=2, sort_keys=True)
@@ -800,8 +810,8 @@ def _target_layers(
       raise TypeError("an NNX model takes neither sample inputs nor variables=")
     layers = {}
     for name, (_, candidate) in nnx_adapt.modules(model).items():
-      if nnx_adapt.kind(candidate) == "dense":
-        description = nnx_front.describe(candidate)  # of the kind "dense"
+      if nnx_adapt.kind(candidate) in targets.ADAPTABLE_KINDS:
+        description = nnx_front.describe(candidate)
         kernel = getattr(candidate, description.kernel)
         layers[name] = (description.projection, tuple(kernel.shape), description.bias is not None)
     return layers
@@ -815,7 +825,7 @@ def _target_layers(
     name: (entry["projection"], tuple(params[(*paths.as_path(name), "kernel")].shape),
            bool(entry["module"].use_bias))
     for name, entry in found.items()
-    if entry["kind"] == "dense" and (*paths.as_path(name), "kernel") in params
+    if entry["kind"] in targets.ADAPTABLE_KINDS and (*paths.as_path(name), "kernel") in params
   }  # fmt: skip
 
 
@@ -912,14 +922,14 @@ def load_peft(
         f"{WEIGHTS_FILE} adapts {module!r}, which exclude_modules={exclude_modules!r} leaves out"
       )
     name = by_module[module]
-    kind, kernel_shape, use_bias = layers[name]
-    _check_layer(name, kind, kernel_shape)
+    projection, kernel_shape, use_bias = layers[name]
+    _check_layer(name, projection, kernel_shape)
     rank_key, alpha_key = _pattern_key(rank_pattern, module), _pattern_key(alpha_pattern, module)
     rank = int(rank_pattern[rank_key] if rank_key is not None else config.get("r", 8))
     alpha = float(
       alpha_pattern[alpha_key] if alpha_key is not None else config.get("lora_alpha", 8)
     )
-    want = _torch_shapes(kind, kernel_shape, rank)
+    want = _torch_shapes(projection, kernel_shape, rank)
     for key, expected in zip(("lora_A", "lora_B"), want, strict=True):
       if tuple(pair[key].shape) != expected:
         raise ValueError(
@@ -927,10 +937,10 @@ def load_peft(
           f"{name!r} (kernel {kernel_shape}, r={rank}) needs {expected}"
         )
     a, b = _flax_factors(
-      kind, kernel_shape, pair["lora_A"].astype(np.float32), pair["lora_B"].astype(np.float32)
+      projection, kernel_shape, pair["lora_A"].astype(np.float32), pair["lora_B"].astype(np.float32)
     )
     layer_config = LayerConfig(
-      kind, rank=rank, alpha=alpha, use_bias=use_bias, use_delta=False, use_rslora=use_rslora
+      projection, rank=rank, alpha=alpha, use_bias=use_bias, use_delta=False, use_rslora=use_rslora
     )
     adapter["config"][name] = {**layer_config.to_json(), "kernel_shape": list(kernel_shape)}
     adapter["weights"][name] = {"lora_a": a, "lora_b": b}
