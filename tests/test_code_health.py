@@ -74,3 +74,9 @@ def test_select_targets_takes_projection_names_and_refuses_other_kinds():
   assert targets.select_targets(modules) == ["q", "k"]
   with pytest.raises(TypeError, match="'o' is a Dropout"):
     targets.select_targets(modules, ["o"])
+
+
+def test_adapt_nnx_documents_every_option():
+  args = dl.adapt_nnx.__doc__.split("**options:")[1].split("Returns:")[0]
+  missing = [name for name in targets.ADAPTER_OPTIONS if f"``{name}``" not in args]
+  assert not missing, f"adapt_nnx's docstring omits {missing}"

@@ -125,8 +125,9 @@ def adapt_nnx(
     verbose: print the table of what was adapted.
     **options: the adapters' options (:class:`~deltalora_jax.config.Options`):
       ``rank`` (required), ``alpha``, ``delta_scaling``, ``freeze_base``,
-      ``use_delta``, ``evaluation``, ``adapter_dtype``, ``lora_a_init``;
-      the defaults are the layers' own.
+      ``use_delta``, ``evaluation``, ``adapter_dtype``, ``use_rslora``
+      (``s = alpha / sqrt(rank)``), ``paper_lambda``, ``lora_a_init``; the
+      defaults are the layers' own.
 
   Returns:
     ``(model, report)``: the model itself, and ``{'layers': {name: figures},
