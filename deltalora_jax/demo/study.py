@@ -20,7 +20,10 @@ so the runs that share an ``eta`` show whether ``ds`` matters apart from it.
 
 Every run is saved to ``cache/<stage>-<method>-<hash>.json`` as it ends; a
 study started again with the same options reads the runs it has and trains
-only the rest, so a killed study continues where it stopped.
+only the rest, so a killed study continues where it stopped. The hash covers
+the run's options, the data sizes and the code that produces the numbers
+(:func:`code_version`: the package's version and the text of
+:data:`STUDY_CODE`), so a run cached by older code is trained again.
 """
 
 from __future__ import annotations
@@ -38,9 +41,42 @@ from typing import Any
 import jax
 import numpy as np
 
+import deltalora_jax as dl
 from deltalora_jax.demo import data, train
 
 STAGES = ("sweep", "final")
+
+#: The files, relative to the package, whose code produces a run's numbers: the library's
+#: layers, optimizers, merge and figures, and the demo's model, data, training and rows.
+STUDY_CODE = (
+  "config.py",
+  "core.py",
+  "linen.py",
+  "optim.py",
+  "paper.py",
+  "paths.py",
+  "pretrained.py",
+  "projections.py",
+  "tree.py",
+  "demo/bert.py",
+  "demo/data.py",
+  "demo/study.py",
+  "demo/train.py",
+  "demo/weights.py",
+)
+
+
+def code_version(root: pathlib.Path | None = None) -> str:
+  """``'<package version>-<hash>'``, the hash of the text of :data:`STUDY_CODE` under ``root``.
+
+  ``root`` defaults to the installed package; a cached run with another code version is
+  not read.
+  """
+  root = pathlib.Path(__file__).parents[1] if root is None else root
+  digest = hashlib.sha256()
+  for name in STUDY_CODE:
+    digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+  return f"{dl.__version__}-{digest.hexdigest()[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +187,15 @@ class Run:
       return adapted | {"paper_lambda": o.paper_lambda, "paper_start_step": o.paper_start_step}
     return adapted
 
-  def key(self, sizes: dict) -> str:
-    """The cache file's name: stage, method and a hash of everything that changes the result."""
+  def key(self, sizes: dict, code: str | None = None) -> str:
+    """The cache file's name: stage, method and a hash of everything that changes the result.
+
+    ``code`` is the :func:`code_version` (None: the installed code's).
+    """
     options = dataclasses.asdict(self.options)
     del options["progress"]
-    blob = json.dumps([self.stage, self.method, self.data, options, sizes], sort_keys=True)
+    code = code_version() if code is None else code
+    blob = json.dumps([self.stage, self.method, self.data, options, sizes, code], sort_keys=True)
     return f"{self.stage}-{self.method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -225,6 +265,7 @@ class _Runner:
 
     self.pretrained, self.encoded, self.cache = pretrained, encoded, cache
     self.sizes = {name: len(split[0]) for name, split in encoded.items()}
+    self.code = code_version()
     self.progress = progress
     self.bar = tqdm(
       total=total, desc="study runs", disable=not progress, file=sys.stderr, position=0
@@ -232,7 +273,7 @@ class _Runner:
     self.trained = 0
 
   def __call__(self, run: Run) -> dict:
-    path = self.cache / f"{run.key(self.sizes)}.json"
+    path = self.cache / f"{run.key(self.sizes, self.code)}.json"
     if path.exists():
       row = json.loads(path.read_text())
     else:
