@@ -42,7 +42,7 @@ import jax
 import numpy as np
 
 import deltalora_jax as dl
-from deltalora_jax.demo import data, train
+from deltalora_jax.demo import data, report, train
 
 STAGES = ("sweep", "final")
 
@@ -503,8 +503,8 @@ def markdown(results: dict) -> str:
   for method, s in results["summary"].items():
     lines.append(
       f"| {method} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {s['macro_f1']:.3f} +- "
-      f"{s['macro_f1_std']:.3f} | {train.count(s['trainable_params'])} | "
-      f"{train.count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
+      f"{s['macro_f1_std']:.3f} | {report.count(s['trainable_params'])} | "
+      f"{report.count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
       f"{_setting(results['chosen'][method])} |"
     )
   lines += [
@@ -538,10 +538,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Test accuracy and macro-F1 with error bars; the seed rule's sweep against ``eta``."""
-  from matplotlib.figure import Figure
-
-  figure = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
-  bars, sweep = figure.subplots(1, 2, width_ratios=(1.4, 1))
+  figure, bars, sweep = report.two_panels((10, 3.6), (1.4, 1))
   methods = list(results["summary"])
   x = np.arange(len(methods))
   for offset, metric, label in ((-0.2, "accuracy", "accuracy"), (0.2, "macro_f1", "macro-F1")):
@@ -585,4 +582,4 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``study.json``, ``study.md`` and ``study.png`` to ``output``."""
   names = {"json": "study.json", "table": "study.md", "png": "study.png"}
-  return train.write(results, output, names, markdown, plot)
+  return report.write(results, output, names, markdown, plot)

@@ -30,7 +30,6 @@ import dataclasses
 import functools
 import math
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -42,6 +41,7 @@ import optax
 from flax import nnx
 
 import deltalora_jax as dl
+from deltalora_jax.demo import report
 from deltalora_jax.demo import train as demo_train
 from deltalora_jax.demo.llm import data, weights
 from deltalora_jax.demo.llm.model import Llama, LlamaConfig, forward, from_tensors, generate
@@ -399,8 +399,6 @@ def build(pretrained: Pretrained, options: Options, method: Method, seed: int, b
 
 def run_method(method, options, pretrained, base, train, heldout, encoded_heldout, seed, export):
   """Trains one method with one seed and measures it; returns its row of the results."""
-  from tqdm.auto import tqdm
-
   wall = time.perf_counter()
   model = build(pretrained, options, method, seed, base)
   row: dict[str, Any] = {"method": method.name, "description": method.description, "seed": seed}
@@ -419,22 +417,14 @@ def run_method(method, options, pretrained, base, train, heldout, encoded_heldou
     compiled = step.lower(state, *first).compile()
     row["compile_seconds"] = time.perf_counter() - compile_start
     peak = demo_train._peak_bytes(compiled)
-    bar = tqdm(
-      range(options.steps),
-      desc=f"{method.name:>11}",
-      disable=not options.progress,
-      file=sys.stderr,
-      dynamic_ncols=True,
+    (state,), losses, times = demo_train.train_steps(
+      compiled,
+      (state,),
+      lambda i: tuple(a[order[i]] for a in (train.ids, train.valid, train.target)),
+      options.steps,
+      f"{method.name:>11}",
+      options.progress,
     )
-    for i in bar:
-      batch = tuple(a[order[i]] for a in (train.ids, train.valid, train.target))
-      start = time.perf_counter()
-      state, loss = compiled(state, *batch)
-      loss = float(loss)
-      times.append(time.perf_counter() - start)
-      losses.append(loss)
-      bar.set_postfix(loss=f"{loss:.3f}")
-    bar.close()
     model, optimizer = nnx.merge(graphdef, state)
     trainable = sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt)))
   else:
@@ -477,23 +467,16 @@ def peft_exporter(directory: pathlib.Path, pretrained: Pretrained, rank: int = 3
 
   def export(method: str, model, initial) -> dict:
     rule = rules[method]
-    report = dl.save_peft(
+    return report.save_peft_method(
       directory / method,
+      rule,
       model,
+      initial=initial,
+      seed_rank=rank,
       module_names=hf_module_name,
-      rule=rule,
-      rank=rank if rule == "seed" else None,
-      base=initial if rule == "paper" else None,
       task_type="CAUSAL_LM",
       base_model_name_or_path=str(pretrained.gguf.parent),
     )
-    entries = report["layers"].values()
-    return {
-      "directory": str(directory / method),
-      "rule": rule,
-      "rank": max(e["rank"] for e in entries),
-      "max_relative_error": max(e["relative_error"] for e in entries),
-    }
 
   return export
 
@@ -589,7 +572,7 @@ def table(results: dict) -> str:
     step = row["median_step_s"]
     lines.append(
       f"| {row['method']} | {loss} | {row['heldout_perplexity']:.2f} | {acc} | "
-      f"{demo_train.count(row['trainable_params'])} | "
+      f"{report.count(row['trainable_params'])} | "
       f"{'n/a' if step is None else f'{1e3 * step:.0f} ms'} | "
       f"{'n/a' if step is None else format(row['tokens_per_s'], '.0f')} | {merged} |"
     )
@@ -598,25 +581,12 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Saves the learning curves and the held-out losses as a PNG."""
-  from matplotlib.figure import Figure
-
-  figure = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
-  curves, bars = figure.subplots(1, 2, width_ratios=(1.6, 1))
-  names, means, sds = [], [], []
-  for i, row in enumerate(results["methods"]):
-    names.append(row["method"])
-    means.append(row["heldout_loss_mean"])
-    sds.append(row["heldout_loss_sd"])
-    if row["losses"]:
-      curves.plot(
-        np.arange(1, len(row["losses"]) + 1), row["losses"], label=row["method"], color=f"C{i}"
-      )
-  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title="Learning curves")
-  curves.legend()
-  curves.grid(alpha=0.3)
-  bars.bar(names, means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=3)
-  for i, m in enumerate(means):
-    bars.text(i, m, f"{m:.3f}", ha="center", va="bottom")
+  figure, curves, bars = report.two_panels((9, 3.4), (1.6, 1))
+  methods = results["methods"]
+  curves_of = {row["method"]: row["losses"] for row in methods}
+  report.learning_curves(curves, curves_of, "training loss (answer tokens)")
+  means = [row["heldout_loss_mean"] for row in methods]
+  report.labelled_bars(bars, list(curves_of), means, [row["heldout_loss_sd"] for row in methods])
   bars.set(ylabel="held-out loss", title=f"Held-out loss ({results['heldout_size']} answers)")
   bars.tick_params(axis="x", labelrotation=25)
   figure.savefig(path)
@@ -625,4 +595,4 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``results.md`` and ``learning_curves.png`` to ``output``."""
   names = {"json": "results.json", "table": "results.md", "png": "learning_curves.png"}
-  return demo_train.write(results, output, names, table, plot)
+  return report.write(results, output, names, table, plot)
