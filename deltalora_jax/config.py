@@ -184,13 +184,15 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
   """The config of every adapted layer, by path.
 
   Args:
-    layers: an NNX model, a Linen layers mapping ``{path: layer}`` (from
+    layers: an NNX model, a Linen layers mapping ``{name: layer}`` (from
       :func:`deltalora_jax.adapted_layers`), or a
       :class:`~deltalora_jax.DeltaLoRAModel` (its ``layers``).
 
   Returns:
-    ``{path: LayerConfig}``, paths as tuples of strings, sorted for NNX and
-    in the mapping's order for Linen.
+    ``{path: LayerConfig}``, paths as tuples of strings (:data:`deltalora_jax.paths.Path`,
+    the library's inner form, which looks up variables trees), sorted for NNX and in the
+    mapping's order for Linen. Every public function gives a layer by its name
+    ``'a/b'`` instead (:func:`deltalora_jax.adapted_layers`).
 
   Raises:
     TypeError: for anything else, or a mapping entry that is not an adapted layer.
@@ -225,7 +227,7 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
     where = "layers"
   else:
     raise TypeError(
-      "layers must be an NNX model, a Linen layers mapping {path: layer} "
+      "layers must be an NNX model, a Linen layers mapping {name: layer} "
       f"(deltalora_jax.adapted_layers(model, x)) or a DeltaLoRAModel, got {type(layers).__name__}"
     )
   if not found:

@@ -362,7 +362,7 @@ def delta_lora(
     learning_rate: ``eta`` of the delta rule, a float or a schedule.
     momentum: ``mu`` of the velocity, ``0 <= mu < 1``.
     layers: the adapted layers: an NNX model, a Linen layers mapping
-      ``{path: layer}`` (:func:`deltalora_jax.adapted_layers`) or a
+      ``{name: layer}`` (:func:`deltalora_jax.adapted_layers`) or a
       :class:`~deltalora_jax.DeltaLoRAModel`
       (:func:`deltalora_jax.config.layer_configs` reads them). Their
       ``freeze_base`` is checked against ``base_optimizer`` here, and ``init``

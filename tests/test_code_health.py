@@ -80,3 +80,33 @@ def test_adapt_nnx_documents_every_option():
   args = dl.adapt_nnx.__doc__.split("**options:")[1].split("Returns:")[0]
   missing = [name for name in targets.ADAPTER_OPTIONS if f"``{name}``" not in args]
   assert not missing, f"adapt_nnx's docstring omits {missing}"
+
+
+class Stack(nnx.Module):
+  def __init__(self, rngs):
+    self.layers = nnx.List([dl.DeltaLoRALinear(2, 2, rank=1, rngs=rngs) for _ in range(2)])
+
+
+def test_every_function_names_a_layer_in_one_form():
+  """``'layers/0'``: adapted_layers gave ``('layers', 0)``, parameter_counts ``'layers/0'``."""
+  model = Stack(nnx.Rngs(0))
+  names = ["layers/0", "layers/1"]
+  assert list(dl.adapted_layers(model)) == names
+  assert [n for n in dl.parameter_counts(model) if n != "total"] == names
+  assert list(dl.layer_hyperparameters(model)) == names
+  assert list(dl.diagnostics(model)["layers"]) == names
+  assert list(dl.export_adapter(model)["weights"]) == names
+
+
+def test_linen_layers_are_named_like_nnx_ones_and_a_path_tuple_is_still_taken():
+  class Model(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      return dl.DeltaLoRADense(2, rank=1, name="out")(dl.DeltaLoRADense(3, rank=1, name="h")(x))
+
+  x = jnp.ones((1, 2))
+  variables = Model().init(jax.random.key(0), x)
+  layers = dl.adapted_layers(Model(), x)
+  assert list(layers) == ["h", "out"]
+  as_tuples = {tuple(name.split("/")): layer for name, layer in layers.items()}
+  assert dl.parameter_counts(variables, as_tuples) == dl.parameter_counts(variables, layers)

@@ -633,7 +633,7 @@ def test_layers_must_match_the_variables_tree_linen():
     tx.init(_variables())
   # One layer fewer in `layers` than in the tree is refused too.
   variables, layers, _ = _mlp_setup(_mlp())
-  del layers[("out",)]
+  del layers["out"]
   tx = dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR))
   with pytest.raises(
     ValueError, match=r"the tree has \['hidden', 'out'\], layers has \['hidden'\]"

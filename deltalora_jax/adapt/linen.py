@@ -76,9 +76,12 @@ class DeltaLoRAModel(nn.Module):
     nn.share_scope(self, self.model)
 
   @property
-  def layers(self) -> dict[Path, DeltaLoRAGeneral]:
-    """``{path: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
-    return {path: DeltaLoRAGeneral(**dict(options), parent=None) for path, options in self.adapters}
+  def layers(self) -> dict[str, DeltaLoRAGeneral]:
+    """``{name: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
+    return {
+      paths.name(path): DeltaLoRAGeneral(**dict(options), parent=None)
+      for path, options in self.adapters
+    }
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     configs = dict(self.adapters)

@@ -176,7 +176,7 @@ def _factors(model: nnx.Module) -> Any:
 
 def _adapted_kernels(model: nnx.Module) -> Any:
   """The factors and the kernels of the adapted layers: what the published rule updates."""
-  layers = {tuple(str(p) for p in path) for path in dl.adapted_layers(model)}
+  layers = {tuple(name.split("/")) for name in dl.adapted_layers(model)}
 
   def kernel(path, value) -> bool:
     names = tuple(str(p) for p in path)
