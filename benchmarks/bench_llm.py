@@ -60,6 +60,7 @@ import optax
 from flax import nnx
 
 import deltalora_jax as dl
+from deltalora_jax.demo import report
 from deltalora_jax.demo import train as demo_train
 from deltalora_jax.demo.llm import train
 from deltalora_jax.demo.llm.model import LlamaConfig, from_tensors
@@ -360,7 +361,7 @@ def table(results: dict) -> str:
       f"| {name} | {1e3 * r['median_step_s']:.0f} ms | {r['tokens_per_s']:.0f} | "
       f"{'' if ratio is None else format(ratio['tokens_per_s_ratio'], '.2f') + 'x'} | "
       f"{peak / 2**20:.0f} MiB{'' if r['side'] == 'jax' else ' (est.)'} | "
-      f"{demo_train.count(r['trainable_params'])} |"
+      f"{report.count(r['trainable_params'])} |"
     )
   return "\n".join(lines)
 

@@ -82,7 +82,7 @@ def layer_hyperparameters(layers: Any) -> dict[str, dict[str, Any]]:
   parameters need no entry: the checkpoint's layout records each leaf's dtype.
 
   Args:
-    layers: an NNX model, a Linen layers mapping ``{path: layer}`` (from
+    layers: an NNX model, a Linen layers mapping ``{name: layer}`` (from
       :func:`deltalora_jax.adapted_layers`) or a :class:`~deltalora_jax.DeltaLoRAModel`.
 
   Returns:
@@ -188,6 +188,70 @@ def _abstract(leaf: Any, default_sharding: jax.sharding.Sharding) -> jax.ShapeDt
   return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
 
 
+def _mismatches(
+  saved_layout: Mapping[str, Any],
+  saved_hyperparameters: Mapping[str, Any],
+  like: Any,
+  hyperparameters: Mapping[str, Any] | None,
+) -> list[str]:
+  """What differs between a saved step and ``like`` (and ``hyperparameters``, if given)."""
+  problems = _differences(
+    _described(saved_layout),
+    _described(_layout(like)),
+    label="",
+    other="like",
+    missing="not in like",
+    show=str,
+  )
+  if hyperparameters is not None:
+    given = _json_value(dict(hyperparameters), "hyperparameters")
+    problems += _differences(
+      _flat(saved_hyperparameters),
+      _flat(given),
+      label="hyperparameter ",
+      other="given",
+      missing="not given",
+    )
+  return problems
+
+
+def _wrapped_keys(like: Any, restored: Any, saved_layout: Mapping[str, Any]) -> Any:
+  """``restored`` with each PRNG key of ``like`` wrapped back from its saved key data."""
+
+  def back(path: tuple[Any, ...], leaf: Any, value: jax.Array) -> jax.Array:
+    if _is_key(leaf):
+      impl = saved_layout[paths.key_name(path)]["key_impl"]
+      key: jax.Array = jax.random.wrap_key_data(value, impl=impl)  # jax leaves it untyped
+      return key
+    return value
+
+  return jax.tree_util.tree_map_with_path(back, like, restored)
+
+
+def _manager(
+  directory: str | os.PathLike[str], max_to_keep: int | None, async_save: bool
+) -> ocp.CheckpointManager:
+  """orbax's manager of the three items of a step: the state, its layout, the hyperparameters."""
+  if max_to_keep is not None and (
+    isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
+  ):
+    raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+  options = ocp.CheckpointManagerOptions(
+    max_to_keep=max_to_keep,
+    enable_async_checkpointing=async_save,
+    cleanup_tmp_directories=True,
+  )
+  return ocp.CheckpointManager(
+    directory,
+    options=options,
+    item_handlers={
+      STATE: ocp.StandardCheckpointHandler(),
+      LAYOUT: ocp.JsonCheckpointHandler(),
+      HYPERPARAMETERS: ocp.JsonCheckpointHandler(),
+    },
+  )
+
+
 class TrainingCheckpointer:
   """Saves and restores whole training states in a directory, one sub-directory per step.
 
@@ -216,25 +280,8 @@ class TrainingCheckpointer:
   def __init__(
     self, directory: str | os.PathLike[str], *, max_to_keep: int | None = 3, async_save: bool = True
   ):
-    if max_to_keep is not None and (
-      isinstance(max_to_keep, bool) or not isinstance(max_to_keep, int) or max_to_keep < 1
-    ):
-      raise ValueError(f"max_to_keep must be a positive int or None, got {max_to_keep!r}")
+    self._manager = _manager(directory, max_to_keep, async_save)
     self.directory = directory
-    options = ocp.CheckpointManagerOptions(
-      max_to_keep=max_to_keep,
-      enable_async_checkpointing=async_save,
-      cleanup_tmp_directories=True,
-    )
-    self._manager = ocp.CheckpointManager(
-      directory,
-      options=options,
-      item_handlers={
-        STATE: ocp.StandardCheckpointHandler(),
-        LAYOUT: ocp.JsonCheckpointHandler(),
-        HYPERPARAMETERS: ocp.JsonCheckpointHandler(),
-      },
-    )
 
   def save(
     self, step: int, state: Any, *, hyperparameters: Mapping[str, Any] | None = None
@@ -318,23 +365,7 @@ class TrainingCheckpointer:
     """
     step = self._step(step)
     saved_layout, saved_hyperparameters = self._metadata(step)
-    problems = _differences(
-      _described(saved_layout),
-      _described(_layout(like)),
-      label="",
-      other="like",
-      missing="not in like",
-      show=str,
-    )
-    if hyperparameters is not None:
-      given = _json_value(dict(hyperparameters), "hyperparameters")
-      problems += _differences(
-        _flat(saved_hyperparameters),
-        _flat(given),
-        label="hyperparameter ",
-        other="given",
-        missing="not given",
-      )
+    problems = _mismatches(saved_layout, saved_hyperparameters, like, hyperparameters)
     if problems:
       listed = "; ".join(problems[:_MAX_LISTED])
       more = f"; and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""
@@ -346,15 +377,7 @@ class TrainingCheckpointer:
     restored = self._manager.restore(
       step, args=ocp.args.Composite(**{STATE: ocp.args.StandardRestore(target)})
     )[STATE]
-
-    def back(path: tuple[Any, ...], leaf: Any, value: jax.Array) -> jax.Array:
-      if _is_key(leaf):
-        impl = saved_layout[paths.key_name(path)]["key_impl"]
-        key: jax.Array = jax.random.wrap_key_data(value, impl=impl)  # jax leaves it untyped
-        return key
-      return value
-
-    return jax.tree_util.tree_map_with_path(back, like, restored)
+    return _wrapped_keys(like, restored, saved_layout)
 
   def latest_step(self) -> int | None:
     """The newest finished step, or None."""

@@ -44,7 +44,7 @@ class Options(TypedDict, total=False):
 
 
 #: The options a :class:`LayerConfig` records (an initializer is not saved).
-OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
+RECORDED_OPTIONS = tuple(name for name in Options.__annotations__ if name != "lora_a_init")
 
 
 def dtype_name(dtype: Any) -> str | None:
@@ -145,8 +145,8 @@ class LayerConfig:
     return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
 
   def options(self) -> dict[str, Any]:
-    """The LoRA options (:data:`OPTIONS`) as keyword arguments of a layer."""
-    return {name: getattr(self, name) for name in OPTIONS}
+    """The LoRA options (:data:`RECORDED_OPTIONS`) as keyword arguments of a layer."""
+    return {name: getattr(self, name) for name in RECORDED_OPTIONS}
 
   def to_json(self) -> dict[str, Any]:
     """Plain JSON data: the projection as :func:`~deltalora_jax.projections.to_json`."""
@@ -178,13 +178,15 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
   """The config of every adapted layer, by path.
 
   Args:
-    layers: an NNX model, a Linen layers mapping ``{path: layer}`` (from
+    layers: an NNX model, a Linen layers mapping ``{name: layer}`` (from
       :func:`deltalora_jax.adapted_layers`), or a
       :class:`~deltalora_jax.DeltaLoRAModel` (its ``layers``).
 
   Returns:
-    ``{path: LayerConfig}``, paths as tuples of strings, sorted for NNX and
-    in the mapping's order for Linen.
+    ``{path: LayerConfig}``, paths as tuples of strings (:data:`deltalora_jax.paths.Path`,
+    the library's inner form, which looks up variables trees), sorted for NNX and in the
+    mapping's order for Linen. Every public function gives a layer by its name
+    ``'a/b'`` instead (:func:`deltalora_jax.adapted_layers`).
 
   Raises:
     TypeError: for anything else, or a mapping entry that is not an adapted layer.
@@ -219,7 +221,7 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
     where = "layers"
   else:
     raise TypeError(
-      "layers must be an NNX model, a Linen layers mapping {path: layer} "
+      "layers must be an NNX model, a Linen layers mapping {name: layer} "
       f"(deltalora_jax.adapted_layers(model, x)) or a DeltaLoRAModel, got {type(layers).__name__}"
     )
   if not found:

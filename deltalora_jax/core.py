@@ -111,8 +111,8 @@ def check_layer_rank(
   The one bound of every front: ``where`` names the layer in the message (the
   Linen path, the NNX layer's class, the name ``adapt_*`` gives it).
 
-  >>> kind = projections.GeneralDense(features=(1,))
-  >>> check_layer_rank(2, kind, (8, 1), "the layer 'head'")
+  >>> projection = projections.GeneralDense(features=(1,))
+  >>> check_layer_rank(2, projection, (8, 1), "the layer 'head'")
   Traceback (most recent call last):
   ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', got rank=2
   """

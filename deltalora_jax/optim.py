@@ -362,7 +362,7 @@ def delta_lora(
     learning_rate: ``eta`` of the delta rule, a float or a schedule.
     momentum: ``mu`` of the velocity, ``0 <= mu < 1``.
     layers: the adapted layers: an NNX model, a Linen layers mapping
-      ``{path: layer}`` (:func:`deltalora_jax.adapted_layers`) or a
+      ``{name: layer}`` (:func:`deltalora_jax.adapted_layers`) or a
       :class:`~deltalora_jax.DeltaLoRAModel`
       (:func:`deltalora_jax.config.layer_configs` reads them). Their
       ``freeze_base`` is checked against ``base_optimizer`` here, and ``init``
@@ -402,7 +402,12 @@ def delta_lora(
     True
 
   References:
-    The seed document of ``DeltaLoRAAdapter`` (AiDotNet); see REFERENCE.md.
+    The seed rule: the API reference of ``DeltaLoRAAdapter`` (AiDotNet). Its
+    step, written in Flax's layout (``D`` is ``[in, out]``) and with ``g_D`` the
+    gradient of ``D``: ``V <- mu V + (1 - mu) g_D``, ``D <- D - eta V``, from
+    ``V = D = 0``; after two steps ``D = -eta [(1 - mu) g_1 + mu (1 - mu) g_1 +
+    (1 - mu) g_2]``. The published rule of the same name is
+    :func:`~deltalora_jax.paper_delta_lora`.
   """
   core.check_learning_rate(learning_rate)
   core.check_momentum(momentum)

@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple, TypeVar
 
 import jax
@@ -369,7 +369,7 @@ def paper_delta_lora(
       factors, a float or a schedule; give it or ``lora_optimizer``, not both.
     layers: the adapted layers, which give each layer's scaling
       ``s = alpha / rank`` and kind (how ``A B`` lays out in its kernel):
-      an NNX model, a Linen layers mapping ``{path: layer}``
+      an NNX model, a Linen layers mapping ``{name: layer}``
       (:func:`deltalora_jax.adapted_layers`) or a
       :class:`~deltalora_jax.DeltaLoRAModel`
       (:func:`deltalora_jax.config.layer_configs` reads them). Each must
@@ -437,17 +437,7 @@ def paper_delta_lora(
     Zi et al., `Delta-LoRA: Fine-Tuning High-Rank Parameters with the Delta of
     Low-Rank Matrices <https://arxiv.org/abs/2309.02411>`_, 2023 (Algorithm 1).
   """
-  for name, tx in (("lora_optimizer", lora_optimizer), ("other_optimizer", other_optimizer)):
-    if tx is not None and not isinstance(tx, optax.GradientTransformation):
-      raise TypeError(f"{name} must be an optax.GradientTransformation or None, got {tx!r}")
-  if (learning_rate is None) == (lora_optimizer is None):
-    raise ValueError(
-      "give exactly one of learning_rate (for the default AdamW on the factors) and "
-      f"lora_optimizer, got learning_rate={learning_rate!r}, lora_optimizer={lora_optimizer!r}"
-    )
-  if learning_rate is not None:
-    core.check_learning_rate(learning_rate)
-    lora_optimizer = optax.adamw(learning_rate)
+  lora_optimizer = _factors_optimizer(learning_rate, lora_optimizer, other_optimizer)
   kinds = _layer_kinds(layers)
   _check_lambda(lambda_, kinds)
   in_place_lambda = 2.0 if lambda_ is None else lambda_
@@ -461,28 +451,8 @@ def paper_delta_lora(
     _leaf_labels,
   )
 
-  def layer_plans(params: optax.Params) -> tuple[list[_Plan], list[dict[str, int]]]:
-    """The in-place layers' ``[(leaf indices, s, projection, stack)]``, shapes checked, and
-    the telescoped layers' leaf indices."""
-    found = _adapted_layers(params)
-    leaves = jax.tree.leaves(params)
-    plans: list[_Plan] = []
-    telescoped: list[dict[str, int]] = []
-    for path, layer_path in _match_layers(found, kinds).items():
-      kind, group = kinds[layer_path], found[path]
-      _check_layer_names(path, group, kind)
-      if kind.paper_lambda is not None:
-        _check_snapshot(path, *(leaves[group[n]] for n in (LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)))
-        telescoped.append(group)
-        continue
-      core.check_writable_kernel(paths.name(path), leaves[group[KERNEL]])  # not an int8 base
-      kernel, lora_a, lora_b = (leaves[group[n]] for n in (KERNEL, LORA_A, LORA_B))
-      stack = _stack_axes(path, kernel, lora_a, lora_b, kind.projection)
-      plans.append((group, kind.scaling, kind.projection, stack))
-    return plans, telescoped
-
   def init_fn(params: optax.Params) -> PaperDeltaLoRAState:
-    layer_plans(params)
+    _layer_plans(params, kinds)
     return PaperDeltaLoRAState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
   def update_fn(
@@ -496,46 +466,106 @@ def paper_delta_lora(
         "paper_delta_lora needs the current parameters: call "
         "tx.update(grads, opt_state, params), params being the tree given to tx.init"
       )
-    plans, telescoped = layer_plans(params)
+    plans, telescoped = _layer_plans(params, kinds)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
     started = state.count > jnp.asarray(start_step).astype(jnp.int32)  # the paper's t > K
-    for group in telescoped:  # the snapshot follows the factors while t <= K, then stays
-      for factor, snapshot in ((LORA_A, SNAPSHOT_A), (LORA_B, SNAPSHOT_B)):
-        update = leaves[group[factor]]
-        leaves[group[snapshot]] = jnp.where(started, jnp.zeros_like(update), update)
+    _follow_snapshots(leaves, telescoped, started)
     if plans:
       # jaxlib ships no stub for its PyTreeDef (jaxlib/_jax.so), so mypy knows none of its methods.
       param_leaves = treedef.flatten_up_to(params)  # type: ignore[attr-defined]
-      kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
-      factors = [
-        tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
-        for group, *_ in plans
-      ]  # (A, B, uA, uB) of each layer
-
-      def follow(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
-        """``lambda s (A'B' - AB)`` of each layer: the full-size products."""
-        changes = []
-        for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
-          factors, plans, kernels, strict=True
-        ):
-          change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
-          coef = jnp.asarray(in_place_lambda, change.dtype) * jnp.asarray(s, change.dtype)
-          changes.append((coef * change).astype(kernel.dtype))
-        return changes
-
-      def stay(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
-        return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
-
-      for (group, *_), change in zip(
-        plans, jax.lax.cond(started, follow, stay, factors), strict=True
-      ):
-        leaves[group[KERNEL]] = change
+      _follow_products(leaves, param_leaves, plans, in_place_lambda, started)
     count = optax.safe_increment(state.count)
     new_updates = jax.tree.unflatten(treedef, leaves)
     return new_updates, PaperDeltaLoRAState(count=count, inner_state=inner_state)
 
   return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _factors_optimizer(
+  learning_rate: optax.ScalarOrSchedule | None,
+  lora_optimizer: optax.GradientTransformation | None,
+  other_optimizer: optax.GradientTransformation | None,
+) -> optax.GradientTransformation:
+  """The factors' optimizer: ``lora_optimizer``, or AdamW at ``learning_rate``; one of them."""
+  for name, tx in (("lora_optimizer", lora_optimizer), ("other_optimizer", other_optimizer)):
+    if tx is not None and not isinstance(tx, optax.GradientTransformation):
+      raise TypeError(f"{name} must be an optax.GradientTransformation or None, got {tx!r}")
+  if lora_optimizer is not None and learning_rate is None:
+    return lora_optimizer
+  if lora_optimizer is None and learning_rate is not None:
+    core.check_learning_rate(learning_rate)
+    return optax.adamw(learning_rate)
+  raise ValueError(
+    "give exactly one of learning_rate (for the default AdamW on the factors) and "
+    f"lora_optimizer, got learning_rate={learning_rate!r}, lora_optimizer={lora_optimizer!r}"
+  )
+
+
+def _layer_plans(
+  params: optax.Params, kinds: Mapping[paths.Path, _Kind]
+) -> tuple[list[_Plan], list[dict[str, int]]]:
+  """The in-place layers' ``[(leaf indices, s, projection, stack)]``, shapes checked, and the
+  telescoped layers' leaf indices."""
+  found = _adapted_layers(params)
+  leaves = jax.tree.leaves(params)
+  plans: list[_Plan] = []
+  telescoped: list[dict[str, int]] = []
+  for path, layer_path in _match_layers(found, kinds).items():
+    kind, group = kinds[layer_path], found[path]
+    _check_layer_names(path, group, kind)
+    if kind.paper_lambda is not None:
+      _check_snapshot(path, *(leaves[group[n]] for n in (LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)))
+      telescoped.append(group)
+      continue
+    core.check_writable_kernel(paths.name(path), leaves[group[KERNEL]])  # not an int8 base
+    kernel, lora_a, lora_b = (leaves[group[n]] for n in (KERNEL, LORA_A, LORA_B))
+    stack = _stack_axes(path, kernel, lora_a, lora_b, kind.projection)
+    plans.append((group, kind.scaling, kind.projection, stack))
+  return plans, telescoped
+
+
+def _follow_snapshots(
+  leaves: list[Any], telescoped: Sequence[Mapping[str, int]], started: jax.Array
+) -> None:
+  """Sets the snapshot's updates (in ``leaves``): the factors' own while ``t <= K``, then 0."""
+  for group in telescoped:
+    for factor, snapshot in ((LORA_A, SNAPSHOT_A), (LORA_B, SNAPSHOT_B)):
+      update = leaves[group[factor]]
+      leaves[group[snapshot]] = jnp.where(started, jnp.zeros_like(update), update)
+
+
+def _follow_products(
+  leaves: list[Any],
+  param_leaves: Sequence[Any],
+  plans: Sequence[_Plan],
+  lambda_: Any,
+  started: jax.Array,
+) -> None:
+  """Sets the in-place kernels' updates (in ``leaves``): ``lambda s (A'B' - AB)`` when
+  ``t > K``, else zeros, under ``jax.lax.cond`` (no full-size product before ``K``)."""
+  kernels = [param_leaves[group[KERNEL]] for group, *_ in plans]
+  factors = [
+    tuple(tree[group[n]] for tree in (param_leaves, leaves) for n in (LORA_A, LORA_B))
+    for group, *_ in plans
+  ]  # (A, B, uA, uB) of each layer
+
+  def follow(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
+    changes = []
+    for (a, b, ua, ub), (_, s, projection, stack), kernel in zip(
+      factors, plans, kernels, strict=True
+    ):
+      change = factor_product_change(a, b, ua, ub, projection=projection, stack=stack)
+      coef = jnp.asarray(lambda_, change.dtype) * jnp.asarray(s, change.dtype)
+      changes.append((coef * change).astype(kernel.dtype))
+    return changes
+
+  def stay(factors: list[tuple[jax.Array, ...]]) -> list[jax.Array]:
+    return [jnp.zeros(kernel.shape, kernel.dtype) for kernel in kernels]
+
+  changes = jax.lax.cond(started, follow, stay, factors)
+  for (group, *_), change in zip(plans, changes, strict=True):
+    leaves[group[KERNEL]] = change
 
 
 def _leaf_labels(tree: Any) -> Any:

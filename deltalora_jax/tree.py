@@ -1,7 +1,7 @@
 """Whole-model utilities: count, flatten, reset, merge and diagnose the adapted layers.
 
 Every function here takes either an NNX model, or Linen variables with
-their ``layers`` (``{path: layer}`` from :func:`adapted_layers`, or a
+their ``layers`` (``{name: layer}`` from :func:`adapted_layers`, or a
 :class:`~deltalora_jax.DeltaLoRAModel`), and gives back the kind it was
 given: a function that changes an NNX model changes it in place (as NNX
 code does) and returns it; a Linen one returns new variables and leaves its
@@ -36,7 +36,7 @@ from deltalora_jax.linen import (
 from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
 Path = paths.Path
-#: A Linen layers mapping ``{path: layer}`` or a :class:`~deltalora_jax.DeltaLoRAModel`.
+#: A Linen layers mapping ``{name: layer}`` or a :class:`~deltalora_jax.DeltaLoRAModel`.
 Layers = Any
 #: An adapted layer: a Linen or an NNX one.
 AdaptedLayer = DeltaLoRADense | DeltaLoRAGeneral | DeltaLoRALinear | DeltaLoRALinearGeneral
@@ -56,7 +56,7 @@ def _is_variable(x: Any) -> bool:
   return isinstance(x, nnx.Variable)
 
 
-def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, AdaptedLayer]:
+def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[str, AdaptedLayer]:
   """Finds every adapted layer of a model, by path: the ``layers`` of the other functions.
 
   A Linen model is traced once with ``jax.eval_shape`` (no computation) on
@@ -72,9 +72,11 @@ def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, Ada
     **kwargs: Linen: keyword arguments of the model's ``__call__``.
 
   Returns:
-    ``{path: layer}``: Linen in call order, NNX in ``nnx.iter_modules``
-    order with its own path entries (integers for list items); the root
-    layer's path is ``()``.
+    ``{name: layer}``: Linen in call order, NNX in ``nnx.iter_modules``
+    order. A layer's name is its path joined by ``'/'`` (``'blocks/0/attn'``,
+    the root layer's ``''``): the one form in which every function of this
+    library gives a layer (reports, figures, adapter and PEFT files,
+    targets); each also takes a path tuple (:mod:`deltalora_jax.paths`).
 
   Raises:
     ValueError: when the model holds no adapted layer.
@@ -87,13 +89,13 @@ def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, Ada
     ...     x = nn.relu(DeltaLoRADense(8, rank=2, name="hidden")(x))
     ...     return nn.Dense(1, name="head")(x)
     >>> list(adapted_layers(MLP(), jnp.ones((1, 4))))
-    [('hidden',)]
+    ['hidden']
   """
   if isinstance(model, nnx.Module):
     if args or kwargs:
       raise TypeError("adapted_layers takes no inputs with an NNX model (its layers are in it)")
-    return dict(_nnx_layers(model))
-  found: dict[PathParts, AdaptedLayer] = {}
+    return {paths.name(path): module for path, module in _nnx_layers(model)}
+  found: dict[str, AdaptedLayer] = {}
 
   def record(
     next_fun: Callable[..., Any],
@@ -103,7 +105,7 @@ def adapted_layers(model: Any, *args: Any, **kwargs: Any) -> dict[PathParts, Ada
   ) -> Any:
     module = context.module
     if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral) and context.method_name == "__call__":
-      found.setdefault(tuple(module.path), module)
+      found.setdefault(paths.name(module.path), module)
     return next_fun(*call_args, **call_kwargs)
 
   key = jax.random.key(0)
@@ -181,7 +183,7 @@ def _linen_layers(variables: Mapping[str, Any], layers: Layers) -> list[_Layer]:
   _check_variables(variables)
   if layers is None:
     raise TypeError(
-      "layers is required with Linen variables: pass {path: adapted layer}, e.g. "
+      "layers is required with Linen variables: pass {name: adapted layer}, e.g. "
       "adapted_layers(model, x), or the DeltaLoRAModel of adapt_linen"
     )
   flat = {

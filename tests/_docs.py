@@ -86,6 +86,9 @@ COVERED: dict[tuple[str, str | None], tuple[str, ...]] = {
   ("quickstart.md", "A first model"): (
     "tests/test_readme.py::test_quickstart_runs_and_loss_falls",  # the README's, identical
   ),
+  ("quickstart.md", "A first NNX model"): (
+    "tests/test_readme.py::test_nnx_quickstart_trains_d_and_the_factors_and_leaves_the_base",
+  ),
   ("which_rule.md", "The published rule, by example"): (
     "tests/test_paper.py::test_guide_which_rule_example_runs_and_keeps_the_base",
   ),

@@ -155,7 +155,7 @@ def linen_run(linen_base):
 
 def test_linen_adapts_exactly_the_attention_projections(linen_run):
   adapted, variables = linen_run["adapted"], linen_run["initial"]
-  assert sorted("/".join(p) for p in adapted.layers) == sorted(LINEN_ATTENTION)
+  assert sorted(adapted.layers) == sorted(LINEN_ATTENTION)
   params = traverse_util.flatten_dict(variables["params"])
   with_lora = sorted("/".join(k[:-1]) for k in params if k[-1] == "lora_a")
   assert with_lora == sorted(LINEN_ATTENTION)
@@ -254,7 +254,7 @@ def test_linen_per_target_options_and_exclusions(linen_base):
     overrides={r".*/q": {"rank": 4, "alpha": 8.0}},
     key=jax.random.key(1),
   )
-  layers = {"/".join(p): layer for p, layer in adapted.layers.items()}
+  layers = adapted.layers
   assert sorted(layers) == ["blocks_0/attn/q", "blocks_0/up"]
   assert (layers["blocks_0/attn/q"].rank, layers["blocks_0/attn/q"].scaling) == (4, 2.0)
   assert (layers["blocks_0/up"].rank, layers["blocks_0/up"].scaling) == (2, 1.0)
@@ -307,7 +307,7 @@ def test_linen_trace_takes_call_keyword_arguments():
   adapted, variables, _ = dl.adapt_linen(
     model, base, x, rank=1, key=jax.random.key(1), call_kwargs={"train": True}
   )
-  assert sorted(adapted.layers) == [("hidden",), ("out",)]
+  assert sorted(adapted.layers) == ["hidden", "out"]
   np.testing.assert_allclose(
     adapted.apply(variables, x, train=False), model.apply(base, x, train=False), atol=1e-6
   )

@@ -1,4 +1,10 @@
-"""The pure math against REFERENCE.md's closed forms, in float64."""
+"""The pure math against closed forms, in float64.
+
+The forward is ``y = x W + b + s (x A) B + ds (x D)`` (W, D ``[in, out]``, A ``[in, r]``,
+B ``[r, out]``); with ``g = dL/dy`` summed over the leading axes, its gradients are
+``dD = ds x^T g``, ``dA = s x^T (g B^T)``, ``dB = s (x A)^T g`` and
+``dx = g W^T + s g B^T A^T + ds g D^T``.
+"""
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +32,7 @@ def _arrays(dtype, seed=0):
 
 
 def _closed_form_gradients(a):
-  """REFERENCE.md: gradients of sum(y * g), summed over the leading axes."""
+  """The gradients of sum(y * g) (the module docstring's formulas), summed over leading axes."""
   x = np.asarray(a["x"]).reshape(-1, IN)
   g = np.asarray(a["g"]).reshape(-1, OUT)
   w, la, lb, d = (np.asarray(a[k]) for k in ("kernel", "lora_a", "lora_b", "delta"))

@@ -19,7 +19,8 @@ STEPS = 20
 
 
 # --------------------------------------------------------------------------
-# delta_momentum: golden values of REFERENCE.md.
+# delta_momentum: golden values of the seed rule, V <- mu V + (1 - mu) g, D <- D - lr V from
+# V = D = 0: D_1 = -lr (1 - mu) g_1, D_2 = -lr [(1 - mu) g_1 + mu (1 - mu) g_1 + (1 - mu) g_2].
 # --------------------------------------------------------------------------
 
 
@@ -77,7 +78,11 @@ def _batches(seed=0):
 
 
 def _reference_run(params, delta, *, freeze_base, use_bias):
-  """REFERENCE.md's training step, written out in float64 numpy."""
+  """The seed rule's training step, written out in float64 numpy.
+
+  SGD on A and B (and on W, b when the base trains), then V <- mu V + (1 - mu) dD and
+  D <- D - lr V.
+  """
   p = {k: np.array(v, np.float64) for k, v in params.items()}  # copies, not views
   d = np.array(delta, np.float64)
   v = np.zeros_like(d)
@@ -628,7 +633,7 @@ def test_layers_must_match_the_variables_tree_linen():
     tx.init(_variables())
   # One layer fewer in `layers` than in the tree is refused too.
   variables, layers, _ = _mlp_setup(_mlp())
-  del layers[("out",)]
+  del layers["out"]
   tx = dl.delta_lora(LR, layers=layers, lora_optimizer=optax.sgd(LR))
   with pytest.raises(
     ValueError, match=r"the tree has \['hidden', 'out'\], layers has \['hidden'\]"

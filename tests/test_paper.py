@@ -57,7 +57,7 @@ class MLP(nn.Module):
 
 MODEL = MLP()
 LAYERS = dl.adapted_layers(MODEL, X)  # the rule reads each layer's scaling from these
-SCALING = {path: layer.scaling for path, layer in LAYERS.items()}  # {('hidden',): 2, ('out',): 1}
+SCALING = {name: layer.scaling for name, layer in LAYERS.items()}  # {'hidden': 2, 'out': 1}
 
 
 def init(model=MODEL, seed=0, lora_b_scale=0.3):
@@ -190,8 +190,7 @@ def test_one_step_by_hand_float64():
       grads = grad(variables)
       updates, state = update(grads, state, variables)
       new = optax.apply_updates(variables, updates)
-      for path, s in SCALING.items():
-        (name,) = path
+      for name, s in SCALING.items():
         w, a, b = layer_arrays(variables, name)
         w1, a1, b1 = layer_arrays(new, name)
         g = grads["params"][name]
@@ -292,7 +291,7 @@ def test_telescoping_sum_and_rank_at_most_2r(adamw_run):
   trajectory, state, _ = adamw_run
   assert int(state.count) == T_STEPS
   first, start, last = trajectory[0], trajectory[K_START + 1], trajectory[-1]
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     w0, wk, wt = (np.asarray(layer_arrays(v, name)[0], np.float64) for v in (first, start, last))
     np.testing.assert_array_equal(wk, w0)  # K + 1 plain LoRA steps first: t = 0, ..., K
     want = LAMBDA * s * (product(last, name) - product(start, name))
@@ -305,7 +304,7 @@ def test_telescoping_sum_and_rank_at_most_2r(adamw_run):
 def test_each_adamw_step_moves_the_kernel_by_the_product_change(adamw_run):
   trajectory, _, _ = adamw_run
   before, after = trajectory[K_START + 1], trajectory[K_START + 2]  # step t = K + 1
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     change = np.asarray(layer_arrays(after, name)[0], np.float64) - layer_arrays(before, name)[0]
     want = LAMBDA * s * (product(after, name) - product(before, name))
     assert np.abs(want).max() > 1e-4
@@ -323,7 +322,7 @@ def test_merge_counts_and_diagnostics_after_training(adamw_run):
   trajectory, _, _ = adamw_run
   variables = trajectory[-1]
   merged = dl.merge(variables, LAYERS)
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     w, a, b = (np.asarray(v, np.float64) for v in layer_arrays(variables, name))
     np.testing.assert_allclose(merged["params"][name]["kernel"], w + s * a @ b, rtol=0, atol=1e-6)
     assert set(merged["params"][name]) == {"kernel", "bias"}
@@ -344,7 +343,7 @@ def test_merge_counts_and_diagnostics_after_training(adamw_run):
     "total": R * (IN + 2 * HIDDEN + OUT),
   }
   report = dl.diagnostics(variables, LAYERS)
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     entry = report["layers"][name]
     assert entry["delta_norm"] == 0.0
     np.testing.assert_allclose(
@@ -432,7 +431,7 @@ def test_inject_hyperparams_lambda_and_start_step_are_traceable():
   state.hyperparams["lambda_"] = jnp.asarray(0.5, state.hyperparams["lambda_"].dtype)
   newer, state = step(new, state)  # t = 1 > K = 0
   assert step._cache_size() == 1
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     change = np.asarray(layer_arrays(newer, name)[0], np.float64) - layer_arrays(new, name)[0]
     np.testing.assert_allclose(
       change, 0.5 * s * (product(newer, name) - product(new, name)), rtol=0, atol=2e-7
@@ -449,7 +448,7 @@ def test_learning_rate_can_be_injected_and_layers_stay_static():
   assert set(state.hyperparams) == {"learning_rate", "start_step"}
   updates, _ = jit_update(tx, standard=True)(GRAD(VARIABLES), state, VARIABLES)
   new = optax.apply_updates(VARIABLES, updates)
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     change = np.asarray(layer_arrays(new, name)[0], np.float64) - layer_arrays(VARIABLES, name)[0]
     want = LAMBDA * s * (product(new, name) - product(VARIABLES, name))
     np.testing.assert_allclose(change, want, rtol=0, atol=1e-6)
@@ -487,7 +486,7 @@ def test_inside_multi_steps_the_kernel_moves_once_per_accumulated_step():
   updates, _ = jax.jit(rule.update)(mean, at_step(rule.init(variables), 1), variables)
   want = optax.apply_updates(variables, updates)
   jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, rtol=0, atol=1e-6), v, want)
-  for (name,), s in SCALING.items():
+  for name, s in SCALING.items():
     change = np.asarray(layer_arrays(v, name)[0], np.float64) - layer_arrays(variables, name)[0]
     want_change = LAMBDA * s * (product(v, name) - product(variables, name))
     np.testing.assert_allclose(change, want_change, rtol=0, atol=2e-7)
@@ -787,8 +786,8 @@ def test_tree_without_adapted_layer_is_refused():
 @pytest.mark.parametrize(
   ("layers", "names"),
   [
-    ({("hidden",): LAYERS[("hidden",)]}, "['hidden']"),
-    ({**LAYERS, ("head",): LAYERS[("out",)]}, "['head', 'hidden', 'out']"),
+    ({("hidden",): LAYERS["hidden"]}, "['hidden']"),  # a path tuple is taken too
+    ({**LAYERS, "head": LAYERS["out"]}, "['head', 'hidden', 'out']"),
   ],
 )
 def test_tree_whose_adapted_layers_differ_from_layers_names_both_lists(layers, names):
@@ -809,10 +808,10 @@ def test_layers_as_mapping_path_strings_or_deltalora_model_give_the_same_step():
     plain, plain.init(jax.random.key(0), X), X, rank=R, use_delta=False, key=jax.random.key(1)
   )
   mapping = dl.adapted_layers(adapted, X)
-  assert sorted(mapping) == [("hidden",), ("out",)]
+  assert sorted(mapping) == ["hidden", "out"]
   grads = jax.grad(lambda v: jnp.mean((adapted.apply(v, X) - Y) ** 2))(variables)
   results = []
-  for layers in (mapping, {"hidden": mapping[("hidden",)], "out": mapping[("out",)]}, adapted):
+  for layers in (mapping, {("hidden",): mapping["hidden"], ("out",): mapping["out"]}, adapted):
     rule = dl.paper_delta_lora(lora_optimizer=optax.sgd(SGD), layers=layers, start_step=0)
     results.append(jax.jit(rule.update)(grads, at_step(rule.init(variables), 1), variables)[0])
   assert jnp.any(results[0]["params"]["hidden"]["kernel"])
@@ -858,14 +857,14 @@ def test_guide_which_rule_example_runs_and_keeps_the_base():
   first = float(jnp.mean((model.apply(start, x) - y) ** 2))
   assert float(namespace["loss"]) < 0.5 * first
   variables = namespace["variables"]
-  for path, layer in namespace["layers"].items():
-    p, snap = variables["params"][path[0]], variables["snapshot"][path[0]]
-    np.testing.assert_array_equal(p["kernel"], start["params"][path[0]]["kernel"])  # only read
+  for name, layer in namespace["layers"].items():
+    p, snap = variables["params"][name], variables["snapshot"][name]
+    np.testing.assert_array_equal(p["kernel"], start["params"][name]["kernel"])  # only read
     ab = np.asarray(p["lora_a"], np.float64) @ p["lora_b"]
     frozen = np.asarray(snap["snapshot_a"], np.float64) @ snap["snapshot_b"]
     assert np.abs(ab - frozen).max() > 1e-3  # past K = 20, the snapshot stays
     np.testing.assert_allclose(
-      namespace["merged"]["params"][path[0]]["kernel"],
+      namespace["merged"]["params"][name]["kernel"],
       p["kernel"] + layer.scaling * ((1 + LAMBDA) * ab - LAMBDA * frozen),
       rtol=0,
       atol=1e-5,

@@ -230,7 +230,7 @@ def test_nnx_attention_adapted_by_adapt_nnx():
   )
   dl.adapt_nnx(attention, rank=R, alpha=3.0, use_delta=False, rngs=nnx.Rngs(1))
   layers = dl.adapted_layers(attention)
-  assert sorted(layers) == [("key",), ("out",), ("query",), ("value",)]
+  assert sorted(layers) == ["key", "out", "query", "value"]
   rng = np.random.default_rng(2)
   for layer in layers.values():
     layer.lora_b[...] = jnp.asarray(0.1 * rng.standard_normal(layer.lora_b.shape), jnp.float32)
@@ -247,8 +247,8 @@ def test_nnx_attention_adapted_by_adapt_nnx():
 
   def snapshot():
     return {
-      path[0]: tuple(np.asarray(v[...], np.float64) for v in (m.kernel, m.lora_a, m.lora_b))
-      for path, m in layers.items()
+      name: tuple(np.asarray(v[...], np.float64) for v in (m.kernel, m.lora_a, m.lora_b))
+      for name, m in layers.items()
     }
 
   def product(arrays, name):
@@ -259,7 +259,7 @@ def test_nnx_attention_adapted_by_adapt_nnx():
     step(attention, optimizer)
     run.append(snapshot())
   for name in reference:
-    s = layers[(name,)].scaling
+    s = layers[name].scaling
     np.testing.assert_array_equal(run[1][name][0], run[0][name][0])  # t = 0 <= K = 0
     for start, end, ulps in ((1, 2, 4), (1, 4, 6)):  # step t = 1, then the telescoped sum
       w0, w1 = run[start][name][0], run[end][name][0]

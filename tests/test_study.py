@@ -18,6 +18,7 @@ import pytest
 
 pytest.importorskip("tokenizers")
 
+import deltalora_jax as dl
 from deltalora_jax.demo import cli, data, study, train, weights
 
 HAS_REAL = all(
@@ -131,6 +132,23 @@ def test_the_cache_key_follows_every_setting():
   ]
   keys = {run.key(sizes)} | {o.key(sizes) for o in others} | {run.key(sizes | {"train": 11})}
   assert len(keys) == 6
+
+
+def test_the_cache_key_follows_the_code(tmp_path, monkeypatch):
+  package = pathlib.Path(study.__file__).parents[1]
+  for name in study.STUDY_CODE:  # a copy of the code that produces the numbers
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_bytes((package / name).read_bytes())
+  today = study.code_version(tmp_path)
+  assert today == study.code_version() and today.startswith(dl.__version__ + "-")
+  core = tmp_path / "core.py"
+  core.write_text(core.read_text() + "\n# a changed line\n")
+  changed = study.code_version(tmp_path)
+  monkeypatch.setattr(dl, "__version__", "9.9.9")
+  assert len({today, changed, study.code_version()}) == 3
+  run = study.Run("sweep", "lora", train.Options(progress=False), "validation")
+  sizes = {"train": 10, "validation": 5, "test": 5}
+  assert len({run.key(sizes, today), run.key(sizes, changed), run.key(sizes)}) == 3
 
 
 def test_command_line_flags(capsys):

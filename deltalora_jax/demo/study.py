@@ -20,7 +20,10 @@ so the runs that share an ``eta`` show whether ``ds`` matters apart from it.
 
 Every run is saved to ``cache/<stage>-<method>-<hash>.json`` as it ends; a
 study started again with the same options reads the runs it has and trains
-only the rest, so a killed study continues where it stopped.
+only the rest, so a killed study continues where it stopped. The hash covers
+the run's options, the data sizes and the code that produces the numbers
+(:func:`code_version`: the package's version and the text of
+:data:`STUDY_CODE`), so a run cached by older code is trained again.
 """
 
 from __future__ import annotations
@@ -38,9 +41,42 @@ from typing import Any
 import jax
 import numpy as np
 
-from deltalora_jax.demo import data, train
+import deltalora_jax as dl
+from deltalora_jax.demo import data, report, train
 
 STAGES = ("sweep", "final")
+
+#: The files, relative to the package, whose code produces a run's numbers: the library's
+#: layers, optimizers, merge and figures, and the demo's model, data, training and rows.
+STUDY_CODE = (
+  "config.py",
+  "core.py",
+  "linen.py",
+  "optim.py",
+  "paper.py",
+  "paths.py",
+  "pretrained.py",
+  "projections.py",
+  "tree.py",
+  "demo/bert.py",
+  "demo/data.py",
+  "demo/study.py",
+  "demo/train.py",
+  "demo/weights.py",
+)
+
+
+def code_version(root: pathlib.Path | None = None) -> str:
+  """``'<package version>-<hash>'``, the hash of the text of :data:`STUDY_CODE` under ``root``.
+
+  ``root`` defaults to the installed package; a cached run with another code version is
+  not read.
+  """
+  root = pathlib.Path(__file__).parents[1] if root is None else root
+  digest = hashlib.sha256()
+  for name in STUDY_CODE:
+    digest.update(name.encode() + b"\0" + (root / name).read_bytes() + b"\0")
+  return f"{dl.__version__}-{digest.hexdigest()[:16]}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,11 +187,15 @@ class Run:
       return adapted | {"paper_lambda": o.paper_lambda, "paper_start_step": o.paper_start_step}
     return adapted
 
-  def key(self, sizes: dict) -> str:
-    """The cache file's name: stage, method and a hash of everything that changes the result."""
+  def key(self, sizes: dict, code: str | None = None) -> str:
+    """The cache file's name: stage, method and a hash of everything that changes the result.
+
+    ``code`` is the :func:`code_version` (None: the installed code's).
+    """
     options = dataclasses.asdict(self.options)
     del options["progress"]
-    blob = json.dumps([self.stage, self.method, self.data, options, sizes], sort_keys=True)
+    code = code_version() if code is None else code
+    blob = json.dumps([self.stage, self.method, self.data, options, sizes, code], sort_keys=True)
     return f"{self.stage}-{self.method}-{hashlib.sha256(blob.encode()).hexdigest()[:12]}"
 
 
@@ -225,6 +265,7 @@ class _Runner:
 
     self.pretrained, self.encoded, self.cache = pretrained, encoded, cache
     self.sizes = {name: len(split[0]) for name, split in encoded.items()}
+    self.code = code_version()
     self.progress = progress
     self.bar = tqdm(
       total=total, desc="study runs", disable=not progress, file=sys.stderr, position=0
@@ -232,7 +273,7 @@ class _Runner:
     self.trained = 0
 
   def __call__(self, run: Run) -> dict:
-    path = self.cache / f"{run.key(self.sizes)}.json"
+    path = self.cache / f"{run.key(self.sizes, self.code)}.json"
     if path.exists():
       row = json.loads(path.read_text())
     else:
@@ -462,8 +503,8 @@ def markdown(results: dict) -> str:
   for method, s in results["summary"].items():
     lines.append(
       f"| {method} | {s['accuracy']:.3f} +- {s['accuracy_std']:.3f} | {s['macro_f1']:.3f} +- "
-      f"{s['macro_f1_std']:.3f} | {train.count(s['trainable_params'])} | "
-      f"{train.count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
+      f"{s['macro_f1_std']:.3f} | {report.count(s['trainable_params'])} | "
+      f"{report.count(s['stored_params'])} | {1e3 * s['median_step_s']:.0f} ms | "
       f"{_setting(results['chosen'][method])} |"
     )
   lines += [
@@ -497,10 +538,7 @@ def markdown(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Test accuracy and macro-F1 with error bars; the seed rule's sweep against ``eta``."""
-  from matplotlib.figure import Figure
-
-  figure = Figure(figsize=(10, 3.6), dpi=100, layout="constrained")
-  bars, sweep = figure.subplots(1, 2, width_ratios=(1.4, 1))
+  figure, bars, sweep = report.two_panels((10, 3.6), (1.4, 1))
   methods = list(results["summary"])
   x = np.arange(len(methods))
   for offset, metric, label in ((-0.2, "accuracy", "accuracy"), (0.2, "macro_f1", "macro-F1")):
@@ -544,4 +582,4 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``study.json``, ``study.md`` and ``study.png`` to ``output``."""
   names = {"json": "study.json", "table": "study.md", "png": "study.png"}
-  return train.write(results, output, names, markdown, plot)
+  return report.write(results, output, names, markdown, plot)

