@@ -219,6 +219,30 @@ def test_tokenizer_follows_llama_cpp_and_template(pretrained):
   assert pretrained.end_of_turn == END_OF_TURN and pretrained.pad_id == 0
 
 
+def test_gemma3_chat_template_renders_gemma_turns():
+  # Gemma 3's own format: <bos> once, the system text folded into the first user turn
+  # with a blank line, 'assistant' named 'model', contents trimmed, list contents (text
+  # and image parts) as Gemma 3's template renders them, roles made to alternate.
+  template = weights.ChatTemplate(weights.GEMMA3_CHAT_TEMPLATE, "<end_of_turn>", "<bos>")
+  conversation = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": " Hi \n"},
+    {"role": "assistant", "content": "Hello."},
+    {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "And this?"}]},
+  ]
+  assert template.render(conversation, add_generation_prompt=True) == (
+    "<bos><start_of_turn>user\nBe brief.\n\nHi<end_of_turn>\n"
+    "<start_of_turn>model\nHello.<end_of_turn>\n"
+    "<start_of_turn>user\n<start_of_image>And this?<end_of_turn>\n"
+    "<start_of_turn>model\n"
+  )
+  assert template.render(conversation[1:3], add_generation_prompt=False) == (
+    "<bos><start_of_turn>user\nHi<end_of_turn>\n<start_of_turn>model\nHello.<end_of_turn>\n"
+  )
+  with pytest.raises(ValueError, match="roles must alternate"):
+    template.render([{"role": "user", "content": "a"}, {"role": "user", "content": "b"}], False)
+
+
 def test_answer_tokens_are_the_template_tokens(pretrained):
   item = data.examples({"name": "Peru", "capital": "Lima", "subregion": "South America"})[0]
   encoded = data.encode(pretrained.tokenizer, pretrained.template, [item], 48)

@@ -483,12 +483,18 @@ class ChatTemplate:
     )
 
 
-#: Gemma 3's chat template (its ``tokenizer_config.json``, text part): the GGUF file of
-#: Gemma 3 270M holds no ``tokenizer.chat_template``. A system message is folded into
-#: the first user turn; the assistant's role is ``model``.
+#: Gemma 3's chat template: the ``chat_template`` of ``tokenizer_config.json`` in Google's
+#: instruction-tuned Gemma 3 checkpoints (``google/gemma-3-*-it``), verbatim, image branch
+#: included, checked on 2026-12-05 against copies of that file quoted in public code (the
+#: GGUF file of Gemma 3 270M holds no ``tokenizer.chat_template``). A system message is
+#: folded into the first user turn; the assistant's role is ``model``.
 GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
 {%- if messages[0]['role'] == 'system' -%}
-    {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
     {%- set loop_messages = messages[1:] -%}
 {%- else -%}
     {%- set first_user_prefix = "" -%}
@@ -504,8 +510,20 @@ GEMMA3_CHAT_TEMPLATE = """{{ bos_token }}
         {%- set role = message['role'] -%}
     {%- endif -%}
     {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
-    {{- message['content'] | trim }}
-    {{- '<end_of_turn>\n' }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
 {%- endfor -%}
 {%- if add_generation_prompt -%}
     {{'<start_of_turn>model\n'}}
