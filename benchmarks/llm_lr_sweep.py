@@ -46,13 +46,19 @@ def split_training(items: list[data.Example], count: int, seed: int = 1):
 def main(argv: list[str] | None = None) -> dict:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--out", type=pathlib.Path, default=None)
+  parser.add_argument("--model", default="smollm2", help="smollm2 (default) or gemma3-270m")
   parser.add_argument("--methods", default=",".join(GRIDS))
   parser.add_argument("--validation", type=int, default=40, help="countries set aside (40)")
   parser.add_argument("--steps", type=int, default=None, help="(the demo's default)")
   parser.add_argument("--lrs", default=None, help="comma-separated: these rates, not the grids")
+  parser.add_argument(
+    "--field",
+    default=None,
+    help="the option swept (an Options field, e.g. delta_lr); default: the method's learning rate",
+  )
   parser.add_argument("--append", action="store_true", help="add to the runs already in --out")
   args = parser.parse_args(argv)
-  options = train.Options(progress=False)
+  options = train.default_options(args.model, progress=False)
   if args.steps is not None:
     options = dataclasses.replace(options, steps=args.steps)
   pretrained = train.load_pretrained(options.model)
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
   for name in args.methods.split(","):
     method = train.METHODS[name]
     for lr in GRIDS[name] if args.lrs is None else [float(x) for x in args.lrs.split(",")]:
-      run_options = dataclasses.replace(options, **{method.learning_rate: lr})
+      run_options = dataclasses.replace(options, **{args.field or method.learning_rate: lr})
       start = time.perf_counter()
       model, figures = train.train_method(
         method, run_options, pretrained, base, encoded_fit, options.seed, steps
@@ -78,6 +84,7 @@ def main(argv: list[str] | None = None) -> dict:
       rows.append(
         {
           "method": name,
+          "field": args.field or method.learning_rate,
           "learning_rate": lr,
           "validation_loss": loss,
           "final_train_loss": figures["losses"][-1],

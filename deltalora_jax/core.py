@@ -803,10 +803,8 @@ def delta_lora_apply(
   ``W + lambda s (A B - A^ B^)``, with the base only read. The gradients of
   ``A`` and ``B`` stay those of ``s A B``; the snapshot gets none; the input
   gets the whole layer's. Factored, the LoRA path and this term are one
-  product at rank ``3 r``, ``P_B(P_A(x, [A, sg(A), A^]), [B; lambda sg(B);
-  -lambda B^])``: no activation more than plain LoRA's. While ``A^ = A`` and
-  ``B^ = B`` the term is zero (its two halves cancel, up to the order of the
-  sum over the rank).
+  product at rank ``2 r`` (:func:`telescoped_low_rank`). While ``A^ = A`` and
+  ``B^ = B`` the term is zero (its two halves cancel, up to rounding).
 
   With a ``kernel_scale`` the base is int8 (:func:`quantize_int8`), read and
   never written (``freeze_base`` must hold): the factored evaluation runs the
@@ -915,14 +913,10 @@ def delta_lora_apply(
 
     if snapshot is None:
       y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
-    else:  # one product at rank 3r: [A, sg(A), A^] [B; lambda sg(B); -lambda B^]
-      lam = jnp.asarray(paper_lambda, dtype)
-      a = jnp.concatenate(
-        [f.astype(dtype) for f in (lora_a, jax.lax.stop_gradient(lora_a), snapshot[0])], -1
-      )
-      blocks = (lora_b.astype(dtype), lam * jax.lax.stop_gradient(lora_b.astype(dtype)))
-      b = jnp.concatenate([*blocks, -lam * snapshot[1].astype(dtype)], projection.rank_axis_of_b())
-      y = y + jnp.asarray(scaling, dtype) * low(a, b)
+    else:
+      a, b, a_hat, b_hat = (f.astype(dtype) for f in (lora_a, lora_b, *snapshot))
+      lam = 0.0 if paper_lambda is None else paper_lambda
+      y = y + telescoped_low_rank(x, a, b, a_hat, b_hat, scaling, lam, projection, precision)
     if delta is not None:
       y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
         x, delta.astype(dtype), precision
@@ -930,6 +924,83 @@ def delta_lora_apply(
   if bias is not None:
     y = projection.add_bias(y, bias.astype(dtype))
   return y
+
+
+def telescoped_low_rank(
+  x: jax.Array,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  snapshot_a: jax.Array,
+  snapshot_b: jax.Array,
+  scaling: float,
+  paper_lambda: float,
+  projection: projections.Projection,
+  precision: jax.lax.PrecisionLike = None,
+) -> jax.Array:
+  r"""A telescoped paper layer's low-rank part, one product at rank ``2 r``.
+
+  .. math::
+
+    s\,ig[P_B(P_A(x, A), B) + \lambda P_B(P_A(x, ar A), ar B)
+    - \lambda P_B(P_A(x, \hat A), \hat B)ig]
+    = s\,P_Big(P_A(x, [A, \hat A]), [(1 + \lambda) B; -\lambda \hat B]ig)
+
+  with ``sg`` (``ar A = sg(A)``) on the ``lambda`` part. Its gradients, by a
+  custom VJP of that one product: the input's, the whole product's; ``B``'s,
+  the first ``r`` rows of the product's (``s P_A(x, A)^T g``, not ``1 + lambda``
+  times it); ``A``'s, the first ``r`` columns of the product's divided by
+  ``1 + lambda``; the snapshot's, zero. Plain LoRA does one product at rank
+  ``r``; spelling the ``sg`` out would take ``3 r``.
+
+  Args:
+    x: the input, in the computation dtype.
+    lora_a, lora_b: ``A``, ``B``.
+    snapshot_a, snapshot_b: ``A^``, ``B^`` (shaped as ``A``, ``B``).
+    scaling: ``s``.
+    paper_lambda: ``lambda`` (``>= 0``).
+    projection: the layer kind.
+    precision: ``jax.lax.Precision`` of the products.
+
+  Returns:
+    The term, shaped as the layer's output.
+
+  >>> x, a, b = jnp.ones((2, 3)), jnp.ones((3, 1)), jnp.ones((1, 4))
+  >>> dense = projections.GeneralDense(features=(4,))
+  >>> telescoped_low_rank(x, a, b, a, 0 * b, 0.5, 2.0, dense)[0]  # 0.5 * 3 * 3
+  Array([4.5, 4.5, 4.5, 4.5], dtype=float32)
+  >>> jax.grad(lambda b: telescoped_low_rank(x, a, b, a, b, 0.5, 2.0, dense).sum())(b)
+  Array([[3., 3., 3., 3.]], dtype=float32)
+  """
+  axis = projection.rank_axis_of_b() % lora_b.ndim
+  rank = lora_a.shape[-1]
+
+  def pair(
+    a: jax.Array, b: jax.Array, a_hat: jax.Array, b_hat: jax.Array
+  ) -> tuple[jax.Array, jax.Array]:
+    lam = jnp.asarray(paper_lambda, b.dtype)
+    return jnp.concatenate([a, a_hat], -1), jnp.concatenate([(1 + lam) * b, -lam * b_hat], axis)
+
+  def product(x: jax.Array, a2: jax.Array, b2: jax.Array) -> jax.Array:
+    hidden = projection.lora_in(x, a2, precision)
+    return jnp.asarray(scaling, x.dtype) * projection.lora_out(hidden, b2, precision)
+
+  @jax.custom_vjp
+  def term(x: jax.Array, a: jax.Array, b: jax.Array, a_hat: jax.Array, b_hat: jax.Array) -> Any:
+    return product(x, *pair(a, b, a_hat, b_hat))
+
+  def forward(x: jax.Array, a: jax.Array, b: jax.Array, a_hat: jax.Array, b_hat: jax.Array) -> Any:
+    y, vjp = jax.vjp(product, x, *pair(a, b, a_hat, b_hat))
+    return y, (vjp, a_hat, b_hat)
+
+  def backward(saved: Any, g: jax.Array) -> tuple[jax.Array, ...]:
+    vjp, a_hat, b_hat = saved
+    dx, da, db = vjp(g)
+    da = da[..., :rank] / (1 + jnp.asarray(paper_lambda, da.dtype))
+    db = jax.lax.slice_in_dim(db, 0, rank, axis=axis)
+    return dx, da, db, jnp.zeros_like(a_hat), jnp.zeros_like(b_hat)
+
+  term.defvjp(forward, backward)
+  return term(x, lora_a, lora_b, snapshot_a, snapshot_b)  # type: ignore[no-any-return]
 
 
 def _check_input(x: ArrayLike, kernel: ArrayLike, projection: projections.Projection) -> None:
