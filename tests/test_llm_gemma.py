@@ -412,10 +412,10 @@ def retrain(small, options, method):
 
 def test_gemma_defaults_and_flags(capsys):
   options = train.default_options(MODEL)
-  assert (options.model, options.steps, options.eval_size) == (MODEL, 8, 16)
+  assert (options.model, options.steps, options.eval_size, options.delta_lr) == (MODEL, 8, 16, 1e-3)
   assert train.default_options("smollm2") == train.Options()
   args = cli.llm_parser(MODEL).parse_args(["--model", MODEL, "--steps", "3"])
-  assert (args.model, args.steps, args.eval_size) == (MODEL, 3, 16)
+  assert (args.model, args.steps, args.eval_size, args.delta_lr) == (MODEL, 3, 16, 1e-3)
   assert cli._llm_model(["--model", MODEL]) == MODEL and cli._llm_model([]) == "smollm2"
   assert cli.llm_missing_requirements(MODEL) is None
   with pytest.raises(ValueError, match="model must be among"):

@@ -151,10 +151,14 @@ class Options:
 
 
 #: Per model, the defaults of :class:`Options` that differ from SmolLM2's: Gemma 3 270M's
-#: 262,144-token head makes a token about 2.5 times SmolLM2's work on a CPU.
+#: 262,144-token head makes a token about 2.5 times SmolLM2's work on a CPU. Gemma's
+#: ``delta_lr`` is the best of a sweep on its training split (benchmarks/llm_lr_sweep.py
+#: --model gemma3-270m --field delta_lr; reference/llm_lr_sweep_gemma.json): loss on the
+#: set-aside answers by rate (1, 0.3, 0.1, 0.01, 0.003, 0.001) 3.23, 1.72, 1.42, 1.239,
+#: 1.227, 1.223; plain LoRA 1.222. SmolLM2's 1.0 diverges on Gemma.
 MODEL_DEFAULTS: dict[str, dict[str, Any]] = {
   "smollm2": {},
-  "gemma3-270m": {"steps": 8, "eval_size": 16, "max_length": 48},
+  "gemma3-270m": {"steps": 8, "eval_size": 16, "max_length": 48, "delta_lr": 1e-3},
 }
 
 
