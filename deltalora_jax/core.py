@@ -511,13 +511,9 @@ def merged_kernel(
     )
 
     def merge_one(
-      kernel: jax.Array,
-      lora_a: jax.Array,
-      lora_b: jax.Array,
-      delta: jax.Array | None,
-      snapshot: Snapshot | None,
+      w: jax.Array, a: jax.Array, b: jax.Array, d: jax.Array | None, snap: Snapshot | None
     ) -> jax.Array:
-      return merge(kernel, lora_a, lora_b, delta, snapshot=snapshot)
+      return merge(w, a, b, d, snapshot=snap)  # vmap passes arrays by position only
 
     stacked: Any = merge_one
     for _ in range(stack):
@@ -858,27 +854,14 @@ def delta_lora_apply(
   _check_input(x, kernel, projection)
   _check_scale_given(kernel, kernel_scale)
   if kernel_scale is not None:
-    check_quantized_base(kernel, kernel_scale, projection)
-    if not freeze_base:
-      raise ValueError(
-        "an int8 base (a kernel with a kernel_scale) is read, never trained: it needs "
-        "freeze_base=True, got freeze_base=False"
-      )
+    _check_int8_base(kernel, kernel_scale, projection, freeze_base)
     kernel_scale = jax.lax.stop_gradient(kernel_scale)
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
     bias = None if bias is None else jax.lax.stop_gradient(bias)
   if snapshot is not None:  # written by the optimizer only: no gradient
     snapshot = (jax.lax.stop_gradient(snapshot[0]), jax.lax.stop_gradient(snapshot[1]))
-  stored = kernel if kernel_scale is None else kernel_scale  # an int8 base: its scales' dtype
-  base = [x, stored] + ([] if bias is None else [bias])  # what the base layer promotes
-  dtype = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in base))
-  if not jnp.issubdtype(dtype, jnp.inexact):
-    raise TypeError(
-      f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
-      f"or the kernel one; got dtype={jnp.dtype(dtype)} with x.dtype={x.dtype}, "
-      f"kernel.dtype={kernel.dtype}"
-    )
+  dtype = _computation_dtype(dtype, x, kernel, bias, kernel_scale)
   how = choose_evaluation(
     evaluation,
     projection.rows(jnp.shape(x)),
@@ -903,20 +886,10 @@ def delta_lora_apply(
     )
     y = projection.apply(x, full.astype(dtype), precision)
   else:
-    y = projection.apply(x, kernel.astype(dtype), precision)
-    if kernel_scale is not None:  # P(x, q * s) = P(x, q) * s: s is per output channel
-      y = projection.scale_output(y, kernel_scale.astype(dtype))
-
-    def low(a: jax.Array, b: jax.Array) -> jax.Array:
-      hidden = projection.lora_in(x, a.astype(dtype), precision)
-      return projection.lora_out(hidden, b.astype(dtype), precision)
-
-    if snapshot is None:
-      y = y + jnp.asarray(scaling, dtype) * low(lora_a, lora_b)
-    else:
-      a, b, a_hat, b_hat = (f.astype(dtype) for f in (lora_a, lora_b, *snapshot))
-      lam = 0.0 if paper_lambda is None else paper_lambda
-      y = y + telescoped_low_rank(x, a, b, a_hat, b_hat, scaling, lam, projection, precision)
+    y = _base_product(x, kernel, kernel_scale, projection, precision)
+    y = y + _low_rank_term(
+      x, lora_a, lora_b, scaling, snapshot, paper_lambda, projection, precision
+    )
     if delta is not None:
       y = y + jnp.asarray(delta_scaling, dtype) * projection.apply(
         x, delta.astype(dtype), precision
@@ -1001,6 +974,79 @@ def telescoped_low_rank(
 
   term.defvjp(forward, backward)
   return term(x, lora_a, lora_b, snapshot_a, snapshot_b)  # type: ignore[no-any-return]
+
+
+def _check_int8_base(
+  kernel: ArrayLike, kernel_scale: ArrayLike, projection: projections.Projection, freeze_base: bool
+) -> None:
+  """Raises unless an int8 ``kernel`` with its ``kernel_scale`` is a frozen base."""
+  check_quantized_base(kernel, kernel_scale, projection)
+  if not freeze_base:
+    raise ValueError(
+      "an int8 base (a kernel with a kernel_scale) is read, never trained: it needs "
+      "freeze_base=True, got freeze_base=False"
+    )
+
+
+def _computation_dtype(
+  dtype: DTypeLike | None,
+  x: jax.Array,
+  kernel: jax.Array,
+  bias: jax.Array | None,
+  kernel_scale: jax.Array | None,
+) -> np.dtype[Any]:
+  """``dtype``, or the base layer's rule: the widest of ``x``, the kernel and the bias.
+
+  An int8 base counts as its scales' dtype (the base as it was before
+  quantization). Raises ``TypeError`` unless the result is floating.
+  """
+  stored = kernel if kernel_scale is None else kernel_scale
+  base = [x, stored] + ([] if bias is None else [bias])  # what the base layer promotes
+  chosen = jnp.dtype(dtype) if dtype is not None else widest_dtype(*(p.dtype for p in base))
+  if not jnp.issubdtype(chosen, jnp.inexact):
+    raise TypeError(
+      f"dtype (the computation dtype) must be floating: set a floating dtype, or give x "
+      f"or the kernel one; got dtype={chosen} with x.dtype={x.dtype}, "
+      f"kernel.dtype={kernel.dtype}"
+    )
+  return chosen
+
+
+def _base_product(
+  x: jax.Array,
+  kernel: jax.Array,
+  kernel_scale: jax.Array | None,
+  projection: projections.Projection,
+  precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+  """``P(x, W)`` in ``x``'s dtype; an int8 base: ``P(x, q) * s``, no dequantized kernel."""
+  y = projection.apply(x, kernel.astype(x.dtype), precision)
+  if kernel_scale is not None:  # P(x, q * s) = P(x, q) * s: s is per output channel
+    y = projection.scale_output(y, kernel_scale.astype(x.dtype))
+  return y
+
+
+def _low_rank_term(
+  x: jax.Array,
+  lora_a: jax.Array,
+  lora_b: jax.Array,
+  scaling: float,
+  snapshot: Snapshot | None,
+  paper_lambda: float | None,
+  projection: projections.Projection,
+  precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+  """``s P_B(P_A(x, A), B)`` in ``x``'s dtype; with a snapshot, the telescoped term too.
+
+  A layer with a snapshot computes both in one product (:func:`telescoped_low_rank`).
+  """
+  dtype = x.dtype
+  if snapshot is not None:
+    a, b, a_hat, b_hat = (f.astype(dtype) for f in (lora_a, lora_b, *snapshot))
+    lam = 0.0 if paper_lambda is None else paper_lambda
+    return telescoped_low_rank(x, a, b, a_hat, b_hat, scaling, lam, projection, precision)
+  hidden = projection.lora_in(x, lora_a.astype(dtype), precision)
+  return jnp.asarray(scaling, dtype) * projection.lora_out(hidden, lora_b.astype(dtype), precision)
 
 
 def _check_input(x: ArrayLike, kernel: ArrayLike, projection: projections.Projection) -> None:
