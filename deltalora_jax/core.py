@@ -126,6 +126,27 @@ def check_layer_rank(
   return checked
 
 
+def check_einsum_str(einsum_str: str | None, projection: projections.Projection) -> None:
+  """Raises unless ``einsum_str`` is None or the equation of the einsum ``projection``.
+
+  What an adapted layer's call checks of the ``einsum_str`` it is given (Flax's
+  ``Einsum`` takes one per call), in Linen and NNX.
+
+  >>> check_einsum_str("bi, io->bo", projections.Einsum("bi,io->bo", (2, 3)))
+  >>> check_einsum_str("bi,io->bo", projections.GeneralDense(features=(3,)))
+  Traceback (most recent call last):
+  ValueError: einsum_str='bi,io->bo' differs from the adapted layer's equation None
+  """
+  if einsum_str is not None and (
+    not isinstance(projection, projections.Einsum)
+    or einsum_str.replace(" ", "") != projection.equation
+  ):
+    raise ValueError(
+      f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
+      f"{getattr(projection, 'equation', None)!r}"
+    )
+
+
 def check_bool(name: str, value: object) -> bool:
   """Raises unless ``value`` (the argument ``name``) is a bool; returns it.
 

@@ -497,13 +497,7 @@ class DeltaLoRAGeneral(_DeltaLoRALayer):
   @nn.compact
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
     kind = self.projection
-    if einsum_str is not None and (
-      not isinstance(kind, projections.Einsum) or einsum_str.replace(" ", "") != kind.equation
-    ):
-      raise ValueError(
-        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
-        f"{getattr(kind, 'equation', None)!r}"
-      )
+    core.check_einsum_str(einsum_str, kind)
     shape = kind.kernel_shape(jnp.shape(inputs))
     if self.has_variable("params", "kernel"):
       stored = tuple(jnp.shape(self.get_variable("params", "kernel")))

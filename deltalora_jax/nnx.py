@@ -291,12 +291,7 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
   def __call__(
     self, inputs: jax.Array, einsum_str: str | None = None, out_sharding: object = None
   ) -> jax.Array:
-    kind = self.projection
-    if einsum_str is not None and einsum_str.replace(" ", "") != getattr(kind, "equation", None):
-      raise ValueError(
-        f"einsum_str={einsum_str!r} differs from the adapted layer's equation "
-        f"{getattr(kind, 'equation', None)!r}"
-      )
+    core.check_einsum_str(einsum_str, self.projection)
     return self._apply(inputs, out_sharding)
 
 
