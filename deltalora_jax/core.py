@@ -367,8 +367,8 @@ def new_adapter(
   Leading stack axes (``nn.scan``, ``nnx.vmap``) give every layer its own
   factors. The one constructor of NNX's adapter and ``adapt_linen``.
 
-  >>> kind = projections.GeneralDense(features=(3,))
-  >>> new = new_adapter(tuple(jax.random.split(jax.random.key(0))), kind, (2, 4, 3), 2,
+  >>> projection = projections.GeneralDense(features=(3,))
+  >>> new = new_adapter(tuple(jax.random.split(jax.random.key(0))), projection, (2, 4, 3), 2,
   ...                   jnp.float32, use_delta=True)
   >>> {name: array.shape for name, array in new.items()}
   {'lora_a': (2, 4, 2), 'lora_b': (2, 2, 3), 'delta': (2, 4, 3)}
@@ -496,7 +496,7 @@ def merged_kernel(
     scaling: LoRA scaling ``s = alpha / r``.
     delta_scaling: scaling ``ds`` of the delta term.
     precision: precision of the ``A B`` product.
-    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+    projection: the layer's product (:mod:`deltalora_jax.projections`); None is
       a dense layer with a 2-D kernel.
     snapshot: ``(A^, B^)``, the snapshot factors (the shapes of ``A`` and
       ``B``), or None.
@@ -619,7 +619,7 @@ def quantize_int8(
 
   Args:
     kernel: the float kernel ``W`` in its layer's layout.
-    projection: the layer kind; None is a dense ``[in, out]`` kernel.
+    projection: the layer's product; None is a dense ``[in, out]`` kernel.
 
   Returns:
     ``(values, scale)``: int8 values of the kernel's shape, and float32
@@ -843,7 +843,7 @@ def delta_lora_apply(
     delta: ``D`` (the kernel's shape) or None (no delta term).
     scaling: LoRA scaling ``s``.
     delta_scaling: delta scaling ``ds``.
-    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+    projection: the layer's product (:mod:`deltalora_jax.projections`); None is
       the dense product ``x W`` of a kernel ``W [in, out]`` (``A [in, r]``,
       ``B [r, out]``, ``D [in, out]``, ``b [out]``).
     freeze_base: stop the gradient of ``kernel`` and ``bias``.
@@ -859,10 +859,10 @@ def delta_lora_apply(
     The layer's output.
 
   >>> from deltalora_jax.projections import Conv
-  >>> kind = Conv(features=4, kernel_size=(3,))
+  >>> projection = Conv(features=4, kernel_size=(3,))
   >>> w, a, b = jnp.ones((3, 2, 4)), jnp.ones((3, 2, 1)), jnp.zeros((1, 4))
   >>> delta_lora_apply(jnp.ones((5, 7, 2)), w, None, a, b, jnp.zeros_like(w),
-  ...                  projection=kind, scaling=1.0, delta_scaling=0.1).shape
+  ...                  projection=projection, scaling=1.0, delta_scaling=0.1).shape
   (5, 7, 4)
   >>> x, w = jnp.ones((3, 2)), jnp.eye(2)  # a dense layer: no projection
   >>> delta_lora_apply(x, w, None, jnp.ones((2, 1)), jnp.zeros((1, 2)), None,
@@ -952,7 +952,7 @@ def telescoped_low_rank(
     snapshot_a, snapshot_b: ``A^``, ``B^`` (shaped as ``A``, ``B``).
     scaling: ``s``.
     paper_lambda: ``lambda`` (``>= 0``).
-    projection: the layer kind.
+    projection: the layer's product (:mod:`deltalora_jax.projections`).
     precision: ``jax.lax.Precision`` of the products.
 
   Returns:

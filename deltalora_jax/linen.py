@@ -139,9 +139,9 @@ def _layer(
   of ``A`` and ``B`` at initialisation) are in the ``'snapshot'``
   collection, or in ``collection`` when that is not ``'delta'``.
   """
-  kind = module.projection
+  projection = module.projection
   layer = "/".join(module.path) or "<root>"
-  core.check_layer_rank(module.rank, kind, shape, f"the layer {layer!r}")
+  core.check_layer_rank(module.rank, projection, shape, f"the layer {layer!r}")
   where = f"{module.__class__.__name__} at {'/'.join(module.path) or '<root>'}"
   snapshots = SNAPSHOT_COLLECTION if collection == DELTA_COLLECTION else collection
   for needed, place, name, what, shown in (
@@ -177,9 +177,9 @@ def _layer(
     kernel = module.param("kernel", kernel_init, shape, module.param_dtype)
   bias = None
   if module.use_bias:
-    bias = module.param("bias", bias_init, kind.bias_shape(shape), module.param_dtype)
+    bias = module.param("bias", bias_init, projection.bias_shape(shape), module.param_dtype)
   dtype = adapter_dtype(module.adapter_dtype, module.param_dtype)
-  a_shape, b_shape = kind.factor_shapes(shape, module.rank)
+  a_shape, b_shape = projection.factor_shapes(shape, module.rank)
   a_init = module.lora_a_init or core.lora_a_init(module.rank)
   lora_a = module.param("lora_a", a_init, a_shape, dtype)
   lora_b = module.param("lora_b", module.lora_b_init, b_shape, dtype)
@@ -388,10 +388,10 @@ def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projecti
   name = type(module).__name__
   if isinstance(module, DeltaLoRADense | DeltaLoRAGeneral):
     raise TypeError(f"{name} is already adapted")
-  kind: projections.Projection
+  projection: projections.Projection
   defaults: list[tuple[str, object]] = []
   if isinstance(module, nn.Dense):
-    kind = projections.GeneralDense(features=(module.features,))
+    projection = projections.GeneralDense(features=(module.features,))
     defaults = [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nn.DenseGeneral):
     if tuple(ints(module.batch_dims)):
@@ -399,16 +399,16 @@ def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projecti
         f"{name} with batch_dims={module.batch_dims} cannot be adapted: only DenseGeneral "
         "without batch axes"
       )
-    kind = projections.GeneralDense(features=ints(module.features), axis=ints(module.axis))
+    projection = projections.GeneralDense(features=ints(module.features), axis=ints(module.axis))
     defaults = [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nn.Einsum):
     equation = einsum_str or module.einsum_str
     if equation is None:
       raise TypeError(f"{name} was called without an einsum_str")
-    kind = projections.Einsum(equation, tuple(module.shape))
+    projection = projections.Einsum(equation, tuple(module.shape))
     defaults = [("preferred_element_type", None)]
   elif isinstance(module, nn.Conv):
-    kind = conv_projection(module, module.features)
+    projection = conv_projection(module, module.features)
     defaults = [("conv_general_dilated", None), ("conv_general_dilated_cls", None)]
   else:
     raise TypeError(
@@ -421,7 +421,7 @@ def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projecti
       f"{name} computes with a custom {sorted(set(custom))}: an adapter would compute "
       "something else"
     )
-  return kind
+  return projection
 
 
 SUPPORTED = "nn.Dense, nn.DenseGeneral, nn.Einsum and nn.Conv"
@@ -496,9 +496,9 @@ class DeltaLoRAGeneral(_DeltaLoRALayer):
 
   @nn.compact
   def __call__(self, inputs: jax.Array, einsum_str: str | None = None) -> jax.Array:
-    kind = self.projection
-    core.check_einsum_str(einsum_str, kind)
-    shape = kind.kernel_shape(jnp.shape(inputs))
+    projection = self.projection
+    core.check_einsum_str(einsum_str, projection)
+    shape = projection.kernel_shape(jnp.shape(inputs))
     if self.has_variable("params", "kernel"):
       stored = tuple(jnp.shape(self.get_variable("params", "kernel")))
       if stored != tuple(shape):
@@ -507,7 +507,7 @@ class DeltaLoRAGeneral(_DeltaLoRALayer):
           f"{'/'.join(self.path) or '<root>'}, but its kernel is {stored}"
         )
     kernel_init, bias_init = self.kernel_init, self.bias_init
-    if isinstance(kind, projections.GeneralDense):
-      kernel_init = _flat_init(kernel_init, len(kind.features))
-      bias_init = _flat_init(bias_init, len(kind.features))
+    if isinstance(projection, projections.GeneralDense):
+      kernel_init = _flat_init(kernel_init, len(projection.features))
+      bias_init = _flat_init(bias_init, len(projection.features))
     return _layer(self, inputs, shape, kernel_init, bias_init, self.delta_collection)

@@ -624,13 +624,13 @@ def projection_of(module: object) -> projections.Projection:
 def _describe_flax(module: Any) -> LayerDescription:
   """Flax's projection layers: ``kernel``, ``bias``, ``dtype`` and ``precision``."""
   name = type(module).__name__
-  kind: projections.Projection
+  projection: projections.Projection
   defaults: list[tuple[str, object]] = [
     ("promote_dtype", nnx_dtypes.promote_dtype),
     ("preferred_element_type", None),
   ]
   if isinstance(module, nnx.Linear):
-    kind = projections.GeneralDense(features=(module.out_features,))
+    projection = projections.GeneralDense(features=(module.out_features,))
     defaults.append(("dot_general", jax.lax.dot_general))
   elif isinstance(module, nnx.LinearGeneral):
     if module.batch_axis:
@@ -638,15 +638,17 @@ def _describe_flax(module: Any) -> LayerDescription:
         f"{name} with batch_axis={dict(module.batch_axis)} cannot be adapted: only "
         "LinearGeneral without batch axes"
       )
-    kind = projections.GeneralDense(features=ints(module.out_features), axis=ints(module.axis))
+    projection = projections.GeneralDense(
+      features=ints(module.out_features), axis=ints(module.axis)
+    )
     defaults += [("dot_general", None), ("dot_general_cls", None)]
   elif isinstance(module, nnx.Einsum):
     if module.einsum_str is None:
       raise TypeError(f"{name} without an einsum_str at construction cannot be adapted")
-    kind = projections.Einsum(module.einsum_str, tuple(module.kernel_shape))
+    projection = projections.Einsum(module.einsum_str, tuple(module.kernel_shape))
     defaults.append(("einsum_op", jnp.einsum))
   else:
-    kind = conv_projection(module, module.out_features)
+    projection = conv_projection(module, module.out_features)
     defaults.append(("conv_general_dilated", jax.lax.conv_general_dilated))
   custom = [
     field
@@ -659,7 +661,7 @@ def _describe_flax(module: Any) -> LayerDescription:
       f"{name} computes with a custom {custom}: an adapter would compute something else"
     )
   return LayerDescription(
-    kind,
+    projection,
     kernel="kernel",
     bias=None if module.bias is None else "bias",
     dtype=module.dtype,
@@ -725,8 +727,8 @@ def _describe_einsum_module(module: Any) -> LayerDescription:
       dtype = jnp.dtype(dtype)
     except TypeError:
       raise TypeError(f"{supported}; its dtype={dtype!r} is not a dtype") from None
-  kind = projections.Einsum(equation, tuple(kernel.shape))
-  _check_einsum_call(module, kind, kernel[...], dtype)
+  projection = projections.Einsum(equation, tuple(kernel.shape))
+  _check_einsum_call(module, projection, kernel[...], dtype)
   kept = tuple(
     k
     for k, v in vars(module).items()
@@ -734,22 +736,22 @@ def _describe_einsum_module(module: Any) -> LayerDescription:
     and not k.startswith("_")
     and isinstance(v, str | int | float | tuple | np.dtype | type(None))
   )
-  return LayerDescription(kind, kernel=kernel_name, dtype=dtype, attributes=kept)
+  return LayerDescription(projection, kernel=kernel_name, dtype=dtype, attributes=kept)
 
 
 def _check_einsum_call(
-  module: Any, kind: projections.Einsum, kernel: jax.Array, dtype: np.dtype[Any] | None
+  module: Any, projection: projections.Einsum, kernel: jax.Array, dtype: np.dtype[Any] | None
 ) -> None:
   """Raises ``TypeError`` unless ``module(x)`` is ``jnp.einsum(equation, x, kernel)`` for a probe.
 
   ``x`` has the input's letters: the kernel's sizes where they are the
   kernel's, 2 elsewhere, no axes for ``...``; drawn in the computation dtype.
   """
-  lhs = kind.equation.split(",")[0].replace("...", "")
-  sizes = dict(zip(kind.equation.split(",")[1].split("->")[0], kernel.shape, strict=True))
+  lhs = projection.equation.split(",")[0].replace("...", "")
+  sizes = dict(zip(projection.equation.split(",")[1].split("->")[0], kernel.shape, strict=True))
   compute = dtype or kernel.dtype
   x = jax.random.normal(jax.random.key(0), tuple(sizes.get(c, 2) for c in lhs), compute)
-  expected = kind.apply(x, kernel.astype(compute))
+  expected = projection.apply(x, kernel.astype(compute))
   name = type(module).__name__
   try:
     with warnings.catch_warnings():  # the probe is ours: the module's warnings are not the user's
@@ -772,6 +774,6 @@ def _check_einsum_call(
   ):
     raise TypeError(
       f"{name} has an einsum_str and one nnx.Param but its __call__ is not "
-      f"jnp.einsum({kind.equation!r}, x, param): it cannot be adapted (teach it with "
+      f"jnp.einsum({projection.equation!r}, x, param): it cannot be adapted (teach it with "
       "deltalora_jax.register_projection)"
     )

@@ -9,7 +9,7 @@ moves by the change of their product, at the steps ``t > K`` (``t`` from 0):
   W_{t+1} = W_t + \lambda\, s\,(A_{t+1} B_{t+1} - A_t B_t)
 
 :func:`paper_delta_lora` wraps the factors' optimizer (AdamW by default, as in
-the paper), reading each layer's scaling, kind and ``paper_lambda`` from the
+the paper), reading each layer's scaling, projection and ``paper_lambda`` from the
 adapted layers it is given. Those are built with ``use_delta=False`` (base
 frozen) and may be of any kind of :mod:`deltalora_jax.projections` (dense,
 dense-general, einsum, convolution), stacked or not.
@@ -52,7 +52,7 @@ _T = TypeVar("_T")
 _Plan = tuple[dict[str, int], float, projections.Projection, int]
 
 
-class _Kind(NamedTuple):
+class _LayerSettings(NamedTuple):
   """What the rule reads of one adapted layer."""
 
   scaling: float
@@ -103,7 +103,7 @@ def factor_product_change(
     lora_b: ``B`` before the step (dense: ``[r, out]``).
     update_a: ``uA``, the optimizer's update of ``A`` (``A``'s shape).
     update_b: ``uB``, the optimizer's update of ``B`` (``B``'s shape).
-    projection: the layer kind (:mod:`deltalora_jax.projections`); None is
+    projection: the layer's product (:mod:`deltalora_jax.projections`); None is
       the dense-like layout ``A [*in, r]``, ``B [r, *out]``, kernel ``[*in, *out]``.
     stack: the number of leading layer axes (``nn.scan``, ``nnx.vmap``)
       of ``A``, ``B`` and the kernel; each layer of the stack has its own product.
@@ -117,9 +117,9 @@ def factor_product_change(
     >>> factor_product_change(a, b, jnp.ones((2, 1)), jnp.ones((1, 3)))  # (2 * 1) - 0
     Array([[2., 2., 2.],
            [2., 2., 2.]], dtype=float32)
-    >>> kind = projections.Einsum("btd,ndh->btnh", (2, 5, 3))  # A [d, r], B [r, n, h]
+    >>> projection = projections.Einsum("btd,ndh->btnh", (2, 5, 3))  # A [d, r], B [r, n, h]
     >>> a, b = jnp.ones((5, 1)), jnp.ones((1, 2, 3))
-    >>> factor_product_change(a, b, a, b, projection=kind).shape  # the kernel's [n, d, h]
+    >>> factor_product_change(a, b, a, b, projection=projection).shape  # the kernel's [n, d, h]
     (2, 5, 3)
   """
   wide = any(jnp.dtype(x.dtype) == jnp.float64 for x in (lora_a, lora_b, update_a, update_b))
@@ -137,8 +137,8 @@ def factor_product_change(
   return product(left, right)
 
 
-def _layer_kinds(layers: Any) -> dict[paths.Path, _Kind]:
-  """``{layer path: _Kind}`` of the adapted layers; refuses a layer with ``D``."""
+def _layer_settings(layers: Any) -> dict[paths.Path, _LayerSettings]:
+  """``{layer path: _LayerSettings}`` of the adapted layers; refuses a layer with ``D``."""
   configs = config.layer_configs(layers)
   with_delta = [paths.name(path) for path, layer in configs.items() if layer.use_delta]
   if with_delta:
@@ -147,19 +147,19 @@ def _layer_kinds(layers: Any) -> dict[paths.Path, _Kind]:
       f"layers has use_delta=True at {with_delta}"
     )
   return {
-    path: _Kind(layer.scaling, layer.projection, layer.paper_lambda)
+    path: _LayerSettings(layer.scaling, layer.projection, layer.paper_lambda)
     for path, layer in configs.items()
   }
 
 
-def _check_lambda(lambda_: _T, kinds: Mapping[paths.Path, _Kind]) -> _T:
+def _check_lambda(lambda_: _T, settings: Mapping[paths.Path, _LayerSettings]) -> _T:
   """Checks ``lambda_``; with snapshot layers it must be None or their ``paper_lambda``."""
   if lambda_ is None:
     return lambda_
   value = core.as_float("lambda_", lambda_)
   if value is not None and not (math.isfinite(value) and value >= 0):
     raise ValueError(f"lambda_ must be finite and >= 0, got lambda_={lambda_!r}")
-  telescoped = {p: k.paper_lambda for p, k in kinds.items() if k.paper_lambda is not None}
+  telescoped = {p: s.paper_lambda for p, s in settings.items() if s.paper_lambda is not None}
   if not telescoped:
     return lambda_
   if value is None:
@@ -230,9 +230,9 @@ def _adapted_layers(tree: Any) -> dict[paths.Path, dict[str, int]]:
   return layers
 
 
-def _check_layer_names(path: paths.Path, group: Mapping[str, int], kind: _Kind) -> None:
+def _check_layer_names(path: paths.Path, group: Mapping[str, int], layer: _LayerSettings) -> None:
   """Raises unless the layer has what its form needs: the kernel (in place) or the snapshot."""
-  if kind.paper_lambda is None:
+  if layer.paper_lambda is None:
     needed, form = {KERNEL, LORA_A, LORA_B}, "in-place"
     if extra := sorted({SNAPSHOT_A, SNAPSHOT_B} & set(group)):
       raise ValueError(
@@ -264,7 +264,7 @@ def _stack_axes(
 
 
 def _match_layers(
-  found: Mapping[paths.Path, Any], kinds: Mapping[paths.Path, Any]
+  found: Mapping[paths.Path, Any], layers: Mapping[paths.Path, Any]
 ) -> dict[paths.Path, paths.Path]:
   """``{path in the tree: path in layers}``; a leading ``'params'`` collection is ignored.
 
@@ -273,13 +273,13 @@ def _match_layers(
   match: dict[paths.Path, paths.Path] = {}
   for path in found:
     for candidate in (path, path[1:] if path[:1] == ("params",) else None):
-      if candidate is not None and candidate in kinds:
+      if candidate is not None and candidate in layers:
         match[path] = candidate
         break
-  if len(match) != len(found) or set(match.values()) != set(kinds):
+  if len(match) != len(found) or set(match.values()) != set(layers):
     raise ValueError(
       "the adapted layers of the params tree differ from those of `layers`: the tree has "
-      f"{sorted(map(paths.name, found))}, layers has {sorted(map(paths.name, kinds))} "
+      f"{sorted(map(paths.name, found))}, layers has {sorted(map(paths.name, layers))} "
       "(a leading 'params' collection is ignored); pass the layers of the model that "
       "made these params"
     )
@@ -368,7 +368,7 @@ def paper_delta_lora(
     learning_rate: learning rate of the default ``optax.adamw`` on the
       factors, a float or a schedule; give it or ``lora_optimizer``, not both.
     layers: the adapted layers, which give each layer's scaling
-      ``s = alpha / rank`` and kind (how ``A B`` lays out in its kernel):
+      ``s = alpha / rank`` and projection (how ``A B`` lays out in its kernel):
       an NNX model, a Linen layers mapping ``{name: layer}``
       (:func:`deltalora_jax.adapted_layers`) or a
       :class:`~deltalora_jax.DeltaLoRAModel`
@@ -438,8 +438,8 @@ def paper_delta_lora(
     Low-Rank Matrices <https://arxiv.org/abs/2309.02411>`_, 2023 (Algorithm 1).
   """
   lora_optimizer = _factors_optimizer(learning_rate, lora_optimizer, other_optimizer)
-  kinds = _layer_kinds(layers)
-  _check_lambda(lambda_, kinds)
+  settings = _layer_settings(layers)
+  _check_lambda(lambda_, settings)
   in_place_lambda = 2.0 if lambda_ is None else lambda_
   _check_start_step(start_step)
   inner = optax.multi_transform(
@@ -452,7 +452,7 @@ def paper_delta_lora(
   )
 
   def init_fn(params: optax.Params) -> PaperDeltaLoRAState:
-    _layer_plans(params, kinds)
+    _layer_plans(params, settings)
     return PaperDeltaLoRAState(count=jnp.zeros([], jnp.int32), inner_state=inner.init(params))
 
   def update_fn(
@@ -466,7 +466,7 @@ def paper_delta_lora(
         "paper_delta_lora needs the current parameters: call "
         "tx.update(grads, opt_state, params), params being the tree given to tx.init"
       )
-    plans, telescoped = _layer_plans(params, kinds)
+    plans, telescoped = _layer_plans(params, settings)
     updates, inner_state = inner.update(updates, state.inner_state, params, **extra_args)
     leaves, treedef = jax.tree.flatten(updates)
     started = state.count > jnp.asarray(start_step).astype(jnp.int32)  # the paper's t > K
@@ -503,7 +503,7 @@ def _factors_optimizer(
 
 
 def _layer_plans(
-  params: optax.Params, kinds: Mapping[paths.Path, _Kind]
+  params: optax.Params, settings: Mapping[paths.Path, _LayerSettings]
 ) -> tuple[list[_Plan], list[dict[str, int]]]:
   """The in-place layers' ``[(leaf indices, s, projection, stack)]``, shapes checked, and the
   telescoped layers' leaf indices."""
@@ -511,17 +511,17 @@ def _layer_plans(
   leaves = jax.tree.leaves(params)
   plans: list[_Plan] = []
   telescoped: list[dict[str, int]] = []
-  for path, layer_path in _match_layers(found, kinds).items():
-    kind, group = kinds[layer_path], found[path]
-    _check_layer_names(path, group, kind)
-    if kind.paper_lambda is not None:
+  for path, layer_path in _match_layers(found, settings).items():
+    layer, group = settings[layer_path], found[path]
+    _check_layer_names(path, group, layer)
+    if layer.paper_lambda is not None:
       _check_snapshot(path, *(leaves[group[n]] for n in (LORA_A, LORA_B, SNAPSHOT_A, SNAPSHOT_B)))
       telescoped.append(group)
       continue
     core.check_writable_kernel(paths.name(path), leaves[group[KERNEL]])  # not an int8 base
     kernel, lora_a, lora_b = (leaves[group[n]] for n in (KERNEL, LORA_A, LORA_B))
-    stack = _stack_axes(path, kernel, lora_a, lora_b, kind.projection)
-    plans.append((group, kind.scaling, kind.projection, stack))
+    stack = _stack_axes(path, kernel, lora_a, lora_b, layer.projection)
+    plans.append((group, layer.scaling, layer.projection, stack))
   return plans, telescoped
 
 

@@ -118,8 +118,8 @@ class GeneralDense(_MatrixB):
     axis: the input axes contracted, negative or not.
 
   Example:
-    >>> kind = GeneralDense(features=(4, 5), axis=(-1,))
-    >>> kind.kernel_shape((2, 3)), kind.factor_shapes((3, 4, 5), 2)
+    >>> projection = GeneralDense(features=(4, 5), axis=(-1,))
+    >>> projection.kernel_shape((2, 3)), projection.factor_shapes((3, 4, 5), 2)
     ((3, 4, 5), ((3, 2), (2, 4, 5)))
   """
 
@@ -228,8 +228,8 @@ class Einsum:
     shape: the kernel's shape.
 
   Example:
-    >>> kind = Einsum("btd,dnh->btnh", (8, 2, 4))
-    >>> kind.factor_shapes((8, 2, 4), 3)
+    >>> projection = Einsum("btd,dnh->btnh", (8, 2, 4))
+    >>> projection.factor_shapes((8, 2, 4), 3)
     ((8, 3), (3, 2, 4))
   """
 
@@ -416,8 +416,8 @@ class Conv(_MatrixB):
   1x1 convolution (a dense product over channels), as PEFT does for Conv2d.
 
   Example:
-    >>> kind = Conv(features=8, kernel_size=(3, 3))
-    >>> kind.kernel_shape((2, 5, 5, 4)), kind.factor_shapes((3, 3, 4, 8), 2)
+    >>> projection = Conv(features=8, kernel_size=(3, 3))
+    >>> projection.kernel_shape((2, 5, 5, 4)), projection.factor_shapes((3, 3, 4, 8), 2)
     ((3, 3, 4, 8), ((3, 3, 4, 2), (2, 8)))
   """
 
@@ -555,8 +555,8 @@ def from_json(data: Any) -> Projection:
   if not isinstance(data, dict) or data.get("kind") not in KINDS:
     raise ValueError(f"a projection must be {{'kind': one of {sorted(KINDS)}, ...}}, got {data!r}")
   fields = {k: _tuples(v) for k, v in data.items() if k != "kind"}
-  kind: type[Projection] = KINDS[data["kind"]]
-  return kind(**fields)
+  cls: type[Projection] = KINDS[data["kind"]]
+  return cls(**fields)
 
 
 def _tuples(value: Any) -> Any:

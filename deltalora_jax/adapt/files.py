@@ -130,9 +130,9 @@ def _checked_weights(
   name: str, config: LayerConfig, kernel_shape: tuple[int, ...], arrays: Mapping[str, Any]
 ) -> dict[str, jax.Array]:
   """The weights of one layer, checked against the shapes its config implies."""
-  kind = config.projection
-  stack, shape = linen_adapt.layer_shape(name, kind, kernel_shape)
-  a_shape, b_shape = kind.factor_shapes(shape, config.rank)
+  projection = config.projection
+  stack, shape = linen_adapt.layer_shape(name, projection, kernel_shape)
+  a_shape, b_shape = projection.factor_shapes(shape, config.rank)
   expected = {"lora_a": (*stack, *a_shape), "lora_b": (*stack, *b_shape)}
   if config.paper_lambda is not None:
     expected[core.SNAPSHOT_A], expected[core.SNAPSHOT_B] = expected["lora_a"], expected["lora_b"]
@@ -141,7 +141,7 @@ def _checked_weights(
   if not config.freeze_base:
     expected["kernel"] = kernel_shape
     if config.use_bias:
-      expected["bias"] = (*stack, *kind.bias_shape(shape))
+      expected["bias"] = (*stack, *projection.bias_shape(shape))
   if set(arrays) != set(expected):
     raise ValueError(
       f"adapter weights of {name!r} must be {sorted(expected)}, got {sorted(arrays)}"

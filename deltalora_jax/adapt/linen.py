@@ -100,15 +100,16 @@ class DeltaLoRAModel(nn.Module):
         return next_fun(*call_args, **call_kwargs)
       name = "/".join(path)
       try:
-        kind = linen_front.projection_of(module, _einsum_str(call_args, call_kwargs))
+        projection = linen_front.projection_of(module, _einsum_str(call_args, call_kwargs))
       except TypeError as error:
         raise TypeError(f"the adapter at {name!r} cannot run on this layer: {error}") from None
       arguments = dict(options)
       made_for = arguments["projection"], arguments["use_bias"]
-      if (kind, module.use_bias) != made_for:
+      if (projection, module.use_bias) != made_for:
         raise ValueError(
-          f"the {type(module).__name__} at {name!r} is {kind} with use_bias={module.use_bias}; "
-          f"its adapter was made for {made_for[0]} with use_bias={made_for[1]}"
+          f"the {type(module).__name__} at {name!r} is {projection} with "
+          f"use_bias={module.use_bias}; its adapter was made for {made_for[0]} with "
+          f"use_bias={made_for[1]}"
         )
       layer = DeltaLoRAGeneral(
         **arguments,
@@ -360,10 +361,10 @@ def adapt_linen(
   per_layer = layer_options(chosen, checked, overrides)
   adapters, new = dict(existing), {}
   for name, subkey in zip(chosen, jax.random.split(key, len(chosen)), strict=True):
-    module, kind = found[name]["module"], found[name]["projection"]
+    module, projection = found[name]["module"], found[name]["projection"]
     path = paths.as_path(name)
     _check_stack(name, jnp.shape(params[(*path, "kernel")]), found[name]["kernel_shape"])
-    arguments = {"projection": kind, "use_bias": module.use_bias, **per_layer[name]}
+    arguments = {"projection": projection, "use_bias": module.use_bias, **per_layer[name]}
     layer = DeltaLoRAGeneral(**arguments, parent=None)  # checks the options
     new[path] = _new_adapter(name, layer, params[(*path, "kernel")], subkey)
     adapters[path] = tuple(sorted(arguments.items()))
@@ -394,14 +395,14 @@ def _check_stack(name: str, stored: Sequence[int], called: Sequence[int] | None)
 
 
 def layer_shape(
-  name: str, kind: projections.Projection, kernel_shape: Sequence[int]
+  name: str, projection: projections.Projection, kernel_shape: Sequence[int]
 ) -> tuple[tuple[int, ...], tuple[int, ...]]:
   """``(stack axes, one layer's kernel shape)`` of a kernel: ``nn.scan`` stacks lead."""
-  stack = len(kernel_shape) - kind.kernel_ndim
+  stack = len(kernel_shape) - projection.kernel_ndim
   if stack < 0:
     raise ValueError(
-      f"the kernel at {name!r} has shape {tuple(kernel_shape)}; a {kind.name} layer needs "
-      f"{kind.kernel_ndim} axes"
+      f"the kernel at {name!r} has shape {tuple(kernel_shape)}; a {projection.name} layer needs "
+      f"{projection.kernel_ndim} axes"
     )
   return tuple(kernel_shape[:stack]), tuple(kernel_shape[stack:])
 
@@ -410,13 +411,13 @@ def _new_adapter(
   name: str, layer: DeltaLoRAGeneral, kernel: jax.Array, key: jax.Array
 ) -> dict[str, jax.Array]:
   """Fresh ``lora_a``, ``lora_b`` (and ``D``) for ``layer`` beside ``kernel`` (stacked or not)."""
-  kind = layer.projection
-  _, shape = layer_shape(name, kind, jnp.shape(kernel))
-  check_layer_rank(name, kind, shape, layer.rank)
+  projection = layer.projection
+  _, shape = layer_shape(name, projection, jnp.shape(kernel))
+  check_layer_rank(name, projection, shape, layer.rank)
   key_a, key_b = jax.random.split(key)  # one key per factor
   return core.new_adapter(
     (key_a, key_b),
-    kind,
+    projection,
     jnp.shape(kernel),
     layer.rank,
     linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype),
