@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from deltalora_jax.demo.checks import check_divides, check_ints
 from deltalora_jax.linen import DeltaLoRADense
 
 ATTENTION = ("query", "key", "value", "attention_output")
@@ -55,18 +56,11 @@ class BertConfig:
   layer_norm_eps: float = 1e-12
 
   def __post_init__(self):
-    for field in dataclasses.fields(self):
-      value = getattr(self, field.name)
-      if field.name == "layer_norm_eps":
-        if not value > 0:
-          raise ValueError(f"layer_norm_eps must be > 0, got layer_norm_eps={value!r}")
-      elif isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{field.name} must be a positive int, got {field.name}={value!r}")
-    if self.hidden_size % self.num_heads:
-      raise ValueError(
-        f"num_heads must divide hidden_size, got num_heads={self.num_heads} and "
-        f"hidden_size={self.hidden_size}"
-      )
+    sizes = [f.name for f in dataclasses.fields(self) if f.name != "layer_norm_eps"]
+    check_ints(self, sizes)
+    if not self.layer_norm_eps > 0:
+      raise ValueError(f"layer_norm_eps must be > 0, got layer_norm_eps={self.layer_norm_eps!r}")
+    check_divides(self, "num_heads", "hidden_size")
 
 
 @dataclasses.dataclass(frozen=True)

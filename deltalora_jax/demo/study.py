@@ -43,6 +43,7 @@ import numpy as np
 
 import deltalora_jax as dl
 from deltalora_jax.demo import data, report, train
+from deltalora_jax.demo.checks import check_ints
 
 STAGES = ("sweep", "final")
 
@@ -120,14 +121,8 @@ class StudyOptions:
   demo: train.Options = dataclasses.field(default_factory=lambda: train.Options(progress=False))
 
   def __post_init__(self):
-    for name in ("sweep_steps", "validation_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    for name in ("steps", "train_size", "test_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+    check_ints(self, ("sweep_steps", "validation_size"))
+    check_ints(self, ("steps", "train_size", "test_size"), at_least=0)
     if not (self.epochs > 0 or self.steps):
       raise ValueError(f"epochs must be > 0 when steps is 0, got epochs={self.epochs!r}")
     unknown = [m for m in self.methods if m not in train.METHODS]

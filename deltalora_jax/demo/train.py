@@ -35,6 +35,7 @@ from flax import traverse_util
 import deltalora_jax as dl
 from deltalora_jax.demo import report, weights
 from deltalora_jax.demo.bert import Adapter, BertConfig, SentimentClassifier
+from deltalora_jax.demo.checks import check_ints
 from deltalora_jax.demo.data import LABELS
 
 HEAD = "head"
@@ -86,12 +87,8 @@ class Options:
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "rank"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    if not isinstance(self.eval_size, int) or self.eval_size < 0:
-      raise ValueError(f"eval_size must be an int >= 0, got eval_size={self.eval_size!r}")
+    check_ints(self, ("steps", "batch_size", "rank"))
+    check_ints(self, ("eval_size",), at_least=0)
     unknown = [m for m in self.methods if m not in METHODS]
     if unknown or not self.methods:
       raise ValueError(f"methods must be among {sorted(METHODS)}, got methods={self.methods}")

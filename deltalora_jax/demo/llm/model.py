@@ -37,6 +37,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from deltalora_jax.demo.checks import check_divides, check_ints
+
 FULL, SLIDING = "full_attention", "sliding_attention"
 ACTIVATIONS = ("silu", "gelu_tanh")
 
@@ -87,24 +89,16 @@ class LlamaConfig:
   local_rope_theta: float = 10000.0
 
   def __post_init__(self):
-    for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
+    check_ints(
+      self,
+      ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"),
+    )
     if self.head_dim is None:
-      if self.hidden_size % self.num_heads:
-        raise ValueError(
-          f"num_heads must divide hidden_size when head_dim is None, got hidden_size="
-          f"{self.hidden_size}, num_heads={self.num_heads}"
-        )
+      check_divides(self, "num_heads", "hidden_size", when=" when head_dim is None")
       object.__setattr__(self, "head_dim", self.hidden_size // self.num_heads)
     elif not isinstance(self.head_dim, int) or isinstance(self.head_dim, bool) or self.head_dim < 1:
       raise ValueError(f"head_dim must be a positive int or None, got head_dim={self.head_dim!r}")
-    if self.num_heads % self.num_kv_heads:
-      raise ValueError(
-        f"num_kv_heads must divide num_heads, got num_heads={self.num_heads}, "
-        f"num_kv_heads={self.num_kv_heads}"
-      )
+    check_divides(self, "num_kv_heads", "num_heads")
     if self.activation not in ACTIVATIONS:
       raise ValueError(f"activation must be among {ACTIVATIONS}, got {self.activation!r}")
     if self.layer_types is not None:

@@ -53,6 +53,7 @@ from flax import nnx
 import deltalora_jax as dl
 from deltalora_jax.demo import report
 from deltalora_jax.demo import train as demo_train
+from deltalora_jax.demo.checks import check_ints
 from deltalora_jax.demo.llm import data, weights
 from deltalora_jax.demo.llm.model import Llama, LlamaConfig, forward, from_tensors, generate
 
@@ -125,14 +126,8 @@ class Options:
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("steps", "batch_size", "max_length", "rank", "seeds", "new_tokens"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError(f"{name} must be a positive int, got {name}={value!r}")
-    for name in ("samples", "eval_size"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"{name} must be an int >= 0, got {name}={value!r}")
+    check_ints(self, ("steps", "batch_size", "max_length", "rank", "seeds", "new_tokens"))
+    check_ints(self, ("samples", "eval_size"), at_least=0)
     if self.model not in weights.MODELS:
       raise ValueError(f"model must be among {sorted(weights.MODELS)}, got model={self.model!r}")
     unknown = [m for m in self.methods if m not in METHODS]
