@@ -935,11 +935,11 @@ def telescoped_low_rank(
 
   .. math::
 
-    s\,ig[P_B(P_A(x, A), B) + \lambda P_B(P_A(x, ar A), ar B)
-    - \lambda P_B(P_A(x, \hat A), \hat B)ig]
-    = s\,P_Big(P_A(x, [A, \hat A]), [(1 + \lambda) B; -\lambda \hat B]ig)
+    s\,\big[P_B(P_A(x, A), B) + \lambda P_B(P_A(x, \bar A), \bar B)
+    - \lambda P_B(P_A(x, \hat A), \hat B)\big]
+    = s\,P_B\big(P_A(x, [A, \hat A]), [(1 + \lambda) B; -\lambda \hat B]\big)
 
-  with ``sg`` (``ar A = sg(A)``) on the ``lambda`` part. Its gradients, by a
+  with ``sg`` (``\bar A = sg(A)``) on the ``lambda`` part. Its gradients, by a
   custom VJP of that one product: the input's, the whole product's; ``B``'s,
   the first ``r`` rows of the product's (``s P_A(x, A)^T g``, not ``1 + lambda``
   times it); ``A``'s, the first ``r`` columns of the product's divided by
