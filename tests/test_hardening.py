@@ -228,6 +228,25 @@ def test_a_peft_file_holding_nan_is_refused_when_attached(saved, tmp_path):
     dl.attach_adapter_nnx(MLP(nnx.Rngs(0)), adapter)
 
 
+# ------------------------------------ 8. nnx.Optimizer(wrt=nnx.LoRAParam)
+
+
+def test_the_seed_rule_trains_d_under_an_optimizer_of_lora_params_only():
+  """tunix's PeftTrainer builds ``nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)``: D is one."""
+  model, _ = dl.adapt_nnx(MLP(nnx.Rngs(0)), rank=1, rngs=nnx.Rngs(1))
+  kernel = model.up.kernel[...]
+  lr, mu = 0.1, 0.9
+  tx = dl.delta_lora(lr, mu, layers=model, lora_optimizer=optax.sgd(lr))
+  optimizer = nnx.Optimizer(model, tx, wrt=nnx.LoRAParam)
+  loss = lambda m: jnp.sum(m(X) ** 2)  # noqa: E731
+  grads = nnx.grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
+  optimizer.update(model, grads)
+  g = nnx.to_pure_dict(grads)["up"]["delta"]
+  assert float(jnp.abs(g).max()) > 0
+  np.testing.assert_allclose(model.up.delta[...], -lr * (1 - mu) * g, rtol=1e-6)
+  np.testing.assert_array_equal(model.up.kernel[...], kernel)
+
+
 # -------------------------------------------- 10. the first adapter format
 
 
