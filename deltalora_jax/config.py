@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
-from typing import Any, Required, TypedDict
+from typing import Any, Protocol, Required, TypedDict
 
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
+from jax.typing import DTypeLike
 
 from deltalora_jax import core, paths, projections
 
@@ -85,7 +87,7 @@ class LayerConfig:
     use_delta: the layer has ``D`` (the seed's rule); False is plain LoRA.
     evaluation: ``'auto'``, ``'merged'`` or ``'factored'``.
     adapter_dtype: dtype name of ``A``, ``B`` and ``D``, or None (at least
-      float32, :func:`deltalora_jax.linen.adapter_dtype`).
+      float32, :func:`deltalora_jax.config.adapter_dtype`).
     use_rslora: rank-stabilised scaling ``s = alpha / sqrt(rank)`` (PEFT's
       ``use_rslora``); :meth:`to_json` writes it only when True, so the JSON
       of a layer without it is as before.
@@ -227,3 +229,49 @@ def layer_configs(layers: Any) -> dict[paths.Path, LayerConfig]:
   if not found:
     raise ValueError(f"{where} has no adapted layer")
   return found
+
+
+def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
+  """The dtype of ``A``, ``B`` and ``D``: ``adapter_dtype``, or at least float32.
+
+  By default the factors and ``D`` are float32 (float64 beside a float64
+  kernel) whatever the kernel's dtype: a bfloat16 ``D`` would round away
+  the small steps the delta rule takes.
+
+  >>> adapter_dtype(None, jnp.bfloat16), adapter_dtype(jnp.bfloat16, jnp.bfloat16)
+  (dtype('float32'), dtype(bfloat16))
+  """
+  if adapter_dtype is not None:
+    return jnp.dtype(dtype_name(adapter_dtype))  # a floating dtype, or a TypeError naming it
+  return core.widest_dtype(param_dtype, at_least=jnp.float32)
+
+
+class _Options(Protocol):
+  """The attributes of an adapted layer that its :class:`ConfigMixin` properties read."""
+
+  @property
+  def rank(self) -> int: ...
+  @property
+  def alpha(self) -> float | None: ...
+  @property
+  def use_rslora(self) -> bool: ...
+
+
+class ConfigMixin:
+  """``scaling`` and ``config`` of an adapted layer (Linen or NNX), read from its attributes.
+
+  The layer's attributes carry the names of the
+  :class:`~deltalora_jax.config.LayerConfig` fields (``projection``,
+  ``rank``, ``alpha``, ...), so ``config`` is built the same way for every
+  layer class.
+  """
+
+  @property
+  def scaling(self: _Options) -> float:
+    """The LoRA scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``)."""
+    return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
+
+  @property
+  def config(self) -> LayerConfig:
+    """The layer's :class:`~deltalora_jax.config.LayerConfig` (which checks the options)."""
+    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})

@@ -5,21 +5,21 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax.linen import dtypes as linen_dtypes
 from flax.typing import Initializer, PrecisionLike
 from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
-from deltalora_jax.config import LayerConfig, dtype_name
+from deltalora_jax.config import ConfigMixin, adapter_dtype
+from deltalora_jax.projections import conv_projection, ints
 
 if TYPE_CHECKING:
-  from flax import nnx
+  pass
 
 DELTA_COLLECTION = "delta"
 #: The collection of the snapshot factors of a layer with ``paper_lambda`` (the paper's rule).
@@ -42,52 +42,6 @@ def collection_of(name: str) -> str:
   if name == core.KERNEL_SCALE:
     return QUANTIZED_COLLECTION
   return SNAPSHOT_COLLECTION if name in core.SNAPSHOT_NAMES else "params"
-
-
-def adapter_dtype(adapter_dtype: DTypeLike | None, param_dtype: DTypeLike) -> np.dtype[Any]:
-  """The dtype of ``A``, ``B`` and ``D``: ``adapter_dtype``, or at least float32.
-
-  By default the factors and ``D`` are float32 (float64 beside a float64
-  kernel) whatever the kernel's dtype: a bfloat16 ``D`` would round away
-  the small steps the delta rule takes.
-
-  >>> adapter_dtype(None, jnp.bfloat16), adapter_dtype(jnp.bfloat16, jnp.bfloat16)
-  (dtype('float32'), dtype(bfloat16))
-  """
-  if adapter_dtype is not None:
-    return jnp.dtype(dtype_name(adapter_dtype))  # a floating dtype, or a TypeError naming it
-  return core.widest_dtype(param_dtype, at_least=jnp.float32)
-
-
-class _Options(Protocol):
-  """The attributes of an adapted layer that its :class:`ConfigMixin` properties read."""
-
-  @property
-  def rank(self) -> int: ...
-  @property
-  def alpha(self) -> float | None: ...
-  @property
-  def use_rslora(self) -> bool: ...
-
-
-class ConfigMixin:
-  """``scaling`` and ``config`` of an adapted layer (Linen or NNX), read from its attributes.
-
-  The layer's attributes carry the names of the
-  :class:`~deltalora_jax.config.LayerConfig` fields (``projection``,
-  ``rank``, ``alpha``, ...), so ``config`` is built the same way for every
-  layer class.
-  """
-
-  @property
-  def scaling(self: _Options) -> float:
-    """The LoRA scaling ``s = alpha / rank`` (``alpha / sqrt(rank)`` with ``use_rslora``)."""
-    return core.lora_scaling(self.alpha, self.rank, self.use_rslora)
-
-  @property
-  def config(self) -> LayerConfig:
-    """The layer's :class:`~deltalora_jax.config.LayerConfig` (which checks the options)."""
-    return LayerConfig(**{f.name: getattr(self, f.name) for f in dataclasses.fields(LayerConfig)})
 
 
 class _DeltaLoRALayer(ConfigMixin, nn.Module):
@@ -342,46 +296,6 @@ def projection_of(module: nn.Module, einsum_str: str | None = None) -> projectio
     return _projection_of(module, einsum_str)
   except ValueError as error:  # a setting Flax takes that the adapter cannot reproduce
     raise TypeError(f"{type(module).__name__} cannot be adapted: {error}") from None
-
-
-def ints(value: int | np.integer[Any] | Sequence[int], n: int = 1) -> tuple[int, ...]:
-  """A Flax layer's size setting as a tuple: an int stands for ``n`` equal entries.
-
-  >>> ints(3), ints(2, n=3), ints([2, 4])
-  ((3,), (2, 2, 2), (2, 4))
-  """
-  if isinstance(value, int | np.integer):
-    return (int(value),) * n
-  return tuple(value)
-
-
-def conv_projection(module: nn.Conv | nnx.Conv, features: int) -> projections.Conv:
-  """The product of a Linen or NNX ``Conv`` (they name their settings alike).
-
-  Raises:
-    TypeError: for ``feature_group_count != 1`` or a ``mask``.
-  """
-  name = type(module).__name__
-  if module.feature_group_count != 1:
-    raise TypeError(
-      f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
-      "only feature_group_count=1"
-    )
-  if module.mask is not None:
-    raise TypeError(f"{name} with a mask cannot be adapted")
-  size = ints(module.kernel_size)
-
-  def per_axis(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
-    return None if value is None else ints(value, len(size))  # an int: every spatial axis
-
-  return projections.Conv(
-    features,
-    size,
-    strides=per_axis(module.strides),
-    padding=module.padding,
-    input_dilation=per_axis(module.input_dilation),
-    kernel_dilation=per_axis(module.kernel_dilation),
-  )
 
 
 def _projection_of(module: nn.Module, einsum_str: str | None = None) -> projections.Projection:

@@ -37,9 +37,9 @@ from flax.typing import Initializer, PrecisionLike
 from jax.typing import DTypeLike
 
 from deltalora_jax import core, projections
-from deltalora_jax.config import Options
-from deltalora_jax.linen import ConfigMixin, conv_projection, ints
-from deltalora_jax.linen import adapter_dtype as _adapter_dtype
+from deltalora_jax.config import ConfigMixin, Options
+from deltalora_jax.config import adapter_dtype as _adapter_dtype
+from deltalora_jax.projections import conv_projection, ints
 
 DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()  # as nnx.Linear's
 ZEROS_INIT = nnx.initializers.zeros_init()

@@ -563,3 +563,43 @@ def _tuples(value: Any) -> Any:
   if isinstance(value, list):
     return tuple(_tuples(v) for v in value)
   return value
+
+
+def ints(value: int | np.integer[Any] | Sequence[int], n: int = 1) -> tuple[int, ...]:
+  """A Flax layer's size setting as a tuple: an int stands for ``n`` equal entries.
+
+  >>> ints(3), ints(2, n=3), ints([2, 4])
+  ((3,), (2, 2, 2), (2, 4))
+  """
+  if isinstance(value, int | np.integer):
+    return (int(value),) * n
+  return tuple(value)
+
+
+def conv_projection(module: Any, features: int) -> Conv:
+  """The product of a Linen or NNX ``Conv`` module (they name their settings alike).
+
+  Raises:
+    TypeError: for ``feature_group_count != 1`` or a ``mask``.
+  """
+  name = type(module).__name__
+  if module.feature_group_count != 1:
+    raise TypeError(
+      f"{name} with feature_group_count={module.feature_group_count} cannot be adapted: "
+      "only feature_group_count=1"
+    )
+  if module.mask is not None:
+    raise TypeError(f"{name} with a mask cannot be adapted")
+  size = ints(module.kernel_size)
+
+  def per_axis(value: int | Sequence[int] | None) -> tuple[int, ...] | None:
+    return None if value is None else ints(value, len(size))  # an int: every spatial axis
+
+  return Conv(
+    features,
+    size,
+    strides=per_axis(module.strides),
+    padding=module.padding,
+    input_dilation=per_axis(module.input_dilation),
+    kernel_dilation=per_axis(module.kernel_dilation),
+  )

@@ -316,3 +316,27 @@ def test_no_source_file_holds_control_characters():
     if re.search(r"[\x00-\x08\x0b-\x1f]", line)
   ]
   assert not found, f"control characters at {found}"
+
+
+def test_the_nnx_front_imports_nothing_from_the_linen_front():
+  # What both fronts need (the adapter dtype, the config mixin, a Conv's product, Flax's
+  # int-or-tuple sizes) lives below both: config.py and projections.py.
+  source = (pathlib.Path(dl.__file__).parent / "nnx.py").read_text()
+  imported = {
+    node.module
+    for node in ast.walk(ast.parse(source))
+    if isinstance(node, ast.ImportFrom) and node.module is not None
+  } | {
+    alias.name
+    for node in ast.walk(ast.parse(source))
+    if isinstance(node, ast.Import)
+    for alias in node.names
+  }
+  assert "deltalora_jax.linen" not in imported
+  from_package = [
+    alias.name
+    for node in ast.walk(ast.parse(source))
+    if isinstance(node, ast.ImportFrom) and node.module == "deltalora_jax"
+    for alias in node.names
+  ]
+  assert "linen" not in from_package

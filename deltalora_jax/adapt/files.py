@@ -19,12 +19,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from deltalora_jax import core, paths, projections, tree
-from deltalora_jax import linen as linen_front
 from deltalora_jax import nnx as nnx_front
 from deltalora_jax.adapt import linen as linen_adapt
 from deltalora_jax.adapt import nnx as nnx_adapt
 from deltalora_jax.adapt import targets
 from deltalora_jax.config import LayerConfig
+from deltalora_jax.config import adapter_dtype as resolve_adapter_dtype
 
 
 def export_adapter(model_or_variables: Any, layers: Any = None) -> dict[str, Any]:
@@ -298,7 +298,7 @@ def attach_adapter_linen(
         f"the kernel at {name!r} has shape {kernel.shape}; the adapter was trained for "
         f"{kernel_shape}"
       )
-    dtype = linen_front.adapter_dtype(config.adapter_dtype, kernel.dtype)
+    dtype = resolve_adapter_dtype(config.adapter_dtype, kernel.dtype)
     new[path] = {
       key: value.astype(kernel.dtype if key in ("kernel", "bias") else dtype)
       for key, value in arrays.items()

@@ -21,6 +21,7 @@ from deltalora_jax.adapt.targets import (
   select_targets,
 )
 from deltalora_jax.config import Options
+from deltalora_jax.config import adapter_dtype as resolve_adapter_dtype
 from deltalora_jax.linen import (
   DELTA_COLLECTION,
   QUANTIZED_COLLECTION,
@@ -420,7 +421,7 @@ def _new_adapter(
     projection,
     jnp.shape(kernel),
     layer.rank,
-    linen_front.adapter_dtype(layer.adapter_dtype, kernel.dtype),
+    resolve_adapter_dtype(layer.adapter_dtype, kernel.dtype),
     lora_a_init=layer.lora_a_init,  # None: as the layer does
     lora_b_init=layer.lora_b_init,
     use_delta=layer.use_delta,
