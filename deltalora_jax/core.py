@@ -989,8 +989,9 @@ def delta_lora_apply(
   it forms anyway. An NF4 base (uint4 codes): its levels are not uniform, so
   the product cannot run on the codes; the factored evaluation dequantizes
   (``qwix.dequantize``, float32) into the computation dtype, then runs the
-  base's product, under ``jax.checkpoint`` (the backward dequantizes again
-  rather than keep the float kernel alive from forward to backward); the merged
+  base's product; the backward dequantizes again rather than keep the float
+  kernel alive from forward to backward, and neither pass dequantizes before
+  its layer is reached (one layer's float kernel at a time); the merged
   one dequantizes into its float32 merged kernel. The computation dtype is
   inferred from ``x``, the scales and the bias (the base as it was before
   quantization), not from the stored values.
@@ -1203,16 +1204,60 @@ def _base_product(
 ) -> jax.Array:
   """``P(x, W)`` in ``x``'s dtype; int8: ``P(x, q) * s``; NF4: ``P(x, W)`` on the dequantized W."""
   if kernel_scale is not None and base_quantization_of(kernel) == "nf4":
-
-    def product(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
-      return projection.apply(x, dequantize(codes, scale, projection).astype(x.dtype), precision)
-
-    nf4: jax.Array = jax.checkpoint(product)(x, kernel, kernel_scale)
-    return nf4
+    return _dequantized_product(x, kernel, kernel_scale, projection, precision)
   y = projection.apply(x, kernel.astype(x.dtype), precision)
   if kernel_scale is not None:  # P(x, q * s) = P(x, q) * s: s is per output channel
     y = projection.scale_output(y, kernel_scale.astype(x.dtype))
   return y
+
+
+def _dequantized_product(
+  x: jax.Array,
+  codes: jax.Array,
+  scale: jax.Array,
+  projection: projections.Projection,
+  precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+  """``P(x, W)`` of a frozen NF4 base, ``W`` dequantized in ``x``'s dtype just when it is used.
+
+  Forward and backward each dequantize ``W`` again, each tied to what needs
+  it (``x``; the output's cotangent), so that XLA can neither keep ``W`` from
+  forward to backward nor dequantize every layer's kernel up front: one
+  layer's float kernel is alive at a time (measured: four 1024 x 1024 layers
+  hold 4 MiB of dequantized kernel at the peak, not 16). The tie is an
+  optimization barrier and, because XLA's CPU pipeline drops barriers before
+  it schedules, a data dependence: the scales plus ``0 * t`` for one finite
+  element ``t`` of ``x`` (``0`` when it is not finite), which XLA cannot fold
+  (``0 * t`` is not ``0`` for every float) and which adds exactly zero. The
+  base gets no gradient; ``x`` gets ``P^T(g, W)``.
+  """
+  x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  def dequantized(after: jax.Array, codes: jax.Array, scale: jax.Array) -> Any:
+    tied = (after, codes, scale)
+    after, codes, scale = jax.lax.optimization_barrier(tied)  # type: ignore[no-untyped-call]
+    if after.size:
+      first = jax.lax.stop_gradient(after).ravel()[0].astype(scale.dtype)
+      scale = scale + jnp.zeros((), scale.dtype) * jnp.where(jnp.isfinite(first), first, 0)
+    return after, dequantize(codes, scale, projection).astype(x.dtype)
+
+  @jax.custom_vjp
+  def product(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    x, kernel = dequantized(x, codes, scale)
+    return projection.apply(x, kernel, precision)
+
+  def forward(x: jax.Array, codes: jax.Array, scale: jax.Array) -> Any:
+    return product(x, codes, scale), (codes, scale)
+
+  def backward(saved: Any, g: jax.Array) -> tuple[jax.Array, None, None]:
+    g, kernel = dequantized(g, *saved)
+    transpose = jax.linear_transpose(lambda t: projection.apply(t, kernel, precision), x_shape)
+    (dx,) = transpose(g)
+    return dx, None, None
+
+  product.defvjp(forward, backward)
+  result: jax.Array = product(x, codes, scale)
+  return result
 
 
 def _low_rank_term(
