@@ -7,10 +7,12 @@ largest gap between adjacent levels, times its block's abs-max, of ``W``
 (closed form, per block); the adapted layer equals a float64 reference on
 the dequantized kernel (factored and merged); codes and scales stay
 bit-identical while plain LoRA, the seed rule and the telescoped paper rule
-train (Linen and NNX); merge gives a float32 kernel whose model equals the
-adapted one; a block axis that 64 does not divide, a trained base, the
-in-place paper rule and a missing qwix are refused by name. The int8 base's
-helpers are reused (tests/test_quantized_base.py).
+train (Linen and NNX, stacks of nn.scan and nnx.vmap included); merge gives a
+float32 kernel whose model equals the adapted one; the input's gradient is the
+float kernel's, and a jitted step holds one dequantized kernel at a time; a
+block axis that 64 does not divide, a trained base, the in-place paper rule
+and a missing qwix are refused by name. The int8 base's helpers are reused
+(tests/test_quantized_base.py).
 """
 
 import sys
@@ -327,6 +329,63 @@ def test_linen_scanned_stack_carries_its_nf4_base_and_scales_per_layer():
   whole = {**trained, "quantized": new["quantized"]}
   merged = dl.merge(whole, adapted)
   np.testing.assert_allclose(Scanned().apply(merged, x), adapted.apply(whole, x), atol=5e-5)
+
+
+class NNXBlock(nnx.Module):
+  def __init__(self, rngs):
+    self.up = nnx.Linear(HIDDEN, HIDDEN, rngs=rngs)
+
+  def __call__(self, x):
+    return nnx.tanh(self.up(x))
+
+
+class NNXScan(nnx.Module):
+  """Three blocks created by ``nnx.vmap``, applied by ``nnx.scan``: a stacked kernel."""
+
+  def __init__(self, rngs):
+    @nnx.split_rngs(splits=3)
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def create(rngs):
+      return NNXBlock(rngs)
+
+    self.blocks = create(rngs)
+
+  def __call__(self, x):
+    @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=nnx.Carry)
+    def forward(x, block):
+      return block(x)
+
+    return forward(x, self.blocks)
+
+
+def test_nnx_vmapped_stack_carries_its_nf4_base_and_scales_per_layer():
+  model = NNXScan(nnx.Rngs(0))
+  kernels = model.blocks.up.kernel[...]
+  model, report = dl.adapt_nnx(
+    model, rank=R, rngs=nnx.Rngs(1), base_quantization="nf4", use_delta=False, paper_lambda=2.0
+  )
+  assert report["layers"]["blocks/up"]["base_quantization"] == "nf4"
+  up = model.blocks.up
+  assert (up.kernel.dtype, up.kernel.shape, up.kernel_scale.shape) == (
+    jnp.uint4,
+    (3, HIDDEN, HIDDEN),
+    (3, 1, HIDDEN),
+  )
+  for i in range(3):  # each layer of the stack has its own codes and scales
+    codes, scale = core.quantize_kernel(kernels[i], "nf4")
+    np.testing.assert_array_equal(up.kernel[...][i], codes)
+    np.testing.assert_array_equal(up.kernel_scale[...][i], scale)
+  up.lora_b[...] = jnp.full(up.lora_b.shape, 0.1)
+  x = jnp.asarray(X[:, :HIDDEN])
+  np.testing.assert_allclose(dl.merge(model)(x), model(x), rtol=0, atol=1e-5)
+
+
+def test_from_linear_quantizes_the_linears_own_variable_as_nf4():
+  linear = nnx.Linear(IN, OUT, rngs=nnx.Rngs(0))
+  layer = dl.DeltaLoRALinear.from_linear(linear, rank=R, rngs=nnx.Rngs(1), base_quantization="nf4")
+  assert (layer.kernel.dtype, layer.kernel_scale.shape) == (jnp.uint4, (2, OUT))
+  codes, _ = core.quantize_kernel(linear.kernel[...], "nf4")
+  np.testing.assert_array_equal(layer.kernel[...], codes)
 
 
 def test_checkpoint_restores_the_nf4_codes_and_scales_bit_for_bit(tmp_path):
