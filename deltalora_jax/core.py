@@ -662,7 +662,7 @@ def quantize_kernel(
 
   .. math::
 
-    s_b = \max_{i \in b} |W_i|, \qquad q_i = rg\min_k |W_i / s_b - v_k|,
+    s_b = \max_{i \in b} |W_i|, \qquad q_i = \arg\min_k |W_i / s_b - v_k|,
     \qquad |W_i - s_b v_{q_i}| \le s_b \max_k (v_{k+1} - v_k) / 2
 
   The values are the ``uint4`` level indices (the dtype tags the base as
@@ -838,7 +838,7 @@ def check_quantized_base(
     expected = tuple(n // NF4_BLOCK if k == axis else n for k, n in enumerate(full))
     what = f"one per block of {NF4_BLOCK} along axis {axis} of the NF4 kernel {full}"
     if full[axis] % NF4_BLOCK:
-      raise ValueError(f"an NF4 kernel's axis {axis} must be a multiple of 64, got {full}")
+      raise ValueError(f"an NF4 kernel's block axis {axis} must be a multiple of 64, got {full}")
   if tuple(jnp.shape(kernel_scale)) != expected:
     raise ValueError(
       f"kernel_scale must have shape {expected} ({what}), "
