@@ -1,5 +1,5 @@
 """Memory and time of one training step: plain LoRA, the paper rule's two forms, the seed rule,
-on a float32, bfloat16 or int8 base.
+on a float32, bfloat16, int8 or NF4 base.
 
 Run from the repository root::
 
@@ -13,7 +13,7 @@ Without an accelerator the script refuses to run unless ``--allow-cpu`` is given
 (``in = out = --width``, ``tanh`` between them); ``--layers 1`` is one bare
 layer. Each variant is trained by one jitted step ``(variables, opt_state, x,
 y) -> (variables, opt_state, loss)`` with the variables and optimizer state
-donated (``donate_argnums=(0, 1)``); an int8 base (the ``'quantized'``
+donated (``donate_argnums=(0, 1)``); a quantized base (the ``'quantized'``
 collection: read only) is an argument of its own, not donated. Of each
 variant, XLA's ``memory_analysis()`` of the compiled step (``total = argument
 + output - alias + temp``, what it holds at its peak), its ``cost_analysis()``
@@ -33,7 +33,9 @@ interleaved rounds:
 * ``*_compute_bf16``: a bfloat16 base kernel and ``dtype=bfloat16`` (the
   products in bfloat16; the factors stay float32 parameters);
 * ``*_base_int8``: an int8 base with one float32 scale per output channel
-  (``base_quantization='int8'``), computing in float32.
+  (``base_quantization='int8'``), computing in float32;
+* ``*_base_nf4``: an NF4 base (QLoRA's, by qwix: uint4 codes, one float32
+  scale per block of 64 inputs; ``base_quantization='nf4'``), computing in float32.
 
 ``K = 0`` for the paper rule, so that the timed steps are past the start step.
 Prints a table and the ratios the issue asks for; writes the JSON to ``--out``
@@ -80,8 +82,11 @@ VARIANTS = (
   "lora_adamw_base_int8",
   "paper_base_int8",
   "seed_base_int8",
+  "lora_adamw_base_nf4",
+  "paper_base_nf4",
+  "seed_base_nf4",
 )
-_SUFFIXES = ("_base_bf16", "_compute_bf16", "_base_int8")
+_SUFFIXES = ("_base_bf16", "_compute_bf16", "_base_int8", "_base_nf4")
 
 
 class Stack(nn.Module):
@@ -118,8 +123,9 @@ def build(
     model = dense if layers == 1 else Stack(width, layers, None)
     return model, optax.adamw(LEARNING_RATE)
   options: dict[str, Any] = {"rank": rank, "param_dtype": base_dtype, "dtype": compute}
-  if variant.endswith("_base_int8"):
-    options["base_quantization"] = "int8"
+  for quantization in ("int8", "nf4"):
+    if variant.endswith(f"_base_{quantization}"):
+      options["base_quantization"] = quantization
   if name in ("lora_adamw", "paper_in_place"):
     options["use_delta"] = False
   if name == "paper":
@@ -241,6 +247,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ("lora_adamw_base_int8", "lora_adamw"),
     ("paper_base_int8", "paper"),
     ("seed_base_int8", "seed"),
+    ("paper_base_nf4", "lora_adamw_base_nf4"),
+    ("seed_base_nf4", "full_adamw"),
+    ("lora_adamw_base_nf4", "lora_adamw"),
+    ("lora_adamw_base_nf4", "lora_adamw_base_int8"),
+    ("paper_base_nf4", "paper"),
+    ("seed_base_nf4", "seed"),
   ]
   ratios = {
     f"{a} / {b} {key}": ratio(a, b, key)

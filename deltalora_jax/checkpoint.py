@@ -20,6 +20,9 @@ Guarantees:
 * **Sharded.** Arrays are restored straight into the shardings of the ``like``
   tree (another mesh than at saving time is fine).
 * **No pickle.** Arrays are read by tensorstore, metadata as JSON.
+* **Sub-byte arrays** (the uint4 codes of an NF4 base, int4), which tensorstore
+  cannot store, are written one value a byte (uint8, int8) and restored in
+  their own dtype, bit for bit.
 """
 
 from __future__ import annotations
@@ -45,6 +48,18 @@ _MAX_LISTED = 20
 
 class CheckpointMismatchError(ValueError):
   """A checkpoint whose layout or hyperparameters differ from the caller's."""
+
+
+#: Dtypes tensorstore cannot store, and the byte-wide dtype each is written as.
+_WIDENED = {
+  np.dtype(jax.numpy.uint4): np.dtype(np.uint8),
+  np.dtype(jax.numpy.int4): np.dtype(np.int8),
+}
+
+
+def _widened(dtype: Any) -> np.dtype[Any] | None:
+  """The byte-wide dtype a sub-byte ``dtype`` is written as, or None."""
+  return _WIDENED.get(np.dtype(dtype))
 
 
 def _is_key(leaf: Any) -> bool:
@@ -170,7 +185,8 @@ def _savable(path: tuple[Any, ...], leaf: Any) -> jax.Array | np.ndarray[Any, An
   if isinstance(leaf, bool | int | float):
     return jax.numpy.asarray(leaf)
   if isinstance(leaf, np.ndarray | jax.Array):
-    return leaf
+    wide = _widened(leaf.dtype)
+    return leaf if wide is None else leaf.astype(wide)
   raise TypeError(
     f"state must hold only arrays, PRNG keys and numbers, got {type(leaf).__name__} "
     f"at {paths.key_name(path)!r}"
@@ -185,7 +201,8 @@ def _abstract(leaf: Any, default_sharding: jax.sharding.Sharding) -> jax.ShapeDt
   if _is_key(leaf):
     data = jax.eval_shape(jax.random.key_data, jax.ShapeDtypeStruct(leaf.shape, leaf.dtype))
     return jax.ShapeDtypeStruct(data.shape, data.dtype, sharding=sharding)
-  return jax.ShapeDtypeStruct(np.shape(leaf), leaf.dtype, sharding=sharding)
+  dtype = _widened(leaf.dtype) or leaf.dtype
+  return jax.ShapeDtypeStruct(np.shape(leaf), dtype, sharding=sharding)
 
 
 def _mismatches(
@@ -216,13 +233,19 @@ def _mismatches(
 
 
 def _wrapped_keys(like: Any, restored: Any, saved_layout: Mapping[str, Any]) -> Any:
-  """``restored`` with each PRNG key of ``like`` wrapped back from its saved key data."""
+  """``restored`` with each PRNG key of ``like`` wrapped back from its saved key data.
+
+  A sub-byte leaf (written widened) comes back in its own dtype.
+  """
 
   def back(path: tuple[Any, ...], leaf: Any, value: jax.Array) -> jax.Array:
     if _is_key(leaf):
       impl = saved_layout[paths.key_name(path)]["key_impl"]
       key: jax.Array = jax.random.wrap_key_data(value, impl=impl)  # jax leaves it untyped
       return key
+    if _widened(getattr(leaf, "dtype", None)) is not None:
+      narrow: jax.Array = value.astype(leaf.dtype)
+      return narrow
     return value
 
   return jax.tree_util.tree_map_with_path(back, like, restored)

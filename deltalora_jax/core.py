@@ -15,6 +15,7 @@ where ``s`` is the LoRA ``scaling`` and ``ds`` the ``delta_scaling``.
 from __future__ import annotations
 
 import functools
+import importlib
 import math
 import string
 from typing import Any, Literal, Protocol, TypeVar, cast
@@ -501,12 +502,12 @@ def merged_kernel(
     snapshot: ``(A^, B^)``, the snapshot factors (the shapes of ``A`` and
       ``B``), or None.
     paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
-    kernel_scale: the per-output-channel scales of an int8 ``kernel``
-      (:func:`quantize_int8`), or None for a float kernel; ``W`` is then
-      the dequantized kernel (:func:`dequantize`).
+    kernel_scale: the scales of a quantized ``kernel`` (:func:`quantize_kernel`:
+      int8, or the uint4 codes of NF4), or None for a float kernel; ``W`` is
+      then the dequantized kernel (:func:`dequantize`).
 
   Returns:
-    An array of the kernel's shape, in float32 or wider (an int8 base:
+    An array of the kernel's shape, in float32 or wider (a quantized base:
     float32, the scales' dtype, with float32 factors).
 
   >>> w, a, b, d = jnp.eye(2), jnp.ones((2, 1)), jnp.ones((1, 2)), jnp.eye(2)
@@ -559,31 +560,69 @@ def merged_kernel(
 
 
 # --------------------------------------------------------------------------
-# An int8 base: weight-only, one float32 scale per output channel.
+# A quantized base: int8 weight-only, one float32 scale per output channel;
+# or NF4 (QLoRA's), one float32 scale per block of 64 weights along the input.
 # --------------------------------------------------------------------------
 
-#: The quantizations a frozen base may have (``'int8'``: weight-only, per output channel).
-BASE_QUANTIZATIONS = ("int8",)
-#: The name of the per-output-channel scale beside an int8 ``kernel``.
+#: The quantizations a frozen base may have: ``'int8'`` (weight-only, one scale
+#: per output channel) and ``'nf4'`` (QLoRA's 4-bit NormalFloat, one scale per
+#: block of :data:`NF4_BLOCK` weights along the input; needs qwix).
+BASE_QUANTIZATIONS = ("int8", "nf4")
+#: The name of the scales beside a quantized ``kernel``.
 KERNEL_SCALE = "kernel_scale"
+#: The weights of one NF4 block (QLoRA's 64), along the kernel's innermost contracted axis.
+NF4_BLOCK = 64
 _INT8_MAX = 127
+#: The dtype that stores each quantization's kernel: the dtype is the tag.
+_STORED = {"int8": np.dtype("int8"), "nf4": np.dtype(jnp.uint4)}
 
 
 def check_base_quantization(base_quantization: object) -> str | None:
   """Raises unless ``base_quantization`` is None or one of :data:`BASE_QUANTIZATIONS`.
 
+  ``'nf4'`` needs qwix (``pip install qwix``, or the ``nf4`` extra): without
+  it, ``ImportError`` here, where the value enters.
+
   >>> check_base_quantization("int8"), check_base_quantization(None)
   ('int8', None)
   >>> check_base_quantization("int4")
   Traceback (most recent call last):
-  ValueError: base_quantization must be None or one of ('int8',), got base_quantization='int4'
+  ValueError: base_quantization must be None or one of ('int8', 'nf4'), got base_quantization='int4'
   """
   if base_quantization is not None and base_quantization not in BASE_QUANTIZATIONS:
     raise ValueError(
       f"base_quantization must be None or one of {BASE_QUANTIZATIONS}, got "
       f"base_quantization={base_quantization!r}"
     )
+  if base_quantization == "nf4":
+    _qwix()
   return base_quantization
+
+
+def base_quantization_of(kernel: ArrayLike) -> str | None:
+  """The quantization of a stored base, read from its dtype (None: a float kernel).
+
+  >>> base_quantization_of(jnp.ones(2, jnp.int8)), base_quantization_of(jnp.ones(2, jnp.uint4))
+  ('int8', 'nf4')
+  """
+  dtype = jnp.result_type(kernel)
+  return next((name for name, stored in _STORED.items() if stored == dtype), None)
+
+
+def _described(kernel: ArrayLike) -> str:
+  """``'an int8'`` or ``'an nf4'`` (a quantized base), for messages."""
+  return f"an {base_quantization_of(kernel) or 'integer'}"
+
+
+def _qwix() -> Any:
+  """qwix, imported when an NF4 base needs it: the library works without it."""
+  try:
+    return importlib.import_module("qwix")
+  except ImportError as error:
+    raise ImportError(
+      "base_quantization='nf4' needs qwix (QLoRA's NF4 comes from it): pip install qwix, "
+      "or the nf4 extra: pip install 'deltalora-jax[nf4]'"
+    ) from error
 
 
 def _channel_plan(
@@ -598,6 +637,102 @@ def _channel_plan(
   free = [c for c in string.ascii_letters if c not in letters][:stack]
   kernel, scale = "".join(free) + letters, "".join(free) + channels
   return kernel, scale, tuple(i for i, c in enumerate(kernel) if c not in scale)
+
+
+def _nf4_block_axis(projection: projections.Projection, ndim: int) -> int:
+  """The axis NF4's blocks run along: the kernel's innermost contracted (input) axis."""
+  return max(_channel_plan(projection, ndim)[2])
+
+
+def quantize_kernel(
+  kernel: jax.Array,
+  base_quantization: str = "int8",
+  projection: projections.Projection | None = None,
+  *,
+  layer: str = "the kernel",
+) -> tuple[jax.Array, jax.Array]:
+  r"""A float kernel as a quantized base: ``(values, scale)`` for ``base_quantization``.
+
+  ``'int8'``: :func:`quantize_int8`, one scale per output channel. ``'nf4'``:
+  QLoRA's 4-bit NormalFloat (Dettmers et al., 2023), by ``qwix.quantize``:
+  blocks of :data:`NF4_BLOCK` weights along the kernel's innermost contracted
+  axis (``in`` of a dense or conv kernel), one float32 abs-max scale per
+  block and per index of every other axis, each weight the nearest of the 16
+  NF4 levels ``v_k`` of ``[-1, 1]`` times its block's scale:
+
+  .. math::
+
+    s_b = \max_{i \in b} |W_i|, \qquad q_i = \arg\min_k |W_i / s_b - v_k|,
+    \qquad |W_i - s_b v_{q_i}| \le s_b \max_k (v_{k+1} - v_k) / 2
+
+  The values are the ``uint4`` level indices (the dtype tags the base as
+  NF4); the scale has the kernel's shape with the block axis divided by 64.
+  A block axis that 64 does not divide is refused, naming ``layer``. Leading
+  stack axes (``nn.scan``, ``nnx.vmap``) are kept: each layer has its own scales.
+
+  Args:
+    kernel: the float kernel ``W`` in its layer's layout.
+    base_quantization: one of :data:`BASE_QUANTIZATIONS`.
+    projection: the layer's product; None is a dense ``[in, out]`` kernel.
+    layer: what the kernel is, for the messages (an adapted layer's name).
+
+  Returns:
+    ``(values, scale)``: int8 values or uint4 NF4 codes of the kernel's
+    shape, and their float32 scales.
+
+  >>> values, scale = quantize_kernel(jnp.ones((128, 3)), "nf4")
+  >>> values.dtype, scale.shape, float(dequantize(values, scale)[0, 0])
+  (dtype(uint4), (2, 3), 1.0)
+  """
+  check_base_quantization(base_quantization)
+  if base_quantization == "int8":
+    return quantize_int8(kernel, projection)
+  projection = _projection(projection, kernel)
+  _check_floating(kernel)
+  check_quantizable(layer, base_quantization, kernel.shape, projection)
+  axis = _nf4_block_axis(projection, kernel.ndim)
+  wide = widest_dtype(kernel.dtype, at_least=jnp.float32)
+  qarray = _qwix().quantize(
+    kernel.astype(wide),
+    "nf4",
+    channelwise_axes=tuple(k for k in range(kernel.ndim) if k != axis),
+    tiled_axes={axis: NF4_BLOCK},
+    scale_dtype=jnp.float32,
+  )
+  return qarray.qvalue, qarray.scale
+
+
+def check_quantizable(
+  layer: str,
+  base_quantization: str | None,
+  shape: tuple[int, ...],
+  projection: projections.Projection | None = None,
+) -> None:
+  """Raises unless a kernel of ``shape`` can have ``base_quantization``, naming ``layer``.
+
+  int8 takes any kernel; NF4 needs its block axis (the innermost contracted
+  one) to be a multiple of :data:`NF4_BLOCK`: QLoRA's blocks of 64, no
+  ragged block and no silent fallback to another layout.
+
+  >>> check_quantizable("adapted layer 'up'", "nf4", (96, 8))  # doctest: +ELLIPSIS
+  Traceback (most recent call last):
+  ValueError: adapted layer 'up' (kernel shape (96, 8)) cannot have base_quantization='nf4': ...
+  """
+  if base_quantization != "nf4":
+    return
+  projection = _projection(projection, np.broadcast_to(np.int8(0), shape))  # a view: no bytes
+  axis = _nf4_block_axis(projection, len(shape))
+  if shape[axis] % NF4_BLOCK:
+    raise ValueError(
+      f"{layer} (kernel shape {tuple(shape)}) cannot have base_quantization='nf4': its "
+      f"blocks of {NF4_BLOCK} weights run along axis {axis}, of size {shape[axis]}, "
+      f"which {NF4_BLOCK} does not divide; leave the layer out, or use 'int8'"
+    )
+
+
+def _check_floating(kernel: jax.Array) -> None:
+  if not jnp.issubdtype(kernel.dtype, jnp.floating):
+    raise TypeError(f"kernel must be floating to be quantized, got kernel.dtype={kernel.dtype}")
 
 
 def quantize_int8(
@@ -633,8 +768,7 @@ def quantize_int8(
   Array([2. , 0.5], dtype=float32)
   """
   projection = _projection(projection, kernel)
-  if not jnp.issubdtype(kernel.dtype, jnp.floating):
-    raise TypeError(f"kernel must be floating to be quantized, got kernel.dtype={kernel.dtype}")
+  _check_floating(kernel)
   letters, channels, contracted = _channel_plan(projection, kernel.ndim)
   wide = widest_dtype(kernel.dtype, at_least=jnp.float32)
   magnitude = jnp.max(jnp.abs(kernel.astype(wide)), axis=contracted)
@@ -651,7 +785,10 @@ def dequantize(
   scale: jax.Array,
   projection: projections.Projection | None = None,
 ) -> jax.Array:
-  """The float kernel ``s_j q_ij`` of an int8 base, in the scale's dtype (float32).
+  """The float kernel of a quantized base, in the scale's dtype (float32).
+
+  An int8 base: ``s_j q_ij``. NF4 (uint4 codes): each code's level times its
+  block's scale, by ``qwix.dequantize``.
 
   >>> w = jnp.array([[1.0, -0.5], [-2.0, 0.25]])
   >>> values, scale = quantize_int8(w)
@@ -660,6 +797,10 @@ def dequantize(
   """
   projection = _projection(projection, values)
   check_quantized_base(values, scale, projection)
+  if base_quantization_of(values) == "nf4":
+    qwix = _qwix()
+    levels: jax.Array = qwix.dequantize(qwix.QArray(qvalue=values, scale=scale, qtype="nf4"))
+    return levels
   letters, channels, _ = _channel_plan(projection, values.ndim)
   return jnp.einsum(f"{letters},{channels}->{letters}", values.astype(scale.dtype), scale)
 
@@ -667,16 +808,22 @@ def dequantize(
 def check_quantized_base(
   kernel: ArrayLike, kernel_scale: ArrayLike, projection: projections.Projection | None = None
 ) -> None:
-  """Raises unless ``kernel`` is int8 and ``kernel_scale`` a floating array of its channels' shape.
+  """Raises unless ``kernel`` is a quantized base with a floating ``kernel_scale`` of its shape.
+
+  An int8 kernel has one scale per output channel (the bias's shape, after
+  the stack's axes); a uint4 one (NF4) one per block of :data:`NF4_BLOCK`
+  along its innermost contracted axis (the kernel's shape, that axis / 64).
 
   >>> check_quantized_base(jnp.ones((3, 4), jnp.int8), jnp.ones(3))  # doctest: +ELLIPSIS
   Traceback (most recent call last):
   ValueError: kernel_scale must have shape (4,) (the output channels of the kernel (3, 4)), got ...
   """
   projection = _projection(projection, kernel)
-  if jnp.result_type(kernel) != jnp.int8:
+  quantization = base_quantization_of(kernel)
+  if quantization is None:
     raise TypeError(
-      f"a kernel with a kernel_scale must be int8, got kernel.dtype={jnp.result_type(kernel)}"
+      "a kernel with a kernel_scale must be int8 (base_quantization='int8') or uint4 (the "
+      f"codes of base_quantization='nf4'), got kernel.dtype={jnp.result_type(kernel)}"
     )
   if not jnp.issubdtype(jnp.result_type(kernel_scale), jnp.floating):
     raise TypeError(
@@ -685,9 +832,16 @@ def check_quantized_base(
   full = tuple(jnp.shape(kernel))
   stack = len(full) - projection.kernel_ndim
   expected = (*full[:stack], *projection.bias_shape(full[stack:]))
+  what = f"the output channels of the kernel {full}"
+  if quantization == "nf4":
+    axis = _nf4_block_axis(projection, len(full))
+    expected = tuple(n // NF4_BLOCK if k == axis else n for k, n in enumerate(full))
+    what = f"one per block of {NF4_BLOCK} along axis {axis} of the NF4 kernel {full}"
+    if full[axis] % NF4_BLOCK:
+      raise ValueError(f"an NF4 kernel's block axis {axis} must be a multiple of 64, got {full}")
   if tuple(jnp.shape(kernel_scale)) != expected:
     raise ValueError(
-      f"kernel_scale must have shape {expected} (the output channels of the kernel {full}), "
+      f"kernel_scale must have shape {expected} ({what}), "
       f"got kernel_scale.shape={jnp.shape(kernel_scale)}"
     )
 
@@ -696,13 +850,13 @@ def _check_scale_given(kernel: ArrayLike, kernel_scale: ArrayLike | None) -> Non
   """Raises for an integer kernel without its scales (its values would be read as weights)."""
   if kernel_scale is None and jnp.issubdtype(jnp.result_type(kernel), jnp.integer):
     raise TypeError(
-      f"an integer kernel (kernel.dtype={jnp.result_type(kernel)}) is an int8 base: give its "
-      "kernel_scale (core.quantize_int8), or a floating kernel"
+      f"an integer kernel (kernel.dtype={jnp.result_type(kernel)}) is a quantized base: give "
+      "its kernel_scale (core.quantize_kernel), or a floating kernel"
     )
 
 
 def check_writable_kernel(layer: str, kernel: ArrayLike) -> None:
-  """Raises unless ``kernel`` can be written: an int8 base is read, never written.
+  """Raises unless ``kernel`` can be written: a quantized base is read, never written.
 
   >>> check_writable_kernel("up", jnp.ones((2, 2), jnp.int8))  # doctest: +ELLIPSIS
   Traceback (most recent call last):
@@ -710,7 +864,8 @@ def check_writable_kernel(layer: str, kernel: ArrayLike) -> None:
   """
   if not jnp.issubdtype(jnp.result_type(kernel), jnp.floating):
     raise ValueError(
-      f"adapted layer {layer!r} has an int8 base (kernel dtype {jnp.result_type(kernel)}), "
+      f"adapted layer {layer!r} has {_described(kernel)} base (kernel dtype "
+      f"{jnp.result_type(kernel)}), "
       "which is read and never written, but the in-place paper rule writes W every step: build "
       "the layer with paper_lambda (the telescoped form, which only reads W)"
     )
@@ -823,16 +978,23 @@ def delta_lora_apply(
   product at rank ``2 r`` (:func:`telescoped_low_rank`). While ``A^ = A`` and
   ``B^ = B`` the term is zero (its two halves cancel, up to rounding).
 
-  With a ``kernel_scale`` the base is int8 (:func:`quantize_int8`), read and
-  never written (``freeze_base`` must hold): the factored evaluation runs the
+  With a ``kernel_scale`` the base is quantized (:func:`quantize_kernel`), read
+  and never written (``freeze_base`` must hold). An int8 base: the factored evaluation runs the
   base's product on the int8 values cast to the computation dtype and
   multiplies its output by the per-output-channel scales, ``P(x, q) * s``:
   exactly ``P(x, q * s)`` (the product is linear in the kernel and each scale
   is constant along the contracted axes), at ``rows x out`` multiplies
   instead of ``in x out``, with no dequantized float kernel. The merged
   evaluation (a layer with ``D``) dequantizes into the float32 merged kernel
-  it forms anyway. The computation dtype is inferred from ``x``, the scales
-  and the bias (the base as it was before quantization), not from the int8 values.
+  it forms anyway. An NF4 base (uint4 codes): its levels are not uniform, so
+  the product cannot run on the codes; the factored evaluation dequantizes
+  (``qwix.dequantize``, float32) into the computation dtype, then runs the
+  base's product; the backward dequantizes again rather than keep the float
+  kernel alive from forward to backward, and neither pass dequantizes before
+  its layer is reached (one layer's float kernel at a time); the merged
+  one dequantizes into its float32 merged kernel. The computation dtype is
+  inferred from ``x``, the scales and the bias (the base as it was before
+  quantization), not from the stored values.
 
   Args:
     x: input, with the axes ``projection`` expects.
@@ -852,8 +1014,8 @@ def delta_lora_apply(
     precision: ``jax.lax.Precision`` of the products.
     snapshot: ``(A^, B^)`` shaped as ``(A, B)``, or None (no snapshot term).
     paper_lambda: ``lambda``, given exactly when ``snapshot`` is.
-    kernel_scale: the scales of an int8 ``kernel`` (shaped as the bias, with
-      the stack's leading axes), or None for a float kernel.
+    kernel_scale: the scales of a quantized ``kernel`` (:func:`check_quantized_base`
+      gives their shape), or None for a float kernel.
 
   Returns:
     The layer's output.
@@ -875,7 +1037,7 @@ def delta_lora_apply(
   _check_input(x, kernel, projection)
   _check_scale_given(kernel, kernel_scale)
   if kernel_scale is not None:
-    _check_int8_base(kernel, kernel_scale, projection, freeze_base)
+    _check_quantized_base_frozen(kernel, kernel_scale, projection, freeze_base)
     kernel_scale = jax.lax.stop_gradient(kernel_scale)
   if freeze_base:
     kernel = jax.lax.stop_gradient(kernel)
@@ -997,14 +1159,14 @@ def telescoped_low_rank(
   return term(x, lora_a, lora_b, snapshot_a, snapshot_b)  # type: ignore[no-any-return]
 
 
-def _check_int8_base(
+def _check_quantized_base_frozen(
   kernel: ArrayLike, kernel_scale: ArrayLike, projection: projections.Projection, freeze_base: bool
 ) -> None:
-  """Raises unless an int8 ``kernel`` with its ``kernel_scale`` is a frozen base."""
+  """Raises unless a quantized ``kernel`` with its ``kernel_scale`` is a frozen base."""
   check_quantized_base(kernel, kernel_scale, projection)
   if not freeze_base:
     raise ValueError(
-      "an int8 base (a kernel with a kernel_scale) is read, never trained: it needs "
+      f"{_described(kernel)} base (a kernel with a kernel_scale) is read, never trained: it needs "
       "freeze_base=True, got freeze_base=False"
     )
 
@@ -1018,7 +1180,7 @@ def _computation_dtype(
 ) -> np.dtype[Any]:
   """``dtype``, or the base layer's rule: the widest of ``x``, the kernel and the bias.
 
-  An int8 base counts as its scales' dtype (the base as it was before
+  A quantized base counts as its scales' dtype (the base as it was before
   quantization). Raises ``TypeError`` unless the result is floating.
   """
   stored = kernel if kernel_scale is None else kernel_scale
@@ -1040,11 +1202,62 @@ def _base_product(
   projection: projections.Projection,
   precision: jax.lax.PrecisionLike,
 ) -> jax.Array:
-  """``P(x, W)`` in ``x``'s dtype; an int8 base: ``P(x, q) * s``, no dequantized kernel."""
+  """``P(x, W)`` in ``x``'s dtype; int8: ``P(x, q) * s``; NF4: ``P(x, W)`` on the dequantized W."""
+  if kernel_scale is not None and base_quantization_of(kernel) == "nf4":
+    return _dequantized_product(x, kernel, kernel_scale, projection, precision)
   y = projection.apply(x, kernel.astype(x.dtype), precision)
   if kernel_scale is not None:  # P(x, q * s) = P(x, q) * s: s is per output channel
     y = projection.scale_output(y, kernel_scale.astype(x.dtype))
   return y
+
+
+def _dequantized_product(
+  x: jax.Array,
+  codes: jax.Array,
+  scale: jax.Array,
+  projection: projections.Projection,
+  precision: jax.lax.PrecisionLike,
+) -> jax.Array:
+  """``P(x, W)`` of a frozen NF4 base, ``W`` dequantized in ``x``'s dtype just when it is used.
+
+  Forward and backward each dequantize ``W`` again, each tied to what needs
+  it (``x``; the output's cotangent), so that XLA can neither keep ``W`` from
+  forward to backward nor dequantize every layer's kernel up front: one
+  layer's float kernel is alive at a time (measured: four 1024 x 1024 layers
+  hold 4 MiB of dequantized kernel at the peak, not 16). The tie is an
+  optimization barrier and, because XLA's CPU pipeline drops barriers before
+  it schedules, a data dependence: the scales plus ``0 * t`` for one finite
+  element ``t`` of ``x`` (``0`` when it is not finite), which XLA cannot fold
+  (``0 * t`` is not ``0`` for every float) and which adds exactly zero. The
+  base gets no gradient; ``x`` gets ``P^T(g, W)``.
+  """
+  x_shape = jax.ShapeDtypeStruct(x.shape, x.dtype)
+
+  def dequantized(after: jax.Array, codes: jax.Array, scale: jax.Array) -> Any:
+    tied = (after, codes, scale)
+    after, codes, scale = jax.lax.optimization_barrier(tied)  # type: ignore[no-untyped-call]
+    if after.size:
+      first = jax.lax.stop_gradient(after).ravel()[0].astype(scale.dtype)
+      scale = scale + jnp.zeros((), scale.dtype) * jnp.where(jnp.isfinite(first), first, 0)
+    return after, dequantize(codes, scale, projection).astype(x.dtype)
+
+  @jax.custom_vjp
+  def product(x: jax.Array, codes: jax.Array, scale: jax.Array) -> jax.Array:
+    x, kernel = dequantized(x, codes, scale)
+    return projection.apply(x, kernel, precision)
+
+  def forward(x: jax.Array, codes: jax.Array, scale: jax.Array) -> Any:
+    return product(x, codes, scale), (codes, scale)
+
+  def backward(saved: Any, g: jax.Array) -> tuple[jax.Array, None, None]:
+    g, kernel = dequantized(g, *saved)
+    transpose = jax.linear_transpose(lambda t: projection.apply(t, kernel, precision), x_shape)
+    (dx,) = transpose(g)
+    return dx, None, None
+
+  product.defvjp(forward, backward)
+  result: jax.Array = product(x, codes, scale)
+  return result
 
 
 def _low_rank_term(
@@ -1127,7 +1340,7 @@ def delta_lora_layer(
   ``delta_scaling``, ``freeze_base``, ``evaluation``, ``dtype``,
   ``precision`` and ``paper_lambda``: the Linen and NNX layers of this
   library call it with their own ``(kernel, bias, lora_a, lora_b, delta)``
-  and, when ``paper_lambda`` is set, their snapshot ``(A^, B^)``; an int8
+  and, when ``paper_lambda`` is set, their snapshot ``(A^, B^)``; a quantized
   base comes with its ``kernel_scale``.
   """
   paper_lambda = layer.paper_lambda

@@ -24,7 +24,8 @@ if TYPE_CHECKING:
 DELTA_COLLECTION = "delta"
 #: The collection of the snapshot factors of a layer with ``paper_lambda`` (the paper's rule).
 SNAPSHOT_COLLECTION = "snapshot"
-#: The collection of an int8 base (``kernel`` int8 and ``kernel_scale``): read, never trained.
+#: The collection of a quantized base (``kernel``: int8, or NF4's uint4 codes; ``kernel_scale``):
+#: read, never trained.
 QUANTIZED_COLLECTION = "quantized"
 
 
@@ -34,7 +35,7 @@ def collection_of(name: str) -> str:
   >>> collection_of("delta"), collection_of("snapshot_a"), collection_of("lora_a")
   ('delta', 'snapshot', 'params')
 
-  An int8 base's ``kernel`` is in the ``'quantized'`` collection with its
+  A quantized base's ``kernel`` is in the ``'quantized'`` collection with its
   ``kernel_scale`` (:func:`deltalora_jax.quantize_base`); a float kernel in ``'params'``.
   """
   if name == "delta":
@@ -160,17 +161,17 @@ def _quantized_kernel(
   where: str,
   place: str,
 ) -> tuple[jax.Array, jax.Array]:
-  """The int8 ``kernel`` and its ``kernel_scale`` of the ``'quantized'`` collection.
+  """The quantized ``kernel`` and its ``kernel_scale`` of the ``'quantized'`` collection.
 
   ``place`` is that collection, or ``'params'`` while
   :class:`~deltalora_jax.DeltaLoRAModel` maps it there. At initialisation:
-  ``kernel_init``'s kernel, quantized (:func:`deltalora_jax.core.quantize_int8`).
+  ``kernel_init``'s kernel, quantized (:func:`deltalora_jax.core.quantize_kernel`).
   """
   shown = QUANTIZED_COLLECTION
   if not module.has_variable(place, core.KERNEL_SCALE):
     if not module.is_initializing():
       raise ValueError(
-        f"{where} has an int8 base and needs the '{shown}' collection: apply with the whole "
+        f"{where} has a quantized base and needs the '{shown}' collection: apply with the whole "
         "variables of model.init(...) (or of quantize_base), not only variables['params']; "
         f"inside a hand-written nn.scan or nn.vmap, lift '{shown}' as 'params' is"
       )
@@ -181,12 +182,15 @@ def _quantized_kernel(
       )
     if not module.is_mutable_collection(place):
       raise ValueError(
-        f"{where} cannot create its int8 base: the '{shown}' collection is not lifted"
+        f"{where} cannot create its quantized base: the '{shown}' collection is not lifted"
       )
   made: dict[str, jax.Array] = {}  # at initialisation: the quantized kernel_init
   if module.is_initializing() and not module.has_variable(place, core.KERNEL_SCALE):
-    made["kernel"], made[core.KERNEL_SCALE] = core.quantize_int8(
-      kernel_init(module.make_rng("params"), shape, module.param_dtype), module.projection
+    made["kernel"], made[core.KERNEL_SCALE] = core.quantize_kernel(
+      kernel_init(module.make_rng("params"), shape, module.param_dtype),
+      module.base_quantization or "int8",
+      module.projection,
+      layer=where,
     )
   kernel = module.variable(place, "kernel", made.__getitem__, "kernel").value
   kernel_scale = module.variable(place, core.KERNEL_SCALE, made.__getitem__, core.KERNEL_SCALE)
@@ -237,11 +241,13 @@ class DeltaLoRADense(_DeltaLoRALayer):
       gradient through that term (:func:`deltalora_jax.core.delta_lora_apply`).
       None: no snapshot. Needs ``use_delta=False``.
     base_quantization: ``'int8'``: the base kernel is created int8 with one
-      float32 scale per output channel (:func:`deltalora_jax.core.quantize_int8`),
-      as ``kernel`` and ``kernel_scale`` in the ``'quantized'`` collection, read
-      and never trained (``freeze_base`` must hold); differentiate the other
+      float32 scale per output channel; ``'nf4'``: as QLoRA's NF4 codes
+      (uint4) with one float32 scale per block of 64 along the input (needs
+      qwix; :func:`deltalora_jax.core.quantize_kernel`). Either is ``kernel``
+      and ``kernel_scale`` in the ``'quantized'`` collection, read and never
+      trained (``freeze_base`` must hold); differentiate the other
       collections only. None: a float kernel in ``params``, unless the
-      variables already hold an int8 one (:func:`deltalora_jax.quantize_base`).
+      variables already hold a quantized one (:func:`deltalora_jax.quantize_base`).
 
   Example:
     >>> import jax, jax.numpy as jnp

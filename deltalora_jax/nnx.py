@@ -73,7 +73,7 @@ class LayerOptions(Options, total=False):
   """The LoRA options of :class:`DeltaLoRALinearGeneral` as keyword arguments.
 
   Those of :class:`~deltalora_jax.config.Options`, ``lora_b_init`` and
-  ``base_quantization`` (None or ``'int8'``).
+  ``base_quantization`` (None, ``'int8'`` or ``'nf4'``).
   """
 
   lora_b_init: Initializer
@@ -179,26 +179,28 @@ class _AdaptedLayer(ConfigMixin, nnx.Module):
       self.snapshot_a = PaperSnapshot(new[core.SNAPSHOT_A])
       self.snapshot_b = PaperSnapshot(new[core.SNAPSHOT_B])
     self.kernel_scale: nnx.Param[jax.Array] | None = nnx.data(None)
-    if core.check_base_quantization(base_quantization) is not None:
-      self.quantize_base()
+    if (quantization := core.check_base_quantization(base_quantization)) is not None:
+      self.quantize_base(quantization)
 
-  def quantize_base(self) -> None:
-    """Makes the base kernel int8 with one float32 scale per output channel, in place.
+  def quantize_base(self, base_quantization: str = "int8") -> None:
+    """Makes the base kernel quantized, in place: int8 per output channel, or NF4.
 
-    ``kernel`` keeps its Variable (and metadata) with the int8 values of
-    :func:`deltalora_jax.core.quantize_int8`; ``kernel_scale`` (an
-    ``nnx.Param`` shaped as the bias) holds the scales. The base is then read
-    and never trained: differentiate the adapter's Variables only
-    (``wrt=nnx.Any(nnx.LoRAParam, DeltaParam)``). An int8 base stays as it is.
+    ``kernel`` keeps its Variable (and metadata) with the values of
+    :func:`deltalora_jax.core.quantize_kernel` (int8, or NF4's uint4 codes);
+    ``kernel_scale`` (an ``nnx.Param``: shaped as the bias for int8, one per
+    block of 64 along the input for NF4) holds the scales. The base is then
+    read and never trained: differentiate the adapter's Variables only
+    (``wrt=nnx.Any(nnx.LoRAParam, DeltaParam)``). A quantized base stays as it is.
     """
+    core.check_base_quantization(base_quantization)
     if self.kernel_scale is not None:
       return
     if not self.freeze_base:
       raise ValueError(
-        "an int8 base is read, never trained: base_quantization needs freeze_base=True, "
+        "a quantized base is read, never trained: base_quantization needs freeze_base=True, "
         "got freeze_base=False"
       )
-    values, scale = core.quantize_int8(self.kernel[...], self.projection)
+    values, scale = core.quantize_kernel(self.kernel[...], base_quantization, self.projection)
     self.kernel = self.kernel.copy(values)
     self.kernel_scale = nnx.Param(scale)
 
@@ -272,8 +274,10 @@ class DeltaLoRALinearGeneral(_AdaptedLayer):
       copies of ``A`` and ``B``) and adds ``lambda s (A B - A^ B^)``, with
       no gradient through that term. None: no snapshot. Needs ``use_delta=False``.
     base_quantization: ``'int8'``: the base kernel becomes int8 with one
-      float32 ``kernel_scale`` per output channel (:meth:`quantize_base`),
-      read and never trained (needs ``freeze_base=True``). None: as the base is.
+      float32 ``kernel_scale`` per output channel; ``'nf4'``: QLoRA's NF4
+      codes with one per block of 64 along the input (needs qwix)
+      (:meth:`quantize_base`); read and never trained (needs
+      ``freeze_base=True``). None: as the base is.
     rngs: the ``nnx.Rngs`` that draws ``A``.
 
   Example:
@@ -429,7 +433,7 @@ class DeltaLoRALinear(_AdaptedLayer):
     layer.base_graphdef = nnx.graphdef(linear)
     if layer.kernel_scale is not None:  # quantize the linear's own Variable (its metadata)
       layer.kernel_scale = None
-      layer.quantize_base()
+      layer.quantize_base(options.get("base_quantization") or "int8")
     return layer
 
   def __call__(self, inputs: jax.Array, out_sharding: object = None) -> jax.Array:

@@ -248,11 +248,11 @@ def layer_arrays(
 def with_float_bases(
   found: Mapping[str, tuple[LayerConfig, Mapping[str, jax.Array]]], sample: Any = None
 ) -> dict[str, tuple[LayerConfig, dict[str, jax.Array]]]:
-  """:func:`layer_arrays`'s ``found`` with each int8 base dequantized (float32), its scales dropped.
+  """:func:`layer_arrays`'s ``found``, each quantized base dequantized (float32), scales dropped.
 
   For readers that take the kernel as the base's weights (a merged PEFT
   export). With a ``sample`` (an export that runs the model with written
-  kernels) an int8 base is refused: its layer cannot hold a float kernel.
+  kernels) a quantized base is refused: its layer cannot hold a float kernel.
   """
   out: dict[str, tuple[LayerConfig, dict[str, jax.Array]]] = {}
   for name, (config, arrays) in found.items():
@@ -260,8 +260,9 @@ def with_float_bases(
     if core.KERNEL_SCALE in arrays:
       if sample is not None:
         raise ValueError(
-          f"adapted layer {name!r} has an int8 base: sample= runs the model with float "
-          "kernels written into it, which an int8 base cannot hold; leave sample out"
+          f"adapted layer {name!r} has an {core.base_quantization_of(arrays['kernel'])} base: "
+          "sample= runs the model with float kernels written into it, which a quantized base "
+          "cannot hold; leave sample out"
         )
       scale = arrays.pop(core.KERNEL_SCALE)
       arrays["kernel"] = core.dequantize(arrays["kernel"], scale, config.projection)
@@ -477,8 +478,8 @@ def reset(model_or_variables: Any, opt_state: Any = None) -> tuple[Any, Any]:
 def _merged_kernel(layer: _Layer) -> jax.Array:
   """``W + s A B + ds D`` in the kernel's layout and dtype, formed in at least float32.
 
-  An int8 base gives a kernel in its scales' dtype (float32): the dequantized
-  base plus the adapter's change, which int8 could not hold.
+  A quantized base gives a kernel in its scales' dtype (float32): the
+  dequantized base plus the adapter's change, which int8 or NF4 could not hold.
   """
   config, arrays = layer.config, layer.arrays
   scale = arrays.get(core.KERNEL_SCALE)
@@ -524,7 +525,7 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
   the kernel Algorithm 1 would have written) in its own layout (each layer
   of a stack on its own), formed at ``Precision.HIGHEST`` in at least
   float32 and stored in the kernel's dtype (a bfloat16 kernel rounds the
-  adapter's contribution; an int8 base gives a float32 kernel, the
+  adapter's contribution; a quantized base gives a float32 kernel, the
   dequantized base plus the change, and its ``kernel_scale`` goes); its bias
   is unchanged. The argument is not modified.
 
@@ -576,31 +577,36 @@ def merge(model_or_variables: Any, layers: Layers = None) -> Any:
     if c not in ("params", DELTA_COLLECTION, SNAPSHOT_COLLECTION, QUANTIZED_COLLECTION)
   }
   merged_variables["params"] = traverse_util.unflatten_dict(params)
-  if quantized:  # int8 bases of layers that are not adapted stay
+  if quantized:  # quantized bases of layers that are not adapted stay
     merged_variables[QUANTIZED_COLLECTION] = traverse_util.unflatten_dict(quantized)
   return merged_variables
 
 
-def quantize_base(model_or_variables: Any, layers: Layers = None) -> Any:
-  """The adapted layers' float base kernels as int8, one float32 scale per output channel.
+def quantize_base(
+  model_or_variables: Any, layers: Layers = None, *, base_quantization: str = "int8"
+) -> Any:
+  """The adapted layers' float base kernels quantized: int8 per output channel, or NF4.
 
-  Each adapted layer's kernel becomes :func:`deltalora_jax.core.quantize_int8`'s
-  int8 values and per-output-channel scales (``|W - s q| <= s / 2`` per
-  channel); the adapter (``A``, ``B``, ``D``, the snapshot), the bias and
-  every other layer are left as they are. The base is then read and never
+  Each adapted layer's kernel becomes :func:`deltalora_jax.core.quantize_kernel`'s
+  values and float32 scales: ``'int8'``, int8 values with one scale per output
+  channel (``|W - s q| <= s / 2`` per channel); ``'nf4'``, QLoRA's NF4 codes
+  (uint4) with one scale per block of 64 along the input (needs qwix). The
+  adapter (``A``, ``B``, ``D``, the snapshot), the bias and every other layer
+  are left as they are. The base is then read and never
   written: the layers need ``freeze_base=True``, and the in-place form of
   :func:`deltalora_jax.paper_delta_lora` refuses it (use ``paper_lambda``).
-  A base that is int8 already stays.
+  A base that is quantized already stays.
 
   Args:
     model_or_variables: an NNX model (changed in place: each adapter's
-      ``kernel`` Variable holds the int8 values, ``kernel_scale`` the scales),
-      or Linen variables.
+      ``kernel`` Variable holds the quantized values, ``kernel_scale`` the
+      scales), or Linen variables.
     layers: for Linen, the layers mapping or the ``DeltaLoRAModel``.
+    base_quantization: ``'int8'`` or ``'nf4'`` (:data:`deltalora_jax.core.BASE_QUANTIZATIONS`).
 
   Returns:
     NNX: the model. Linen: new variables whose adapted layers' ``kernel``
-    (int8) and ``kernel_scale`` are in the ``'quantized'`` collection, out of
+    (quantized) and ``kernel_scale`` are in the ``'quantized'`` collection, out of
     ``'params'``: differentiate the other collections only (the input is
     not modified).
 
@@ -615,23 +621,29 @@ def quantize_base(model_or_variables: Any, layers: Layers = None) -> Any:
     >>> bool(jnp.allclose(layer.apply(quantized, x), layer.apply(variables, x), atol=0.02))
     True
   """
+  core.check_base_quantization(base_quantization)
   found = _layers(model_or_variables, layers)
   for layer in found:
     if not layer.config.freeze_base and core.KERNEL_SCALE not in layer.arrays:
       raise ValueError(
-        f"adapted layer {layer.name!r} has freeze_base=False: an int8 base is read, never "
+        f"adapted layer {layer.name!r} has freeze_base=False: a quantized base is read, never "
         "trained; build it with freeze_base=True to quantize its base"
       )
   if isinstance(model_or_variables, nnx.Module):
     for module in _nnx_adapters(model_or_variables).values():
-      module.quantize_base()
+      module.quantize_base(base_quantization)
     return model_or_variables
   flat = {c: traverse_util.flatten_dict(v) for c, v in model_or_variables.items()}
   quantized = flat.setdefault(QUANTIZED_COLLECTION, {})
   for layer in found:
     if core.KERNEL_SCALE in layer.arrays:
       continue
-    values, scale = core.quantize_int8(layer.arrays["kernel"], layer.config.projection)
+    values, scale = core.quantize_kernel(
+      layer.arrays["kernel"],
+      base_quantization,
+      layer.config.projection,
+      layer=f"adapted layer {layer.name!r}",
+    )
     del flat["params"][(*layer.path, "kernel")]
     quantized[(*layer.path, "kernel")] = values
     quantized[(*layer.path, core.KERNEL_SCALE)] = scale
@@ -687,7 +699,11 @@ def _figures(layer: _Layer) -> dict[str, Any]:
       "parameter_count": sum(math.prod(a.shape) for a in layer.trainable().values()),
     }
     | ({} if config.paper_lambda is None else {"paper_lambda": config.paper_lambda})
-    | ({} if core.KERNEL_SCALE not in layer.arrays else {"base_quantization": "int8"})
+    | (
+      {}
+      if core.KERNEL_SCALE not in layer.arrays
+      else {"base_quantization": core.base_quantization_of(kernel)}
+    )
   )
 
 

@@ -12,6 +12,7 @@ import _docs
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 import deltalora_jax as dl
@@ -100,7 +101,7 @@ def _dtypes(tree):
 
 
 def test_mixed_precision_guide_runs(capsys):
-  linen, velocity, nnx_block, int8 = _docs.code_blocks("mixed_precision.md")
+  linen, velocity, nnx_block, int8, nf4 = _docs.code_blocks("mixed_precision.md")
   bf16, f32 = "bfloat16", "float32"
 
   # Linen: a bfloat16 base and compute, float32 factors, D and velocity.
@@ -148,6 +149,14 @@ def test_mixed_precision_guide_runs(capsys):
   assert net.hidden.kernel.dtype == jnp.int8
   assert float(jnp.abs(net.hidden.lora_b[...]).max()) > 0  # B = 0 at the start: it trained
   np.testing.assert_allclose(ns["merged"](ns["x"]), net(ns["x"]), rtol=0, atol=1e-5)
+
+  # An NF4 base (qwix): the codes stay as they were while the adapter trains.
+  pytest.importorskip("qwix")
+  ns = _docs.run(nf4, {}, "mixed-precision-nf4")
+  assert capsys.readouterr().out == "uint4 (1, 32)\nfloat32\n"
+  net = ns["net"]
+  assert net.hidden.kernel.dtype == jnp.uint4
+  assert float(jnp.abs(net.hidden.lora_b[...]).max()) > 0  # B = 0 at the start: it trained
 
 
 # -------------------------------------------------------------- performance.md

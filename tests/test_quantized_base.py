@@ -280,7 +280,7 @@ def test_in_place_paper_rule_refuses_an_int8_base_naming_the_layer():
     (
       lambda: dl.DeltaLoRADense(OUT, rank=R, base_quantization="int4"),
       ValueError,
-      r"base_quantization must be None or one of \('int8',\), got base_quantization='int4'",
+      r"base_quantization must be None or one of \('int8', 'nf4'\), got base_quantization='int4'",
     ),
     (
       lambda: dl.DeltaLoRALinear(

@@ -321,7 +321,10 @@ def adapt_linen(
     base_quantization: ``'int8'`` moves the adapted layers' kernels, as int8
       with one float32 ``kernel_scale`` per output channel, to the
       ``'quantized'`` collection (:func:`~deltalora_jax.quantize_base`):
-      differentiate the other collections only. None keeps them.
+      differentiate the other collections only; ``'nf4'`` the same as QLoRA's
+      NF4 codes (uint4), one scale per block of 64 along the input (needs
+      qwix; an input axis 64 does not divide is refused, naming the layer).
+      None keeps them.
     **options: the adapters' options, as in :func:`~deltalora_jax.adapt_nnx`.
 
   Returns:
@@ -373,7 +376,8 @@ def adapt_linen(
   variables = with_adapters(variables, params, new)
   if base_quantization is not None:
     layers = adapted.layers
-    variables = dict(tree.quantize_base(variables, {p: layers[paths.name(p)] for p in new}))
+    quantized = {p: layers[paths.name(p)] for p in new}
+    variables = dict(tree.quantize_base(variables, quantized, base_quantization=base_quantization))
   return adapted, variables, report(variables, adapted, [paths.name(p) for p in new], verbose)
 
 

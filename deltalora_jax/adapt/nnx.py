@@ -125,7 +125,9 @@ def adapt_nnx(
       regex must match an adapted layer.
     verbose: print the table of what was adapted.
     base_quantization: ``'int8'`` makes the adapted layers' bases int8 with
-      one float32 scale per output channel
+      one float32 scale per output channel; ``'nf4'`` QLoRA's NF4 codes with
+      one per block of 64 along the input (needs qwix; an input axis 64 does
+      not divide is refused, naming the layer)
       (:meth:`~deltalora_jax.nnx.DeltaLoRALinearGeneral.quantize_base`; their
       report entries say ``'base_quantization': 'int8'``); None keeps them.
     **options: the adapters' options (:class:`~deltalora_jax.config.Options`):
@@ -172,6 +174,7 @@ def adapt_nnx(
     shape = tuple(getattr(module, described.kernel).shape)
     layer_shape = shape[len(shape) - described.projection.kernel_ndim :]  # stack axes lead
     check_layer_rank(name, described.projection, layer_shape, per_layer[name]["rank"])
+    core.check_quantizable(f"layer {name!r}", base_quantization, shape, described.projection)
   quantization = {} if base_quantization is None else {"base_quantization": base_quantization}
   new = {
     name: adapter(found[name][1], {**per_layer[name], **quantization}, rngs) for name in chosen
